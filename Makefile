@@ -1,0 +1,40 @@
+# The two commands: `make demo` (the whole pipeline on shipped candles, no network)
+# and `make test` (every test). Both create and fill .venv on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-quick bench asyncapi clean help
+
+help:
+	@echo "make demo        run the whole pipeline on shipped Binance candles (no network)"
+	@echo "make test        run every test (what CI runs)"
+	@echo "make test-quick  skip tests marked slow"
+	@echo "make bench       run the benchmarks in bench/"
+	@echo "make asyncapi    regenerate docs/asyncapi.yaml from the service apps"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/klinebus demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -x $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+asyncapi: $(STAMP)
+	$(BIN)/klinebus asyncapi
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,139 @@
+"""The ``klinebus`` command.
+
+``klinebus run <service>`` starts one service; ``klinebus demo`` runs the whole
+pipeline on shipped candles; services add their own subcommands through
+``services/<name>/cli.py:register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+SERVICES = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer")
+# `archive` is the Parquet archiver that ships with ingest.
+_APP_MODULES = {"archive": "services.ingest.archive_app"}
+
+log = logging.getLogger("klinebus.cli")
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def app_module(service: str):
+    name = _APP_MODULES.get(service, f"services.{service}.app")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
+            raise CliError(f"service {service!r} is not built yet (no {name})") from None
+        raise CliError(
+            f"service {service!r} needs the package {exc.name!r}: pip install 'klinebus[{service}]'"
+        ) from None
+
+
+def run_service(service: str) -> None:
+    from libs.common.redis_server import redis_url_for
+    from libs.common.settings import load_settings
+    from libs.common.telemetry import setup_logging
+
+    module = app_module(service)
+    settings = load_settings(module.SETTINGS)
+    setup_logging(settings.log_level, settings.log_format)
+    with redis_url_for(settings) as url:
+        runtime = module.create(settings, url)
+        asyncio.run(runtime.run_forever())
+
+
+def run_service_main(service: str) -> None:
+    """``python -m services.<name>``: the same as ``klinebus run <name>``."""
+    sys.exit(main(["run", service]))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    run_service(args.service)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from libs.common.demo import run_demo
+
+    run_demo(args)
+
+
+def _cmd_asyncapi(args: argparse.Namespace) -> None:
+    from libs.common.asyncapi import check_or_write
+
+    check_or_write(args.output, check=args.check)
+
+
+def _cmd_tail(args: argparse.Namespace) -> None:
+    from libs.common.inspect import tail
+
+    tail(args.topic, args.count, args.redis_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klinebus", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run one service until SIGTERM/Ctrl-C")
+    p.add_argument("service", choices=SERVICES)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the whole pipeline on shipped candles, live in the terminal, no network")
+    p.add_argument("--candles", type=int, default=180, help="closed candles to replay per symbol (default 180)")
+    p.add_argument("--speed", type=float, default=600.0, help="simulated seconds per real second (default 600)")
+    p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,SOLUSDT", help="symbols from data/klines (comma-separated)")
+    p.add_argument("--data-dir", default=None, help="where outputs go (default: a fresh folder under var/demo)")
+    p.add_argument("--plain", action="store_true", help="print progress lines instead of the live table")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("asyncapi", help="write (or --check) docs/asyncapi.yaml from the service apps")
+    p.add_argument("--output", default="docs/asyncapi.yaml")
+    p.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    p.set_defaults(func=_cmd_asyncapi)
+
+    p = sub.add_parser("tail", help="print the last events of a topic")
+    p.add_argument("topic")
+    p.add_argument("-n", "--count", type=int, default=10)
+    p.add_argument("--redis-url", default=None, help="default: KLINEBUS_REDIS_URL")
+    p.set_defaults(func=_cmd_tail)
+
+    for service in SERVICES:
+        try:
+            module = importlib.import_module(f"services.{service}.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("services."):
+                continue  # that service has no subcommands (or is not built yet)
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from libs.common.redis_server import EmbeddedRedisError
+    from libs.common.settings import SettingsError
+    from redis.exceptions import RedisError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SettingsError, CliError, EmbeddedRedisError) as exc:
+        print(f"klinebus: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, RedisError) as exc:
+        # Most often Redis unreachable: say so in one line instead of a traceback.
+        print(f"klinebus: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Event contracts: the payload of every topic, as pydantic models.
+
+Each model carries ``schema_version``. Additive, optional fields keep the
+version; anything else is a new model on a new topic (``klines.v2``), so
+consumers never meet a shape they were not written for. Unknown fields are
+ignored on read so an additive change never breaks an older consumer.
+
+Times are integer milliseconds since the epoch, UTC, as Binance sends them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from libs.common import topics
+from libs.common.klines import INTERVAL_MS, Kline
+
+Symbol = str
+Millis = int
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class InvalidEvent(ValueError):
+    """A message that is not a valid event of its topic; ``reason`` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    topic: ClassVar[str]
+
+    schema_version: int = 1
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Event":
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+            raise InvalidEvent(f"{cls.__name__}: {where}: {first.get('msg')}") from None
+
+
+class CandleKeyed(Event):
+    symbol: Symbol = Field(description="Upper-case exchange symbol, e.g. BTCUSDT.")
+    interval: str = Field(description="Binance interval spelling: 1m, 15m, 1h, ...")
+    open_time: Millis = Field(description="Open time of the candle (ms since epoch, UTC).")
+
+    @field_validator("symbol")
+    @classmethod
+    def _upper_symbol(cls, v: str) -> str:
+        if not v or v != v.upper() or not v.isalnum():
+            raise ValueError(f"symbol must be upper-case alphanumeric, got {v!r}")
+        return v
+
+    @field_validator("interval")
+    @classmethod
+    def _known_interval(cls, v: str) -> str:
+        if v not in INTERVAL_MS:
+            raise ValueError(f"unknown interval {v!r}")
+        return v
+
+
+class KlineEvent(CandleKeyed):
+    """A closed candle. Exactly one per (symbol, interval, open_time) on ``klines.v1``."""
+
+    topic: ClassVar[str] = topics.KLINES
+
+    close_time: Millis
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    quote_volume: float = 0.0
+    trades: int = 0
+    taker_buy_base: float = 0.0
+    taker_buy_quote: float = 0.0
+    source: Literal["ws", "rest", "archive", "replay"] = Field(
+        "ws", description="How ingest obtained the candle: live websocket, REST backfill, archive import."
+    )
+    ingested_at: Millis = Field(default_factory=now_ms, description="When ingest published it.")
+
+    @classmethod
+    def from_kline(cls, k: Kline, source: str = "ws") -> "KlineEvent":
+        return cls(
+            symbol=k.symbol,
+            interval=k.interval,
+            open_time=k.open_time,
+            close_time=k.close_time,
+            open=k.open,
+            high=k.high,
+            low=k.low,
+            close=k.close,
+            volume=k.volume,
+            quote_volume=k.quote_volume,
+            trades=k.trades,
+            taker_buy_base=k.taker_buy_base,
+            taker_buy_quote=k.taker_buy_quote,
+            source=source,  # type: ignore[arg-type]
+        )
+
+    def to_kline(self) -> Kline:
+        return Kline(
+            symbol=self.symbol,
+            interval=self.interval,
+            open_time=self.open_time,
+            close_time=self.close_time,
+            open=self.open,
+            high=self.high,
+            low=self.low,
+            close=self.close,
+            volume=self.volume,
+            quote_volume=self.quote_volume,
+            trades=self.trades,
+            taker_buy_base=self.taker_buy_base,
+            taker_buy_quote=self.taker_buy_quote,
+            closed=True,
+        )
+
+
+class LiveKlineEvent(KlineEvent):
+    """An in-progress candle update (``x: false``), on the short, capped ``klines-live.v1``."""
+
+    topic: ClassVar[str] = topics.KLINES_LIVE
+    closed: bool = False
+
+
+class FeaturesEvent(CandleKeyed):
+    """Indicator values computed when a candle closed."""
+
+    topic: ClassVar[str] = topics.FEATURES
+
+    close: float = Field(description="Close of the candle the values belong to.")
+    feature_set: str = Field(description="Name of the versioned feature list, e.g. all-v1.")
+    values: dict[str, float] = Field(
+        description="Indicator name -> value. Only warmed-up indicators appear; never NaN."
+    )
+    warm: bool = Field(
+        description="True once every indicator of the feature set is warmed up; models wait for it."
+    )
+    kline_ingested_at: Millis | None = Field(None, description="Carried from the kline, for latency.")
+    computed_at: Millis = Field(default_factory=now_ms)
+
+
+class ChartRequest(Event):
+    """Asks the charts service for a chart of one symbol now."""
+
+    topic: ClassVar[str] = topics.CHART_REQUESTS
+
+    symbol: Symbol
+    interval: str
+    window: int | None = Field(None, description="Candles shown; the service default when omitted.")
+    preset: str = Field("analysis", description="'analysis' (panels, seed 000) or 'classifier224'.")
+    requested_by: str = ""
+    requested_at: Millis = Field(default_factory=now_ms)
+
+
+class ChartEvent(CandleKeyed):
+    """A rendered chart. ``open_time`` is that of the last candle shown."""
+
+    topic: ClassVar[str] = topics.CHARTS
+
+    uri: str = Field(description="Where the PNG is (file://, s3://, ... any fsspec URL).")
+    window: int
+    first_open_time: Millis
+    preset: str
+    width: int
+    height: int
+    indicators: dict[str, float] = Field(default_factory=dict, description="Last values shown.")
+    patterns: list[str] = Field(default_factory=list, description="Patterns marked on the chart.")
+    rendered_at: Millis = Field(default_factory=now_ms)
+
+
+class PredictionEvent(CandleKeyed):
+    """A model's forecast made when the candle at ``open_time`` closed."""
+
+    topic: ClassVar[str] = topics.PREDICTIONS
+
+    model: str = Field(description="Model name, e.g. persistence, bilstm-ohlc, lstm-close.")
+    model_version: str
+    target_open_time: Millis = Field(description="Open time of the candle being forecast.")
+    horizon: int = Field(1, description="Candles ahead.")
+    predicted: dict[str, float] = Field(description="Forecast values, e.g. {'close': 70123.4}.")
+    last_close: float
+    kline_ingested_at: Millis | None = None
+    predicted_at: Millis = Field(default_factory=now_ms)
+
+
+class AnalysisEvent(CandleKeyed):
+    """A vision-language model's structured reading of a chart."""
+
+    topic: ClassVar[str] = topics.ANALYSES
+
+    chart_uri: str
+    model: str
+    trend: Literal["bullish", "bearish", "sideways", "unknown"]
+    confidence: float = Field(ge=0.0, le=1.0)
+    support: list[float] = Field(default_factory=list)
+    resistance: list[float] = Field(default_factory=list)
+    patterns: list[str] = Field(default_factory=list)
+    summary: str = ""
+    analysed_at: Millis = Field(default_factory=now_ms)
+
+
+class AlertEvent(Event):
+    """A fired alert rule."""
+
+    topic: ClassVar[str] = topics.ALERTS
+
+    rule: str
+    severity: Literal["info", "warning", "critical"]
+    symbol: Symbol | None = None
+    interval: str | None = None
+    open_time: Millis | None = None
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    fired_at: Millis = Field(default_factory=now_ms)
+
+
+class DatasetBuildRequest(Event):
+    """Build a dataset from the archive and train a model on it."""
+
+    topic: ClassVar[str] = topics.DATASETS
+
+    request_id: str
+    model_kind: Literal["bilstm-ohlc", "lstm-close", "chart-classifier"]
+    symbols: list[Symbol]
+    intervals: list[str]
+    start: Millis
+    end: Millis
+    feature_set: str
+    horizon: int = 1
+    requested_at: Millis = Field(default_factory=now_ms)
+
+
+class ModelPublished(Event):
+    """A trained and evaluated model; ``promoted`` only if it beat its baselines."""
+
+    topic: ClassVar[str] = topics.MODELS
+
+    model: str
+    version: str
+    uri: str
+    sha256: str
+    feature_set: str
+    train_range: tuple[Millis, Millis]
+    eval_range: tuple[Millis, Millis]
+    metrics: dict[str, float]
+    baseline_metrics: dict[str, dict[str, float]]
+    promoted: bool
+    published_at: Millis = Field(default_factory=now_ms)
+
+
+class DeadLetter(Event):
+    """A message some service could not use. ``payload`` is the message as received."""
+
+    topic: ClassVar[str] = topics.DEAD_LETTERS
+
+    source: str = Field(description="Topic or input the message came from (e.g. klines.v1, binance-ws).")
+    service: str
+    reason: str = Field(description="One line: why the message was refused.")
+    payload: str
+    received_at: Millis = Field(default_factory=now_ms)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.topic: cls
+    for cls in (
+        KlineEvent,
+        LiveKlineEvent,
+        FeaturesEvent,
+        ChartRequest,
+        ChartEvent,
+        PredictionEvent,
+        AnalysisEvent,
+        AlertEvent,
+        DatasetBuildRequest,
+        ModelPublished,
+        DeadLetter,
+    )
+}
+
+
+def event_type(topic: str) -> type[Event]:
+    return EVENT_TYPES[topic]
+
+
+def payload_preview(raw: Any, limit: int = 4096) -> str:
+    """A dead letter keeps the message as received, truncated so one bad blob cannot bloat Redis."""
+    if isinstance(raw, (bytes, bytearray)):
+        text = bytes(raw).decode("utf-8", errors="replace")
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        try:
+            text = orjson.dumps(raw, default=str).decode()
+        except TypeError:
+            text = repr(raw)
+    return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"

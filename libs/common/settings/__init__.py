@@ -1,0 +1,106 @@
+"""Settings: environment variables with one prefix, ``KLINEBUS_``, read by pydantic-settings.
+
+One object per service (``settings/<service>.py``), all sharing ``ServiceSettings``.
+A wrong value stops the service at start with one line naming the variable,
+what it got and what it wants; secrets come only from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "KLINEBUS_"
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message is one line naming the variable."""
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis (6.2+) or Redis Cluster URL. Unset: an embedded redis-server is started "
+        "under data_dir. Cluster: redis+cluster://host:port.",
+    )
+    data_dir: Path = Field(Path("var"), description="Root folder for embedded Redis, archive, artifacts.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = Field("json", description="json (for log shippers) or text (for people).")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="Port for /metrics, /healthz, /readyz; 0 picks a free one."
+    )
+    http_host: str = Field("0.0.0.0", description="Address the telemetry HTTP server binds.")
+    consumer_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This replica's consumer name in each consumer group (pod name on Kubernetes).",
+    )
+    stream_maxlen: int = Field(
+        1_000_000, gt=0, description="Approximate cap (XADD MAXLEN ~) on every topic stream."
+    )
+    dead_letter_maxlen: int = Field(100_000, gt=0, description="Cap on the dead-letter stream.")
+    reclaim_idle_ms: int = Field(
+        60_000, gt=0, description="Entries pending this long on a dead consumer are reclaimed (XAUTOCLAIM)."
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        parsed = urlparse(v)
+        if parsed.scheme not in REDIS_SCHEMES:
+            raise ValueError(f"must be a URL with scheme {'/'.join(REDIS_SCHEMES)}, got {v!r}")
+        if parsed.scheme != "unix" and not parsed.hostname:
+            raise ValueError(f"has no host: {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"must be DEBUG/INFO/WARNING/ERROR/CRITICAL, got {v!r}")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in {"json", "text"}:
+            raise ValueError(f"must be json or text, got {v!r}")
+        return v
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build ``cls`` from the environment; a wrong value raises ``SettingsError`` with one line."""
+    try:
+        return cls(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", ENV_PREFIX)
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else "?"
+            var = f"{prefix}{field}".upper()
+            got = os.environ.get(var)
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            shown = f" (got {got!r})" if got is not None and repr(got) not in msg else ""
+            lines.append(f"{var}: {msg}{shown}")
+        raise SettingsError("invalid setting " + "; ".join(lines)) from None
+
+
+def parse_csv_list(v: object) -> object:
+    """Accept ``A,B,C`` from an environment variable as well as a JSON list."""
+    if isinstance(v, str) and not v.strip().startswith("["):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    return v

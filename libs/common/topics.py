@@ -1,0 +1,64 @@
+"""The versioned topic names, in one place.
+
+Nothing else in the code spells a topic name: a topic's version is part of its
+name, so a breaking change to an event is a new topic (``klines.v2``) that
+old and new consumers can run side by side.
+"""
+
+from __future__ import annotations
+
+KLINES = "klines.v1"
+"""Closed candles, one event per (symbol, interval, open_time)."""
+KLINES_LIVE = "klines-live.v1"
+"""In-progress candle updates (``x: false``) for live charts; capped short."""
+FEATURES = "features.v1"
+"""Indicator values for one closed candle."""
+CHARTS = "charts.v1"
+"""A rendered chart artifact."""
+CHART_REQUESTS = "chart-requests.v1"
+"""Asks the charts service for a chart now, outside its cadence."""
+PREDICTIONS = "predictions.v1"
+"""A model's forecast for the next candle(s)."""
+ANALYSES = "analyses.v1"
+"""A vision-language model's structured reading of a chart."""
+ALERTS = "alerts.v1"
+"""A fired alert rule."""
+DATASETS = "datasets.v1"
+"""A request to build a training dataset and train on it."""
+MODELS = "models.v1"
+"""A trained, evaluated model was published."""
+DEAD_LETTERS = "dead-letters.v1"
+"""Messages a service could not use, with the reason."""
+
+ALL_TOPICS: tuple[str, ...] = (
+    KLINES,
+    KLINES_LIVE,
+    FEATURES,
+    CHARTS,
+    CHART_REQUESTS,
+    PREDICTIONS,
+    ANALYSES,
+    ALERTS,
+    DATASETS,
+    MODELS,
+    DEAD_LETTERS,
+)
+
+KEY_PREFIX = "klinebus"
+
+
+def stream_key(topic: str) -> str:
+    """The Redis key of a topic's stream.
+
+    The topic sits in a hash tag so each topic's stream and its companion keys
+    (``stream_companion_key``) land in one Redis Cluster slot, while different
+    topics spread over the cluster.
+    """
+    if topic not in ALL_TOPICS:
+        raise ValueError(f"unknown topic {topic!r}; known: {', '.join(ALL_TOPICS)}")
+    return f"{KEY_PREFIX}:{{{topic}}}"
+
+
+def stream_companion_key(topic: str, what: str) -> str:
+    """A key kept beside a topic's stream in the same cluster slot (dedupe sets, offsets)."""
+    return f"{stream_key(topic)}:{what}"

@@ -1,0 +1,144 @@
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import orjson
+import pytest
+
+from libs.common.klines import (
+    InvalidKline,
+    Kline,
+    interval_ms,
+    kline_to_rest_row,
+    kline_to_ws_payload,
+    parse_ws_kline,
+    read_kline_csv,
+    read_kline_frame,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "klines"
+FUTURES = DATA / "AVAXUSDT-1m-2026-04-01-futures-um-head60.csv.gz"
+
+
+def _lines() -> list[str]:
+    return gzip.decompress(FUTURES.read_bytes()).decode().splitlines()
+
+
+def test_full_12_column_binance_csv_reads_every_field():
+    klines = read_kline_csv(FUTURES)
+    assert len(klines) == 60
+    first = klines[0]
+    # Values straight from the first data row of the real file.
+    assert first == Kline(
+        symbol="AVAXUSDT", interval="1m", open_time=1775001600000, close_time=1775001659999,
+        open=8.907, high=8.929, low=8.906, close=8.909, volume=31739.0, quote_volume=283106.377,
+        trades=797, taker_buy_base=18341.0, taker_buy_quote=163597.26, closed=True,
+    )
+    assert all(b.open_time - a.open_time == interval_ms("1m") for a, b in zip(klines, klines[1:]))
+
+
+def test_headerless_and_microsecond_files_read_the_same(tmp_path):
+    header, *rows = _lines()
+    # data.binance.vision: no header before 2022, microseconds in spot files since 2025.
+    micro_rows = []
+    for row in rows:
+        f = row.split(",")
+        f[0], f[6] = str(int(f[0]) * 1000), str(int(f[6]) * 1000 + 999)
+        micro_rows.append(",".join(f))
+    path = tmp_path / "AVAXUSDT-1m-2026-04-01.csv"
+    path.write_text("\n".join(micro_rows) + "\n")
+    assert read_kline_csv(path) == read_kline_csv(FUTURES)
+
+
+def test_zip_archive_as_published(tmp_path):
+    path = tmp_path / "AVAXUSDT-1m-2026-04.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("AVAXUSDT-1m-2026-04.csv", "\n".join(_lines()[1:]))
+    assert read_kline_csv(path) == read_kline_csv(FUTURES)
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ("1,10,9,11,10,5,60000", "high 9.0 < low 11.0"),
+        ("1,10,12,9,10,-5,60000", "volume must be finite and >= 0"),
+        ("60000,10,12,9,10,5,60000", "close_time 60000 <= open_time 60000"),
+        ("1,0,12,9,10,5,60000", "open must be a positive finite price"),
+        ("1,10,12,9,nan,5,60000", "close must be a positive finite price"),
+        ("1,13,12,9,10,5,60000", "open/close outside [low, high]"),
+        ("1,10,12,9", "has 4 fields"),
+    ],
+)
+def test_impossible_candles_are_rejected_with_the_reason(tmp_path, row, reason):
+    path = tmp_path / "BTCUSDT-1m-x.csv"
+    path.write_text(row + "\n")
+    with pytest.raises(InvalidKline) as err:
+        read_kline_csv(path)
+    assert reason in err.value.reason
+    assert f"{path}:1:" in err.value.reason  # says where
+
+
+def test_file_name_must_tell_symbol_and_interval(tmp_path):
+    path = tmp_path / "candles.csv"
+    path.write_text("1,10,12,9,10,5,60000\n")
+    with pytest.raises(InvalidKline, match="cannot tell symbol and interval"):
+        read_kline_csv(path)
+    assert read_kline_csv(path, "BTCUSDT", "1m")[0].close == 10.0
+
+
+# A combined-stream kline message in Binance's documented shape
+# (Binance Spot API docs, "WebSocket Streams" > "Kline/Candlestick Streams" payload example).
+DOC_PAYLOAD = {
+    "e": "kline", "E": 1672515782136, "s": "BNBBTC",
+    "k": {
+        "t": 1672515780000, "T": 1672515839999, "s": "BNBBTC", "i": "1m", "f": 100, "L": 200,
+        "o": "0.0010", "c": "0.0020", "h": "0.0025", "l": "0.0015", "v": "1000", "n": 100,
+        "x": False, "q": "1.0000", "V": "500", "Q": "0.500", "B": "123456",
+    },
+}
+
+
+def test_websocket_payload_raw_and_combined():
+    # The docs' example has l=0.0015 > o=0.0010, which no real candle can have: we refuse it.
+    with pytest.raises(InvalidKline, match="outside"):
+        parse_ws_kline(DOC_PAYLOAD)
+    fixed = orjson.loads(orjson.dumps(DOC_PAYLOAD))
+    fixed["k"]["l"] = "0.0005"
+    raw = parse_ws_kline(fixed)
+    combined = parse_ws_kline(orjson.dumps({"stream": "bnbbtc@kline_1m", "data": fixed}))
+    assert raw == combined
+    assert (raw.symbol, raw.interval, raw.open_time, raw.closed) == ("BNBBTC", "1m", 1672515780000, False)
+    assert (raw.low, raw.high, raw.trades, raw.taker_buy_quote) == (0.0005, 0.0025, 100, 0.5)
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (b"{not json", "malformed JSON"),
+        (b"[1,2]", "expected a JSON object"),
+        (b'{"e":"trade"}', "not a kline event"),
+        (b'{"e":"kline","k":{"s":"BTCUSDT"}}', "lacks field"),
+    ],
+)
+def test_malformed_websocket_messages(message, reason):
+    with pytest.raises(InvalidKline, match=reason):
+        parse_ws_kline(message)
+
+
+def test_payload_builders_round_trip_through_the_parsers():
+    k = read_kline_csv(FUTURES)[5]
+    assert parse_ws_kline(kline_to_ws_payload(k)) == k
+    from libs.common.klines import kline_from_row
+
+    assert kline_from_row(kline_to_rest_row(k), k.symbol, k.interval) == k
+
+
+def test_frame_reader_sorts_and_types(tmp_path):
+    frame = read_kline_frame(FUTURES)
+    assert list(frame.columns[:4]) == ["symbol", "interval", "open_time", "close_time"]
+    assert frame["open_time"].is_monotonic_increasing
+    assert str(frame["open_time"].dtype) == "int64"
+    pq = tmp_path / "k.parquet"
+    frame.iloc[::-1].to_parquet(pq)
+    assert read_kline_frame(pq)["open_time"].tolist() == frame["open_time"].tolist()
