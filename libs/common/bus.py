@@ -89,6 +89,59 @@ def redis_client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url)
 
 
+# KEYS[1] stream, KEYS[2] last-open-time hash; ARGV: field, open_time, payload, maxlen, data field.
+# Returns {1, open_time} when appended, {0, last} when the candle is not newer than the last one.
+_PUBLISH_ONCE = """
+local last = redis.call('HGET', KEYS[2], ARGV[1])
+if last and tonumber(last) >= tonumber(ARGV[2]) then
+  return {0, tonumber(last)}
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[5], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {1, tonumber(ARGV[2])}
+"""
+LAST_OPEN_TIME = "last-open-time"
+
+
+def candle_field(symbol: str, interval: str, *more: str) -> str:
+    return "|".join((symbol, interval, *more))
+
+
+class OncePerCandle:
+    """Appends a candle-keyed event to its topic only if it is newer than the last one appended
+    for its (symbol, interval): one atomic Lua step, so re-deliveries, replays, replicas and a crash
+    between publish and ack never put a candle on a stream twice, nor behind a later one.
+
+    The last open_time per (symbol, interval) lives in a hash beside the stream (same cluster
+    slot), so the guard survives restarts and is shared by replicas.
+    """
+
+    def __init__(self, client: aioredis.Redis, topic: str, maxlen: int) -> None:
+        self.client = client
+        self.topic = topic
+        self.maxlen = maxlen
+        self.stream = topics.stream_key(topic)
+        self.last_key = topics.stream_companion_key(topic, LAST_OPEN_TIME)
+        self._script = client.register_script(_PUBLISH_ONCE)
+
+    async def publish(self, event: Any, *key_more: str) -> tuple[bool, int]:
+        """``(appended, last_open_time)``; the event must have symbol, interval and open_time.
+        ``key_more`` widens the identity (e.g. the model name on predictions.v1)."""
+        appended, last = await self._script(
+            keys=[self.stream, self.last_key],
+            args=[candle_field(event.symbol, event.interval, *key_more), event.open_time, event.to_json(), self.maxlen, DATA_FIELD],
+        )
+        return bool(appended), int(last)
+
+    async def last_open_times(self) -> dict[tuple[str, str], int]:
+        raw = await self.client.hgetall(self.last_key)
+        out = {}
+        for f, v in raw.items():
+            symbol, interval = (f.decode() if isinstance(f, bytes) else f).split("|")[:2]
+            out[(symbol, interval)] = max(int(v), out.get((symbol, interval), 0))
+        return out
+
+
 class Bus:
     """What one service holds of the bus: its broker, publishers, dead letters and metrics."""
 
@@ -207,6 +260,13 @@ class Bus:
             raise KeyError(f"{self.service} has no publisher for {event.topic}; declare it with Bus.publisher")
         await pub.publish(event.model_dump(mode="json"))
         self.metrics.events_out.labels(event.topic).inc()
+
+    def once_per_candle(self, topic: str, client: aioredis.Redis) -> OncePerCandle:
+        """A publisher for a candle-keyed topic that never appends a (symbol, interval, open_time) twice.
+        The topic must also be declared with ``publisher`` so it appears in the AsyncAPI document."""
+        if topic not in self._publishers:
+            raise KeyError(f"{self.service} has no publisher for {topic}; declare it with Bus.publisher")
+        return OncePerCandle(client, topic, self.stream_maxlen)
 
     async def dead_letter(self, source: str, raw: Any, reason: str) -> None:
         reason = " ".join(str(reason).split())  # always one line

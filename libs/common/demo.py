@@ -30,6 +30,7 @@ from rich.text import Text
 from libs.common import topics
 from libs.common.cli import CliError, app_module
 from libs.common.klines import Kline, read_kline_csv
+from libs.common.pipeline import start_runtimes, stop_runtimes
 from libs.common.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,23 +174,20 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
 
     with EmbeddedRedis(data_dir / "redis") as server:
         async with ExchangeSimulator(candles, speed=args.speed) as sim:
-            runtimes = []
-            for name in services:
-                module = app_module(name)
-                extra: dict[str, Any] = {}
-                if name == "ingest":
-                    extra = dict(
+            runtimes = await start_runtimes(
+                services,
+                server.url,
+                data_dir,
+                overrides={
+                    "ingest": dict(
                         binance_ws_url=sim.ws_url,
                         binance_rest_url=sim.rest_url,
                         symbols=symbols,
                         intervals=[DEMO_INTERVAL],
                     )
-                settings = module.SETTINGS(
-                    data_dir=data_dir, redis_url=server.url, consumer_name="demo", log_format="text", **extra
-                )
-                runtime = module.create(settings, server.url)
-                await runtime.start(http=True)
-                runtimes.append(runtime)
+                },
+                consumer="demo",
+            )
             ports = ", ".join(f"{r.name}:{r.http_port}" for r in runtimes)
             console.print(f"[dim]redis {server.url} · simulator {sim.ws_url} · telemetry {ports}[/dim]")
             watcher = asyncio.create_task(watch(server.url, board, stop))
@@ -205,8 +203,7 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
                 stop.set()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-                for runtime in reversed(runtimes):
-                    await runtime.stop()
+                await stop_runtimes(runtimes)
     return board
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from libs.common import topics
+from libs.common.bus import redis_client
 from libs.common.contracts import FeaturesEvent, PredictionEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings.inference import InferenceSettings
@@ -28,6 +29,8 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
     )
     bus, metrics = runtime.bus, runtime.metrics
     bus.publisher(topics.PREDICTIONS, PredictionEvent)
+    client = redis_client(url)
+    out = bus.once_per_candle(topics.PREDICTIONS, client)
     model_dir = Path(settings.model_dir) if settings.model_dir else Path(settings.data_dir) / "models"
     state: dict[str, Predictor] = {}
     runtime.health.set("model", lambda: "predictor" in state)
@@ -50,7 +53,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             if forecast is None:
                 return
             model = predictor.runner.model
-            await bus.publish(
+            appended, _ = await out.publish(
                 PredictionEvent(
                     symbol=forecast.symbol,
                     interval=forecast.interval,
@@ -61,7 +64,16 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                     predicted={"close": forecast.predicted_close},
                     last_close=forecast.last_close,
                     kline_ingested_at=event.kline_ingested_at,
-                )
+                ),
+                model.name,
             )
+            if appended:
+                metrics.events_out.labels(topics.PREDICTIONS).inc()
+            else:
+                metrics.duplicates.labels(topics.PREDICTIONS).inc()
+
+    @runtime.on_shutdown
+    async def close_client() -> None:
+        await client.aclose()
 
     return runtime

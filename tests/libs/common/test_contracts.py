@@ -1,0 +1,35 @@
+import pytest
+
+from libs.common import topics
+from libs.common.contracts import EVENT_TYPES, FeaturesEvent, InvalidEvent, KlineEvent, payload_preview
+from libs.common.klines import Kline
+
+
+def test_every_topic_has_exactly_one_event_type():
+    assert set(EVENT_TYPES) == set(topics.ALL_TOPICS)
+
+
+def test_kline_event_round_trips_a_kline():
+    k = Kline("BTCUSDT", "1m", 60_000, 119_999, 1.0, 2.0, 0.5, 1.5, 10.0, 15.0, 7, 4.0, 6.0)
+    event = KlineEvent.from_kline(k, source="rest")
+    assert event.to_kline() == k
+    assert KlineEvent.from_json(event.to_json()) == event
+
+
+def test_invalid_json_payloads_say_where_in_one_line():
+    with pytest.raises(InvalidEvent) as err:
+        FeaturesEvent.from_json(b'{"symbol":"BTCUSDT","interval":"1m","open_time":"x"}')
+    assert err.value.reason.startswith("FeaturesEvent: open_time:")
+    assert "\n" not in err.value.reason
+
+
+def test_unknown_fields_are_ignored_so_additive_changes_never_break_consumers():
+    raw = KlineEvent(symbol="BTCUSDT", interval="1m", open_time=0, close_time=59_999,
+                     open=1, high=1, low=1, close=1, volume=0).model_dump()
+    raw["added_in_a_later_release"] = 1
+    assert KlineEvent.model_validate(raw).open_time == 0
+
+
+def test_dead_letter_payloads_are_bounded():
+    text = payload_preview(b"x" * 10_000, limit=100)
+    assert text.startswith("x" * 100) and text.endswith("(+9900 chars)")
