@@ -6,15 +6,20 @@ One event per closed candle. While a key warms up, its event carries
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
+import numpy as np
+
+import orjson
 from faststream.redis.annotations import RedisStreamMessage
 
 from libs.common import topics
-from libs.common.bus import redis_client
+from libs.common.bus import DATA_FIELD, redis_client
 from libs.common.contracts import FeaturesEvent, KlineEvent
+from libs.common.klines import InvalidKline
 from libs.common.service import ServiceRuntime
 from libs.common.settings.features import FeaturesSettings
 from services.features import checkpoint
@@ -23,29 +28,57 @@ from services.features.streaming import SnapshotMismatch, StreamingEngine
 SETTINGS = FeaturesSettings
 log = logging.getLogger("klinebus.features")
 
-History = Callable[[str, str, int], tuple] | None
+History = Callable[[str, str, int], Awaitable[tuple]] | None
+HISTORY_COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
+STREAM_SCAN_BATCH = 2000
 
 
-def _history_source(settings: FeaturesSettings, url: str) -> History:
+def _history_source(settings: FeaturesSettings, client) -> History:
     """``(symbol, interval, before_open_time) -> (open_time, o, h, l, c, v)``: the last
     ``warmup_candles`` candles of a key before a time, from the configured source."""
-    if settings.warmup_source == "none" or settings.warmup_candles == 0:
+    n = settings.warmup_candles
+    if settings.warmup_source == "none" or n == 0:
         return None
     if settings.warmup_source == "stream":
-        return None  # the stream source is async: see _stream_history
+
+        async def from_stream(symbol: str, interval: str, before: int) -> tuple:
+            rows = await _scan_stream(client, symbol, interval, before, n)
+            return tuple(np.array([r[i] for r in rows]) for i in range(len(HISTORY_COLUMNS)))
+
+        return from_stream
     try:
         from services.ingest.archive import read_archive
     except ImportError:  # features deployed without the ingest extra
         log.warning("archive reader unavailable (install klinebus[ingest]); indicators warm up live")
         return None
     root = getattr(settings, "archive_url", "") or str(settings.data_dir / "archive")
-    n = settings.warmup_candles
 
-    def history(symbol: str, interval: str, before: int) -> tuple:
+    async def from_archive(symbol: str, interval: str, before: int) -> tuple:
         frame = read_archive(root, symbol, interval, end=before - 1).tail(n)
-        return tuple(frame[c].to_numpy() for c in ("open_time", "open", "high", "low", "close", "volume"))
+        return tuple(frame[c].to_numpy() for c in HISTORY_COLUMNS)
 
-    return history
+    return from_archive
+
+
+async def _scan_stream(client, symbol: str, interval: str, before: int, n: int) -> list[tuple]:
+    """The last ``n`` candles of one key before ``before`` on klines.v1, oldest first (a backwards scan:
+    paid once per new key, only when no archive is configured)."""
+    stream = topics.stream_key(topics.KLINES)
+    found: list[tuple] = []
+    cursor = "+"
+    while len(found) < n:
+        entries = await client.xrevrange(stream, max=cursor, min="-", count=STREAM_SCAN_BATCH)
+        for entry_id, fields in entries:
+            event = orjson.loads(fields[DATA_FIELD.encode()])
+            if event.get("symbol") == symbol and event.get("interval") == interval and event["open_time"] < before:
+                found.append(tuple(event[c] for c in HISTORY_COLUMNS))
+                if len(found) == n:
+                    break
+        if len(entries) < STREAM_SCAN_BATCH:
+            break
+        cursor = "(" + entries[-1][0].decode()
+    found.sort()
+    return found
 
 
 def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
@@ -59,7 +92,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     # features.v1 at exactly one event per candle anyway.
     out = bus.once_per_candle(topics.FEATURES, client)
     engine = StreamingEngine(settings.feature_set, gap_policy=settings.gap_policy)  # type: ignore[arg-type]
-    history = _history_source(settings, url)
+    history = _history_source(settings, client)
     gaps = metrics.counter("gaps_total", "Candles that opened more than one interval after the previous one", ["interval"])
     warmed = metrics.counter("warmup_candles_total", "Archived candles fed to warm indicators up", ["interval"])
     keys_gauge = metrics.gauge("keys", "(symbol, interval) streams with indicator state")
@@ -82,25 +115,26 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                 log.warning("discarding indicator checkpoint (%s); rebuilding from history", exc)
         replayed = 0
         async for entry_id, event in checkpoint.acknowledged_after(client, bus.service, state["last_entry"]):
-            _apply(event)
+            with contextlib.suppress(InvalidKline):  # dead-lettered when first delivered
+                await _apply(event)
             state["last_entry"] = entry_id
             replayed += 1
         log.info("indicator state restored: %d keys, %d candles replayed", len(engine.keys()), replayed)
         keys_gauge.set(len(engine.keys()))
         runtime.health.set("state_restored", True)
 
-    def _warm_from_history(event: KlineEvent) -> None:
+    async def _warm_from_history(event: KlineEvent) -> None:
         key = (event.symbol, event.interval)
         if history is None or engine.last_open_time(key) is not None:
             return
-        cols = history(event.symbol, event.interval, event.open_time)
+        cols = await history(event.symbol, event.interval, event.open_time)
         if len(cols[0]):
             fed = engine.warmup(key, *cols)
             warmed.labels(event.interval).inc(fed)
             log.info("%s %s warmed up from %d archived candles", event.symbol, event.interval, fed)
 
-    def _apply(event: KlineEvent):
-        _warm_from_history(event)
+    async def _apply(event: KlineEvent):
+        await _warm_from_history(event)
         return engine.update(
             (event.symbol, event.interval), event.open_time, event.open, event.high, event.low, event.close, event.volume
         )
@@ -109,7 +143,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     async def on_kline(event: KlineEvent, msg: RedisStreamMessage) -> None:
         metrics.events_in.labels(topics.KLINES).inc()
         with metrics.handle_seconds.labels(topics.KLINES).time():
-            update = _apply(event)  # InvalidCandles -> dead letter (bus middleware)
+            update = await _apply(event)  # InvalidCandles -> dead letter (bus middleware)
             if not update.applied:
                 metrics.duplicates.labels(topics.KLINES).inc()
                 return

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from libs.common.settings import ServiceSettings
+
+
+class FeaturesSettings(ServiceSettings):
+    feature_set: str = Field(
+        "all-v1",
+        description="Feature set id published on features.v1 (services/features/feature_sets.py), e.g. "
+        "all-v1, lstm-35-v1, bilstm-13-v1, chart-analysis-v1.",
+    )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Folder for streaming-state snapshots (restored at start); default <data_dir>/features.",
+    )
+    checkpoint_every_s: float = Field(
+        60.0, gt=0, description="Seconds between state snapshots while running (and one at shutdown)."
+    )
+    warmup_source: str = Field(
+        "archive",
+        description="Where keys warm up from at start when no usable snapshot exists: 'archive' (the "
+        "klines Parquet archive under data_dir), 'stream' (replay klines.v1), or 'none' (warm up live).",
+    )
+    warmup_candles: int = Field(
+        1000,
+        ge=0,
+        description="History candles fed per key at warm-up; at least the set's warm-up (200 for all-v1), "
+        "more lets EMA-type indicators forget their seed.",
+    )
+    gap_policy: str = Field(
+        "continue",
+        description="'continue': compute across missing candles, as batch does; 'reset': restart the key's "
+        "warm-up after a gap.",
+    )
+
+    @field_validator("feature_set")
+    @classmethod
+    def _known_set(cls, v: str) -> str:
+        from services.features.feature_sets import UnknownFeatureSet, get_feature_set
+
+        try:
+            return get_feature_set(v).id
+        except UnknownFeatureSet as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("warmup_source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v not in {"archive", "stream", "none"}:
+            raise ValueError(f"must be archive, stream or none, got {v!r}")
+        return v
+
+    @field_validator("gap_policy")
+    @classmethod
+    def _gap(cls, v: str) -> str:
+        if v not in {"continue", "reset"}:
+            raise ValueError(f"must be continue or reset, got {v!r}")
+        return v
+
+    def checkpoint_path(self) -> Path:
+        return (self.checkpoint_dir or self.data_dir / "features") / f"state-{self.feature_set}.npz"

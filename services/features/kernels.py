@@ -1,0 +1,595 @@
+"""The one indicator kernel: a per-candle step over a per-key state row.
+
+``step`` consumes one closed candle for one key (one row of a float64 state
+matrix) and writes every feature of that candle into one output row. Batch runs
+it over a whole history on a single state row; streaming runs it over many
+rows (keys), one candle each. Train/serve parity therefore holds by
+construction: both paths execute the same arithmetic in the same order.
+
+Arithmetic follows TA-Lib's C source (0.8.x, the version the TA-Lib 0.8.2 wheel bundles) where TA-Lib has the indicator (seeding,
+smoothing order, tie rules), with two deliberate differences, both documented
+in docs/features.md:
+
+* window sums (SMA, Bollinger middle, CMF, MFI) are Neumaier-compensated and
+  Bollinger's sigma is a two-pass sum over the window, so nothing drifts over
+  a stream of millions of candles (TA-Lib keeps plain running sums and a
+  running sum of squares);
+* TA-Lib's absolute epsilon on price-scaled quantities (``TA_IS_ZERO``, |x| < 1e-14
+  in TA-Lib 0.8, on avg gain+loss and smoothed TR) is an exact zero test here: an
+  absolute epsilon is a constant in some price unit and misfires on a symbol
+  quoted small enough; exact zero means "no movement". They differ only for
+  0 < |x| < 1e-14, never seen on real candles.
+
+The state layout is a set of module-level integer offsets (numba freezes them
+as compile-time constants).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from services.features.catalog import FEATURE_INDEX, N_FEATURES
+from services.features.validation import candle_problem
+
+# ---- state layout ----------------------------------------------------------------------
+
+_next = 0
+
+
+def _alloc(n: int = 1) -> int:
+    global _next
+    start = _next
+    _next += n
+    return start
+
+
+T = _alloc()  # candles consumed so far
+PO, PH, PL, PC, PV, PTP = (_alloc() for _ in range(6))  # previous candle (TP: typical price)
+RING_C = _alloc(256)  # last 256 closes; 256 (a power of two) >= the longest window (200)
+RC20 = _alloc(20)  # last 20 closes, Bollinger's window, scanned whole
+SMA10, SMA20, SMA50, SMA100, SMA200 = (_alloc(2) for _ in range(5))  # (sum, compensation)
+EMA10, EMA20, EMA50, EMA100, EMA200 = (_alloc() for _ in range(5))
+RSI14, RSI21 = _alloc(2), _alloc(2)  # (avg gain, avg loss)
+MACD_FAST, MACD_SLOW, MACD_SIG, MACD_SIGSUM = (_alloc() for _ in range(4))
+RH14, RL14 = _alloc(14), _alloc(14)  # stochastic high/low windows
+RFK, RSK = _alloc(3), _alloc(3)  # fast %K, slow %K windows
+ATR14, ATR10 = _alloc(), _alloc()  # TR accumulator, then the ATR
+ADX_PDM, ADX_MDM, ADX_TR, ADX_SUMDX, ADX_ADX = (_alloc() for _ in range(5))
+OBV, VPT = _alloc(), _alloc()
+CMF_MFV, CMF_VOL = _alloc(2), _alloc(2)
+RMFV, RVOL = _alloc(20), _alloc(20)
+MFI_POS, MFI_NEG = _alloc(2), _alloc(2)
+MFI_NULL = _alloc()  # consecutive flowless candles
+RPOS, RNEG = _alloc(14), _alloc(14)
+RLR = _alloc(20)  # last 20 log returns
+DOJI_HL, HS_BODY, HS_HL, HS_NEAR = (_alloc() for _ in range(4))  # TA-Lib candle totals
+RBODY, RHL = _alloc(16), _alloc(16)  # |c-o| and h-l of the last 16 candles
+STATE_SIZE = _next
+
+# ---- output columns --------------------------------------------------------------------
+
+F_OPEN, F_HIGH, F_LOW, F_CLOSE, F_VOLUME = (FEATURE_INDEX[n] for n in ("open", "high", "low", "close", "volume"))
+F_SMA10, F_SMA20, F_SMA50, F_SMA100, F_SMA200 = (FEATURE_INDEX[f"sma_{n}"] for n in (10, 20, 50, 100, 200))
+F_EMA10, F_EMA20, F_EMA50, F_EMA100, F_EMA200 = (FEATURE_INDEX[f"ema_{n}"] for n in (10, 20, 50, 100, 200))
+F_RSI14, F_RSI21 = FEATURE_INDEX["rsi_14"], FEATURE_INDEX["rsi_21"]
+F_MACD, F_MACDS, F_MACDH = (FEATURE_INDEX[n] for n in ("macd", "macd_signal", "macd_hist"))
+F_STK, F_STD = FEATURE_INDEX["stoch_k"], FEATURE_INDEX["stoch_d"]
+F_ROC, F_MOM = FEATURE_INDEX["roc_12"], FEATURE_INDEX["mom_10"]
+F_BBU, F_BBM, F_BBL, F_BBW, F_BBP = (
+    FEATURE_INDEX[n] for n in ("bb_upper", "bb_middle", "bb_lower", "bb_width", "bb_pctb")
+)
+F_ATR, F_NATR = FEATURE_INDEX["atr_14"], FEATURE_INDEX["natr_14"]
+F_ADX, F_PDI, F_MDI = (FEATURE_INDEX[n] for n in ("adx_14", "plus_di_14", "minus_di_14"))
+F_KCU, F_KCM, F_KCL = (FEATURE_INDEX[n] for n in ("kc_upper", "kc_middle", "kc_lower"))
+F_OBV, F_CMF, F_MFI, F_VPT = (FEATURE_INDEX[n] for n in ("obv", "cmf_20", "mfi_14", "vpt"))
+F_HV, F_PCH, F_VCH, F_HL2 = (FEATURE_INDEX[n] for n in ("hv_20", "price_change", "volume_change", "hl2"))
+F_HAMMER, F_ENGULF, F_DOJI, F_SSTAR = (
+    FEATURE_INDEX[n] for n in ("cdl_hammer", "cdl_engulfing", "cdl_doji", "cdl_shootingstar")
+)
+
+NAN = math.nan
+# TA-Lib 0.8's TA_EPSILON (ta_utility.h): TA_IS_ZERO is |x| < 1e-14, TA_IS_ZERO_SCALED(v, s) is
+# |v| <= 1e-14*s. Kept where the quantity is scale-free (DI sums) or already scaled (MFI's tie test).
+_TA_EPSILON = 1e-14
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _kadd(st, k, at, x):
+    """Neumaier-compensated ``st[k, at] += x``; the exact sum is st[k, at] + st[k, at+1]."""
+    s = st[k, at]
+    tot = s + x
+    if abs(s) >= abs(x):
+        st[k, at + 1] += (s - tot) + x
+    else:
+        st[k, at + 1] += (x - tot) + s
+    st[k, at] = tot
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sma(st, k, t, at, n, c):
+    _kadd(st, k, at, c)
+    if t >= n:
+        _kadd(st, k, at, -st[k, RING_C + ((t - n) & 255)])
+    if t < n - 1:
+        return NAN
+    return (st[k, at] + st[k, at + 1]) / n
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _ring_mean(st, k, t, n):
+    """Plain left-to-right mean of the last n closes, as TA-Lib seeds its EMAs."""
+    s = 0.0
+    for i in range(t - n + 1, t + 1):
+        s += st[k, RING_C + (i & 255)]
+    return s / n
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _ema(st, k, t, at, n, c):
+    if t < n - 1:
+        return NAN
+    if t == n - 1:
+        e = _ring_mean(st, k, t, n)
+    else:
+        e = ((c - st[k, at]) * (2.0 / (n + 1))) + st[k, at]
+    st[k, at] = e
+    return e
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _rsi(st, k, t, at, n, d):
+    """TA-Lib RSI: plain means of the first n gains/losses, then Wilder's smoothing."""
+    if t == 0:
+        return NAN
+    g = st[k, at]
+    ls = st[k, at + 1]
+    if t > n:
+        ls *= n - 1
+        g *= n - 1
+    if d < 0:
+        ls -= d
+    else:
+        g += d
+    if t < n:
+        st[k, at] = g
+        st[k, at + 1] = ls
+        return NAN
+    ls /= n
+    g /= n
+    st[k, at] = g
+    st[k, at + 1] = ls
+    s = g + ls
+    return 100.0 * (g / s) if s != 0.0 else 0.0
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _atr(st, k, t, at, n, tr):
+    """TA-Lib ATR: plain mean of TR at candles 1..n, then (atr*(n-1)+tr)/n."""
+    if t == 0:
+        return NAN
+    a = st[k, at]
+    if t < n:
+        st[k, at] = a + tr
+        return NAN
+    if t == n:
+        a = (a + tr) / n
+    else:
+        a *= n - 1
+        a += tr
+        a /= n
+    st[k, at] = a
+    return a
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _ring_sum3(st, k, at, newest):
+    """Sum of a 3-slot ring oldest to newest (TA-Lib's SMA(3) order for its first value)."""
+    return (st[k, at + (newest + 1) % 3] + st[k, at + (newest + 2) % 3]) + st[k, at + newest]
+
+
+# ---- the step --------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as in TA-Lib)
+    """Consume candle (o, h, l, c, v) for state row ``k``; write its features to ``out[j]``."""
+    t = int(st[k, T])
+    st[k, T] = t + 1
+    po = st[k, PO]
+    ph = st[k, PH]
+    pl = st[k, PL]
+    pc = st[k, PC]
+    pv = st[k, PV]
+    ptp = st[k, PTP]
+    row = out[j]
+
+    row[F_OPEN] = o
+    row[F_HIGH] = h
+    row[F_LOW] = l
+    row[F_CLOSE] = c
+    row[F_VOLUME] = v
+    row[F_HL2] = (h + l) / 2.0
+
+    st[k, RING_C + (t & 255)] = c
+    st[k, RC20 + t % 20] = c
+
+    # moving averages
+    row[F_SMA10] = _sma(st, k, t, SMA10, 10, c)
+    sma20 = _sma(st, k, t, SMA20, 20, c)
+    row[F_SMA20] = sma20
+    row[F_SMA50] = _sma(st, k, t, SMA50, 50, c)
+    row[F_SMA100] = _sma(st, k, t, SMA100, 100, c)
+    row[F_SMA200] = _sma(st, k, t, SMA200, 200, c)
+    row[F_EMA10] = _ema(st, k, t, EMA10, 10, c)
+    ema20 = _ema(st, k, t, EMA20, 20, c)
+    row[F_EMA20] = ema20
+    row[F_EMA50] = _ema(st, k, t, EMA50, 50, c)
+    row[F_EMA100] = _ema(st, k, t, EMA100, 100, c)
+    row[F_EMA200] = _ema(st, k, t, EMA200, 200, c)
+
+    # RSI
+    d = c - pc
+    row[F_RSI14] = _rsi(st, k, t, RSI14, 14, d)
+    row[F_RSI21] = _rsi(st, k, t, RSI21, 21, d)
+
+    # MACD(12, 26, 9), TA-Lib seeding: both EMAs start at candle 25; EMA12 seeded on closes 14..25.
+    row[F_MACD] = NAN
+    row[F_MACDS] = NAN
+    row[F_MACDH] = NAN
+    if t >= 25:
+        if t == 25:
+            fast = _ring_mean(st, k, t, 12)
+            slow = _ring_mean(st, k, t, 26)
+        else:
+            fast = ((c - st[k, MACD_FAST]) * (2.0 / 13.0)) + st[k, MACD_FAST]
+            slow = ((c - st[k, MACD_SLOW]) * (2.0 / 27.0)) + st[k, MACD_SLOW]
+        st[k, MACD_FAST] = fast
+        st[k, MACD_SLOW] = slow
+        m = fast - slow
+        if t < 33:
+            st[k, MACD_SIGSUM] += m
+        else:
+            if t == 33:
+                sig = (st[k, MACD_SIGSUM] + m) / 9.0
+            else:
+                sig = ((m - st[k, MACD_SIG]) * (2.0 / 10.0)) + st[k, MACD_SIG]
+            st[k, MACD_SIG] = sig
+            row[F_MACD] = m
+            row[F_MACDS] = sig
+            row[F_MACDH] = m - sig
+
+    # Stochastic(14, 3 SMA, 3 SMA)
+    st[k, RH14 + t % 14] = h
+    st[k, RL14 + t % 14] = l
+    row[F_STK] = NAN
+    row[F_STD] = NAN
+    if t >= 13:
+        hh = st[k, RH14]
+        ll = st[k, RL14]
+        for i in range(1, 14):
+            if st[k, RH14 + i] > hh:
+                hh = st[k, RH14 + i]
+            if st[k, RL14 + i] < ll:
+                ll = st[k, RL14 + i]
+        diff = (hh - ll) / 100.0
+        fk = (c - ll) / diff if diff != 0.0 else 0.0
+        s3 = (t - 13) % 3
+        st[k, RFK + s3] = fk
+        if t >= 15:
+            sk = _ring_sum3(st, k, RFK, s3) / 3.0
+            st[k, RSK + s3] = sk
+            if t >= 17:
+                row[F_STK] = sk
+                row[F_STD] = _ring_sum3(st, k, RSK, s3) / 3.0
+
+    # ROC / momentum
+    row[F_ROC] = 100.0 * (c / st[k, RING_C + ((t - 12) & 255)] - 1.0) if t >= 12 else NAN
+    row[F_MOM] = c - st[k, RING_C + ((t - 10) & 255)] if t >= 10 else NAN
+
+    # Bollinger(20, 2): two-pass population sigma over the window around the compensated SMA.
+    if t >= 19:
+        ss = 0.0
+        for i in range(20):
+            dv = st[k, RC20 + i] - sma20
+            ss += dv * dv
+        dev = 2.0 * math.sqrt(ss / 20.0)
+        up = sma20 + dev
+        lo = sma20 - dev
+        row[F_BBU] = up
+        row[F_BBM] = sma20
+        row[F_BBL] = lo
+        row[F_BBW] = ((up - lo) / sma20) * 100.0
+        row[F_BBP] = (c - lo) / (up - lo) if up != lo else 0.5
+    else:
+        row[F_BBU] = NAN
+        row[F_BBM] = NAN
+        row[F_BBL] = NAN
+        row[F_BBW] = NAN
+        row[F_BBP] = NAN
+
+    # true range (TA-Lib TRUE_RANGE order), ATR, NATR, Keltner
+    tr = h - l
+    if t >= 1:
+        t2 = abs(h - pc)
+        if t2 > tr:
+            tr = t2
+        t2 = abs(l - pc)
+        if t2 > tr:
+            tr = t2
+    atr14 = _atr(st, k, t, ATR14, 14, tr)
+    row[F_ATR] = atr14
+    row[F_NATR] = (atr14 / c) * 100.0
+    atr10 = _atr(st, k, t, ATR10, 10, tr)
+    if t >= 19:
+        row[F_KCM] = ema20
+        row[F_KCU] = ema20 + 2.0 * atr10
+        row[F_KCL] = ema20 - 2.0 * atr10
+    else:
+        row[F_KCM] = NAN
+        row[F_KCU] = NAN
+        row[F_KCL] = NAN
+
+    # ADX / +DI / -DI (14), TA-Lib seeding: DM and TR summed over candles 1..13.
+    row[F_PDI] = NAN
+    row[F_MDI] = NAN
+    row[F_ADX] = NAN
+    if t >= 1:
+        dp = h - ph
+        dm = pl - l
+        pdm = st[k, ADX_PDM]
+        mdm = st[k, ADX_MDM]
+        trs = st[k, ADX_TR]
+        if t >= 14:
+            mdm -= mdm / 14.0
+            pdm -= pdm / 14.0
+        if dm > 0 and dp < dm:
+            mdm += dm
+        elif dp > 0 and dp > dm:
+            pdm += dp
+        if t >= 14:
+            trs = trs - (trs / 14.0) + tr
+        else:
+            trs += tr
+        st[k, ADX_PDM] = pdm
+        st[k, ADX_MDM] = mdm
+        st[k, ADX_TR] = trs
+        if t >= 14:
+            pdi = 0.0
+            mdi = 0.0
+            dx = NAN
+            if trs != 0.0:
+                mdi = 100.0 * (mdm / trs)
+                pdi = 100.0 * (pdm / trs)
+                dsum = mdi + pdi
+                if not (-_TA_EPSILON < dsum < _TA_EPSILON):
+                    dx = 100.0 * (abs(mdi - pdi) / dsum)
+            row[F_PDI] = pdi
+            row[F_MDI] = mdi
+            if t <= 27:
+                if dx == dx:
+                    st[k, ADX_SUMDX] += dx
+                if t == 27:
+                    st[k, ADX_ADX] = st[k, ADX_SUMDX] / 14.0
+                    row[F_ADX] = st[k, ADX_ADX]
+            else:
+                if dx == dx:
+                    st[k, ADX_ADX] = ((st[k, ADX_ADX] * 13.0) + dx) / 14.0
+                row[F_ADX] = st[k, ADX_ADX]
+
+    # OBV (TA-Lib: starts at the first volume), VPT (`ta`: cumsum of pct_change*volume)
+    if t == 0:
+        obv = v
+    else:
+        obv = st[k, OBV]
+        if c > pc:
+            obv += v
+        elif c < pc:
+            obv -= v
+    st[k, OBV] = obv
+    row[F_OBV] = obv
+    if t >= 1:
+        vpt = st[k, VPT] + (c / pc - 1.0) * v
+        st[k, VPT] = vpt
+        row[F_VPT] = vpt
+        row[F_PCH] = c / pc - 1.0
+        row[F_VCH] = v / pv - 1.0 if pv != 0.0 else 0.0
+    else:
+        row[F_VPT] = NAN
+        row[F_PCH] = NAN
+        row[F_VCH] = NAN
+
+    # CMF(20) (`ta` definition)
+    rng = h - l
+    mfv = (((c - l) - (h - c)) / rng if rng != 0.0 else 0.0) * v
+    slot = t % 20
+    old_mfv = st[k, RMFV + slot]
+    old_vol = st[k, RVOL + slot]
+    st[k, RMFV + slot] = mfv
+    st[k, RVOL + slot] = v
+    _kadd(st, k, CMF_MFV, mfv)
+    _kadd(st, k, CMF_VOL, v)
+    if t >= 20:
+        _kadd(st, k, CMF_MFV, -old_mfv)
+        _kadd(st, k, CMF_VOL, -old_vol)
+    if t >= 19:
+        vs = st[k, CMF_VOL] + st[k, CMF_VOL + 1]
+        row[F_CMF] = (st[k, CMF_MFV] + st[k, CMF_MFV + 1]) / vs if vs != 0.0 else 0.0
+    else:
+        row[F_CMF] = NAN
+
+    # MFI(14), TA-Lib 0.8: flows of candles 1..14 for the first value; a typical-price move within
+    # TA_IS_ZERO_SCALED's relative dead-zone carries no flow; 14 flowless candles zero the sums.
+    tp = ((h + l) + c) / 3.0
+    row[F_MFI] = NAN
+    if t >= 1:
+        dtp = tp - ptp
+        flow = 0.0 if abs(dtp) <= _TA_EPSILON * (abs(tp) + abs(ptp)) else tp * v
+        slot = (t - 1) % 14
+        old_pos = st[k, RPOS + slot]
+        old_neg = st[k, RNEG + slot]
+        pos = 0.0 if dtp < 0.0 else flow
+        neg = flow if dtp < 0.0 else 0.0
+        st[k, RPOS + slot] = pos
+        st[k, RNEG + slot] = neg
+        if t >= 15:
+            _kadd(st, k, MFI_POS, -old_pos)
+            _kadd(st, k, MFI_NEG, -old_neg)
+        _kadd(st, k, MFI_POS, pos)
+        _kadd(st, k, MFI_NEG, neg)
+        null_run = st[k, MFI_NULL] + 1.0 if flow == 0.0 else 0.0
+        if null_run >= 14.0:
+            null_run = 14.0
+            for at in (MFI_POS, MFI_POS + 1, MFI_NEG, MFI_NEG + 1):
+                st[k, at] = 0.0
+        st[k, MFI_NULL] = null_run
+        if t >= 14:
+            ps = st[k, MFI_POS] + st[k, MFI_POS + 1]
+            tot = ps + (st[k, MFI_NEG] + st[k, MFI_NEG + 1])
+            ps = 0.0 if ps < 0.0 else (tot if ps > tot else ps)
+            row[F_MFI] = 100.0 * (ps / tot) if tot > 0.0 else 0.0
+
+    # historical volatility(20): sample std of log returns, two-pass
+    row[F_HV] = NAN
+    if t >= 1:
+        st[k, RLR + (t - 1) % 20] = math.log(c / pc)
+        if t >= 20:
+            s = 0.0
+            for i in range(20):
+                s += st[k, RLR + i]
+            mean = s / 20.0
+            ss = 0.0
+            for i in range(20):
+                dv = st[k, RLR + i] - mean
+                ss += dv * dv
+            row[F_HV] = math.sqrt(ss / 19.0)
+
+    # candlestick patterns (TA-Lib defaults: BodyShort/ShadowVeryShort/BodyDoji avg 10, Near avg 5)
+    body = abs(c - o)
+    st[k, RBODY + (t & 15)] = body
+    st[k, RHL + (t & 15)] = rng
+    upper = h - (c if c >= o else o)
+    lower = (o if c >= o else c) - l
+
+    if t < 10:
+        st[k, DOJI_HL] += rng
+        row[F_DOJI] = NAN
+    else:
+        row[F_DOJI] = 100.0 if body <= 0.1 * (st[k, DOJI_HL] / 10.0) else 0.0
+        st[k, DOJI_HL] += rng - st[k, RHL + ((t - 10) & 15)]
+
+    row[F_HAMMER] = NAN
+    row[F_SSTAR] = NAN
+    if 1 <= t <= 10:
+        st[k, HS_BODY] += body
+        st[k, HS_HL] += rng
+        if 5 <= t <= 9:
+            st[k, HS_NEAR] += rng
+    elif t >= 11:
+        avg_body = st[k, HS_BODY] / 10.0
+        very_short = 0.1 * (st[k, HS_HL] / 10.0)
+        near = 0.2 * (st[k, HS_NEAR] / 5.0)
+        hammer = body < avg_body and lower > body and upper < very_short and min(c, o) <= pl + near
+        row[F_HAMMER] = 100.0 if hammer else 0.0
+        gap_up = min(o, c) > max(po, pc)
+        star = gap_up and body < avg_body and upper > body and lower < very_short
+        row[F_SSTAR] = -100.0 if star else 0.0
+        st[k, HS_BODY] += body - st[k, RBODY + ((t - 10) & 15)]
+        st[k, HS_HL] += rng - st[k, RHL + ((t - 10) & 15)]
+        st[k, HS_NEAR] += st[k, RHL + ((t - 1) & 15)] - st[k, RHL + ((t - 6) & 15)]
+
+    if t >= 2:
+        white = c >= o
+        prev_white = pc >= po
+        engulf = (
+            white
+            and not prev_white
+            and ((c >= po and o < pc) or (c > po and o <= pc))
+        ) or (
+            not white
+            and prev_white
+            and ((o >= pc and c < po) or (o > pc and c <= po))
+        )
+        colour = 1.0 if white else -1.0
+        if engulf:
+            row[F_ENGULF] = colour * (100.0 if (o != pc and c != po) else 80.0)
+        else:
+            row[F_ENGULF] = 0.0
+    else:
+        row[F_ENGULF] = NAN
+
+    st[k, PO] = o
+    st[k, PH] = h
+    st[k, PL] = l
+    st[k, PC] = c
+    st[k, PV] = v
+    st[k, PTP] = tp
+
+
+# ---- drivers ---------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def run_series(st, k, o, h, l, c, v, out, record):  # noqa: E741
+    """Feed a history to state row k. record: out has one row per candle; else out[0] is scratch."""
+    for i in range(o.shape[0]):
+        step(st, k, o[i], h[i], l[i], c[i], v[i], out, i if record else 0)
+
+
+@njit(cache=True, error_model="numpy")
+def run_rows(st, rows, o, h, l, c, v, out):  # noqa: E741
+    """One candle for each of many keys: candle i goes to state row rows[i], features to out[i]."""
+    for i in range(rows.shape[0]):
+        step(st, rows[i], o[i], h[i], l[i], c[i], v[i], out, i)
+
+
+def new_state(n_rows: int) -> np.ndarray:
+    return np.zeros((n_rows, STATE_SIZE), dtype=np.float64)
+
+
+def new_output(n_rows: int) -> np.ndarray:
+    return np.empty((n_rows, N_FEATURES), dtype=np.float64)
+
+
+# ---- streaming driver ------------------------------------------------------------------
+
+NO_TIME = np.iinfo(np.int64).min  # last_open_time of a key that has seen no candle
+ST_OK, ST_WARMING, ST_DUPLICATE, ST_INVALID = 0, 1, 2, 3
+
+
+@njit(cache=True, error_model="numpy")
+def update_rows(st, last_ot, interval_ms, rows, ot, o, h, l, c, v, out, status, gap_ms, problem, lookback, reset_on_gap):  # noqa: E741
+    """Apply candle i to state row rows[i] unless it is invalid or not newer than that key's last.
+
+    status[i]: ST_OK (out[i] holds values for a warmed-up key), ST_WARMING, ST_DUPLICATE
+    (open_time <= last seen; state untouched) or ST_INVALID (problem[i] says why).
+    gap_ms[i]: how much later than one interval after the previous candle this one opened (0: none).
+    Rows are applied in order, so one call may carry several candles of the same key.
+    """
+    for i in range(rows.shape[0]):
+        k = rows[i]
+        gap_ms[i] = 0
+        p = candle_problem(o[i], h[i], l[i], c[i], v[i])
+        problem[i] = p
+        if p != 0:
+            status[i] = ST_INVALID
+            continue
+        last = last_ot[k]
+        if last != NO_TIME:
+            if ot[i] <= last:
+                status[i] = ST_DUPLICATE
+                continue
+            g = ot[i] - last - interval_ms[k]
+            if g > 0:
+                gap_ms[i] = g
+                if reset_on_gap:
+                    st[k, :] = 0.0
+        last_ot[k] = ot[i]
+        t = st[k, T]
+        step(st, k, o[i], h[i], l[i], c[i], v[i], out, i)
+        status[i] = ST_OK if t >= lookback else ST_WARMING
