@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 import redis.asyncio as aioredis
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage
 from faststream.redis.parser.message import MessageFormat
 from pydantic import ValidationError
 
@@ -225,6 +226,51 @@ class Bus:
 
         def decorate(handler: Callable[..., Awaitable[Any]]) -> Any:
             return live(reclaim(handler))
+
+        return decorate
+
+    def batch_subscriber(
+        self, topic: str, model: type[Event], *, max_records: int = 500, description: str = ""
+    ) -> Callable[[Callable[[list[Any]], Awaitable[Any]]], Any]:
+        """Decorate ``handler(events: list[model])`` to consume ``topic`` up to ``max_records`` at a
+        time (for handlers whose cost is per write, not per event: the archiver). Each entry is
+        validated on its own, so one bad entry is dead-lettered without failing its batch."""
+        key = topics.stream_key(topic)
+        self._groups.append(key)
+
+        def decorate(handler: Callable[[list[Any]], Awaitable[Any]]) -> Any:
+            async def consume(msg: RedisBatchStreamMessage) -> None:
+                events = []
+                for fields in msg.raw_message["data"]:
+                    raw = fields.get(DATA_FIELD.encode(), b"")
+                    try:
+                        events.append(model.from_json(raw))
+                    except BAD_INPUT_ERRORS as exc:
+                        await self.dead_letter(topic, raw, _one_line(exc))
+                self.metrics.events_in.labels(topic).inc(len(msg.raw_message["data"]))
+                if events:
+                    await handler(events)
+
+            consume.__name__ = handler.__name__
+            common = dict(ack_policy=AckPolicy.NACK_ON_ERROR)
+            live = self.broker.subscriber(
+                stream=StreamSub(
+                    key, group=self.service, consumer=self.consumer, batch=True,
+                    max_records=max_records, polling_interval=self.polling_interval_ms,
+                ),
+                title=f"{self.service}:{topic}",
+                description=description or None,
+                **common,
+            )
+            reclaim = self.broker.subscriber(
+                stream=StreamSub(
+                    key, group=self.service, consumer=self.consumer, batch=True,
+                    min_idle_time=self.reclaim_idle_ms, polling_interval=max(self.reclaim_idle_ms // 4, 1000),
+                ),
+                include_in_schema=False,
+                **common,
+            )
+            return live(reclaim(consume))
 
         return decorate
 

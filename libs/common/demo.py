@@ -36,23 +36,32 @@ from libs.common.redis_server import EmbeddedRedis
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "data" / "klines"
 DEMO_INTERVAL = "1m"
+# Candles archived before the replay starts: more than the longest warm-up (SMA/EMA 200).
+ARCHIVED_HISTORY = 300
 # Shown in the table when warmed up, in this order.
-SHOWN_INDICATORS = ("rsi_14", "ema_20", "macd_hist", "bb_pct_b", "atr_14")
+SHOWN_INDICATORS = ("rsi_14", "ema_20", "macd_hist", "bb_pctb", "atr_14")
 STAGES = (topics.KLINES, topics.FEATURES, topics.PREDICTIONS, topics.CHARTS, topics.DEAD_LETTERS)
 # Services the demo runs when their code is built, in start order (consumers before producers).
 DEMO_SERVICES = ("archive", "inference", "charts", "features", "ingest")
 
 
-def load_shipped(symbols: list[str], candles: int) -> dict[tuple[str, str], list[Kline]]:
-    out = {}
+def load_shipped(
+    symbols: list[str], candles: int, history: int = 0
+) -> tuple[dict[tuple[str, str], list[Kline]], dict[tuple[str, str], list[Kline]]]:
+    """The first ``history`` shipped candles of each symbol (already archived when the demo starts)
+    and the ``candles`` after them (replayed live)."""
+    past, live = {}, {}
     for symbol in symbols:
         files = sorted(SHIPPED.glob(f"{symbol}-{DEMO_INTERVAL}-*.csv.gz"))
         if not files:
             available = sorted({p.name.split("-")[0] for p in SHIPPED.glob("*.csv.gz")})
             raise CliError(f"no shipped candles for {symbol}; available: {', '.join(available)}")
         klines = read_kline_csv(files[0], symbol, DEMO_INTERVAL)
-        out[(symbol, DEMO_INTERVAL)] = klines[:candles]
-    return out
+        if len(klines) < history + 1:
+            raise CliError(f"{files[0].name} has {len(klines)} candles; the demo needs more than {history}")
+        past[(symbol, DEMO_INTERVAL)] = klines[:history]
+        live[(symbol, DEMO_INTERVAL)] = klines[history : history + candles]
+    return past, live
 
 
 @dataclass
@@ -159,11 +168,36 @@ def built_demo_services() -> list[str]:
     return out
 
 
+def _check(watcher: asyncio.Task) -> None:
+    if watcher.done():
+        watcher.result()  # re-raise what stopped it
+
+
+async def _follow_plain(board: Board, stop: asyncio.Event, watcher: asyncio.Task, console: Console) -> None:
+    """No terminal (CI, a log file): one progress line a second, then the final table."""
+    last = -1.0
+    while not stop.is_set() and not board.done():
+        _check(watcher)
+        now = time.monotonic()
+        if now - last >= 1.0:
+            last = now
+            made = sum(board.predictions_per_symbol.values())
+            stages = " ".join(f"{s}={board.counts.get(s, 0)}" for s in STAGES)
+            console.print(f"[{now - board.started:5.1f}s] predictions {made}/{board.expected * len(board.symbols)}  {stages}")
+        await asyncio.sleep(0.25)
+    console.print(board.table())
+
+
 async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Console) -> Board:
+    from services.ingest.archive import ParquetArchive
     from services.ingest.simulator import ExchangeSimulator
 
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
-    candles = load_shipped(symbols, args.candles)
+    past, candles = load_shipped(symbols, args.candles, ARCHIVED_HISTORY)
+    # As on a deployment that has been running: history sits in the archive, so features start warm.
+    archive = ParquetArchive(str(data_dir / "archive"))
+    for klines in past.values():
+        archive.write(klines)
     board = Board(expected=min(len(v) for v in candles.values()), symbols=symbols)
     services = built_demo_services()
     stop = asyncio.Event()
@@ -173,7 +207,11 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
             loop.add_signal_handler(sig, stop.set)
 
     with EmbeddedRedis(data_dir / "redis") as server:
-        async with ExchangeSimulator(candles, speed=args.speed) as sim:
+        sim = ExchangeSimulator(candles, speed=args.speed)
+        await sim.start(replay=False)
+        runtimes = []
+        watcher: asyncio.Task | None = None
+        try:
             runtimes = await start_runtimes(
                 services,
                 server.url,
@@ -190,27 +228,31 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
             )
             ports = ", ".join(f"{r.name}:{r.http_port}" for r in runtimes)
             console.print(f"[dim]redis {server.url} · simulator {sim.ws_url} · telemetry {ports}[/dim]")
+            await sim.begin_when_connected()
             watcher = asyncio.create_task(watch(server.url, board, stop))
-            try:
+            if args.plain or not console.is_terminal:
+                await _follow_plain(board, stop, watcher, console)
+            else:
                 with Live(board.table(), console=console, refresh_per_second=4, transient=False) as live:
                     while not stop.is_set() and not board.done():
-                        if watcher.done():
-                            watcher.result()  # re-raise what stopped it
+                        _check(watcher)
                         live.update(board.table())
                         await asyncio.sleep(0.25)
                     live.update(board.table())
-            finally:
-                stop.set()
+        finally:
+            stop.set()
+            if watcher is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-                await stop_runtimes(runtimes)
+            await stop_runtimes(runtimes)
+            await sim.stop()
     return board
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from libs.common.telemetry import setup_logging
 
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=150)
     data_dir = Path(args.data_dir) if args.data_dir else REPO / "var" / "demo" / time.strftime("%Y%m%d-%H%M%S")
     data_dir.mkdir(parents=True, exist_ok=True)
     # Services log as text at WARNING so the live table stays readable; everything is also in Redis.

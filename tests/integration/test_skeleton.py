@@ -5,6 +5,7 @@ predictions.v1, all through a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -51,6 +52,17 @@ async def wait_count(url: str, topic: str, expected: int, timeout: float = 60) -
     raise AssertionError(f"{topic}: {len(got)} of {expected} events after {timeout}s")
 
 
+@contextlib.asynccontextmanager
+async def replaying(candles, **kw):
+    """A simulator whose replay waits for ingest to connect."""
+    sim = ExchangeSimulator(candles, **kw)
+    await sim.start(replay=False)
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
 def per_stream(evts: list[dict]) -> dict[tuple[str, str], list[int]]:
     out: dict[tuple[str, str], list[int]] = {}
     for e in evts:
@@ -75,9 +87,10 @@ async def test_every_replayed_candle_yields_one_features_event_and_one_predictio
     candles = shipped()
     expected = {key: [k.open_time for k in ks] for key, ks in candles.items()}
     total = sum(len(v) for v in expected.values())
-    async with ExchangeSimulator(candles, speed=3000) as sim:
+    async with replaying(candles, speed=3000) as sim:
         runtimes = await start_runtimes(SERVICES, redis_url, tmp_path, ingest_overrides(sim), http=False)
         try:
+            await sim.begin_when_connected()
             klines = await wait_count(redis_url, topics.KLINES, total)
             features = await wait_count(redis_url, topics.FEATURES, total)
             predictions = await wait_count(redis_url, topics.PREDICTIONS, total)
@@ -105,10 +118,11 @@ async def test_a_restarted_features_service_neither_drops_nor_doubles(redis_url,
     """Stop features mid-replay and start it again: its state and its output carry on as if it never stopped."""
     candles = shipped()
     total = sum(len(v) for v in candles.values())
-    async with ExchangeSimulator(candles, speed=1500) as sim:
+    async with replaying(candles, speed=1500) as sim:
         runtimes = await start_runtimes(SERVICES, redis_url, tmp_path, ingest_overrides(sim), http=False)
         features = next(r for r in runtimes if r.name == "features")
         try:
+            await sim.begin_when_connected()
             await wait_count(redis_url, topics.FEATURES, total // 3)
             await features.stop()
             await asyncio.sleep(0.5)  # candles keep arriving on klines.v1 meanwhile

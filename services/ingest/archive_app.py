@@ -1,0 +1,41 @@
+"""The archiver: closed candles from ``klines.v1`` into the Parquet archive.
+
+``klinebus run archive`` starts it. Delivery is at-least-once; the archive write is
+idempotent on (symbol, interval, open_time), so a re-delivered event changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from libs.common import topics
+from libs.common.contracts import KlineEvent
+from libs.common.service import ServiceRuntime
+from libs.common.settings.ingest import IngestSettings
+from services.ingest.archive import ParquetArchive
+
+SETTINGS = IngestSettings
+
+
+def create(settings: IngestSettings, url: str) -> ServiceRuntime:
+    runtime = ServiceRuntime(
+        "archive", settings, url, description="Writes closed candles from klines.v1 to the Parquet archive."
+    )
+    archive = ParquetArchive(settings.archive_root())
+    written = runtime.metrics.counter("rows_written_total", "New candle rows written to the archive", ["interval"])
+
+    # Batches: one month file is rewritten per batch, not per candle, so a backfill of thousands
+    # of candles costs a few writes.
+    @runtime.bus.batch_subscriber(topics.KLINES, KlineEvent, max_records=1000, description="Archive every closed candle.")
+    async def on_klines(events: list[KlineEvent]) -> None:
+        added = await asyncio.to_thread(archive.write, [e.to_kline() for e in events])
+        if added:
+            written.labels(events[0].interval).inc(added)
+        if len(events) > added:
+            runtime.metrics.duplicates.labels(topics.KLINES).inc(len(events) - added)
+
+    runtime.archive = archive  # type: ignore[attr-defined]
+    return runtime
+
+
+create_archiver = create

@@ -1,0 +1,7 @@
+"""The exchange simulator: a Binance-speaking server on loopback replaying real candles."""
+
+from services.ingest.simulator.faults import FaultPlan
+from services.ingest.simulator.server import ExchangeSimulator, SimulatorStats
+from services.ingest.simulator.data import load_candles
+
+__all__ = ["ExchangeSimulator", "FaultPlan", "SimulatorStats", "load_candles"]

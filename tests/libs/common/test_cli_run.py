@@ -1,0 +1,67 @@
+"""`klinebus run <service>` as an operator runs it: embedded Redis, telemetry, clean SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_run_serves_health_ready_and_metrics_and_stops_cleanly(tmp_path: Path):
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KLINEBUS_")},
+        "KLINEBUS_DATA_DIR": str(tmp_path),
+        "KLINEBUS_HTTP_PORT": str(port),
+        "KLINEBUS_HTTP_HOST": "127.0.0.1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.inference"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status, body = _get(f"http://127.0.0.1:{port}/readyz")
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        assert status == 200, "never became ready"
+        assert json.loads(body)["checks"] == {"broker": True, "model": True}
+        assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        code, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and b"klinebus_inference_dead_letters_total" in metrics
+        redis_pid = int((tmp_path / "redis" / "redis.pid").read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    # JSON logs, one object per line.
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(entry["msg"].startswith("inference started") for entry in logs)
+    assert (tmp_path / "models" / "persistence" / "1" / "model.onnx").exists()
+    time.sleep(0.2)
+    assert not Path(f"/proc/{redis_pid}").exists() or "zombie" in Path(f"/proc/{redis_pid}/status").read_text().lower()

@@ -1,0 +1,73 @@
+"""The exchange simulator speaks Binance: raw and combined streams, SUBSCRIBE, pings, REST limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+
+from services.ingest.simulator import ExchangeSimulator, FaultPlan
+from services.ingest.wsclient import BinanceStreamClient
+
+from ingest_support import shipped_candles
+
+
+async def test_raw_stream_and_subscribe_replies():
+    candles = shipped_candles(3, symbols=("BTCUSDT", "ETHUSDT"))
+    async with ExchangeSimulator(candles, speed=600) as sim, aiohttp.ClientSession() as http:
+        async with http.ws_connect(sim.ws_url + "/ws/btcusdt@kline_1m") as ws:
+            first = orjson.loads((await ws.receive()).data)
+            assert first["e"] == "kline" and first["s"] == "BTCUSDT"  # raw payload, no wrapper
+            await ws.send_str('{"method":"SUBSCRIBE","params":["ethusdt@kline_1m"],"id":7}')
+            seen = set()
+            for _ in range(20):
+                msg = orjson.loads((await ws.receive()).data)
+                seen.add(msg.get("s") or ("reply", msg.get("result"), msg.get("id")))
+                if {"ETHUSDT", ("reply", None, 7)} <= seen:
+                    break
+            assert {"ETHUSDT", ("reply", None, 7)} <= seen
+
+
+async def test_rest_serves_only_closed_candles_and_limits():
+    candles = shipped_candles(10, symbols=("BTCUSDT",))
+    (ks,) = candles.values()
+    faults = FaultPlan(rest_429_at=[2], retry_after_s=1)
+    async with ExchangeSimulator(candles, speed=60, faults=faults) as sim, aiohttp.ClientSession() as http:
+        q = {"symbol": "BTCUSDT", "interval": "1m", "startTime": ks[0].open_time}
+        async with http.get(sim.rest_url + "/api/v3/klines", params=q) as r:
+            assert r.status == 200 and r.headers["X-MBX-USED-WEIGHT-1M"] == "2"
+            assert await r.json() == []  # at speed 60 the first candle has not closed yet
+        async with http.get(sim.rest_url + "/api/v3/klines", params=q) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+        async with http.get(sim.rest_url + "/api/v3/ping") as r:
+            assert r.status == 418  # asked again inside Retry-After
+        await asyncio.sleep(1.05)
+        async with http.get(sim.rest_url + "/api/v3/klines", params={**q, "limit": 1001}) as r:
+            assert r.status == 400
+        async with http.get(sim.rest_url + "/api/v3/time") as r:
+            assert abs((await r.json())["serverTime"] - sim.now_ms()) < 5_000
+
+
+async def test_client_subscribes_beyond_the_url_and_answers_pings():
+    candles = shipped_candles(8, symbols=("BTCUSDT", "ETHUSDT", "SOLUSDT"))
+    got: set[str] = set()
+    connected = []
+
+    async def on_message(text):
+        msg = orjson.loads(text)
+        if "data" in msg:
+            got.add(msg["stream"])
+
+    async with ExchangeSimulator(candles, speed=300, faults=FaultPlan(ping_interval_s=0.2)) as sim:
+        client = BinanceStreamClient(
+            sim.ws_url, ["btcusdt@kline_1m", "ethusdt@kline_1m", "solusdt@kline_1m"], on_message,
+            lambda streams, reason: connected.append((len(streams), reason)), url_streams_max=1,
+        )
+        task = asyncio.create_task(client.run())
+        await asyncio.sleep(1.0)
+        task.cancel()
+        stats = sim.stats
+    assert got == {"btcusdt@kline_1m", "ethusdt@kline_1m", "solusdt@kline_1m"}
+    assert stats.subscribe_requests == 1 and connected == [(3, "start")]
+    assert stats.pongs_ok >= 2 and stats.pongs_bad == 0
