@@ -1,4 +1,4 @@
-"""The ``klinebus`` command.
+"""klinebus: Binance klines -> indicators, charts, predictions and alerts over Redis Streams.
 
 ``klinebus run <service>`` starts one service; ``klinebus demo`` runs the whole
 pipeline on shipped candles; services add their own subcommands through

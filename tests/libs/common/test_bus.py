@@ -158,3 +158,33 @@ def test_stream_keys_carry_a_hash_tag_per_topic():
     assert topics.stream_companion_key(topics.KLINES, "dedupe") == "klinebus:{klines.v1}:dedupe"
     with pytest.raises(ValueError, match="unknown topic"):
         topics.stream_key("klines")
+
+
+async def test_batch_subscriber_dead_letters_one_bad_entry_and_keeps_its_batch(redis_url):
+    consumer = Bus("archive", redis_url, consumer="c")
+    batches: list[list[int]] = []
+
+    @consumer.batch_subscriber(topics.KLINES, KlineEvent, max_records=100)
+    async def handle(events: list[KlineEvent]) -> None:
+        batches.append([e.open_time for e in events])
+
+    client = aioredis.Redis.from_url(redis_url)
+    key = topics.stream_key(topics.KLINES)
+    for i in range(5):
+        await client.xadd(key, {"__data__": kline_event(i * 60_000).to_json()})
+        if i == 2:
+            await client.xadd(key, {"__data__": b'{"symbol": "BTCUSDT"}'})
+    await consumer.ensure_groups()
+    await consumer.broker.start()
+    try:
+        async def done():
+            return sum(map(len, batches)) == 5 and await client.xlen(topics.stream_key(topics.DEAD_LETTERS)) == 1
+        await wait_for(done)
+        assert [t for b in batches for t in b] == [i * 60_000 for i in range(5)]
+        assert len(batches) < 5  # read as batches, not one by one
+        (letter,) = await entries(client, topics.DEAD_LETTERS)
+        assert letter["reason"].startswith("KlineEvent: interval: Field required")
+        assert (await client.xpending(key, "archive"))["pending"] == 0
+    finally:
+        await consumer.broker.stop()
+        await client.aclose()

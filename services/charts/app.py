@@ -1,0 +1,145 @@
+"""Charts service: klines.v1 + chart-requests.v1 -> rendered PNGs -> charts.v1.
+
+It consumes klines.v1, not features.v1: a chart draws candles, and a
+features.v1 event carries only the close and indicator values (no open, high,
+low or volume). The indicators drawn come from ``compute_batch`` over the
+kept window, the features service's own kernels, so they equal what
+features.v1 publishes for the same candles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from libs.common import topics
+from libs.common.contracts import ChartEvent, ChartRequest, KlineEvent, now_ms
+from libs.common.service import ServiceRuntime
+from libs.common.settings.charts import ChartsSettings
+from services.charts.artifacts import ArtifactStore
+from services.charts.cadence import Cadence, ChartJob
+from services.charts.events import chart_event
+from services.charts.history import CandleHistory
+from services.charts.indicators import WARMUP
+from services.charts.pool import RenderPool
+from services.charts.presets import ChartPreset, get_preset
+from services.charts.window import ChartInputError, check_window
+
+SETTINGS = ChartsSettings
+log = logging.getLogger("klinebus.charts")
+MAX_REQUEST_WINDOW = 500  # the most candles a chart request may ask for; bounds memory per key
+
+
+def preset_for(job: ChartJob, settings: ChartsSettings) -> ChartPreset:
+    base = get_preset(job.preset)
+    if base.name == "analysis":
+        return base.sized(job.window or settings.window, settings.width_px, settings.height_px)
+    return base.sized(job.window)
+
+
+def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
+    runtime = ServiceRuntime("charts", settings, url, description="Candlestick charts with indicator panels, on a cadence.")
+    bus, metrics = runtime.bus, runtime.metrics
+    bus.publisher(topics.CHARTS, ChartEvent)
+    history = CandleHistory(max(settings.window, MAX_REQUEST_WINDOW) + WARMUP)
+    cadence = Cadence(settings.cadence_s, preset=settings.preset)
+    store = ArtifactStore(settings.artifact_root())
+    pool: dict[str, RenderPool] = {}
+    wake = asyncio.Event()
+    wanted = set(settings.symbols)
+    skipped = metrics.counter("skipped_total", "Charts not rendered: superseded while pending, missed ticks, or too little data", ["why"])
+    rendered = metrics.counter("rendered_total", "Charts rendered and published", ["preset", "reason"])
+    render_seconds = metrics.histogram("render_seconds", "Render + store time of one chart", ["preset"])
+    expired = metrics.counter("expired_total", "Chart artifacts deleted by retention")
+    seen = {"replaced": 0, "missed": 0}
+
+    def count_skips() -> None:
+        for why, now in (("replaced", cadence.stats.replaced), ("missed", cadence.stats.missed_ticks)):
+            if now > seen[why]:
+                skipped.labels(why).inc(now - seen[why])
+                seen[why] = now
+
+    @bus.subscriber(topics.KLINES, description="Keep the recent candles of each symbol/interval.")
+    async def on_kline(event: KlineEvent) -> None:
+        metrics.events_in.labels(topics.KLINES).inc()
+        if wanted and event.symbol not in wanted:
+            return
+        if not history.add(event.to_kline()):
+            metrics.duplicates.labels(topics.KLINES).inc()
+            return
+        # the schedule starts once a full window is held, so a new symbol's first chart is complete
+        if history.count(event.symbol, event.interval) >= settings.window:
+            cadence.track(event.symbol, event.interval)
+            wake.set()
+
+    @bus.subscriber(topics.CHART_REQUESTS, description="Render a chart now, outside the cadence.")
+    async def on_request(req: ChartRequest) -> None:
+        metrics.events_in.labels(topics.CHART_REQUESTS).inc()
+        job = ChartJob(req.symbol, req.interval, req.preset, req.window, "request", req.requested_by)
+        try:
+            preset_for(job, settings)
+            if req.window is not None and req.window > MAX_REQUEST_WINDOW:
+                raise ChartInputError(f"window {req.window} is above the service's maximum {MAX_REQUEST_WINDOW}")
+        except ChartInputError as exc:
+            await bus.dead_letter(topics.CHART_REQUESTS, req.model_dump(mode="json"), f"chart request: {exc}")
+            return
+        cadence.enqueue(job)
+        count_skips()
+        wake.set()
+
+    async def render(job: ChartJob) -> None:
+        preset = preset_for(job, settings)
+        started = asyncio.get_running_loop().time()
+        w = check_window(history.window(job.symbol, job.interval, preset), preset.window)
+        if job.preset not in pool:
+            pool[job.preset] = RenderPool(settings.render_workers)
+        data = await asyncio.wrap_future(pool[job.preset].submit(w, preset))
+        rendered_at = now_ms()
+        name = store.name_for(w.symbol, w.interval, preset.name, w.last_open_time, rendered_at)
+        uri = await asyncio.to_thread(store.put, name, data)
+        await bus.publish(chart_event(w, preset, uri, rendered_at))
+        rendered.labels(preset.name, job.reason).inc()
+        render_seconds.labels(preset.name).observe(asyncio.get_running_loop().time() - started)
+
+    @runtime.background
+    async def render_loop() -> None:
+        while True:
+            cadence.tick()
+            count_skips()
+            job = cadence.next_job()
+            if job is None:
+                wake.clear()
+                timeout = cadence.seconds_to_next() if cadence.tracked else None
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                await render(job)
+            except ChartInputError as exc:
+                if job.reason == "request":
+                    await bus.dead_letter(topics.CHART_REQUESTS, job.__dict__, f"chart request: {exc}")
+                else:  # a young symbol: the schedule tries again next tick
+                    skipped.labels("insufficient_data").inc()
+                    log.info("scheduled chart skipped: %s", exc)
+            except Exception:  # noqa: BLE001 - one broken chart must not stop the schedule
+                skipped.labels("error").inc()
+                log.exception("chart of %s %s failed", job.symbol, job.interval)
+
+    @runtime.background
+    async def expire_loop() -> None:
+        while True:
+            n = await asyncio.to_thread(store.expire, settings.retention_s, now_ms())
+            if n:
+                expired.inc(n)
+                log.info("expired %d chart artifacts older than %ss", n, int(settings.retention_s))
+            await asyncio.sleep(settings.expire_every_s if math.isfinite(settings.expire_every_s) else 3600)
+
+    @runtime.on_shutdown
+    async def close_pools() -> None:
+        for p in pool.values():
+            await asyncio.to_thread(p.close)
+
+    return runtime

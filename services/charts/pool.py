@@ -1,0 +1,76 @@
+"""Rendering in a process pool: one prepared ``FastRenderer`` per worker and preset.
+
+Matplotlib is single-threaded and holds the GIL while drawing, so parallel
+charts need processes. Each worker keeps its prepared figures for its whole
+life; a window (a few KB of arrays) goes in, PNG bytes come out.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Iterable, Iterator
+
+from services.charts.fast import FastRenderer
+from services.charts.presets import ChartPreset
+from services.charts.window import ChartWindow
+
+_renderers: dict[ChartPreset, FastRenderer] = {}
+
+
+def render_in_worker(w: ChartWindow, preset: ChartPreset) -> bytes:
+    """Render with this process's renderer for ``preset`` (prepared on first use)."""
+    r = _renderers.get(preset)
+    if r is None:
+        r = _renderers[preset] = FastRenderer(preset)
+    return r.render(w)
+
+
+def _render_to_file(w: ChartWindow, preset: ChartPreset, path: str) -> str:
+    data = render_in_worker(w, preset)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+class RenderPool:
+    """``submit(window, preset) -> Future[bytes]``; ``workers=0`` renders in this process."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        # spawn, not fork: a forked child would inherit the parent's event loop and Redis sockets
+        self._pool = (
+            ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if self.workers > 0 else None
+        )
+
+    def submit(self, w: ChartWindow, preset: ChartPreset) -> Future:
+        if self._pool is None:
+            fut: Future = Future()
+            try:
+                fut.set_result(render_in_worker(w, preset))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(exc)
+            return fut
+        return self._pool.submit(render_in_worker, w, preset)
+
+    def render_files(self, jobs: Iterable[tuple[ChartWindow, ChartPreset, str]], chunksize: int = 8) -> Iterator[str]:
+        """Render each (window, preset, path) to its file, yielding paths as they finish (in order)."""
+        jobs = list(jobs)
+        if self._pool is None:
+            for w, p, path in jobs:
+                yield _render_to_file(w, p, path)
+            return
+        yield from self._pool.map(_render_to_file, *zip(*jobs), chunksize=chunksize) if jobs else iter(())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "RenderPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
