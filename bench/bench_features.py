@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import talib
 
-from services.features import kernels
+from services.features import batch, kernels, streaming
 from services.features.batch import compute_matrix
 from services.features.streaming import StreamingEngine
 
@@ -59,12 +59,20 @@ def best(fn, repeat: int) -> float:
 
 def bench_batch(d: dict[str, np.ndarray], repeat: int) -> None:
     ohlcv = [d[c] for c in ("open", "high", "low", "close", "volume")]
-    ours = best(lambda: compute_matrix(*ohlcv), repeat)
-    ref = best(lambda: talib_same_indicators(*ohlcv), repeat)
     n = len(d["close"])
+    ours = best(lambda: compute_matrix(*ohlcv), repeat)
+    saved = batch.PARALLEL_MIN_CANDLES
+    batch.PARALLEL_MIN_CANDLES = n + 1
+    one = best(lambda: compute_matrix(*ohlcv), repeat)
+    batch.PARALLEL_MIN_CANDLES = saved
+    ref = best(lambda: talib_same_indicators(*ohlcv), repeat)
+    # the floor no kernel can beat: allocating and writing the (n, 49) float64 output once
+    floor = best(lambda: kernels.new_output(n).fill(0.0), repeat)
     print(f"batch   {n:,} candles, all {kernels.N_FEATURES} features (validation included): {ours * 1e3:8.1f} ms")
+    print(f"batch   same, one thread:                                            {one * 1e3:8.1f} ms")
     print(f"batch   TA-Lib 0.8, the 35 indicator outputs it has (31 calls):         {ref * 1e3:8.1f} ms")
-    print(f"batch   ratio ours/TA-Lib = {ours / ref:.2f}x")
+    print(f"batch   memory floor: allocate + write the {n:,}x{kernels.N_FEATURES} output:   {floor * 1e3:8.1f} ms")
+    print(f"batch   ratio ours/TA-Lib = {ours / ref:.2f}x (one thread {one / ref:.2f}x)")
 
 
 def bench_streaming(d: dict[str, np.ndarray], n_keys: int, use_keys: bool) -> float:
@@ -117,9 +125,14 @@ def main() -> None:
     bench_batch(d, args.repeat)
     per_keys = bench_streaming(d, args.keys, use_keys=True)
     per_slots = bench_streaming(d, args.keys, use_keys=False)
+    saved = streaming.PARALLEL_MIN_ROWS
+    streaming.PARALLEL_MIN_ROWS = args.keys + 1
+    per_one = bench_streaming(d, args.keys, use_keys=False)
+    streaming.PARALLEL_MIN_ROWS = saved
     per_talipp = bench_talipp(d, args.talipp_updates)
     print(f"stream  update_many, {args.keys} keys/call, all features: {per_keys * 1e6:7.3f} us per symbol-update")
     print(f"stream  update_slots (rows cached), same:                 {per_slots * 1e6:7.3f} us per symbol-update")
+    print(f"stream  update_slots, one thread:                         {per_one * 1e6:7.3f} us per symbol-update")
     print(f"stream  talipp 2.7, 23 of the same indicators, .add() each: {per_talipp * 1e6:7.1f} us per symbol-update")
     print(f"stream  talipp/ours = {per_talipp / per_keys:.0f}x (update_many), {per_talipp / per_slots:.0f}x (slots)")
 

@@ -1,10 +1,18 @@
-"""The one indicator kernel: a per-candle step over a per-key state row.
+"""The indicator kernels: per-candle group steps over a per-key state row.
 
-``step`` consumes one closed candle for one key (one row of a float64 state
-matrix) and writes every feature of that candle into one output row. Batch runs
-it over a whole history on a single state row; streaming runs it over many
-rows (keys), one candle each. Train/serve parity therefore holds by
-construction: both paths execute the same arithmetic in the same order.
+The indicators are split into six groups (moving averages, oscillators, bands,
+ranges, flows, candle patterns). Each group step consumes one closed candle for
+one key (one row of a float64 state matrix), reads and writes only its own
+disjoint slice of that row, and writes only its own output columns. ``step``
+runs the groups a mask selects for one candle.
+
+Batch runs ``step`` over a whole history on one state row; streaming runs it
+over many rows (keys), one candle each. Train/serve parity therefore holds by
+construction: both paths execute the same group steps, the same arithmetic in
+the same order. Because groups share nothing but the candle counter and the
+previous candle (which ``step`` keeps), batch may run disjoint group masks on
+private copies of the state row in parallel threads (``run_series`` releases
+the GIL) and the result is bit-identical to running them all in one thread.
 
 Arithmetic follows TA-Lib's C source (0.8.x, the version the TA-Lib 0.8.2 wheel bundles) where TA-Lib has the indicator (seeding,
 smoothing order, tie rules), with two deliberate differences, both documented
@@ -34,40 +42,69 @@ from numba import njit
 from services.features.catalog import FEATURE_INDEX, N_FEATURES
 from services.features.validation import candle_problem
 
+# ---- groups ----------------------------------------------------------------------------
+
+G_AVERAGES = 1  # sma_*, ema_*, macd*, roc_12, mom_10
+G_OSCILLATORS = 2  # rsi_*, stoch_*
+G_BANDS = 4  # bb_*, hv_20
+G_RANGES = 8  # atr_14, natr_14, kc_*, adx_14, plus/minus_di_14
+G_FLOWS = 16  # ohlcv, hl2, obv, vpt, cmf_20, mfi_14, price_change, volume_change
+G_PATTERNS = 32  # cdl_*
+G_ALL = 63
+
 # ---- state layout ----------------------------------------------------------------------
 
 _next = 0
+_owner: list[int] = []  # the group owning each state slot (G_ALL: kept by ``step`` for every group)
+_group = G_ALL
 
 
 def _alloc(n: int = 1) -> int:
     global _next
     start = _next
     _next += n
+    _owner.extend([_group] * n)
     return start
 
 
 T = _alloc()  # candles consumed so far
-PO, PH, PL, PC, PV, PTP = (_alloc() for _ in range(6))  # previous candle (TP: typical price)
+PO, PH, PL, PC, PV = (_alloc() for _ in range(5))  # previous candle
+_group = G_AVERAGES
 RING_C = _alloc(256)  # last 256 closes; 256 (a power of two) >= the longest window (200)
-RC20 = _alloc(20)  # last 20 closes, Bollinger's window, scanned whole
 SMA10, SMA20, SMA50, SMA100, SMA200 = (_alloc(2) for _ in range(5))  # (sum, compensation)
 EMA10, EMA20, EMA50, EMA100, EMA200 = (_alloc() for _ in range(5))
+SEED_SUM = _alloc()  # plain left-to-right sum of the first 200 closes (EMA seeds, as TA-Lib)
+MACD_FAST, MACD_SLOW, MACD_SIG, MACD_SIGSUM, MACD_SEED = (_alloc() for _ in range(5))
+_group = G_OSCILLATORS
 RSI14, RSI21 = _alloc(2), _alloc(2)  # (avg gain, avg loss)
-MACD_FAST, MACD_SLOW, MACD_SIG, MACD_SIGSUM = (_alloc() for _ in range(4))
 RH14, RL14 = _alloc(14), _alloc(14)  # stochastic high/low windows
 RFK, RSK = _alloc(3), _alloc(3)  # fast %K, slow %K windows
+_group = G_BANDS
+RC20 = _alloc(20)  # last 20 closes, Bollinger's window, scanned whole
+BB_SUM = _alloc(2)  # compensated sum of RC20 (the same sum as SMA20's)
+RLR = _alloc(20)  # last 20 log returns
+_group = G_RANGES
 ATR14, ATR10 = _alloc(), _alloc()  # TR accumulator, then the ATR
+KC_EMA, KC_SEED = _alloc(), _alloc()  # Keltner's EMA20 (the same arithmetic as EMA20's)
 ADX_PDM, ADX_MDM, ADX_TR, ADX_SUMDX, ADX_ADX = (_alloc() for _ in range(5))
+_group = G_FLOWS
 OBV, VPT = _alloc(), _alloc()
 CMF_MFV, CMF_VOL = _alloc(2), _alloc(2)
 RMFV, RVOL = _alloc(20), _alloc(20)
 MFI_POS, MFI_NEG = _alloc(2), _alloc(2)
 MFI_NULL = _alloc()  # consecutive flowless candles
 RPOS, RNEG = _alloc(14), _alloc(14)
-RLR = _alloc(20)  # last 20 log returns
+_group = G_PATTERNS
 DOJI_HL, HS_BODY, HS_HL, HS_NEAR = (_alloc() for _ in range(4))  # TA-Lib candle totals
 RBODY, RHL = _alloc(16), _alloc(16)  # |c-o| and h-l of the last 16 candles
 STATE_SIZE = _next
+STATE_OWNER = np.array(_owner, dtype=np.int64)
+
+
+def state_slots(groups: int) -> np.ndarray:
+    """Boolean mask of the state slots that only the given groups read and write."""
+    return ((STATE_OWNER & groups) != 0) & (STATE_OWNER != G_ALL)
+
 
 # ---- output columns --------------------------------------------------------------------
 
@@ -90,6 +127,30 @@ F_HAMMER, F_ENGULF, F_DOJI, F_SSTAR = (
     FEATURE_INDEX[n] for n in ("cdl_hammer", "cdl_engulfing", "cdl_doji", "cdl_shootingstar")
 )
 
+# which group writes each output column (batch computes only the groups of the asked features)
+_COLUMN_GROUP = {
+    G_AVERAGES: (F_SMA10, F_SMA20, F_SMA50, F_SMA100, F_SMA200, F_EMA10, F_EMA20, F_EMA50, F_EMA100, F_EMA200,
+                 F_MACD, F_MACDS, F_MACDH, F_ROC, F_MOM),
+    G_OSCILLATORS: (F_RSI14, F_RSI21, F_STK, F_STD),
+    G_BANDS: (F_BBU, F_BBM, F_BBL, F_BBW, F_BBP, F_HV),
+    G_RANGES: (F_ATR, F_NATR, F_ADX, F_PDI, F_MDI, F_KCU, F_KCM, F_KCL),
+    G_FLOWS: (F_OPEN, F_HIGH, F_LOW, F_CLOSE, F_VOLUME, F_HL2, F_OBV, F_VPT, F_CMF, F_MFI, F_PCH, F_VCH),
+    G_PATTERNS: (F_HAMMER, F_ENGULF, F_DOJI, F_SSTAR),
+}
+GROUP_OF_COLUMN = np.zeros(N_FEATURES, dtype=np.int64)
+for _g, _cols in _COLUMN_GROUP.items():
+    GROUP_OF_COLUMN[list(_cols)] = _g
+assert sorted(c for cols in _COLUMN_GROUP.values() for c in cols) == list(range(N_FEATURES))
+
+
+def groups_for(columns: np.ndarray | list[int]) -> int:
+    """The group mask that computes the given output columns."""
+    mask = 0
+    for col in columns:
+        mask |= int(GROUP_OF_COLUMN[col])
+    return mask
+
+
 NAN = math.nan
 # TA-Lib 0.8's TA_EPSILON (ta_utility.h): TA_IS_ZERO is |x| < 1e-14, TA_IS_ZERO_SCALED(v, s) is
 # |v| <= 1e-14*s. Kept where the quantity is scale-free (DI sums) or already scaled (MFI's tie test).
@@ -100,55 +161,48 @@ _TA_EPSILON = 1e-14
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _kadd(st, k, at, x):
-    """Neumaier-compensated ``st[k, at] += x``; the exact sum is st[k, at] + st[k, at+1]."""
-    s = st[k, at]
+def _kadd(st, at, x):
+    """Neumaier-compensated ``st[at] += x``; the exact sum is st[at] + st[at+1]."""
+    s = st[at]
     tot = s + x
     if abs(s) >= abs(x):
-        st[k, at + 1] += (s - tot) + x
+        st[at + 1] += (s - tot) + x
     else:
-        st[k, at + 1] += (x - tot) + s
-    st[k, at] = tot
+        st[at + 1] += (x - tot) + s
+    st[at] = tot
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _sma(st, k, t, at, n, c):
-    _kadd(st, k, at, c)
+def _window_mean(st, t, at, n, c, old):
+    """Mean of the last n closes from a compensated running sum; ``old`` is the close leaving it."""
+    _kadd(st, at, c)
     if t >= n:
-        _kadd(st, k, at, -st[k, RING_C + ((t - n) & 255)])
+        _kadd(st, at, -old)
     if t < n - 1:
         return NAN
-    return (st[k, at] + st[k, at + 1]) / n
+    return (st[at] + st[at + 1]) / n
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _ring_mean(st, k, t, n):
-    """Plain left-to-right mean of the last n closes, as TA-Lib seeds its EMAs."""
-    s = 0.0
-    for i in range(t - n + 1, t + 1):
-        s += st[k, RING_C + (i & 255)]
-    return s / n
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _ema(st, k, t, at, n, c):
+def _ema(st, t, at, n, c, seed_sum):
+    """TA-Lib EMA: seeded at candle n-1 with the plain mean of the first n closes (``seed_sum``)."""
     if t < n - 1:
         return NAN
     if t == n - 1:
-        e = _ring_mean(st, k, t, n)
+        e = seed_sum / n
     else:
-        e = ((c - st[k, at]) * (2.0 / (n + 1))) + st[k, at]
-    st[k, at] = e
+        e = ((c - st[at]) * (2.0 / (n + 1))) + st[at]
+    st[at] = e
     return e
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _rsi(st, k, t, at, n, d):
+def _rsi(st, t, at, n, d):
     """TA-Lib RSI: plain means of the first n gains/losses, then Wilder's smoothing."""
     if t == 0:
         return NAN
-    g = st[k, at]
-    ls = st[k, at + 1]
+    g = st[at]
+    ls = st[at + 1]
     if t > n:
         ls *= n - 1
         g *= n - 1
@@ -157,25 +211,25 @@ def _rsi(st, k, t, at, n, d):
     else:
         g += d
     if t < n:
-        st[k, at] = g
-        st[k, at + 1] = ls
+        st[at] = g
+        st[at + 1] = ls
         return NAN
     ls /= n
     g /= n
-    st[k, at] = g
-    st[k, at + 1] = ls
+    st[at] = g
+    st[at + 1] = ls
     s = g + ls
     return 100.0 * (g / s) if s != 0.0 else 0.0
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _atr(st, k, t, at, n, tr):
+def _atr(st, t, at, n, tr):
     """TA-Lib ATR: plain mean of TR at candles 1..n, then (atr*(n-1)+tr)/n."""
     if t == 0:
         return NAN
-    a = st[k, at]
+    a = st[at]
     if t < n:
-        st[k, at] = a + tr
+        st[at] = a + tr
         return NAN
     if t == n:
         a = (a + tr) / n
@@ -183,122 +237,159 @@ def _atr(st, k, t, at, n, tr):
         a *= n - 1
         a += tr
         a /= n
-    st[k, at] = a
+    st[at] = a
     return a
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _ring_sum3(st, k, at, newest):
+def _ring_sum3(st, at, newest):
     """Sum of a 3-slot ring oldest to newest (TA-Lib's SMA(3) order for its first value)."""
-    return (st[k, at + (newest + 1) % 3] + st[k, at + (newest + 2) % 3]) + st[k, at + newest]
+    return (st[at + (newest + 1) % 3] + st[at + (newest + 2) % 3]) + st[at + newest]
 
 
-# ---- the step --------------------------------------------------------------------------
+# The 20-wide window scans run on four independent accumulators (slots i, i+4, ...): a single
+# running sum is a 20-add dependency chain per candle. Same order in batch and streaming.
+@njit(cache=True, inline="always", error_model="numpy")
+def _sum20(st, at):
+    s0 = st[at]
+    s1 = st[at + 1]
+    s2 = st[at + 2]
+    s3 = st[at + 3]
+    for i in range(4, 20, 4):
+        s0 += st[at + i]
+        s1 += st[at + i + 1]
+        s2 += st[at + i + 2]
+        s3 += st[at + i + 3]
+    return (s0 + s1) + (s2 + s3)
 
 
-@njit(cache=True, error_model="numpy")
-def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as in TA-Lib)
-    """Consume candle (o, h, l, c, v) for state row ``k``; write its features to ``out[j]``."""
-    t = int(st[k, T])
-    st[k, T] = t + 1
-    po = st[k, PO]
-    ph = st[k, PH]
-    pl = st[k, PL]
-    pc = st[k, PC]
-    pv = st[k, PV]
-    ptp = st[k, PTP]
-    row = out[j]
+@njit(cache=True, inline="always", error_model="numpy")
+def _sq_dev20(st, at, mean):
+    """Sum of squared deviations from ``mean`` over 20 slots (the second pass of a two-pass sigma)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for i in range(0, 20, 4):
+        d0 = st[at + i] - mean
+        d1 = st[at + i + 1] - mean
+        d2 = st[at + i + 2] - mean
+        d3 = st[at + i + 3] - mean
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+    return (s0 + s1) + (s2 + s3)
 
-    row[F_OPEN] = o
-    row[F_HIGH] = h
-    row[F_LOW] = l
-    row[F_CLOSE] = c
-    row[F_VOLUME] = v
-    row[F_HL2] = (h + l) / 2.0
 
-    st[k, RING_C + (t & 255)] = c
-    st[k, RC20 + t % 20] = c
+@njit(cache=True, inline="always", error_model="numpy")
+def _true_range(t, h, l, pc):  # noqa: E741
+    """TA-Lib TRUE_RANGE, in its comparison order; h-l on the first candle."""
+    tr = h - l
+    if t >= 1:
+        t2 = abs(h - pc)
+        if t2 > tr:
+            tr = t2
+        t2 = abs(l - pc)
+        if t2 > tr:
+            tr = t2
+    return tr
 
-    # moving averages
-    row[F_SMA10] = _sma(st, k, t, SMA10, 10, c)
-    sma20 = _sma(st, k, t, SMA20, 20, c)
-    row[F_SMA20] = sma20
-    row[F_SMA50] = _sma(st, k, t, SMA50, 50, c)
-    row[F_SMA100] = _sma(st, k, t, SMA100, 100, c)
-    row[F_SMA200] = _sma(st, k, t, SMA200, 200, c)
-    row[F_EMA10] = _ema(st, k, t, EMA10, 10, c)
-    ema20 = _ema(st, k, t, EMA20, 20, c)
-    row[F_EMA20] = ema20
-    row[F_EMA50] = _ema(st, k, t, EMA50, 50, c)
-    row[F_EMA100] = _ema(st, k, t, EMA100, 100, c)
-    row[F_EMA200] = _ema(st, k, t, EMA200, 200, c)
 
-    # RSI
-    d = c - pc
-    row[F_RSI14] = _rsi(st, k, t, RSI14, 14, d)
-    row[F_RSI21] = _rsi(st, k, t, RSI21, 21, d)
+# ---- group steps -----------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _averages(st, t, c, row):
+    if t < 200:
+        st[SEED_SUM] += c
+    seed = st[SEED_SUM]
+    ring_old = st[RING_C + ((t - 200) & 255)]  # read before this close may overwrite it
+    st[RING_C + (t & 255)] = c
+    row[F_SMA10] = _window_mean(st, t, SMA10, 10, c, st[RING_C + ((t - 10) & 255)])
+    row[F_SMA20] = _window_mean(st, t, SMA20, 20, c, st[RING_C + ((t - 20) & 255)])
+    row[F_SMA50] = _window_mean(st, t, SMA50, 50, c, st[RING_C + ((t - 50) & 255)])
+    row[F_SMA100] = _window_mean(st, t, SMA100, 100, c, st[RING_C + ((t - 100) & 255)])
+    row[F_SMA200] = _window_mean(st, t, SMA200, 200, c, ring_old)
+    row[F_EMA10] = _ema(st, t, EMA10, 10, c, seed)
+    row[F_EMA20] = _ema(st, t, EMA20, 20, c, seed)
+    row[F_EMA50] = _ema(st, t, EMA50, 50, c, seed)
+    row[F_EMA100] = _ema(st, t, EMA100, 100, c, seed)
+    row[F_EMA200] = _ema(st, t, EMA200, 200, c, seed)
 
     # MACD(12, 26, 9), TA-Lib seeding: both EMAs start at candle 25; EMA12 seeded on closes 14..25.
     row[F_MACD] = NAN
     row[F_MACDS] = NAN
     row[F_MACDH] = NAN
+    if 14 <= t <= 25:
+        st[MACD_SEED] += c
     if t >= 25:
         if t == 25:
-            fast = _ring_mean(st, k, t, 12)
-            slow = _ring_mean(st, k, t, 26)
+            fast = st[MACD_SEED] / 12
+            slow = seed / 26
         else:
-            fast = ((c - st[k, MACD_FAST]) * (2.0 / 13.0)) + st[k, MACD_FAST]
-            slow = ((c - st[k, MACD_SLOW]) * (2.0 / 27.0)) + st[k, MACD_SLOW]
-        st[k, MACD_FAST] = fast
-        st[k, MACD_SLOW] = slow
+            fast = ((c - st[MACD_FAST]) * (2.0 / 13.0)) + st[MACD_FAST]
+            slow = ((c - st[MACD_SLOW]) * (2.0 / 27.0)) + st[MACD_SLOW]
+        st[MACD_FAST] = fast
+        st[MACD_SLOW] = slow
         m = fast - slow
         if t < 33:
-            st[k, MACD_SIGSUM] += m
+            st[MACD_SIGSUM] += m
         else:
             if t == 33:
-                sig = (st[k, MACD_SIGSUM] + m) / 9.0
+                sig = (st[MACD_SIGSUM] + m) / 9.0
             else:
-                sig = ((m - st[k, MACD_SIG]) * (2.0 / 10.0)) + st[k, MACD_SIG]
-            st[k, MACD_SIG] = sig
+                sig = ((m - st[MACD_SIG]) * (2.0 / 10.0)) + st[MACD_SIG]
+            st[MACD_SIG] = sig
             row[F_MACD] = m
             row[F_MACDS] = sig
             row[F_MACDH] = m - sig
 
+    row[F_ROC] = 100.0 * (c / st[RING_C + ((t - 12) & 255)] - 1.0) if t >= 12 else NAN
+    row[F_MOM] = c - st[RING_C + ((t - 10) & 255)] if t >= 10 else NAN
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _oscillators(st, t, h, l, c, pc, row):  # noqa: E741
+    d = c - pc
+    row[F_RSI14] = _rsi(st, t, RSI14, 14, d)
+    row[F_RSI21] = _rsi(st, t, RSI21, 21, d)
+
     # Stochastic(14, 3 SMA, 3 SMA)
-    st[k, RH14 + t % 14] = h
-    st[k, RL14 + t % 14] = l
+    st[RH14 + t % 14] = h
+    st[RL14 + t % 14] = l
     row[F_STK] = NAN
     row[F_STD] = NAN
     if t >= 13:
-        hh = st[k, RH14]
-        ll = st[k, RL14]
+        hh = st[RH14]
+        ll = st[RL14]
         for i in range(1, 14):
-            if st[k, RH14 + i] > hh:
-                hh = st[k, RH14 + i]
-            if st[k, RL14 + i] < ll:
-                ll = st[k, RL14 + i]
+            if st[RH14 + i] > hh:
+                hh = st[RH14 + i]
+            if st[RL14 + i] < ll:
+                ll = st[RL14 + i]
         diff = (hh - ll) / 100.0
         fk = (c - ll) / diff if diff != 0.0 else 0.0
         s3 = (t - 13) % 3
-        st[k, RFK + s3] = fk
+        st[RFK + s3] = fk
         if t >= 15:
-            sk = _ring_sum3(st, k, RFK, s3) / 3.0
-            st[k, RSK + s3] = sk
+            sk = _ring_sum3(st, RFK, s3) / 3.0
+            st[RSK + s3] = sk
             if t >= 17:
                 row[F_STK] = sk
-                row[F_STD] = _ring_sum3(st, k, RSK, s3) / 3.0
+                row[F_STD] = _ring_sum3(st, RSK, s3) / 3.0
 
-    # ROC / momentum
-    row[F_ROC] = 100.0 * (c / st[k, RING_C + ((t - 12) & 255)] - 1.0) if t >= 12 else NAN
-    row[F_MOM] = c - st[k, RING_C + ((t - 10) & 255)] if t >= 10 else NAN
 
-    # Bollinger(20, 2): two-pass population sigma over the window around the compensated SMA.
+@njit(cache=True, inline="always", error_model="numpy")
+def _bands(st, t, c, pc, row):
+    # Bollinger(20, 2): two-pass population sigma over the window around the compensated SMA
+    # (the very arithmetic of sma_20, so bb_middle == sma_20 bit for bit).
+    slot = t % 20
+    old = st[RC20 + slot]
+    st[RC20 + slot] = c
+    sma20 = _window_mean(st, t, BB_SUM, 20, c, old)
     if t >= 19:
-        ss = 0.0
-        for i in range(20):
-            dv = st[k, RC20 + i] - sma20
-            ss += dv * dv
-        dev = 2.0 * math.sqrt(ss / 20.0)
+        dev = 2.0 * math.sqrt(_sq_dev20(st, RC20, sma20) / 20.0)
         up = sma20 + dev
         lo = sma20 - dev
         row[F_BBU] = up
@@ -313,19 +404,27 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
         row[F_BBW] = NAN
         row[F_BBP] = NAN
 
-    # true range (TA-Lib TRUE_RANGE order), ATR, NATR, Keltner
-    tr = h - l
+    # historical volatility(20): sample std of log returns, two-pass
+    row[F_HV] = NAN
     if t >= 1:
-        t2 = abs(h - pc)
-        if t2 > tr:
-            tr = t2
-        t2 = abs(l - pc)
-        if t2 > tr:
-            tr = t2
-    atr14 = _atr(st, k, t, ATR14, 14, tr)
+        st[RLR + (t - 1) % 20] = math.log(c / pc)
+        if t >= 20:
+            mean = _sum20(st, RLR) / 20.0
+            row[F_HV] = math.sqrt(_sq_dev20(st, RLR, mean) / 19.0)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _ranges(st, t, h, l, c, ph, pl, pc, row):  # noqa: E741
+    tr = _true_range(t, h, l, pc)
+    atr14 = _atr(st, t, ATR14, 14, tr)
     row[F_ATR] = atr14
     row[F_NATR] = (atr14 / c) * 100.0
-    atr10 = _atr(st, k, t, ATR10, 10, tr)
+
+    # Keltner(20, 10, 2): EMA20 (its own copy of ema_20's arithmetic) +- 2*ATR10
+    atr10 = _atr(st, t, ATR10, 10, tr)
+    if t < 20:
+        st[KC_SEED] += c
+    ema20 = _ema(st, t, KC_EMA, 20, c, st[KC_SEED])
     if t >= 19:
         row[F_KCM] = ema20
         row[F_KCU] = ema20 + 2.0 * atr10
@@ -342,9 +441,9 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
     if t >= 1:
         dp = h - ph
         dm = pl - l
-        pdm = st[k, ADX_PDM]
-        mdm = st[k, ADX_MDM]
-        trs = st[k, ADX_TR]
+        pdm = st[ADX_PDM]
+        mdm = st[ADX_MDM]
+        trs = st[ADX_TR]
         if t >= 14:
             mdm -= mdm / 14.0
             pdm -= pdm / 14.0
@@ -356,9 +455,9 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
             trs = trs - (trs / 14.0) + tr
         else:
             trs += tr
-        st[k, ADX_PDM] = pdm
-        st[k, ADX_MDM] = mdm
-        st[k, ADX_TR] = trs
+        st[ADX_PDM] = pdm
+        st[ADX_MDM] = mdm
+        st[ADX_TR] = trs
         if t >= 14:
             pdi = 0.0
             mdi = 0.0
@@ -373,29 +472,39 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
             row[F_MDI] = mdi
             if t <= 27:
                 if dx == dx:
-                    st[k, ADX_SUMDX] += dx
+                    st[ADX_SUMDX] += dx
                 if t == 27:
-                    st[k, ADX_ADX] = st[k, ADX_SUMDX] / 14.0
-                    row[F_ADX] = st[k, ADX_ADX]
+                    st[ADX_ADX] = st[ADX_SUMDX] / 14.0
+                    row[F_ADX] = st[ADX_ADX]
             else:
                 if dx == dx:
-                    st[k, ADX_ADX] = ((st[k, ADX_ADX] * 13.0) + dx) / 14.0
-                row[F_ADX] = st[k, ADX_ADX]
+                    st[ADX_ADX] = ((st[ADX_ADX] * 13.0) + dx) / 14.0
+                row[F_ADX] = st[ADX_ADX]
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _flows(st, t, o, h, l, c, v, ph, pl, pc, pv, row):  # noqa: E741
+    row[F_OPEN] = o
+    row[F_HIGH] = h
+    row[F_LOW] = l
+    row[F_CLOSE] = c
+    row[F_VOLUME] = v
+    row[F_HL2] = (h + l) / 2.0
 
     # OBV (TA-Lib: starts at the first volume), VPT (`ta`: cumsum of pct_change*volume)
     if t == 0:
         obv = v
     else:
-        obv = st[k, OBV]
+        obv = st[OBV]
         if c > pc:
             obv += v
         elif c < pc:
             obv -= v
-    st[k, OBV] = obv
+    st[OBV] = obv
     row[F_OBV] = obv
     if t >= 1:
-        vpt = st[k, VPT] + (c / pc - 1.0) * v
-        st[k, VPT] = vpt
+        vpt = st[VPT] + (c / pc - 1.0) * v
+        st[VPT] = vpt
         row[F_VPT] = vpt
         row[F_PCH] = c / pc - 1.0
         row[F_VCH] = v / pv - 1.0 if pv != 0.0 else 0.0
@@ -408,100 +517,90 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
     rng = h - l
     mfv = (((c - l) - (h - c)) / rng if rng != 0.0 else 0.0) * v
     slot = t % 20
-    old_mfv = st[k, RMFV + slot]
-    old_vol = st[k, RVOL + slot]
-    st[k, RMFV + slot] = mfv
-    st[k, RVOL + slot] = v
-    _kadd(st, k, CMF_MFV, mfv)
-    _kadd(st, k, CMF_VOL, v)
+    old_mfv = st[RMFV + slot]
+    old_vol = st[RVOL + slot]
+    st[RMFV + slot] = mfv
+    st[RVOL + slot] = v
+    _kadd(st, CMF_MFV, mfv)
+    _kadd(st, CMF_VOL, v)
     if t >= 20:
-        _kadd(st, k, CMF_MFV, -old_mfv)
-        _kadd(st, k, CMF_VOL, -old_vol)
+        _kadd(st, CMF_MFV, -old_mfv)
+        _kadd(st, CMF_VOL, -old_vol)
     if t >= 19:
-        vs = st[k, CMF_VOL] + st[k, CMF_VOL + 1]
-        row[F_CMF] = (st[k, CMF_MFV] + st[k, CMF_MFV + 1]) / vs if vs != 0.0 else 0.0
+        vs = st[CMF_VOL] + st[CMF_VOL + 1]
+        row[F_CMF] = (st[CMF_MFV] + st[CMF_MFV + 1]) / vs if vs != 0.0 else 0.0
     else:
         row[F_CMF] = NAN
 
     # MFI(14), TA-Lib 0.8: flows of candles 1..14 for the first value; a typical-price move within
     # TA_IS_ZERO_SCALED's relative dead-zone carries no flow; 14 flowless candles zero the sums.
-    tp = ((h + l) + c) / 3.0
     row[F_MFI] = NAN
     if t >= 1:
+        tp = ((h + l) + c) / 3.0
+        ptp = ((ph + pl) + pc) / 3.0
         dtp = tp - ptp
         flow = 0.0 if abs(dtp) <= _TA_EPSILON * (abs(tp) + abs(ptp)) else tp * v
         slot = (t - 1) % 14
-        old_pos = st[k, RPOS + slot]
-        old_neg = st[k, RNEG + slot]
+        old_pos = st[RPOS + slot]
+        old_neg = st[RNEG + slot]
         pos = 0.0 if dtp < 0.0 else flow
         neg = flow if dtp < 0.0 else 0.0
-        st[k, RPOS + slot] = pos
-        st[k, RNEG + slot] = neg
+        st[RPOS + slot] = pos
+        st[RNEG + slot] = neg
         if t >= 15:
-            _kadd(st, k, MFI_POS, -old_pos)
-            _kadd(st, k, MFI_NEG, -old_neg)
-        _kadd(st, k, MFI_POS, pos)
-        _kadd(st, k, MFI_NEG, neg)
-        null_run = st[k, MFI_NULL] + 1.0 if flow == 0.0 else 0.0
+            _kadd(st, MFI_POS, -old_pos)
+            _kadd(st, MFI_NEG, -old_neg)
+        _kadd(st, MFI_POS, pos)
+        _kadd(st, MFI_NEG, neg)
+        null_run = st[MFI_NULL] + 1.0 if flow == 0.0 else 0.0
         if null_run >= 14.0:
             null_run = 14.0
             for at in (MFI_POS, MFI_POS + 1, MFI_NEG, MFI_NEG + 1):
-                st[k, at] = 0.0
-        st[k, MFI_NULL] = null_run
+                st[at] = 0.0
+        st[MFI_NULL] = null_run
         if t >= 14:
-            ps = st[k, MFI_POS] + st[k, MFI_POS + 1]
-            tot = ps + (st[k, MFI_NEG] + st[k, MFI_NEG + 1])
+            ps = st[MFI_POS] + st[MFI_POS + 1]
+            tot = ps + (st[MFI_NEG] + st[MFI_NEG + 1])
             ps = 0.0 if ps < 0.0 else (tot if ps > tot else ps)
             row[F_MFI] = 100.0 * (ps / tot) if tot > 0.0 else 0.0
 
-    # historical volatility(20): sample std of log returns, two-pass
-    row[F_HV] = NAN
-    if t >= 1:
-        st[k, RLR + (t - 1) % 20] = math.log(c / pc)
-        if t >= 20:
-            s = 0.0
-            for i in range(20):
-                s += st[k, RLR + i]
-            mean = s / 20.0
-            ss = 0.0
-            for i in range(20):
-                dv = st[k, RLR + i] - mean
-                ss += dv * dv
-            row[F_HV] = math.sqrt(ss / 19.0)
 
-    # candlestick patterns (TA-Lib defaults: BodyShort/ShadowVeryShort/BodyDoji avg 10, Near avg 5)
+@njit(cache=True, inline="always", error_model="numpy")
+def _patterns(st, t, o, h, l, c, po, pl, pc, row):  # noqa: E741
+    # TA-Lib defaults: BodyShort/ShadowVeryShort/BodyDoji averaged over 10 candles, Near over 5
+    rng = h - l
     body = abs(c - o)
-    st[k, RBODY + (t & 15)] = body
-    st[k, RHL + (t & 15)] = rng
+    st[RBODY + (t & 15)] = body
+    st[RHL + (t & 15)] = rng
     upper = h - (c if c >= o else o)
     lower = (o if c >= o else c) - l
 
     if t < 10:
-        st[k, DOJI_HL] += rng
+        st[DOJI_HL] += rng
         row[F_DOJI] = NAN
     else:
-        row[F_DOJI] = 100.0 if body <= 0.1 * (st[k, DOJI_HL] / 10.0) else 0.0
-        st[k, DOJI_HL] += rng - st[k, RHL + ((t - 10) & 15)]
+        row[F_DOJI] = 100.0 if body <= 0.1 * (st[DOJI_HL] / 10.0) else 0.0
+        st[DOJI_HL] += rng - st[RHL + ((t - 10) & 15)]
 
     row[F_HAMMER] = NAN
     row[F_SSTAR] = NAN
     if 1 <= t <= 10:
-        st[k, HS_BODY] += body
-        st[k, HS_HL] += rng
+        st[HS_BODY] += body
+        st[HS_HL] += rng
         if 5 <= t <= 9:
-            st[k, HS_NEAR] += rng
+            st[HS_NEAR] += rng
     elif t >= 11:
-        avg_body = st[k, HS_BODY] / 10.0
-        very_short = 0.1 * (st[k, HS_HL] / 10.0)
-        near = 0.2 * (st[k, HS_NEAR] / 5.0)
+        avg_body = st[HS_BODY] / 10.0
+        very_short = 0.1 * (st[HS_HL] / 10.0)
+        near = 0.2 * (st[HS_NEAR] / 5.0)
         hammer = body < avg_body and lower > body and upper < very_short and min(c, o) <= pl + near
         row[F_HAMMER] = 100.0 if hammer else 0.0
         gap_up = min(o, c) > max(po, pc)
         star = gap_up and body < avg_body and upper > body and lower < very_short
         row[F_SSTAR] = -100.0 if star else 0.0
-        st[k, HS_BODY] += body - st[k, RBODY + ((t - 10) & 15)]
-        st[k, HS_HL] += rng - st[k, RHL + ((t - 10) & 15)]
-        st[k, HS_NEAR] += st[k, RHL + ((t - 1) & 15)] - st[k, RHL + ((t - 6) & 15)]
+        st[HS_BODY] += body - st[RBODY + ((t - 10) & 15)]
+        st[HS_HL] += rng - st[RHL + ((t - 10) & 15)]
+        st[HS_NEAR] += st[RHL + ((t - 1) & 15)] - st[RHL + ((t - 6) & 15)]
 
     if t >= 2:
         white = c >= o
@@ -523,29 +622,48 @@ def step(st, k, o, h, l, c, v, out, j):  # noqa: E741  (l is the candle low, as 
     else:
         row[F_ENGULF] = NAN
 
-    st[k, PO] = o
-    st[k, PH] = h
-    st[k, PL] = l
-    st[k, PC] = c
-    st[k, PV] = v
-    st[k, PTP] = tp
+
+# ---- the step --------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def step(st, o, h, l, c, v, row, groups):  # noqa: E741  (l is the candle low, as in TA-Lib)
+    """Consume candle (o, h, l, c, v) for one key's state row ``st``; the ``groups`` write their columns of ``row``."""
+    t = int(st[T])
+    po = st[PO]
+    ph = st[PH]
+    pl = st[PL]
+    pc = st[PC]
+    pv = st[PV]
+    if groups & G_AVERAGES:
+        _averages(st, t, c, row)
+    if groups & G_OSCILLATORS:
+        _oscillators(st, t, h, l, c, pc, row)
+    if groups & G_BANDS:
+        _bands(st, t, c, pc, row)
+    if groups & G_RANGES:
+        _ranges(st, t, h, l, c, ph, pl, pc, row)
+    if groups & G_FLOWS:
+        _flows(st, t, o, h, l, c, v, ph, pl, pc, pv, row)
+    if groups & G_PATTERNS:
+        _patterns(st, t, o, h, l, c, po, pl, pc, row)
+    st[T] = t + 1
+    st[PO] = o
+    st[PH] = h
+    st[PL] = l
+    st[PC] = c
+    st[PV] = v
 
 
 # ---- drivers ---------------------------------------------------------------------------
 
 
-@njit(cache=True, error_model="numpy")
-def run_series(st, k, o, h, l, c, v, out, record):  # noqa: E741
+@njit(cache=True, nogil=True, error_model="numpy")
+def run_series(st, k, o, h, l, c, v, out, record, groups):  # noqa: E741
     """Feed a history to state row k. record: out has one row per candle; else out[0] is scratch."""
+    srow = st[k]
     for i in range(o.shape[0]):
-        step(st, k, o[i], h[i], l[i], c[i], v[i], out, i if record else 0)
-
-
-@njit(cache=True, error_model="numpy")
-def run_rows(st, rows, o, h, l, c, v, out):  # noqa: E741
-    """One candle for each of many keys: candle i goes to state row rows[i], features to out[i]."""
-    for i in range(rows.shape[0]):
-        step(st, rows[i], o[i], h[i], l[i], c[i], v[i], out, i)
+        step(srow, o[i], h[i], l[i], c[i], v[i], out[i if record else 0], groups)
 
 
 def new_state(n_rows: int) -> np.ndarray:
@@ -562,9 +680,12 @@ NO_TIME = np.iinfo(np.int64).min  # last_open_time of a key that has seen no can
 ST_OK, ST_WARMING, ST_DUPLICATE, ST_INVALID = 0, 1, 2, 3
 
 
-@njit(cache=True, error_model="numpy")
-def update_rows(st, last_ot, interval_ms, rows, ot, o, h, l, c, v, out, status, gap_ms, problem, lookback, reset_on_gap):  # noqa: E741
+@njit(cache=True, nogil=True, error_model="numpy")
+def update_rows(st, last_ot, interval_ms, rows, ot, o, h, l, c, v, out, status, gap_ms, problem, lookback, reset_on_gap, groups, lane, lanes):  # noqa: E741
     """Apply candle i to state row rows[i] unless it is invalid or not newer than that key's last.
+
+    Only rows whose state row is ``lane`` modulo ``lanes`` are handled, so ``lanes`` threads can
+    share one call: every key belongs to one lane, which applies its rows in order.
 
     status[i]: ST_OK (out[i] holds values for a warmed-up key), ST_WARMING, ST_DUPLICATE
     (open_time <= last seen; state untouched) or ST_INVALID (problem[i] says why).
@@ -573,6 +694,8 @@ def update_rows(st, last_ot, interval_ms, rows, ot, o, h, l, c, v, out, status, 
     """
     for i in range(rows.shape[0]):
         k = rows[i]
+        if k % lanes != lane:
+            continue
         gap_ms[i] = 0
         p = candle_problem(o[i], h[i], l[i], c[i], v[i])
         problem[i] = p
@@ -591,5 +714,5 @@ def update_rows(st, last_ot, interval_ms, rows, ot, o, h, l, c, v, out, status, 
                     st[k, :] = 0.0
         last_ot[k] = ot[i]
         t = st[k, T]
-        step(st, k, o[i], h[i], l[i], c[i], v[i], out, i)
+        step(st[k], o[i], h[i], l[i], c[i], v[i], out[i], groups)
         status[i] = ST_OK if t >= lookback else ST_WARMING

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterator, Literal, Sequence
@@ -56,6 +58,19 @@ STATUS_NAMES = {
 # kernel source (state layout or arithmetic) forces a rebuild from history.
 KERNEL_FINGERPRINT = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()[:16]
 _SNAPSHOT_FORMAT = 1
+
+
+# Two threads when a call carries enough rows to pay for them (the kernels release the GIL).
+LANES = 2
+PARALLEL_MIN_ROWS = 256
+_pool: ThreadPoolExecutor | None = None
+
+
+def _lanes_pool() -> ThreadPoolExecutor | None:
+    global _pool
+    if _pool is None and len(os.sched_getaffinity(0)) >= LANES:
+        _pool = ThreadPoolExecutor(max_workers=LANES, thread_name_prefix="features-keys")
+    return _pool
 
 
 class SnapshotMismatch(ValueError):
@@ -113,6 +128,9 @@ class StreamingEngine:
         self.feature_set = get_feature_set(feature_set)
         self.gap_policy: GapPolicy = gap_policy
         self._columns = np.array([FEATURE_INDEX[n] for n in self.feature_set.features], dtype=np.int64)
+        self._all_columns = bool(np.array_equal(self._columns, np.arange(kernels.N_FEATURES)))
+        # only the indicator groups this set needs run (a set never changes, nor does its engine's)
+        self._groups = kernels.groups_for(self._columns)
         self._slots: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []
         capacity = max(1, capacity)
@@ -229,15 +247,23 @@ class StreamingEngine:
         status = np.empty(n, dtype=np.int8)
         gap = np.empty(n, dtype=np.int64)
         problem = np.empty(n, dtype=np.int8)
-        kernels.update_rows(
-            self._state, self._last, self._interval, rows, ot, o_, h_, l_, c_, v_,
-            out, status, gap, problem, self.feature_set.lookback, self.gap_policy == "reset",
+        args = (
+            self._state, self._last, self._interval, rows, ot, o_, h_, l_, c_, v_, out, status, gap, problem,
+            self.feature_set.lookback, self.gap_policy == "reset", self._groups,
         )
+        pool = _lanes_pool()
+        if pool is None or n < PARALLEL_MIN_ROWS:
+            kernels.update_rows(*args, 0, 1)
+        else:  # keys split by state row parity: each key's rows stay in order in one thread
+            futures = [pool.submit(kernels.update_rows, *args, lane, LANES) for lane in range(LANES)]
+            for f in futures:
+                f.result()
         reasons: dict[int, str] = {}
         if (status == kernels.ST_INVALID).any():
             for i in np.flatnonzero(status == kernels.ST_INVALID).tolist():
                 reasons[i] = describe(int(problem[i]), f"row {i}", o_[i], h_[i], l_[i], c_[i], v_[i])
-        return UpdateBatch(self.names, status, gap, out[:, self._columns], reasons)
+        values = out if self._all_columns else out[:, self._columns]
+        return UpdateBatch(self.names, status, gap, values, reasons)
 
     def warmup(
         self,
@@ -268,7 +294,7 @@ class StreamingEngine:
             self._state[slot] = 0.0
         kernels.run_series(
             self._state, slot, o_[start:], h_[start:], l_[start:], c_[start:], v_[start:],
-            kernels.new_output(1), False,
+            kernels.new_output(1), False, self._groups,
         )
         self._last[slot] = ot[-1]
         return int(ot.shape[0] - start)
