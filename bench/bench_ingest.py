@@ -1,6 +1,11 @@
 """Ingest throughput (simulator -> klines.v1, candles/s) and close-to-publish latency,
 beside a raw redis-py XADD pipeline of the same payloads measured in the same run.
 
+Two paths: *live* (the simulator replays as fast as it can; candles arrive over the
+websocket) and *backfill* (every candle has already closed; ingest starts with state saying
+it last published the candle before the first one, so all of them come over REST in pages
+of 1000).
+
     .venv/bin/python bench/bench_ingest.py [--candles 2000] [--symbols 3]
 """
 
@@ -20,14 +25,32 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from libs.common import topics  # noqa: E402
-from libs.common.bus import DATA_FIELD  # noqa: E402
+from libs.common.bus import DATA_FIELD, LAST_OPEN_TIME, candle_field  # noqa: E402
 from libs.common.contracts import KlineEvent  # noqa: E402
+from libs.common.klines import interval_ms  # noqa: E402
 from libs.common.redis_server import EmbeddedRedis  # noqa: E402
 from libs.common.settings.ingest import IngestSettings  # noqa: E402
 from services.ingest.app import create  # noqa: E402
 from services.ingest.simulator import ExchangeSimulator, load_candles  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "klines"
+
+
+def bench_settings(sim: ExchangeSimulator, candles, tmp: Path) -> IngestSettings:
+    return IngestSettings(
+        binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=sorted({s for s, _ in candles}),
+        intervals=["1m"], data_dir=tmp, consumer_name="bench", http_host="127.0.0.1",
+    )
+
+
+async def seconds_until_published(r: redis.Redis, key: str, total: int, runtime, t0: float) -> float:
+    """Seconds from ``t0`` until ``key`` holds ``total`` entries; stops ``runtime`` either way."""
+    try:
+        while r.xlen(key) < total:
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - t0
+    finally:
+        await runtime.stop()
 
 
 async def ingest_run(url: str, candles, speed: float, tmp: Path) -> tuple[float, list[float]]:
@@ -37,22 +60,12 @@ async def ingest_run(url: str, candles, speed: float, tmp: Path) -> tuple[float,
     sim = ExchangeSimulator(candles, speed=speed, updates_per_candle=0)
     await sim.start(replay=False)
     try:
-        settings = IngestSettings(
-            binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=sorted({s for s, _ in candles}),
-            intervals=["1m"], data_dir=tmp, consumer_name="bench", http_host="127.0.0.1",
-        )
-        runtime = create(settings, url)
+        runtime = create(bench_settings(sim, candles, tmp), url)
         await runtime.start(http=False)
         while sim.connections < 1:
             await asyncio.sleep(0.01)
         sim.begin()
-        t0 = time.perf_counter()
-        try:
-            while r.xlen(key) < total:
-                await asyncio.sleep(0.02)
-            elapsed = time.perf_counter() - t0
-        finally:
-            await runtime.stop()
+        elapsed = await seconds_until_published(r, key, total, runtime, time.perf_counter())
         lat = []
         for _, fields in r.xrange(key):
             e = orjson.loads(fields[DATA_FIELD.encode()])
@@ -62,6 +75,29 @@ async def ingest_run(url: str, candles, speed: float, tmp: Path) -> tuple[float,
         await sim.stop()
     r.close()
     return total / elapsed, lat
+
+
+async def backfill_run(url: str, candles, tmp: Path) -> float:
+    total = sum(len(v) for v in candles.values())
+    key = topics.stream_key(topics.KLINES)
+    r = redis.Redis.from_url(url)
+    r.delete(key, topics.stream_companion_key(topics.KLINES, LAST_OPEN_TIME))
+    # Every candle closes on the simulated clock before ingest starts: all of them are history.
+    sim = ExchangeSimulator(candles, speed=10_000_000.0, updates_per_candle=0)
+    await sim.start()
+    try:
+        await sim.wait_done()
+        for (symbol, interval), ks in candles.items():
+            before_first = ks[0].open_time - interval_ms(interval)
+            r.hset(topics.stream_companion_key(topics.KLINES, LAST_OPEN_TIME), candle_field(symbol, interval), before_first)
+        runtime = create(bench_settings(sim, candles, tmp), url)
+        t0 = time.perf_counter()
+        await runtime.start(http=False)
+        elapsed = await seconds_until_published(r, key, total, runtime, t0)
+    finally:
+        await sim.stop()
+    r.close()
+    return total / elapsed
 
 
 def xadd_run(url: str, candles) -> float:
@@ -91,13 +127,14 @@ def main() -> None:
     candles = load_candles(paths, limit=args.candles)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persistent=False) as server:
         rate, lat = asyncio.run(ingest_run(server.url, candles, args.speed, Path(tmp)))
+        backfill = asyncio.run(backfill_run(server.url, candles, Path(tmp)))
         raw = xadd_run(server.url, candles)
     lat_ms = sorted(x * 1000 for x in lat)
     p = lambda q: lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))]  # noqa: E731
     print(f"candles: {len(lat_ms)} ({args.symbols} symbols x {args.candles}), simulator speed x{args.speed:g}")
-    print(f"ingest  simulator -> klines.v1 : {rate:10.0f} candles/s")
-    print(f"raw     redis-py XADD pipeline : {raw:10.0f} entries/s")
-    print(f"ratio   ingest / raw XADD      : {rate / raw:10.3f}")
+    print(f"live     websocket -> klines.v1 : {rate:10.0f} candles/s   ratio to raw XADD {rate / raw:6.3f}")
+    print(f"backfill REST -> klines.v1      : {backfill:10.0f} candles/s   ratio to raw XADD {backfill / raw:6.3f}")
+    print(f"raw      redis-py XADD pipeline : {raw:10.0f} entries/s")
     print(f"close-to-publish latency ms    : p50 {p(0.5):.2f}  p95 {p(0.95):.2f}  p99 {p(0.99):.2f}  mean {statistics.fmean(lat_ms):.2f}")
     print("(at this speed the exchange sends faster than real time, so latency includes queueing behind the burst;"
           " run with --speed 600 for latency at a realistic message rate)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 from faststream import AckPolicy, BaseMiddleware
@@ -101,6 +101,22 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[5], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return {1, tonumber(ARGV[2])}
 """
+# The same guard for many events in one call: ARGV maxlen, data field, then (field, open_time,
+# payload) per event, applied in order; returns one {appended, last} pair per event.
+_PUBLISH_ONCE_MANY = """
+local out = {}
+for i = 3, #ARGV, 3 do
+  local last = redis.call('HGET', KEYS[2], ARGV[i])
+  if last and tonumber(last) >= tonumber(ARGV[i + 1]) then
+    out[#out + 1] = {0, tonumber(last)}
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i + 2])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    out[#out + 1] = {1, tonumber(ARGV[i + 1])}
+  end
+end
+return out
+"""
 LAST_OPEN_TIME = "last-open-time"
 
 
@@ -124,6 +140,7 @@ class OncePerCandle:
         self.stream = topics.stream_key(topic)
         self.last_key = topics.stream_companion_key(topic, LAST_OPEN_TIME)
         self._script = client.register_script(_PUBLISH_ONCE)
+        self._script_many = client.register_script(_PUBLISH_ONCE_MANY)
 
     async def publish(self, event: Any, *key_more: str) -> tuple[bool, int]:
         """``(appended, last_open_time)``; the event must have symbol, interval and open_time.
@@ -133,6 +150,17 @@ class OncePerCandle:
             args=[candle_field(event.symbol, event.interval, *key_more), event.open_time, event.to_json(), self.maxlen, DATA_FIELD],
         )
         return bool(appended), int(last)
+
+    async def publish_many(self, events: Sequence[Any], *key_more: str) -> list[tuple[bool, int]]:
+        """``publish`` for many events in one round trip (a backfill page): same guard, applied
+        in the given order, one ``(appended, last_open_time)`` per event."""
+        if not events:
+            return []
+        args: list[Any] = [self.maxlen, DATA_FIELD]
+        for e in events:
+            args += (candle_field(e.symbol, e.interval, *key_more), e.open_time, e.to_json())
+        replies = await self._script_many(keys=[self.stream, self.last_key], args=args)
+        return [(bool(appended), int(last)) for appended, last in replies]
 
     async def last_open_times(self) -> dict[tuple[str, str], int]:
         raw = await self.client.hgetall(self.last_key)

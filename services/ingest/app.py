@@ -41,6 +41,7 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
         metrics,
         runtime.bus.dead_letter,
         publish_live=settings.publish_live,
+        initial_backfill=settings.initial_backfill_candles,
     )
     client = BinanceStreamClient(
         settings.binance_ws_url,

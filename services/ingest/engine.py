@@ -38,6 +38,7 @@ class IngestEngine:
         dead_letter: DeadLetter,
         *,
         publish_live: bool = False,
+        initial_backfill: int = 0,
     ) -> None:
         self.keys = [(s, i) for s in symbols for i in intervals]
         self.sink = sink
@@ -45,6 +46,7 @@ class IngestEngine:
         self.metrics = metrics
         self.dead_letter = dead_letter
         self.publish_live = publish_live
+        self.initial_backfill = initial_backfill
         self.trackers: dict[tuple[str, str], StreamTracker] = {}
         self._by_stream: dict[str, StreamTracker] = {}
         self._received: dict[tuple[str, str, int], float] = {}
@@ -60,7 +62,10 @@ class IngestEngine:
         """Read the last published open_time of every stream (survives restarts)."""
         last = await self.sink.last_open_times()
         for s, i in self.keys:
-            t = StreamTracker(s, i, last.get((s, i)), self._publish, self._fetch, self.metrics)
+            t = StreamTracker(
+                s, i, last.get((s, i)), self._publish, self._fetch, self.metrics,
+                fetch_recent=self._fetch_recent, initial_candles=self.initial_backfill,
+            )
             self.trackers[(s, i)] = t
             self._by_stream[ws_stream_name(s, i)] = t
         held = sum(1 for k in self.keys if k in last)
@@ -73,17 +78,23 @@ class IngestEngine:
 
     # --- bridges for the tracker ---------------------------------------------------------
 
-    async def _publish(self, k: Kline, source: str) -> tuple[bool, int]:
-        appended, last = await self.sink.publish_closed(k, source)
-        if appended:
-            self.metrics.events_out.labels("klines.v1").inc()
-        received = self._received.pop(k.key, None)
-        if received is not None and appended:
-            self.metrics.receive_to_publish.observe(time.perf_counter() - received)
-        return appended, last
+    async def _publish(self, ks: Sequence[Kline], source: str) -> list[tuple[bool, int]]:
+        results = await self.sink.publish_closed(ks, source)
+        appended_count = sum(1 for appended, _ in results if appended)
+        if appended_count:
+            self.metrics.events_out.labels("klines.v1").inc(appended_count)
+        now = time.perf_counter()
+        for k, (appended, _) in zip(ks, results):
+            received = self._received.pop(k.key, None)
+            if received is not None and appended:
+                self.metrics.receive_to_publish.observe(now - received)
+        return results
 
     async def _fetch(self, symbol: str, interval: str, start: int, end: int | None) -> list[Kline]:
         return await self.rest.closed_klines(symbol, interval, start, end)
+
+    async def _fetch_recent(self, symbol: str, interval: str, count: int, end: int | None) -> list[Kline]:
+        return await self.rest.recent_closed_klines(symbol, interval, count, end)
 
     # --- websocket side ------------------------------------------------------------------
 

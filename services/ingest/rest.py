@@ -122,20 +122,54 @@ class RestKlines:
             if end is not None:
                 params["endTime"] = end
             rows = await self._call("get_klines", **params)
-            for row in rows:
-                try:
-                    k = kline_from_row(row, symbol, interval)
-                except InvalidKline as exc:
-                    log.warning("REST %s %s: skipping an invalid row: %s", symbol, interval, exc.reason)
-                    continue
-                # Binance also returns the candle still in progress; only closed ones count.
-                if k.close_time < now and (not out or k.open_time > out[-1].open_time):
+            for k in _closed_rows(rows, symbol, interval, now):
+                if not out or k.open_time > out[-1].open_time:
                     out.append(k)
             if len(rows) < rules.MAX_KLINES_PER_REQUEST:
                 return out
             cursor = int(rows[-1][0]) + step
             if end is not None and cursor > end:
                 return out
+
+    async def recent_closed_klines(self, symbol: str, interval: str, count: int, end: int | None = None) -> list[Kline]:
+        """The newest ``count`` closed candles with ``open_time <= end`` (end: now), in order.
+
+        Pages backwards with ``endTime`` (without ``startTime`` Binance returns the newest
+        ``limit`` candles up to ``endTime``), so it needs no knowledge of where history begins."""
+        now = await self.server_time()
+        pages: list[list[Kline]] = []
+        held = 0
+        cursor = end if end is not None else now
+        while held < count:
+            # one more than needed: the newest row may be the candle still in progress
+            limit = min(rules.MAX_KLINES_PER_REQUEST, count - held + 1)
+            rows = await self._call("get_klines", symbol=symbol, interval=interval, endTime=cursor, limit=limit)
+            page = _closed_rows(rows, symbol, interval, now)
+            pages.append(page)
+            held += len(page)
+            if len(rows) < limit:
+                break  # the exchange has no older candles of this stream
+            cursor = int(rows[0][0]) - 1
+        out: list[Kline] = []
+        for k in sorted((k for page in pages for k in page), key=lambda k: k.open_time):
+            if not out or k.open_time > out[-1].open_time:
+                out.append(k)
+        return out[-count:] if count else []
+
+
+def _closed_rows(rows: list[list[Any]], symbol: str, interval: str, now: int) -> list[Kline]:
+    """The valid rows of a klines response whose candle has closed by ``now`` (exchange clock):
+    Binance also returns the candle still in progress."""
+    out = []
+    for row in rows:
+        try:
+            k = kline_from_row(row, symbol, interval)
+        except InvalidKline as exc:
+            log.warning("REST %s %s: skipping an invalid row: %s", symbol, interval, exc.reason)
+            continue
+        if k.close_time < now:
+            out.append(k)
+    return out
 
 
 def _retry_after(response: Any) -> float:

@@ -8,12 +8,16 @@ to the short, capped ``klines-live.v1`` with a plain XADD (they carry no once-on
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from libs.common import topics
 from libs.common.bus import DATA_FIELD, OncePerCandle
 from libs.common.contracts import KlineEvent, LiveKlineEvent
 from libs.common.klines import Kline
+from services.ingest import rules
+
+# One Lua call holds Redis for its whole run: one REST page's worth (~1-2 ms) at most.
+PUBLISH_BATCH = rules.MAX_KLINES_PER_REQUEST
 
 
 class KlineSink:
@@ -26,9 +30,15 @@ class KlineSink:
     async def last_open_times(self) -> dict[tuple[str, str], int]:
         return await self._once.last_open_times()
 
-    async def publish_closed(self, k: Kline, source: str) -> tuple[bool, int]:
-        """Append ``k`` unless a candle at or after its open_time was already published."""
-        return await self._once.publish(KlineEvent.from_kline(k, source))
+    async def publish_closed(self, ks: Sequence[Kline], source: str) -> list[tuple[bool, int]]:
+        """Append each of ``ks``, in order, unless a candle at or after its open_time was already
+        published for its stream; one ``(appended, last_open_time)`` per candle. Up to
+        ``PUBLISH_BATCH`` candles go in one Redis call (a backfill page), not one call each."""
+        out: list[tuple[bool, int]] = []
+        for i in range(0, len(ks), PUBLISH_BATCH):
+            events = [KlineEvent.from_kline(k, source) for k in ks[i : i + PUBLISH_BATCH]]
+            out += await self._once.publish_many(events)
+        return out
 
     async def publish_live(self, k: Kline) -> None:
         payload = LiveKlineEvent.from_kline(k, "ws").to_json()

@@ -7,7 +7,15 @@ last published one is a gap: the missing candles are fetched over REST and publi
 order, before it. Because one worker per stream does all of this, live candles that arrive
 during a backfill wait behind it and nothing is published out of order.
 
-The tracker knows nothing of Redis or HTTP: it gets ``publish`` and ``fetch`` callables.
+The first time a stream is seen (no last published open_time: a first deployment, a newly
+added symbol or interval) it starts with the newest ``initial_candles`` closed candles over
+REST, published before its first live candle, so indicators downstream can warm up at once.
+
+Closed candles that queued up while the worker was busy are published together (one Redis
+call for the run), in order; a gap inside the run splits it around the backfill.
+
+The tracker knows nothing of Redis or HTTP: it gets ``publish``, ``fetch`` and
+``fetch_recent`` callables.
 """
 
 from __future__ import annotations
@@ -16,14 +24,20 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from libs.common.klines import Kline, interval_ms
 
 log = logging.getLogger("klinebus.ingest.tracker")
 
-Publish = Callable[[Kline, str], Awaitable[tuple[bool, int]]]
+# publish(candles, source) -> one (appended, last_open_time) per candle, in order
+Publish = Callable[[Sequence[Kline], str], Awaitable[list[tuple[bool, int]]]]
+# fetch(symbol, interval, start, end) -> closed candles with start <= open_time <= end (end None: now)
 Fetch = Callable[[str, str, int, "int | None"], Awaitable[list[Kline]]]
+# fetch_recent(symbol, interval, count, end) -> the newest ``count`` closed candles up to end (None: now)
+FetchRecent = Callable[[str, str, int, "int | None"], Awaitable[list[Kline]]]
+
+INITIAL = "initial"  # gap reason of a new stream's first backfill
 
 
 @dataclass(frozen=True)
@@ -40,14 +54,22 @@ class StreamTracker:
         publish: Publish,
         fetch: Fetch,
         metrics: Any,
-        on_backfill_error: Callable[[str, str, BaseException], None] | None = None,
+        *,
+        fetch_recent: FetchRecent | None = None,
+        initial_candles: int = 0,
     ) -> None:
+        if initial_candles and fetch_recent is None:
+            raise ValueError("initial_candles needs fetch_recent")
         self.symbol = symbol
         self.interval = interval
         self.step = interval_ms(interval)
         self.last = last_open_time
         self._publish = publish
         self._fetch = fetch
+        self._fetch_recent = fetch_recent
+        self.initial_candles = initial_candles
+        # A stream with a last published candle continues from it; a new one starts with history.
+        self._needs_initial = last_open_time is None and initial_candles > 0
         self.metrics = metrics
         self._queue: asyncio.Queue[Kline | CatchUp] = asyncio.Queue()
         self._pending_catch_up: str | None = None
@@ -70,60 +92,96 @@ class StreamTracker:
 
     async def run(self) -> None:
         while True:
-            item = await self._queue.get()
-            try:
-                if isinstance(item, CatchUp):
-                    self._pending_catch_up = None
-                    await self._backfill(item.reason, until=None)
-                else:
-                    await self._on_closed(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failed backfill must not kill the stream
-                log.exception("%s %s: %s", self.symbol, self.interval, exc)
-                if isinstance(item, Kline):
-                    # Leave the candle for the next catch-up: publishing it now would skip the gap.
-                    self.metrics.backfill_failures.labels(self.interval).inc()
-                    await asyncio.sleep(1.0)
-                    self.catch_up("retry")
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            for work in _runs(items):
+                try:
+                    if isinstance(work, CatchUp):
+                        self._pending_catch_up = None
+                        await self._backfill(work.reason, until=None)
+                    else:
+                        await self._on_closed(work)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a failed backfill must not kill the stream
+                    log.exception("%s %s: %s", self.symbol, self.interval, exc)
+                    if isinstance(work, list):
+                        # Leave the candles for the next catch-up: publishing them now would skip the gap.
+                        self.metrics.backfill_failures.labels(self.interval).inc()
+                        await asyncio.sleep(1.0)
+                        self.catch_up("retry")
 
-    async def _on_closed(self, k: Kline) -> None:
-        if self.last is not None and k.open_time <= self.last:
-            self.metrics.duplicates.labels("klines.v1").inc()
-            return
-        if self.last is not None and k.open_time > self.last + self.step:
-            await self._backfill("jump", until=k.open_time - 1)
-        await self._emit(k, "ws")
+    async def _on_closed(self, ks: list[Kline]) -> None:
+        """Publish a run of closed candles in order, backfilling any gap before a candle first."""
+        run: list[Kline] = []
+        for k in ks:
+            if self._needs_initial:
+                await self._backfill(INITIAL, until=k.open_time - 1)
+            last = run[-1].open_time if run else self.last
+            if last is not None and k.open_time <= last:
+                self.metrics.duplicates.labels("klines.v1").inc()
+                continue
+            if last is not None and k.open_time > last + self.step:
+                await self._emit(run, "ws")
+                run = []
+                await self._backfill("jump", until=k.open_time - 1)
+            run.append(k)
+        await self._emit(run, "ws")
 
-    async def _emit(self, k: Kline, source: str) -> None:
-        appended, last = await self._publish(k, source)
-        if appended:
-            self.metrics.published.labels(source).inc()
-        else:
-            self.metrics.duplicates.labels("klines.v1").inc()
-        self.last = last if self.last is None else max(self.last, last)
+    async def _emit(self, ks: Sequence[Kline], source: str) -> int:
+        """Publish ``ks`` (ascending open_time); returns how many were appended."""
+        if not ks:
+            return 0
+        appended_count = 0
+        for appended, last in await self._publish(ks, source):
+            if appended:
+                appended_count += 1
+            self.last = last if self.last is None else max(self.last, last)
+        self.metrics.published.labels(source).inc(appended_count)
+        if appended_count < len(ks):
+            self.metrics.duplicates.labels("klines.v1").inc(len(ks) - appended_count)
+        return appended_count
 
     async def _backfill(self, reason: str, until: int | None) -> None:
-        if self.last is None:
-            return  # nothing published yet: there is no gap to speak of
-        start = self.last + self.step
-        if until is not None and until < start:
-            return
         t0 = time.perf_counter()
-        fetched = await self._fetch(self.symbol, self.interval, start, until)
-        published = 0
-        for k in fetched:
-            if k.open_time > self.last:
-                before = self.last
-                await self._emit(k, "rest")
-                published += self.last != before
+        if self.last is None:
+            if not self._needs_initial:
+                return  # nothing published yet and no history wanted: there is no gap to speak of
+            reason = INITIAL
+            fetched = await self._fetch_recent(self.symbol, self.interval, self.initial_candles, until)  # type: ignore[misc]
+            self._needs_initial = False
+            after = None
+        else:
+            self._needs_initial = False
+            after = self.last
+            if until is not None and until < after + self.step:
+                return
+            fetched = await self._fetch(self.symbol, self.interval, after + self.step, until)
+        newer = [k for k in fetched if self.last is None or k.open_time > self.last]
+        published = await self._emit(newer, "rest")
         elapsed = time.perf_counter() - t0
         self.metrics.backfill_seconds.labels(self.interval).observe(elapsed)
-        if published or reason == "jump":
+        if published or reason in ("jump", INITIAL):
             self.metrics.gaps.labels(reason).inc()
             self.metrics.backfilled.labels(self.interval).inc(published)
             log.info(
-                "%s %s: gap after %s (%s): backfilled %d candles over REST in %.2f s",
-                self.symbol, self.interval, start - self.step, reason, published, elapsed,
+                "%s %s: %s (%s): backfilled %d candles over REST in %.2f s",
+                self.symbol, self.interval,
+                "new stream, newest history" if after is None else f"gap after {after}",
+                reason, published, elapsed,
                 extra={"symbol": self.symbol, "interval": self.interval, "reason": reason, "backfilled": published},
             )
+
+
+def _runs(items: list[Kline | CatchUp]) -> list[list[Kline] | CatchUp]:
+    """Consecutive closed candles grouped into one run; catch-ups stay where they were queued."""
+    out: list[list[Kline] | CatchUp] = []
+    for item in items:
+        if isinstance(item, CatchUp):
+            out.append(item)
+        elif out and isinstance(out[-1], list):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out

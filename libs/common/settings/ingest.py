@@ -49,6 +49,15 @@ class IngestSettings(ServiceSettings):
     )
     reconnect_initial_s: float = Field(1.0, gt=0, description="First reconnect delay (then doubled, with jitter).")
     reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay.")
+    initial_backfill_candles: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "A stream with no published candle yet (first deployment, a newly added symbol or interval) "
+            "starts with this many of its newest closed candles over REST, before its first live one "
+            "(indicator warm-up); 0: start with the first live candle."
+        ),
+    )
     rest_weight_budget: int = Field(
         3000, gt=0, description="REST weight per minute we allow ourselves (Binance's limit is 6000)."
     )

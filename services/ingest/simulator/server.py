@@ -86,6 +86,7 @@ class ExchangeSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         faults: FaultPlan | None = None,
+        seed: int = 0,
     ) -> None:
         if not candles or not any(candles.values()):
             raise ValueError("the simulator needs at least one candle to replay")
@@ -98,7 +99,7 @@ class ExchangeSimulator:
         self.host = host
         self.port = port
         self.faults = faults or FaultPlan()
-        self.tape: list[TapeEvent] = build_tape(self.candles, updates_per_candle)
+        self.tape: list[TapeEvent] = build_tape(self.candles, updates_per_candle, seed)
         self.tick_ms = finest_interval_ms(self.candles)
         self.start_ms = min(ks[0].open_time for ks in self.candles.values())
         self.end_ms = self.tape[-1].time

@@ -67,6 +67,19 @@ async def wait_for_count(url: str, expected: int, timeout: float = 30.0, topic: 
     return got
 
 
+async def wait_for_open_time(url: str, open_time: int, timeout: float = 30.0) -> list[dict]:
+    """klines.v1 once a candle with ``open_time`` is on it (the last one of a replay)."""
+    deadline = time.monotonic() + timeout
+    got: list[dict] = []
+    while time.monotonic() < deadline:
+        got = await read_klines(url)
+        if any(e["open_time"] == open_time for e in got):
+            await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
+            return await read_klines(url)
+        await asyncio.sleep(0.1)
+    return got
+
+
 @contextlib.asynccontextmanager
 async def running(runtime):
     await runtime.start(http=False)

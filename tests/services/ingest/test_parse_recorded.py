@@ -69,13 +69,17 @@ class _FakeSink:
     async def last_open_times(self):
         return dict(self.last)
 
-    async def publish_closed(self, k, source):
-        key = (k.symbol, k.interval)
-        if self.last.get(key, -1) >= k.open_time:
-            return False, self.last[key]
-        self.last[key] = k.open_time
-        self.published.append((k, source))
-        return True, k.open_time
+    async def publish_closed(self, ks, source):
+        out = []
+        for k in ks:
+            key = (k.symbol, k.interval)
+            if self.last.get(key, -1) >= k.open_time:
+                out.append((False, self.last[key]))
+                continue
+            self.last[key] = k.open_time
+            self.published.append((k, source))
+            out.append((True, k.open_time))
+        return out
 
     async def publish_live(self, k):
         self.published.append((k, "live"))

@@ -71,3 +71,58 @@ async def test_client_subscribes_beyond_the_url_and_answers_pings():
     assert got == {"btcusdt@kline_1m", "ethusdt@kline_1m", "solusdt@kline_1m"}
     assert stats.subscribe_requests == 1 and connected == [(3, "start")]
     assert stats.pongs_ok >= 2 and stats.pongs_bad == 0
+
+
+# Binance spot exchangeInfo PRICE_FILTER tickSize of these symbols: 0.01 (two decimals).
+TICK_DECIMALS = {"BTCUSDT": 2, "ETHUSDT": 2, "SOLUSDT": 2}
+
+
+def _text_decimals(text: str) -> int:
+    return len(text.split(".")[1].rstrip("0")) if "." in text else 0
+
+
+def test_in_progress_updates_walk_the_tick_grid_and_widen_to_the_recorded_candle():
+    from libs.common.klines import parse_ws_kline
+    from services.ingest.simulator.tape import build_tape
+
+    candles = shipped_candles(300)
+    recorded = {(k.symbol, k.open_time): k for ks in candles.values() for k in ks}
+    updates: dict[tuple[str, int], list[dict]] = {}
+    finals: dict[tuple[str, int], dict] = {}
+    for e in build_tape(candles, updates_per_candle=6, seed=7):
+        payload = e.payload()
+        key = (payload["s"], payload["k"]["t"])
+        if payload["k"]["x"]:
+            finals[key] = payload
+        else:
+            assert key not in finals, "an update after the candle closed"
+            updates.setdefault(key, []).append(payload["k"])
+    assert set(finals) == set(recorded) and set(updates) == set(recorded)
+    narrower_at_first = 0
+    for key, k in recorded.items():
+        assert parse_ws_kline(finals[key]) == k  # the final message is exactly the recorded candle
+        seq = updates[key]
+        assert len(seq) == 6
+        for u in seq:
+            for field in ("o", "h", "l", "c"):
+                assert _text_decimals(u[field]) <= TICK_DECIMALS[k.symbol], (key, field, u[field])
+            o, h, low, c = float(u["o"]), float(u["h"]), float(u["l"]), float(u["c"])
+            assert o == k.open and k.low <= low <= min(o, c) and max(o, c) <= h <= k.high
+            if k.close > k.open and h > k.open:
+                assert low == k.low, "a rising candle makes its low before its high"
+            if k.close < k.open and low < k.open:
+                assert h == k.high, "a falling candle makes its high before its low"
+        for a, b in zip(seq, seq[1:]):
+            assert float(b["h"]) >= float(a["h"]) and float(b["l"]) <= float(a["l"])  # only widens
+            assert float(b["v"]) >= float(a["v"]) and b["n"] >= a["n"]
+        assert float(seq[-1]["v"]) <= k.volume
+        narrower_at_first += float(seq[0]["h"]) - float(seq[0]["l"]) < k.high - k.low
+    assert narrower_at_first > 0.9 * len(recorded)  # the range is not the final one from the start
+
+
+def test_replay_is_deterministic_per_seed():
+    from services.ingest.simulator.tape import build_tape
+
+    candles = shipped_candles(50, symbols=("BTCUSDT",))
+    assert build_tape(candles, 3, seed=1) == build_tape(candles, 3, seed=1)
+    assert build_tape(candles, 3, seed=1) != build_tape(candles, 3, seed=2)

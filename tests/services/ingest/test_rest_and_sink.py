@@ -1,0 +1,62 @@
+"""REST paging (newest history, backwards beyond one page) and batched once-per-candle publishing."""
+
+from __future__ import annotations
+
+from libs.common import topics
+from libs.common.bus import redis_client
+from services.ingest.rest import RestKlines
+from services.ingest.simulator import ExchangeSimulator
+from services.ingest.sink import KlineSink
+
+from ingest_support import read_klines, shipped_candles
+
+
+async def test_recent_closed_klines_pages_backwards_past_one_request():
+    candles = shipped_candles(2500, symbols=("BTCUSDT",))
+    (ks,) = candles.values()
+    # at this speed the whole replay has closed by the first request: all of it is history
+    async with ExchangeSimulator(candles, speed=10_000_000.0, updates_per_candle=0) as sim:
+        await sim.wait_done()
+        rest = RestKlines(sim.rest_url)
+        try:
+            newest = await rest.recent_closed_klines("BTCUSDT", "1m", 1500)
+            everything = await rest.recent_closed_klines("BTCUSDT", "1m", 5000)
+            before = await rest.recent_closed_klines("BTCUSDT", "1m", 3, end=ks[100].open_time)
+            requests = sim.stats.rest_requests
+        finally:
+            await rest.close()
+    assert newest == ks[-1500:]  # 1000 + 500: two pages, joined in order
+    assert everything == ks  # asked for more than there is: all of it, no error
+    assert before == ks[98:101]  # open_time <= end, inclusive
+    assert requests == 2 + 3 + 1
+
+
+async def test_sink_publishes_a_batch_once_and_in_order(redis_url):
+    candles = shipped_candles(2100, symbols=("BTCUSDT", "ETHUSDT"))
+    btc, eth = candles[("BTCUSDT", "1m")], candles[("ETHUSDT", "1m")]
+    redis = redis_client(redis_url)
+    sink = KlineSink(redis, maxlen=1_000_000, live_maxlen=100)
+    try:
+        first = await sink.publish_closed(btc[:3], "ws")
+        # a replica already published btc[0..2]; a replay re-sends btc[1], then a backfill page
+        # longer than one Lua call, interleaved with another stream and one stale candle
+        batch = [btc[1], eth[0], *btc[3:2100], eth[1], btc[5]]
+        results = await sink.publish_closed(batch, "rest")
+        last = await sink.last_open_times()
+    finally:
+        await redis.aclose()
+    assert first == [(True, k.open_time) for k in btc[:3]]
+    assert results[0] == (False, btc[2].open_time)
+    assert results[1] == (True, eth[0].open_time)
+    assert results[2:-2] == [(True, k.open_time) for k in btc[3:2100]]
+    assert results[-2] == (True, eth[1].open_time)
+    assert results[-1] == (False, btc[2099].open_time)
+    events = await read_klines(redis_url, topics.KLINES)
+    assert [(e["symbol"], e["open_time"]) for e in events] == (
+        [("BTCUSDT", k.open_time) for k in btc[:3]]
+        + [("ETHUSDT", eth[0].open_time)]
+        + [("BTCUSDT", k.open_time) for k in btc[3:2100]]
+        + [("ETHUSDT", eth[1].open_time)]
+    )
+    assert [e["close"] for e in events[4:7]] == [k.close for k in btc[3:6]]
+    assert last == {("BTCUSDT", "1m"): btc[2099].open_time, ("ETHUSDT", "1m"): eth[1].open_time}
