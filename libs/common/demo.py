@@ -36,6 +36,7 @@ from libs.common.redis_server import EmbeddedRedis
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "data" / "klines"
 DEMO_INTERVAL = "1m"
+CHART_EVERY_S = 3.0
 # Candles archived before the replay starts: more than the longest warm-up (SMA/EMA 200).
 ARCHIVED_HISTORY = 300
 # Shown in the table when warmed up, in this order.
@@ -77,6 +78,7 @@ class Board:
     predictions_per_symbol: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     last_dead_letter: str = ""
+    last_chart: str = ""
     started: float = field(default_factory=time.monotonic)
 
     def done(self) -> bool:
@@ -111,6 +113,8 @@ class Board:
         stages.add_row(*(str(self.counts.get(s, 0)) for s in STAGES), lat_text)
         footer = Text(f"elapsed {time.monotonic() - self.started:5.1f}s   Ctrl-C stops cleanly", style="dim")
         parts: list[Any] = [t, stages, footer]
+        if self.last_chart:
+            parts.append(Text(f"last chart: {self.last_chart}", style="cyan"))
         if self.last_dead_letter:
             parts.append(Text(f"last dead letter: {self.last_dead_letter}", style="yellow"))
         return Group(*parts)
@@ -125,7 +129,9 @@ def _num(v: float | None) -> str:
 async def watch(url: str, board: Board, stop: asyncio.Event) -> None:
     """Follow the streams with plain XREAD (no consumer group: the demo only looks)."""
     client = aioredis.Redis.from_url(url)
-    last_ids = {topics.stream_key(t): "0-0" for t in (topics.FEATURES, topics.PREDICTIONS, topics.DEAD_LETTERS)}
+    last_ids = {
+        topics.stream_key(t): "0-0" for t in (topics.FEATURES, topics.PREDICTIONS, topics.CHARTS, topics.DEAD_LETTERS)
+    }
     try:
         while not stop.is_set():
             for stage in STAGES:
@@ -151,6 +157,8 @@ def _absorb(board: Board, key: str, event: dict[str, Any]) -> None:
         board.predictions_per_symbol[s] += 1
         if event.get("kline_ingested_at"):
             board.latencies_ms.append(event["predicted_at"] - event["kline_ingested_at"])
+    elif key == topics.stream_key(topics.CHARTS):
+        board.last_chart = f"{event['symbol']} {event['interval']} {event['window']} candles -> {event['uri']}"
     elif key == topics.stream_key(topics.DEAD_LETTERS):
         board.last_dead_letter = f"[{event['service']}] {event['reason']}"
 
@@ -222,7 +230,10 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
                         binance_rest_url=sim.rest_url,
                         symbols=symbols,
                         intervals=[DEMO_INTERVAL],
-                    )
+                    ),
+                    # The replay runs ~600x real time: a chart every few seconds is every half hour
+                    # of market time, as the 10-minute default is on a live 1m market.
+                    "charts": dict(cadence_s=CHART_EVERY_S),
                 },
                 consumer="demo",
             )
