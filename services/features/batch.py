@@ -82,13 +82,16 @@ def compute_matrix(
     open_time: np.ndarray | None = None,
     interval_ms: int | None = None,
     allow_gaps: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """All features as an (n_candles, N_FEATURES) matrix, columns in ``catalog.FEATURE_NAMES`` order.
 
+    ``out``: a C-contiguous float64 (n_candles, N_FEATURES) matrix to fill and return
+    instead of a fresh one (repeated dataset builds skip allocating ~400 MB per 1e6 candles).
     Raises ``InvalidCandles`` for impossible candles, and for non-increasing
     ``open_time`` (or, with ``interval_ms`` and not ``allow_gaps``, a gap).
     """
-    return _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, kernels.G_ALL)
+    return _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, kernels.G_ALL, out)
 
 
 def _matrix(
@@ -101,6 +104,7 @@ def _matrix(
     interval_ms: int | None,
     allow_gaps: bool,
     groups: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The feature matrix with only the columns of ``groups`` computed (the others are undefined)."""
     o, h, l, c, v = as_columns(open, high, low, close, volume)  # noqa: E741
@@ -109,9 +113,21 @@ def _matrix(
         if len(open_time) != o.shape[0]:
             raise ValueError(f"open_time has {len(open_time)} rows, prices {o.shape[0]}")
         validate_open_times(open_time, interval_ms, allow_gaps)
-    out = kernels.new_output(o.shape[0])
+    if out is None:
+        out = kernels.new_output(o.shape[0])
+    else:
+        _check_out(out, o.shape[0])
     run_history(kernels.new_state(1), 0, (o, h, l, c, v), out, True, groups)
     return out
+
+
+def _check_out(out: np.ndarray, n: int) -> None:
+    want = (n, kernels.N_FEATURES)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != want:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out must be a float64 array of shape {want}, got {got}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be C-contiguous and writeable")
 
 
 def compute_batch(
@@ -125,14 +141,17 @@ def compute_batch(
     open_time: np.ndarray | None = None,
     interval_ms: int | None = None,
     allow_gaps: bool = False,
+    out: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``{feature name: float64 array}`` (None: every feature), NaN during warm-up.
 
     Arrays are column views of one matrix (strided); ``np.ascontiguousarray`` one if needed.
+    ``out``: that matrix, as for ``compute_matrix`` (columns of features not asked may be
+    left as they were or overwritten).
     """
     selected = resolve(names)
     groups = kernels.groups_for([FEATURE_INDEX[n] for n in selected])
-    out = _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, groups)
+    out = _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, groups, out)
     return {name: out[:, FEATURE_INDEX[name]] for name in selected}
 
 
