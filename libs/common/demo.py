@@ -84,6 +84,9 @@ class Board:
     def done(self) -> bool:
         return all(self.predictions_per_symbol[s] >= self.expected for s in self.symbols)
 
+    def made(self) -> int:
+        return sum(self.predictions_per_symbol.values())
+
     def table(self) -> Group:
         t = Table(title="klinebus demo: live pipeline (real Binance 1m candles, simulated exchange)")
         t.add_column("symbol")
@@ -176,20 +179,44 @@ def built_demo_services() -> list[str]:
     return out
 
 
-def _check(watcher: asyncio.Task) -> None:
-    if watcher.done():
-        watcher.result()  # re-raise what stopped it
+# After the replay has ended, this long without a new prediction means something is stuck:
+# stop and say so rather than wait forever.
+STALL_S = 30.0
 
 
-async def _follow_plain(board: Board, stop: asyncio.Event, watcher: asyncio.Task, console: Console) -> None:
+class Stalled(Exception):
+    pass
+
+
+class Progress:
+    def __init__(self, board: Board, sim) -> None:
+        self.board, self.sim = board, sim
+        self.seen, self.since = -1, time.monotonic()
+
+    def check(self, watcher: asyncio.Task) -> None:
+        if watcher.done():
+            watcher.result()  # re-raise what stopped it
+        made = self.board.made()
+        if made != self.seen:
+            self.seen, self.since = made, time.monotonic()
+        elif self.sim.done and time.monotonic() - self.since > STALL_S:
+            raise Stalled(
+                f"no new prediction for {STALL_S:.0f}s after the replay ended "
+                f"({made} of {self.board.expected * len(self.board.symbols)}); stopping"
+            )
+
+
+async def _follow_plain(
+    board: Board, stop: asyncio.Event, watcher: asyncio.Task, console: Console, progress: Progress
+) -> None:
     """No terminal (CI, a log file): one progress line a second, then the final table."""
     last = -1.0
     while not stop.is_set() and not board.done():
-        _check(watcher)
+        progress.check(watcher)
         now = time.monotonic()
         if now - last >= 1.0:
             last = now
-            made = sum(board.predictions_per_symbol.values())
+            made = board.made()
             stages = " ".join(f"{s}={board.counts.get(s, 0)}" for s in STAGES)
             console.print(f"[{now - board.started:5.1f}s] predictions {made}/{board.expected * len(board.symbols)}  {stages}")
         await asyncio.sleep(0.25)
@@ -241,12 +268,13 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
             console.print(f"[dim]redis {server.url} · simulator {sim.ws_url} · telemetry {ports}[/dim]")
             await sim.begin_when_connected()
             watcher = asyncio.create_task(watch(server.url, board, stop))
+            progress = Progress(board, sim)
             if args.plain or not console.is_terminal:
-                await _follow_plain(board, stop, watcher, console)
+                await _follow_plain(board, stop, watcher, console, progress)
             else:
                 with Live(board.table(), console=console, refresh_per_second=4, transient=False) as live:
                     while not stop.is_set() and not board.done():
-                        _check(watcher)
+                        progress.check(watcher)
                         live.update(board.table())
                         await asyncio.sleep(0.25)
                     live.update(board.table())
@@ -268,7 +296,10 @@ def run_demo(args: argparse.Namespace) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     # Services log as text at WARNING so the live table stays readable; everything is also in Redis.
     setup_logging("WARNING", "text")
-    board = asyncio.run(run_pipeline(args, data_dir, console))
+    try:
+        board = asyncio.run(run_pipeline(args, data_dir, console))
+    except Stalled as exc:
+        raise CliError(f"demo {exc}; logs and data are in {data_dir}") from None
     console.print()
     console.print(f"[bold]done[/bold]: {sum(board.predictions_per_symbol.values())} predictions from "
                   f"{board.counts.get(topics.KLINES, 0)} closed candles; "

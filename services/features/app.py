@@ -51,7 +51,7 @@ def _history_source(settings: FeaturesSettings, client) -> History:
     except ImportError:  # features deployed without the ingest extra
         log.warning("archive reader unavailable (install klinebus[ingest]); indicators warm up live")
         return None
-    root = getattr(settings, "archive_url", "") or str(settings.data_dir / "archive")
+    root = settings.archive_url or str(settings.data_dir / "archive")
 
     async def from_archive(symbol: str, interval: str, before: int) -> tuple:
         frame = read_archive(root, symbol, interval, end=before - 1).tail(n)

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field, field_validator
 
 from libs.common.settings import ServiceSettings
@@ -13,17 +11,19 @@ class FeaturesSettings(ServiceSettings):
         description="Feature set id published on features.v1 (services/features/feature_sets.py), e.g. "
         "all-v1, lstm-35-v1, bilstm-13-v1, chart-analysis-v1.",
     )
-    checkpoint_dir: Path | None = Field(
-        None,
-        description="Folder for streaming-state snapshots (restored at start); default <data_dir>/features.",
-    )
     checkpoint_every_s: float = Field(
-        60.0, gt=0, description="Seconds between state snapshots while running (and one at shutdown)."
+        60.0,
+        gt=0,
+        description="Seconds between indicator-state snapshots in Redis (and one at shutdown); a restart "
+        "restores the snapshot and replays the acknowledged candles after it.",
     )
     warmup_source: str = Field(
         "archive",
-        description="Where keys warm up from at start when no usable snapshot exists: 'archive' (the "
-        "klines Parquet archive under data_dir), 'stream' (replay klines.v1), or 'none' (warm up live).",
+        description="Where a (symbol, interval) without state warms up from, on its first candle: 'archive' "
+        "(the klines Parquet archive), 'stream' (its earlier candles on klines.v1), or 'none' (warm up live).",
+    )
+    archive_url: str = Field(
+        "", description="Parquet archive root (folder or fsspec URL), shared with ingest; default <data_dir>/archive."
     )
     warmup_candles: int = Field(
         1000,
@@ -61,5 +61,3 @@ class FeaturesSettings(ServiceSettings):
             raise ValueError(f"must be continue or reset, got {v!r}")
         return v
 
-    def checkpoint_path(self) -> Path:
-        return (self.checkpoint_dir or self.data_dir / "features") / f"state-{self.feature_set}.npz"

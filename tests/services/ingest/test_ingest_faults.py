@@ -67,12 +67,17 @@ async def test_faulty_exchange_still_yields_every_closed_candle_once_in_order(re
 async def test_restart_continues_where_it_left_off_without_duplicates(redis_url, tmp_path):
     n = 60
     candles = shipped_candles(n, symbols=("BTCUSDT", "SOLUSDT"))
-    async with simulator(candles, speed=600) as sim:
+    # 0.2 s per candle: slow enough that the first run stops well before the replay ends, even on a
+    # loaded machine (checked below, so an overloaded run fails loudly instead of passing vacuously).
+    async with simulator(candles, speed=300) as sim:
         first = create(ingest_settings(sim, tmp_path), redis_url)
         async with running(first):
             await begin_when_connected(sim)
-            await wait_for_count(redis_url, 20, timeout=20)
-        await asyncio.sleep(1.0)  # candles close while ingest is down
+            before = await wait_for_count(redis_url, 20, timeout=20)
+        assert len(before) < n * 2 - 10, "the first run saw almost everything: nothing left to recover"
+        down_at = sim.now_ms()
+        while sim.now_ms() < down_at + 5 * 60_000:  # five candles close while ingest is down
+            await asyncio.sleep(0.05)
         second = create(ingest_settings(sim, tmp_path), redis_url)
         async with running(second):
             await sim.wait_done()
