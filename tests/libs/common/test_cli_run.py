@@ -65,3 +65,22 @@ def test_run_serves_health_ready_and_metrics_and_stops_cleanly(tmp_path: Path):
     assert (tmp_path / "models" / "persistence" / "1" / "model.onnx").exists()
     time.sleep(0.2)
     assert not Path(f"/proc/{redis_pid}").exists() or "zombie" in Path(f"/proc/{redis_pid}/status").read_text().lower()
+
+
+def test_tail_prints_the_last_events_of_a_topic(redis_url, capsys):
+    import redis as redis_sync
+
+    from libs.common import topics
+    from libs.common.cli import main
+    from libs.common.contracts import DeadLetter
+
+    client = redis_sync.Redis.from_url(redis_url)
+    for i in range(3):
+        client.xadd(topics.stream_key(topics.DEAD_LETTERS), {"__data__": DeadLetter(
+            source="klines.v1", service="features", reason=f"r{i}", payload="x").to_json()})
+    client.close()
+    assert main(["tail", "dead-letters.v1", "-n", "2", "--redis-url", redis_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line.split(" ", 1)[1])["reason"] for line in lines] == ["r1", "r2"]
+    assert main(["tail", "nope.v1", "--redis-url", redis_url]) == 2
+    assert "unknown topic 'nope.v1'" in capsys.readouterr().err
