@@ -96,40 +96,15 @@ class KlineEvent(CandleKeyed):
 
     @classmethod
     def from_kline(cls, k: Kline, source: str = "ws") -> "KlineEvent":
-        return cls(
-            symbol=k.symbol,
-            interval=k.interval,
-            open_time=k.open_time,
-            close_time=k.close_time,
-            open=k.open,
-            high=k.high,
-            low=k.low,
-            close=k.close,
-            volume=k.volume,
-            quote_volume=k.quote_volume,
-            trades=k.trades,
-            taker_buy_base=k.taker_buy_base,
-            taker_buy_quote=k.taker_buy_quote,
-            source=source,  # type: ignore[arg-type]
-        )
+        fields = k.to_dict()
+        fields.pop("closed")
+        return cls(**fields, source=source)
 
     def to_kline(self) -> Kline:
-        return Kline(
-            symbol=self.symbol,
-            interval=self.interval,
-            open_time=self.open_time,
-            close_time=self.close_time,
-            open=self.open,
-            high=self.high,
-            low=self.low,
-            close=self.close,
-            volume=self.volume,
-            quote_volume=self.quote_volume,
-            trades=self.trades,
-            taker_buy_base=self.taker_buy_base,
-            taker_buy_quote=self.taker_buy_quote,
-            closed=True,
-        )
+        return Kline(**self.model_dump(include=_KLINE_FIELDS), closed=True)
+
+
+_KLINE_FIELDS = set(Kline.__dataclass_fields__) - {"closed"}
 
 
 class LiveKlineEvent(KlineEvent):

@@ -5,19 +5,14 @@ predictions.v1, all through a real redis-server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from pathlib import Path
 
-import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD
 from libs.common.klines import read_kline_csv
 from libs.common.pipeline import start_runtimes, stop_runtimes
-from services.ingest.simulator import ExchangeSimulator
+from tests.streams import open_times_by_stream, read_topic, replaying, wait_for_events
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "klines"
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
@@ -32,45 +27,7 @@ def shipped(n: int = CANDLES) -> dict:
     return out
 
 
-async def events(url: str, topic: str) -> list[dict]:
-    client = aioredis.Redis.from_url(url)
-    try:
-        return [orjson.loads(f[DATA_FIELD.encode()]) for _, f in await client.xrange(topics.stream_key(topic))]
-    finally:
-        await client.aclose()
-
-
-async def wait_count(url: str, topic: str, expected: int, timeout: float = 60) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    got: list[dict] = []
-    while time.monotonic() < deadline:
-        got = await events(url, topic)
-        if len(got) >= expected:
-            await asyncio.sleep(0.5)  # a duplicate, if any, would land now
-            return await events(url, topic)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{topic}: {len(got)} of {expected} events after {timeout}s")
-
-
-@contextlib.asynccontextmanager
-async def replaying(candles, **kw):
-    """A simulator whose replay waits for ingest to connect."""
-    sim = ExchangeSimulator(candles, **kw)
-    await sim.start(replay=False)
-    try:
-        yield sim
-    finally:
-        await sim.stop()
-
-
-def per_stream(evts: list[dict]) -> dict[tuple[str, str], list[int]]:
-    out: dict[tuple[str, str], list[int]] = {}
-    for e in evts:
-        out.setdefault((e["symbol"], e["interval"]), []).append(e["open_time"])
-    return out
-
-
-def ingest_overrides(sim: ExchangeSimulator) -> dict:
+def ingest_overrides(sim) -> dict:
     return {
         "ingest": dict(
             binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=list(SYMBOLS), intervals=["1m"],
@@ -91,15 +48,15 @@ async def test_every_replayed_candle_yields_one_features_event_and_one_predictio
         runtimes = await start_runtimes(SERVICES, redis_url, tmp_path, ingest_overrides(sim), http=False)
         try:
             await sim.begin_when_connected()
-            klines = await wait_count(redis_url, topics.KLINES, total)
-            features = await wait_count(redis_url, topics.FEATURES, total)
-            predictions = await wait_count(redis_url, topics.PREDICTIONS, total)
+            klines = await wait_for_events(redis_url, topics.KLINES, total)
+            features = await wait_for_events(redis_url, topics.FEATURES, total)
+            predictions = await wait_for_events(redis_url, topics.PREDICTIONS, total)
         finally:
             await stop_runtimes(runtimes)
 
-    assert per_stream(klines) == expected
-    assert per_stream(features) == expected
-    assert per_stream(predictions) == expected
+    assert open_times_by_stream(klines) == expected
+    assert open_times_by_stream(features) == expected
+    assert open_times_by_stream(predictions) == expected
     # The features are of the candle they claim, and warm up once (chart-analysis-v1: MACD needs 34).
     by_time = {(k.symbol, k.open_time): k for ks in candles.values() for k in ks}
     for f in features:
@@ -111,7 +68,7 @@ async def test_every_replayed_candle_yields_one_features_event_and_one_predictio
     for p in predictions:
         assert p["predicted"]["close"] == by_time[(p["symbol"], p["open_time"])].close
         assert p["target_open_time"] == p["open_time"] + 60_000
-    assert await events(redis_url, topics.DEAD_LETTERS) == []
+    assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
 
 
 async def test_a_restarted_features_service_neither_drops_nor_doubles(redis_url, tmp_path):
@@ -123,17 +80,17 @@ async def test_a_restarted_features_service_neither_drops_nor_doubles(redis_url,
         features = next(r for r in runtimes if r.name == "features")
         try:
             await sim.begin_when_connected()
-            await wait_count(redis_url, topics.FEATURES, total // 3)
+            await wait_for_events(redis_url, topics.FEATURES, total // 3)
             await features.stop()
             await asyncio.sleep(0.5)  # candles keep arriving on klines.v1 meanwhile
             restarted = (await start_runtimes(["features"], redis_url, tmp_path, ingest_overrides(sim), http=False))[0]
             runtimes[runtimes.index(features)] = restarted
-            got = await wait_count(redis_url, topics.FEATURES, total)
-            await wait_count(redis_url, topics.PREDICTIONS, total)
+            got = await wait_for_events(redis_url, topics.FEATURES, total)
+            await wait_for_events(redis_url, topics.PREDICTIONS, total)
         finally:
             await stop_runtimes(runtimes)
     expected = {key: [k.open_time for k in ks] for key, ks in candles.items()}
-    assert per_stream(got) == expected
+    assert open_times_by_stream(got) == expected
 
     # Values after the restart equal an uninterrupted batch computation over the same candles.
     import numpy as np

@@ -3,20 +3,18 @@ re-deliveries, impossible candles, and a stream-only warm-up."""
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD, Bus
 from libs.common.contracts import KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.common.pipeline import build_runtime
 from services.features.batch import compute_batch
 from services.ingest.archive import ParquetArchive
+from tests.streams import add_events, read_topic, wait_for_events
 
 from .conftest import BTC_15M
 
@@ -28,32 +26,7 @@ def candles(n: int):
 
 
 async def publish(url: str, klines, source="ws") -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        for k in klines:
-            await client.xadd(topics.stream_key(topics.KLINES), {DATA_FIELD: KlineEvent.from_kline(k, source).to_json()})
-    finally:
-        await client.aclose()
-
-
-async def read(url: str, topic: str) -> list[dict]:
-    client = aioredis.Redis.from_url(url)
-    try:
-        return [orjson.loads(f[DATA_FIELD.encode()]) for _, f in await client.xrange(topics.stream_key(topic))]
-    finally:
-        await client.aclose()
-
-
-async def until(url: str, topic: str, n: int, timeout: float = 30) -> list[dict]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        got = await read(url, topic)
-        if len(got) >= n:
-            await asyncio.sleep(0.3)
-            return await read(url, topic)
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{topic}: fewer than {n} events")
+    await add_events(url, [KlineEvent.from_kline(k, source) for k in klines])
 
 
 def batch_reference(ks) -> dict[str, np.ndarray]:
@@ -69,7 +42,7 @@ async def test_warm_start_from_the_archive_equals_batch_over_archive_plus_live(r
     await runtime.start(http=False)
     try:
         await publish(redis_url, live)
-        got = await until(redis_url, topics.FEATURES, len(live))
+        got = await wait_for_events(redis_url, topics.FEATURES, len(live))
     finally:
         await runtime.stop()
     assert [e["open_time"] for e in got] == [k.open_time for k in live]
@@ -86,15 +59,15 @@ async def test_redelivered_and_impossible_candles(redis_url, tmp_path):
     await runtime.start(http=False)
     try:
         await publish(redis_url, ks[:30])
-        await until(redis_url, topics.FEATURES, 30)
+        await wait_for_events(redis_url, topics.FEATURES, 30)
         await publish(redis_url, ks[10:20], source="rest")  # a replay: nothing new may appear
         bad = ks[30]
         from dataclasses import replace
 
         await publish(redis_url, [replace(bad, high=bad.low * 0.5)])  # passes the contract, not physics
         await publish(redis_url, ks[31:50])
-        got = await until(redis_url, topics.FEATURES, 49)
-        letters = await read(redis_url, topics.DEAD_LETTERS)
+        got = await wait_for_events(redis_url, topics.FEATURES, 49)
+        letters = await read_topic(redis_url, topics.DEAD_LETTERS)
     finally:
         await runtime.stop()
     assert [e["open_time"] for e in got] == [k.open_time for k in ks[:30] + ks[31:50]]
@@ -117,7 +90,7 @@ async def test_stream_warm_up_reads_the_keys_history_from_klines(redis_url, tmp_
     await runtime.start(http=False)
     try:
         await publish(redis_url, ks[250:])
-        got = await until(redis_url, topics.FEATURES, 10)
+        got = await wait_for_events(redis_url, topics.FEATURES, 10)
     finally:
         await runtime.stop()
     assert [e["open_time"] for e in got] == [k.open_time for k in ks[250:]]

@@ -7,15 +7,12 @@ import contextlib
 import time
 from pathlib import Path
 
-import orjson
-import pytest
-import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD
 from libs.common.klines import Kline
 from libs.common.settings.ingest import IngestSettings
 from services.ingest.simulator import load_candles
+from tests.streams import open_times_by_stream, read_topic, replaying, wait_for_events
 
 SHIPPED = Path(__file__).resolve().parents[3] / "data" / "klines"
 
@@ -47,24 +44,11 @@ def ingest_settings(sim, tmp_path, **over) -> IngestSettings:
 
 
 async def read_klines(url: str, topic: str = topics.KLINES) -> list[dict]:
-    r = aioredis.Redis.from_url(url)
-    try:
-        entries = await r.xrange(topics.stream_key(topic))
-    finally:
-        await r.aclose()
-    return [orjson.loads(fields[DATA_FIELD.encode()]) for _, fields in entries]
+    return await read_topic(url, topic)
 
 
 async def wait_for_count(url: str, expected: int, timeout: float = 30.0, topic: str = topics.KLINES) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    got: list[dict] = []
-    while time.monotonic() < deadline:
-        got = await read_klines(url, topic)
-        if len(got) >= expected:
-            await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
-            return await read_klines(url, topic)
-        await asyncio.sleep(0.1)
-    return got
+    return await wait_for_events(url, topic, expected, timeout, strict=False)
 
 
 async def wait_for_open_time(url: str, open_time: int, timeout: float = 30.0) -> list[dict]:
@@ -89,28 +73,14 @@ async def running(runtime):
         await runtime.stop()
 
 
-@contextlib.asynccontextmanager
-async def simulator(candles, **kw):
-    """A simulator whose replay starts only once a client is connected (``begin_when_connected``)."""
-    from services.ingest.simulator import ExchangeSimulator
-
-    sim = ExchangeSimulator(candles, **kw)
-    await sim.start(replay=False)
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+simulator = replaying  # a simulator whose replay starts only once a client is connected
 
 
 async def begin_when_connected(sim, clients: int = 1, timeout: float = 10.0) -> None:
     await sim.begin_when_connected(clients, timeout)
 
 
-def keys_by_stream(events: list[dict]) -> dict[tuple[str, str], list[int]]:
-    out: dict[tuple[str, str], list[int]] = {}
-    for e in events:
-        out.setdefault((e["symbol"], e["interval"]), []).append(e["open_time"])
-    return out
+keys_by_stream = open_times_by_stream
 
 
 def expected_by_stream(candles: dict[tuple[str, str], list[Kline]]) -> dict[tuple[str, str], list[int]]:
