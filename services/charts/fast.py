@@ -13,14 +13,14 @@ from __future__ import annotations
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.collections import PolyCollection
+from matplotlib.collections import Collection, LineCollection, PolyCollection
+from matplotlib.path import Path
 
 from services.charts import glyph_cache
 from services.charts.figure import (
-    BEAR_MARK,
-    BULL_MARK,
     Handles,
     build_figure,
+    chart_legend,
     save_png,
     title_text,
     volume_label,
@@ -30,6 +30,9 @@ from services.charts.scales import limits, pattern_marks
 from services.charts.window import ChartWindow, check_window, make_window
 
 TEMPLATE_START_MS = 1_700_000_000_000
+# Axis._update_ticks keeps a tick whose position is within this share of the view's span
+# outside it (matplotlib.transforms._interval_contains_close).
+VIEW_RTOL = 1e-10
 MAX_PREPARED = 4  # window lengths kept prepared per worker; each figure holds a few MB
 
 
@@ -54,12 +57,40 @@ def template_window(n: int, interval: str = "1m") -> ChartWindow:
     )
 
 
+class _PathsInPlace:
+    """A collection's paths as views into one array that each chart overwrites.
+
+    ``set_verts``/``set_segments`` build a Path object per candle per chart (400 wick segments
+    alone cost ~8 ms). Paths built once, the way those methods build them (same codes, same
+    closing vertex), with their vertices rewritten in place, draw the same pixels.
+    """
+
+    def __init__(self, coll: Collection, count: int, points: int, closed: bool) -> None:
+        self.coll = coll
+        self.closed = closed
+        self.v = np.zeros((count, points + 1 if closed else points, 2))
+        if closed:
+            codes = Path(self.v[0], closed=True).codes
+            paths = [Path(xy, codes) for xy in self.v]
+        else:
+            paths = [Path(xy) for xy in self.v]
+        Collection.set_paths(coll, paths)
+
+    def write(self, verts: np.ndarray) -> None:
+        points = verts.shape[1]
+        self.v[:, :points] = verts
+        if self.closed:
+            self.v[:, points] = verts[:, 0]
+        self.coll.stale = True
+
+
 class _Bars:
     """Draws a row of bar Rectangles as one PolyCollection.
 
     Matplotlib draws each Rectangle as its own path (~0.2 ms apiece, 400 bars on a full chart);
     one collection with the same geometry, colours, line width and join style puts the same
-    pixels down in one call. The Rectangles stay, hidden, as the record of what mplfinance drew.
+    pixels down in one call. The Rectangles leave the axes; ``Handles`` keeps them as the record
+    of what mplfinance drew.
     """
 
     def __init__(self, ax, bars: list) -> None:
@@ -79,8 +110,10 @@ class _Bars:
             zorder=first.get_zorder(),
         )
         for b in bars:
-            b.set_visible(False)
+            # out of the axes, not just hidden: 400 idle artists cost ~5 ms a draw to sort and skip
+            b.remove()
         ax.add_collection(self.coll, autolim=False)
+        self.paths = _PathsInPlace(self.coll, len(bars), 4, closed=True)
 
     def _verts(self, heights: np.ndarray) -> np.ndarray:
         n = len(self.x0)
@@ -92,10 +125,124 @@ class _Bars:
         return v
 
     def update(self, heights: np.ndarray, face: np.ndarray, edge: np.ndarray | None = None) -> None:
-        self.coll.set_verts(self._verts(heights))
+        self.paths.write(self._verts(heights))
         self.coll.set_facecolor(face)
         if edge is not None:
             self.coll.set_edgecolor(edge)
+
+
+class _TicksOncePerDraw:
+    """Computes each axis's ticks once per chart.
+
+    Matplotlib asks an axis for its ticks (locator, formatter, every tick moved and relabelled)
+    three times per draw: to draw them, to place the axis label beside the tick labels, and for
+    the spine's extent. The limits are all set before the draw and nothing changes them during
+    it, so the second and third answers equal the first.
+    """
+
+    def __init__(self, axes: list) -> None:
+        self.ticks: dict[int, list] = {}
+        for ax in axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                axis._update_ticks = self._wrap(axis, axis._update_ticks)
+
+    def _wrap(self, axis, original):
+        key = id(axis)
+
+        def update_ticks() -> list:
+            hit = self.ticks.get(key)
+            if hit is None:
+                hit = self.ticks[key] = original()
+            return hit
+
+        return update_ticks
+
+    def new_chart(self) -> None:
+        self.ticks.clear()
+
+
+class _GridLines:
+    """An axis's gridlines as one LineCollection instead of one Line2D per tick.
+
+    Each gridline is a 2-point dashed line drawn on its own (~0.3 ms of Python apiece, 60 on a
+    full chart). One collection with the same transform, colour, width, dashes, cap style, clip
+    box and z-order puts down the same pixels; it draws just before the axis (same z-order,
+    added earlier), where only tick labels follow, and those sit outside the clip box.
+    """
+
+    def __init__(self, ax, axis) -> None:
+        g = axis.get_major_ticks()[0].gridline
+        self.axis = axis
+        self.vertical = axis is ax.xaxis
+        self.coll = LineCollection(
+            [], colors=[g.get_color()], linewidths=[g.get_linewidth()], linestyles=[g.get_linestyle()],
+            antialiaseds=[g.get_antialiased()], capstyle=g.get_dash_capstyle(), alpha=g.get_alpha(),
+            zorder=axis.get_zorder(), transform=g.get_transform(),
+        )
+        ax.add_collection(self.coll, autolim=False)
+        self.coll.set_clip_path(None)  # a gridline clips to the axes box, not the axes patch
+        self.coll.set_clip_box(g.get_clip_box())
+        axis.grid(False, which="major")
+
+    def update(self) -> None:
+        """Call after every limit is set: a line at each major tick inside the view, as the
+        axis itself picks the ticks it draws."""
+        locs = np.asarray(self.axis.get_majorticklocs(), dtype=float)
+        scale = self.axis.get_transform()
+        lo, hi = sorted(scale.transform(np.asarray(self.axis.get_view_interval(), dtype=float)))
+        slack = (hi - lo) * VIEW_RTOL
+        at = scale.transform(locs)
+        locs = locs[(at >= lo - slack) & (at <= hi + slack)]
+        segs = np.zeros((len(locs), 2, 2))
+        along, across = (0, 1) if self.vertical else (1, 0)
+        segs[:, :, along] = locs[:, None]
+        segs[:, 1, across] = 1.0
+        self.coll.set_segments(segs)
+
+
+def _settle_twin_positions(fig) -> None:
+    """Stop each panel's position from flip-flopping by a rounding error on every draw.
+
+    mplfinance gives every panel an invisible twin whose position a locator derives from the
+    panel's; the derived bounds differ from the panel's own in the last bit, and as each of the
+    pair applies its position to both, every draw moves both and invalidates every transform
+    hanging off them (~6 ms). Fixing both at the derived bounds, which is where a fresh figure
+    draws the panel, ends the churn and keeps the picture.
+    """
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        locator = ax.get_axes_locator()
+        if locator is None:
+            continue
+        settled = locator(ax, renderer).frozen()
+        ax.set_axes_locator(None)
+        ax._set_position(settled, which="both")  # sets the whole twin group, as apply_aspect does
+
+
+def _freeze_layout(legend) -> None:
+    """A legend's entries never change once built: pack its boxes once, not four times a draw.
+
+    Each packer's child offsets depend only on its children's sizes (fixed text, fixed handles,
+    fixed dpi); where the legend sits is still computed on every draw.
+    """
+    boxes = [legend._legend_box]
+    while boxes:
+        box = boxes.pop()
+        boxes.extend(box.get_children())
+        if hasattr(box, "_get_bbox_and_child_offsets") and hasattr(box, "get_visible_children"):
+            box._get_bbox_and_child_offsets = _once(box._get_bbox_and_child_offsets)
+
+
+def _once(fn):
+    memo: dict = {}
+
+    def call(renderer):
+        key = renderer.dpi
+        if key not in memo:
+            memo[key] = fn(renderer)
+        return memo[key]
+
+    return call
 
 
 def _pair(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,14 +254,31 @@ class _Prepared:
     def __init__(self, preset: ChartPreset, n: int) -> None:
         self.preset = preset
         self.n = n
-        self.h: Handles = build_figure(template_window(n), preset, label_pool=preset.max_pattern_labels)
+        self.h: Handles = build_figure(template_window(n), preset)
         h = self.h
+        # The legend lists only the patterns a window holds: one prepared legend per set of
+        # patterns (at most 8), swapped in whole, as each is what the plain path would build.
+        self.legends = {(): h.legend}
+        self.patterns: tuple[str, ...] = ()
+        if h.legend is not None:
+            _freeze_layout(h.legend)
+        self.ticks = _TicksOncePerDraw([ax for ax in h.fig.axes if ax.get_visible()])
+        _settle_twin_positions(h.fig)
+        self.grids = [
+            _GridLines(ax, axis)
+            for ax in h.fig.axes
+            if ax.get_visible() and ax.axison
+            for axis in (ax.xaxis, ax.yaxis)
+            if axis.get_major_ticks() and axis.get_major_ticks()[0].gridline.get_visible()
+        ]
         self.x = np.arange(n, dtype=np.float64)
         verts = h.bodies.get_paths()[0].vertices
         self.half_width = float(0.0 - verts[0, 0])
         self.body_face = _pair(h.bodies.get_facecolor())
         self.body_edge = _pair(h.bodies.get_edgecolor())
         self.wick = _pair(h.wicks.get_colors())
+        self.body_paths = _PathsInPlace(h.bodies, n, 4, closed=True)
+        self.wick_paths = _PathsInPlace(h.wicks, 2 * n, 2, closed=False)
         if h.volume_bars:
             self.vol_face = (h.volume_bars[0].get_facecolor(), h.volume_bars[1].get_facecolor())
             self.vol_edge = (h.volume_bars[0].get_edgecolor(), h.volume_bars[1].get_edgecolor())
@@ -130,6 +294,7 @@ class _Prepared:
 
     def update(self, w: ChartWindow) -> None:
         p, h, x, n = self.preset, self.h, self.x, self.n
+        self.ticks.new_chart()
         marks = pattern_marks(w, p)
         lim = limits(w, p, marks)
         up = w.open < w.close  # mplfinance: up only when strictly above the open
@@ -141,7 +306,7 @@ class _Prepared:
         verts[:, 2, 0] = verts[:, 3, 0] = x + d
         verts[:, 0, 1] = verts[:, 3, 1] = w.open
         verts[:, 1, 1] = verts[:, 2, 1] = w.close
-        h.bodies.set_verts(verts)
+        self.body_paths.write(verts)
         h.bodies.set_facecolor(np.where(up_col, *self.body_face))
         h.bodies.set_edgecolor(np.where(up_col, *self.body_edge))
         segs = np.empty((2 * n, 2, 2))
@@ -150,7 +315,7 @@ class _Prepared:
         segs[:n, 1, 1] = np.minimum(w.open, w.close)
         segs[n:, 0, 1] = w.high
         segs[n:, 1, 1] = np.maximum(w.open, w.close)
-        h.wicks.set_segments(segs)
+        self.wick_paths.write(segs)
         wick = np.where(up_col, *self.wick)
         h.wicks.set_color(np.concatenate([wick, wick]))
 
@@ -159,17 +324,13 @@ class _Prepared:
             line.set_ydata(w.indicators.get(name, nan))
         for col, ys in zip(h.marks, (marks.bull_hammer, marks.bull_engulfing, marks.bear_engulfing)):
             col.set_offsets(np.ma.masked_invalid(np.column_stack([x, ys])))
-        for i, t in enumerate(h.labels):
-            if i < len(marks.labels):
-                lx, ly, text, below = marks.labels[i]
-                t.set_text(text)
-                t.xy = (lx, ly)
-                t.xyann = (0, -9 if below else 9)
-                t.set_verticalalignment("top" if below else "bottom")
-                t.set_color(BULL_MARK if below else BEAR_MARK)
-                t.set_visible(True)
-            else:
-                t.set_visible(False)
+        if p.axis_text and marks.names != self.patterns:
+            legend = self.legends.get(marks.names)
+            if legend is None:
+                legend = self.legends[marks.names] = chart_legend(h.price_ax, h.overlays, p, marks.names)
+                _freeze_layout(legend)
+            h.price_ax.legend_ = legend
+            self.patterns = marks.names
         h.price_ax.set_ylim(*lim.price)
 
         if h.volume_ax is not None:
@@ -195,6 +356,8 @@ class _Prepared:
         if h.title is not None:
             h.title.set_text(title_text(w))
         h.formatter.dates = mdates.date2num(w.open_time.astype("datetime64[ms]"))
+        for grid in self.grids:
+            grid.update()
 
     def close(self) -> None:
         plt.close(self.h.fig)

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import LineCollection, PathCollection, PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
@@ -30,7 +31,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator  # noqa: E402
 
 from services.charts.png import encode_png  # noqa: E402
 from services.charts.presets import EMA, MACD, MACD_HIST, MACD_SIGNAL, RSI, SMA, ChartPreset  # noqa: E402
-from services.charts.scales import Limits, PatternMarks, limits, pattern_marks  # noqa: E402
+from services.charts.scales import PATTERN_NAMES, Limits, PatternMarks, limits, pattern_marks  # noqa: E402
 from services.charts.window import ChartWindow  # noqa: E402
 
 # mplfinance's binance style asks for font weights DejaVu lacks; matplotlib substitutes the nearest
@@ -44,7 +45,23 @@ HIST_UP, HIST_DOWN = "#26a69a", "#ef5350"
 RSI_COLOR, GUIDE_COLOR = "#7e57c2", "#888888"
 RSI_GUIDES = (70.0, 30.0)  # overbought / oversold, Wilder's classic levels
 BULL_MARK, BEAR_MARK = "#0b6e4f", "#b3001b"
-MARK_SIZE_ANALYSIS = 70
+# One glyph per pattern, as a trader's chart marks them: bullish below the candle in green,
+# bearish above in red; the legend names each glyph. Sizes in points^2 (scatter), chosen so the
+# three read as the same weight.
+# Legend text: matplotlib's "small" under the binance style's 12 pt. Its one row is ~0.8 of the
+# price panel's width on a chart this wide; narrower charts get proportionally smaller text so
+# the row still ends inside the panel.
+LEGEND_PT = 10.0
+LEGEND_FULL_WIDTH_PX = 880
+# Marker gaps are a share of the price range, so they shrink with the chart; glyphs below this
+# height shrink with it (linearly) so a stacked pair still clears each other and the candle.
+MARK_FULL_HEIGHT_PX = 700
+DATE_LABEL_SPACING = 1.15  # room per date label, in label widths: the label and a gap
+PATTERN_GLYPHS = {  # scales.PATTERN_NAMES -> (legend text, marker, colour, size)
+    "hammer": ("Hammer", "^", BULL_MARK, 70.0),
+    "bullish_engulfing": ("Bull engulfing", "D", BULL_MARK, 38.0),
+    "bearish_engulfing": ("Bear engulfing", "v", BEAR_MARK, 70.0),
+}
 
 
 @dataclass
@@ -59,8 +76,8 @@ class Handles:
     wicks: LineCollection
     bodies: PolyCollection
     overlays: list[Line2D]
-    marks: list[PathCollection]  # bull hammer, bull engulfing, bear engulfing
-    labels: list[Text]
+    marks: list[PathCollection]  # in scales.PATTERN_NAMES order
+    legend: Legend | None  # lines and the glyphs of the patterns this window holds
     volume_bars: list[Rectangle]
     macd_lines: list[Line2D]  # macd, signal
     macd_bars: list[Rectangle]
@@ -105,13 +122,10 @@ def _addplots(w: ChartWindow, p: ChartPreset, lim: Limits, marks: PatternMarks) 
             )
         )
     if p.patterns:
-        for ys, marker, color in (
-            (marks.bull_hammer, "^", BULL_MARK),
-            (marks.bull_engulfing, "^", BULL_MARK),
-            (marks.bear_engulfing, "v", BEAR_MARK),
-        ):
+        for name, ys in zip(PATTERN_NAMES, (marks.bull_hammer, marks.bull_engulfing, marks.bear_engulfing)):
+            _, marker, color, size = PATTERN_GLYPHS[name]
             aps.append(
-                mpf.make_addplot(ys, panel=0, type="scatter", marker=marker, markersize=MARK_SIZE_ANALYSIS,
+                mpf.make_addplot(ys, panel=0, type="scatter", marker=marker, markersize=size * _mark_scale(p) ** 2,
                                  color=color, secondary_y=False)
             )
     panel = 2 if p.volume else 1
@@ -139,6 +153,10 @@ def _addplots(w: ChartWindow, p: ChartPreset, lim: Limits, marks: PatternMarks) 
     return aps
 
 
+def _mark_scale(p: ChartPreset) -> float:
+    return min(1.0, p.height_px / MARK_FULL_HEIGHT_PX)
+
+
 def _panel_ratios(p: ChartPreset) -> tuple[float, ...]:
     ratios = [5.0]
     if p.volume:
@@ -150,12 +168,8 @@ def _panel_ratios(p: ChartPreset) -> tuple[float, ...]:
     return tuple(ratios)
 
 
-def build_figure(w: ChartWindow, p: ChartPreset, label_pool: int = 0) -> Handles:
-    """Draw ``w`` with ``mplfinance.plot`` and return the data-bearing artists.
-
-    ``label_pool`` adds that many hidden pattern labels beyond those the window needs, so a
-    prepared figure has spare ones to reuse; hidden text draws nothing.
-    """
+def build_figure(w: ChartWindow, p: ChartPreset) -> Handles:
+    """Draw ``w`` with ``mplfinance.plot`` and return the data-bearing artists."""
     marks = pattern_marks(w, p)
     lim = limits(w, p, marks)
     kwargs: dict = dict(
@@ -185,10 +199,10 @@ def build_figure(w: ChartWindow, p: ChartPreset, label_pool: int = 0) -> Handles
         warnings.simplefilter("ignore")  # mplfinance's all-NaN warm-up warnings are expected
         fig, axlist = mpf.plot(_frame(w), **kwargs)
     fig.set_dpi(p.dpi)
-    return _collect(fig, axlist, w, p, lim, marks, label_pool)
+    return _collect(fig, axlist, p, lim, marks)
 
 
-def _collect(fig, axlist, w, p, lim, marks, label_pool) -> Handles:
+def _collect(fig, axlist, p: ChartPreset, lim: Limits, marks: PatternMarks) -> Handles:
     primaries = axlist[0::2]  # mplfinance returns (primary, secondary) per panel
     price_ax = primaries[0]
     i = 1
@@ -205,18 +219,12 @@ def _collect(fig, axlist, w, p, lim, marks, label_pool) -> Handles:
         raise RuntimeError("mplfinance drew candles differently than this renderer expects")
     overlays = list(price_ax.lines[: len(p.overlays)])
     mark_cols = [c for c in price_ax.collections[2:] if isinstance(c, PathCollection)]
-    labels: list[Text] = []
-    for x, y, text, below in marks.labels:
-        labels.append(_label(price_ax, x, y, text, below))
-    for _ in range(label_pool):
-        t = _label(price_ax, 0, float(np.mean(lim.price)), "", True)
-        t.set_visible(False)
-        labels.append(t)
     if p.axis_text:
         _tidy_ticks(volume_ax, macd_ax, rsi_ax)
-    if p.axis_text and overlays:
-        price_ax.legend(overlays, [OVERLAY_LABELS.get(n, n) for n in p.overlays], loc="upper left",
-                        fontsize="small", framealpha=0.8)
+        _space_date_ticks(fig, primaries[-1], p)
+    for ax in primaries:
+        _drop_empty_tick_marks(ax)
+    legend = chart_legend(price_ax, overlays, p, marks.names) if p.axis_text else None
     return Handles(
         fig=fig,
         price_ax=price_ax,
@@ -227,7 +235,7 @@ def _collect(fig, axlist, w, p, lim, marks, label_pool) -> Handles:
         bodies=bodies,
         overlays=overlays,
         marks=mark_cols,
-        labels=labels,
+        legend=legend,
         volume_bars=list(volume_ax.patches) if volume_ax is not None else [],
         macd_lines=list(macd_ax.lines[:2]) if macd_ax is not None else [],
         macd_bars=list(macd_ax.patches) if macd_ax is not None else [],
@@ -248,11 +256,48 @@ def _tidy_ticks(volume_ax, macd_ax, rsi_ax) -> None:
         rsi_ax.yaxis.set_major_locator(FixedLocator(RSI_GUIDES[::-1] + (50.0,)))
 
 
-def _label(ax, x: float, y: float, text: str, below: bool) -> Text:
-    return ax.annotate(
-        text, (x, y), xytext=(0, -9 if below else 9), textcoords="offset points",
-        ha="center", va="top" if below else "bottom", fontsize=8, fontweight="semibold",
-        color=BULL_MARK if below else BEAR_MARK, annotation_clip=False,
+def _space_date_ticks(fig, bottom_ax, p: ChartPreset) -> None:
+    """As many candle-index ticks as date labels fit side by side, at 1-2-2.5-5-10 steps.
+
+    matplotlib's default spaces x ticks for labels three font-sizes wide; a "%m-%d %H:%M" label
+    is about nine, so a 200-candle chart printed its dates into each other.
+    """
+    sample = bottom_ax.xaxis.get_major_ticks()[0].label1
+    probe = Text(0, 0, "00-00 00:00" if p.datetime_format == "%m-%d %H:%M" else "0" * 14,
+                 fontproperties=sample.get_fontproperties(), figure=fig)
+    label_px = probe.get_window_extent(fig.canvas.get_renderer()).width
+    axes_px = bottom_ax.get_position().width * p.width_px
+    fit = int(axes_px // (label_px * DATE_LABEL_SPACING))
+    # MaxNLocator picks the first nice step >= span / nbins, so labels stand at least label_px apart
+    bottom_ax.xaxis.set_major_locator(MaxNLocator(nbins=max(1, fit), steps=[1, 2, 2.5, 5, 10], integer=True))
+
+
+def _drop_empty_tick_marks(ax) -> None:
+    # The binance style sets tick length 0: each tick mark is a visible marker of size 0 that
+    # puts down no pixel but costs a line draw (a third of all artists drawn). Hiding them keeps
+    # the picture and halves the tick work, in both paths.
+    for axis in (ax.xaxis, ax.yaxis):
+        ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+        if ticks and all(t.tick1line.get_markersize() == 0 and t.tick2line.get_markersize() == 0 for t in ticks):
+            axis.set_tick_params(which="both", tick1On=False, tick2On=False)
+
+
+def chart_legend(price_ax, overlays: list[Line2D], p: ChartPreset, patterns: tuple[str, ...]) -> Legend | None:
+    """One row in the band above the candles: the overlay lines, then the glyph and name of
+    each pattern the window holds (only those, so the legend never names what is not there)."""
+    handles: list = list(overlays)
+    texts = [OVERLAY_LABELS.get(n, n) for n in p.overlays][: len(overlays)]
+    for name in patterns:
+        text, marker, color, size = PATTERN_GLYPHS[name]
+        handles.append(Line2D([], [], linestyle="none", marker=marker, color=color,
+                              markersize=float(np.sqrt(size)) * _mark_scale(p)))
+        texts.append(text)
+    if not handles:
+        return None
+    return price_ax.legend(
+        handles, texts, loc="upper left", ncol=len(handles), fontsize=LEGEND_PT * min(1.0, p.width_px / LEGEND_FULL_WIDTH_PX),
+        framealpha=0.8,
+        borderpad=0.3, handlelength=1.6, handletextpad=0.4, columnspacing=1.2, borderaxespad=0.3,
     )
 
 

@@ -8,8 +8,16 @@ whole pixels moves the bitmap and changes nothing else, so a bitmap cached by
 (font, size, glyph, angle, sub-pixel phase) and pasted at the new whole-pixel
 offset puts down the very same pixels.
 
-This hooks a private method of matplotlib's Agg renderer (pinned matplotlib
-3.11); ``install`` does nothing when that method is missing, leaving the
+Text layout (``Text._get_layout``: line metrics, alignment offsets) is the
+other repeated cost: tick labels, axis labels and legend entries are laid out
+two to six times per draw (for the tick-label bboxes, the axis-label
+position, the legend's packing, the draw), each time from scratch. The layout
+is relative to the text's anchor and depends only on the properties keyed
+below, so it is memoised for renderers that carry the glyph cache; any other
+renderer (the plain path) runs matplotlib's own code.
+
+This hooks private methods of matplotlib's Agg renderer and Text (pinned
+matplotlib 3.11); ``install`` does nothing when they are missing, leaving the
 renderer slower but correct. The fast-path tests compare against plain
 mplfinance pixel for pixel, so a change in matplotlib cannot pass silently.
 """
@@ -23,10 +31,32 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import RendererAgg, get_hinting_flag
 from matplotlib.ft2font import RenderMode
+from matplotlib.text import Text
 
 MAX_GLYPHS = 50_000  # a few MB of small bitmaps; cleared when full
 MAX_LAYOUTS = 20_000
 SUBPIXEL = 0x40  # FreeType's 26.6 fixed point: 64 units per pixel
+
+
+_layouts: dict[tuple, Any] = {}
+_original_get_layout = getattr(Text, "_get_layout", None)
+
+
+def _cached_get_layout(self: Text, renderer: Any) -> Any:
+    if not getattr(renderer, "_klinebus_glyph_cache", False) or self.get_wrap() or self.get_usetex():
+        return _original_get_layout(self, renderer)
+    # Everything _get_layout reads: text, font, spacing, alignment, rotation, math parsing, dpi.
+    key = (
+        self.get_text(), hash(self._fontproperties), self._linespacing, self._get_multialignment(),
+        self.get_rotation(), self._horizontalalignment, self._verticalalignment, self.get_rotation_mode(),
+        self.get_parse_math(), self.get_figure(root=True).dpi,
+    )
+    hit = _layouts.get(key)
+    if hit is None:
+        if len(_layouts) >= MAX_LAYOUTS:
+            _layouts.clear()
+        hit = _layouts[key] = _original_get_layout(self, renderer)
+    return hit
 
 
 def install(renderer: RendererAgg) -> bool:
@@ -34,6 +64,8 @@ def install(renderer: RendererAgg) -> bool:
         return True
     if not hasattr(renderer, "_draw_text_glyphs_and_boxes") or not hasattr(renderer, "_prepare_font"):
         return False
+    if _original_get_layout is not None and Text._get_layout is _original_get_layout:
+        Text._get_layout = _cached_get_layout
     glyphs: dict[tuple, tuple[np.ndarray, int, int]] = {}
     layouts: dict[tuple, list] = {}
     original_boxes = renderer._draw_text_glyphs_and_boxes

@@ -3,6 +3,8 @@
 Pillow's encoder (what ``savefig`` uses) spends ~40 ms on a 1200x900 chart choosing
 per-row filters; charts are mostly flat colour, so no filter at zlib level 3
 gives smaller files in a third of the time, with the very same pixels.
+Dropping the alpha channel of Agg's RGBA buffer is left to Pillow's packer: a
+strided numpy copy of every third byte costs as much as the compression.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import struct
 import zlib
 
 import numpy as np
+from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # PNG spec (ISO/IEC 15948) section 5.2
 COLOR_TYPE_RGB = 2
@@ -29,7 +32,12 @@ def encode_png(pixels: np.ndarray) -> bytes:
     h, w = pixels.shape[:2]
     raw = np.empty((h, w * 3 + 1), dtype=np.uint8)
     raw[:, 0] = FILTER_NONE
-    raw[:, 1:].reshape(h, w, 3)[:] = pixels[:, :, :3]
+    if pixels.shape[2] == 4:
+        rgba = np.ascontiguousarray(pixels)
+        rgb = Image.frombuffer("RGBA", (w, h), rgba, "raw", "RGBA", 0, 1).tobytes("raw", "RGB")
+        raw[:, 1:] = np.frombuffer(rgb, dtype=np.uint8).reshape(h, w * 3)
+    else:
+        raw[:, 1:].reshape(h, w, 3)[:] = pixels
     header = struct.pack(">IIBBBBB", w, h, 8, COLOR_TYPE_RGB, 0, 0, 0)
     return (
         PNG_SIGNATURE

@@ -37,7 +37,6 @@ class ChartPreset:
     patterns: bool = True
     axis_text: bool = True  # tick labels, axis labels, title, legend
     datetime_format: str = "%m-%d %H:%M"
-    max_pattern_labels: int = 12  # older marks keep their marker but lose the text
 
     @property
     def indicator_names(self) -> tuple[str, ...]:
@@ -66,7 +65,9 @@ class ChartPreset:
 
 
 # Seed 000: the analysis chart the vision model and people read; 60 one-minute candles.
-ANALYSIS = ChartPreset(name="analysis", window=60, width_px=1200, height_px=900)
+# 1000x750 stays under the 1280 visual tokens (28x28 px each) Qwen2.5-VL's model card suggests as
+# a cap, so the model sees it unresampled; see docs/charts.md.
+ANALYSIS = ChartPreset(name="analysis", window=60, width_px=1000, height_px=750)
 
 # Seed 001: 224x224 images for the chart classifier (ViT-base-patch16-224): candles, volume and
 # moving averages, no text, every window scaled to its own price range the same way.

@@ -16,11 +16,14 @@ import numpy as np
 from services.charts.presets import ENGULFING, HAMMER, MACD, MACD_HIST, MACD_SIGNAL, ChartPreset
 from services.charts.window import ChartWindow
 
-# Share of the price range left above and below the candles: room for pattern labels, which
-# sit beyond their markers.
-PRICE_PAD_ABOVE = 0.07
-PRICE_PAD_BELOW = 0.09
-MARK_GAP = 0.03  # distance of a pattern marker from its candle, as a share of the price range
+# Share of the price range left (below, above) the candles and their markers. On a chart with
+# text the band above holds the one-row legend (lines and pattern glyphs), so it never covers a
+# candle; a text-free dataset image keeps the classifier's original rule.
+PRICE_PAD_TEXT = (0.04, 0.12)
+PRICE_PAD_IMAGE = (0.09, 0.07)
+MARK_GAP = 0.035  # distance of a pattern marker from its candle, as a share of the price range
+# A bull engulfing on a hammer candle sits one more step out, so both markers show.
+STACK_GAP = 2.4 * MARK_GAP
 VOLUME_HEADROOM = 1.1
 MACD_HEADROOM = 1.15
 RSI_LIMITS = (0.0, 100.0)
@@ -30,13 +33,20 @@ TINY = 1e-12
 
 @dataclass(frozen=True)
 class PatternMarks:
-    """y of each marker series (NaN where none) and the labels to write."""
+    """y of each marker series (NaN where none) and which patterns the window holds.
+
+    Every detected pattern gets a marker; names go in the legend, not beside each marker, so
+    clustered patterns never put text over text or outside the axes.
+    """
 
     bull_hammer: np.ndarray  # below the low
-    bull_engulfing: np.ndarray  # below the low
+    bull_engulfing: np.ndarray  # below the low (below the hammer marker when both)
     bear_engulfing: np.ndarray  # above the high
-    labels: tuple[tuple[int, float, str, bool], ...]  # (x, y, text, below)
-    names: tuple[str, ...]  # distinct pattern names present, for the event
+    names: tuple[str, ...]  # distinct pattern names present, in PATTERN_NAMES order
+
+
+# Marker series in drawing order, with the name the event and the legend use for each.
+PATTERN_NAMES = ("hammer", "bullish_engulfing", "bearish_engulfing")
 
 
 def _span(lo: float, hi: float) -> tuple[float, float]:
@@ -66,36 +76,15 @@ def pattern_marks(w: ChartWindow, preset: ChartPreset) -> PatternMarks:
     n = len(w)
     nan = np.full(n, np.nan)
     if not preset.patterns:
-        return PatternMarks(nan, nan.copy(), nan.copy(), (), ())
+        return PatternMarks(nan, nan.copy(), nan.copy(), ())
     lo, hi = candle_span(w)
-    gap = MARK_GAP * (hi - lo)
-    below = w.low - gap
-    above = w.high + gap
     hammer = np.nan_to_num(w.indicators.get(HAMMER, nan), nan=0.0) != 0
     engulf = np.nan_to_num(w.indicators.get(ENGULFING, nan), nan=0.0)
-    bull_h = np.where(hammer, below, np.nan)
-    # A hammer and a bullish engulfing on one candle share the spot below it; the hammer wins
-    # the marker, both get named in the label.
-    bull_e = np.where((engulf > 0) & ~hammer, below, np.nan)
-    bear_e = np.where(engulf < 0, above, np.nan)
-    labels: list[tuple[int, float, str, bool]] = []
-    for i in range(n):
-        parts = []
-        if hammer[i]:
-            parts.append("Hammer")
-        if engulf[i] > 0:
-            parts.append("Bull engulfing")
-        if parts:
-            labels.append((i, float(below[i]), " + ".join(parts), True))
-        if engulf[i] < 0:
-            labels.append((i, float(above[i]), "Bear engulfing", False))
-    labels = labels[-preset.max_pattern_labels :] if preset.max_pattern_labels else []
-    names = tuple(
-        name
-        for name, present in (("hammer", hammer.any()), ("bullish_engulfing", (engulf > 0).any()), ("bearish_engulfing", (engulf < 0).any()))
-        if present
-    )
-    return PatternMarks(bull_h, bull_e, bear_e, tuple(labels), names)
+    bull_h = np.where(hammer, w.low - MARK_GAP * (hi - lo), np.nan)
+    bull_e = np.where(engulf > 0, w.low - np.where(hammer, STACK_GAP, MARK_GAP) * (hi - lo), np.nan)
+    bear_e = np.where(engulf < 0, w.high + MARK_GAP * (hi - lo), np.nan)
+    names = tuple(name for name, ys in zip(PATTERN_NAMES, (bull_h, bull_e, bear_e)) if np.isfinite(ys).any())
+    return PatternMarks(bull_h, bull_e, bear_e, names)
 
 
 @dataclass(frozen=True)
@@ -116,8 +105,9 @@ def limits(w: ChartWindow, preset: ChartPreset, marks: PatternMarks) -> Limits:
     m_lo, m_hi = _finite_minmax(*(w.indicators.get(k, np.empty(0)) for k in (MACD, MACD_SIGNAL, MACD_HIST)))
     m = max(abs(m_lo), abs(m_hi)) if math.isfinite(m_lo) else 0.0
     macd = (-m * MACD_HEADROOM, m * MACD_HEADROOM) if m > TINY else (-1.0, 1.0)
+    below, above = PRICE_PAD_TEXT if preset.axis_text else PRICE_PAD_IMAGE
     return Limits(
-        price=(lo - PRICE_PAD_BELOW * (hi - lo), hi + PRICE_PAD_ABOVE * (hi - lo)),
+        price=(lo - below * (hi - lo), hi + above * (hi - lo)),
         volume=volume,
         macd=macd,
         rsi=RSI_LIMITS,

@@ -8,8 +8,8 @@ from libs.common.settings import ServiceSettings, parse_csv_list
 class ChartsSettings(ServiceSettings):
     cadence_s: float = Field(600.0, gt=0, description="Seconds between scheduled charts of each symbol/interval.")
     window: int = Field(60, ge=2, le=2000, description="Candles per chart (the analysis seed shows 60).")
-    width_px: int = Field(1200, ge=64, le=8000, description="Chart width in pixels.")
-    height_px: int = Field(900, ge=64, le=8000, description="Chart height in pixels.")
+    width_px: int = Field(1000, ge=64, le=8000, description="Chart width in pixels.")
+    height_px: int = Field(750, ge=64, le=8000, description="Chart height in pixels.")
     preset: str = Field("analysis", description="Preset of scheduled charts: analysis or classifier224.")
     artifact_url: str = Field(
         "", description="Where PNGs go: any fsspec URL (s3://bucket/charts, ...); default <data_dir>/charts."

@@ -54,5 +54,5 @@ def test_chart_event_carries_what_is_shown(full):
     assert event.open_time == int(full.open_time[-1]) and event.first_open_time == int(full.open_time[-60])
     assert set(event.indicators) == {"sma_20", "ema_20", "macd", "macd_signal", "macd_hist", "rsi_14"}
     assert event.indicators["sma_20"] == pytest.approx(full.close[-20:].mean(), rel=1e-12)
-    assert (event.width, event.height, event.preset) == (1200, 900, "analysis")
+    assert (event.width, event.height, event.preset) == (1000, 750, "analysis")
     assert set(event.patterns) <= {"hammer", "bullish_engulfing", "bearish_engulfing"} and event.patterns

@@ -45,7 +45,7 @@ def test_flat_market_renders_the_same_both_ways(full):
     price = np.full(n, 70000.0)
     w = window_with_indicators("BTCUSDT", "1m", full.open_time[:n], price, price, price, price, np.zeros(n), ANALYSIS)
     fast = FastRenderer(ANALYSIS).render(w)
-    assert pixels(fast).shape == (900, 1200, 3)
+    assert pixels(fast).shape == (750, 1000, 3)
     assert rms(fast, render_plain(check_window(w, n), ANALYSIS)) <= 0.5
 
 

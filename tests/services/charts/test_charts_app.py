@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-import orjson
-import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD
 from libs.common.contracts import ChartRequest, KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.common.settings.charts import ChartsSettings
 from services.charts.app import create
 
+from tests.streams import add_events, wait_for_events
+
 from .conftest import DATA, pixels
 
 
-async def _read(url: str, topic: str) -> list[dict]:
-    r = aioredis.Redis.from_url(url)
-    try:
-        entries = await r.xrange(topics.stream_key(topic))
-    finally:
-        await r.aclose()
-    return [orjson.loads(f[DATA_FIELD.encode()]) for _, f in entries]
-
-
-async def _add(url: str, events) -> None:
-    r = aioredis.Redis.from_url(url)
-    try:
-        for e in events:
-            await r.xadd(topics.stream_key(e.topic), {DATA_FIELD: e.to_json()})
-    finally:
-        await r.aclose()
-
-
 async def _wait(url: str, topic: str, n: int, timeout: float = 60) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await _read(url, topic)
-        if len(got) >= n:
-            return got
-        await asyncio.sleep(0.1)
-    return await _read(url, topic)
+    return await wait_for_events(url, topic, n, timeout, settle=0, strict=False)
 
 
 async def test_schedule_request_and_bad_requests(redis_url, tmp_path):
@@ -53,7 +27,7 @@ async def test_schedule_request_and_bad_requests(redis_url, tmp_path):
     runtime = create(settings, redis_url)
     await runtime.start(http=False)
     try:
-        await _add(redis_url, [KlineEvent.from_kline(k, "replay") for k in klines])
+        await add_events(redis_url, [KlineEvent.from_kline(k, "replay") for k in klines])
         # the schedule fires once the first full window (60 candles) is held
         charts = await _wait(redis_url, topics.CHARTS, 1)
         assert len(charts) >= 1
@@ -64,7 +38,7 @@ async def test_schedule_request_and_bad_requests(redis_url, tmp_path):
         png_path = first["uri"].removeprefix("file://")
         assert pixels(open(png_path, "rb").read()).shape == (480, 640, 3)
         await asyncio.sleep(0.5)  # let the rest of the candles land
-        await _add(redis_url, [
+        await add_events(redis_url, [
             ChartRequest(symbol="BTCUSDT", interval="1m", window=90, requested_by="test"),
             ChartRequest(symbol="ETHUSDT", interval="1m", requested_by="test"),  # never seen
             ChartRequest(symbol="BTCUSDT", interval="1m", window=100000, requested_by="test"),

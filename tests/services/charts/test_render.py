@@ -70,12 +70,17 @@ def test_candles_overlays_panels_and_markers_present(full):
         hammer = talib.CDLHAMMER(o, hi, lo, c)[-60:] != 0
         engulf = talib.CDLENGULFING(o, hi, lo, c)[-60:]
         marked = [np.flatnonzero(~np.ma.getmaskarray(col.get_offsets()[:, 1])) for col in h.marks]
+        # every detected pattern keeps its marker, also where two share a candle
         assert set(marked[0]) == set(np.flatnonzero(hammer))
-        assert set(marked[1]) == set(np.flatnonzero((engulf > 0) & ~hammer))
+        assert set(marked[1]) == set(np.flatnonzero(engulf > 0))
         assert set(marked[2]) == set(np.flatnonzero(engulf < 0))
         assert hammer.any() and (engulf != 0).any()  # this slice really has both patterns
-        texts = [t.get_text() for t in h.labels if t.get_visible()]
-        assert any("Hammer" in t for t in texts) and any("engulfing" in t for t in texts)
+        assert (hammer & (engulf > 0)).any()  # ... and a candle with a hammer and a bull engulfing
+        # the legend names exactly the patterns the window holds, beside the two overlays
+        texts = [t.get_text() for t in h.legend.get_texts() if t.get_visible()]
+        expected = [name for name, present in (("Hammer", hammer.any()), ("Bull engulfing", (engulf > 0).any()),
+                                               ("Bear engulfing", (engulf < 0).any())) if present]
+        assert texts == ["SMA 20", "EMA 20", *expected]
         assert h.title.get_text().startswith("BTCUSDT 1m")
     finally:
         plt.close(h.fig)
@@ -101,5 +106,49 @@ def test_candle_colours_at_their_pixels(full):
             behind = np.array(h.price_ax.get_facecolor()[:3])
             expect = np.array(to_rgb(colour)) * 0.9 + behind * 0.1  # alpha 0.9 over the axes background
             np.testing.assert_allclose(got, expect, atol=0.04)
+    finally:
+        plt.close(h.fig)
+
+
+def _marker_px(h, i: int) -> np.ndarray:
+    """Pixel centres of marker series ``i`` (rows where it has a marker)."""
+    xy = np.ma.filled(h.marks[i].get_offsets().astype(float), np.nan)
+    xy = xy[np.isfinite(xy[:, 1])]
+    return h.price_ax.transData.transform(xy)
+
+
+@pytest.mark.parametrize("window, size", [(60, (900, 675)), (60, (640, 480)), (200, (1000, 750))])
+def test_pattern_annotations_readable(full, window, size):
+    """Names sit in one legend inside the price panel, above every candle and marker; markers
+    that share a candle do not cover each other; date labels do not run into each other."""
+    preset = ANALYSIS.sized(window=window, width_px=size[0], height_px=size[1])
+    w = check_window(full, window)
+    h = build_figure(w, preset)
+    try:
+        h.fig.canvas.draw()
+        renderer = h.fig.canvas.get_renderer()
+        axes_box = h.price_ax.get_window_extent(renderer)
+        legend_box = h.legend.get_window_extent(renderer)
+        assert axes_box.x0 <= legend_box.x0 and legend_box.x1 <= axes_box.x1
+        assert axes_box.y0 <= legend_box.y0 and legend_box.y1 <= axes_box.y1
+        _, top_candle = h.price_ax.transData.transform((0, float(w.high.max())))
+        tops = [top_candle] + [float(_marker_px(h, i)[:, 1].max() + np.sqrt(h.marks[i].get_sizes()[0]) / 2)
+                               for i in range(3) if len(_marker_px(h, i))]
+        assert legend_box.y0 >= max(tops)
+        # no text anywhere in the price panel but the legend's (nothing to overlap or clip)
+        free_text = [t for t in h.price_ax.texts if t.get_visible() and t.get_text()]
+        assert free_text == []
+        # the date labels under the bottom panel stand apart
+        bottom = h.rsi_ax.xaxis
+        boxes = sorted((t.label1.get_window_extent(renderer) for t in bottom._update_ticks() if t.label1.get_text()),
+                       key=lambda b: b.x0)
+        assert len(boxes) >= 3
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+        hammer_px, bull_px = _marker_px(h, 0), _marker_px(h, 1)
+        shared = np.isin(hammer_px[:, 0].round(3), bull_px[:, 0].round(3))
+        radius_px = (np.sqrt(h.marks[0].get_sizes()[0]) + np.sqrt(h.marks[1].get_sizes()[0])) / 2 * h.fig.dpi / 72
+        for x, y in hammer_px[shared]:
+            below = bull_px[np.isclose(bull_px[:, 0], x)][0]
+            assert y - below[1] >= radius_px
     finally:
         plt.close(h.fig)
