@@ -6,17 +6,18 @@ One event per closed candle. While a key warms up, its event carries
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from typing import Awaitable, Callable
 
 import numpy as np
-
 import orjson
 from faststream.redis.annotations import RedisStreamMessage
 
 from libs.common import topics
+from libs.common.archive import read_archive
 from libs.common.bus import DATA_FIELD, redis_client
 from libs.common.contracts import FeaturesEvent, KlineEvent
 from libs.common.klines import InvalidKline
@@ -46,15 +47,11 @@ def _history_source(settings: FeaturesSettings, client) -> History:
             return tuple(np.array([r[i] for r in rows]) for i in range(len(HISTORY_COLUMNS)))
 
         return from_stream
-    try:
-        from services.ingest.archive import read_archive
-    except ImportError:  # features deployed without the ingest extra
-        log.warning("archive reader unavailable (install klinebus[ingest]); indicators warm up live")
-        return None
     root = settings.archive_url or str(settings.data_dir / "archive")
 
     async def from_archive(symbol: str, interval: str, before: int) -> tuple:
-        frame = read_archive(root, symbol, interval, end=before - 1).tail(n)
+        frame = await asyncio.to_thread(read_archive, root, symbol, interval, None, before - 1)
+        frame = frame.tail(n)
         return tuple(frame[c].to_numpy() for c in HISTORY_COLUMNS)
 
     return from_archive

@@ -12,7 +12,7 @@ from libs.common import topics
 from libs.common.contracts import KlineEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings.ingest import IngestSettings
-from services.ingest.archive import ParquetArchive
+from libs.common.archive import ParquetArchive
 
 SETTINGS = IngestSettings
 

@@ -60,7 +60,7 @@ def _cmd_history_import(args: argparse.Namespace) -> None:
     from libs.common.cli import CliError
     from libs.common.settings import load_settings, parse_csv_list
     from libs.common.settings.ingest import IngestSettings
-    from services.ingest.archive import ParquetArchive
+    from libs.common.archive import ParquetArchive
     from services.ingest.history import HistoryImporter
     from services.ingest.rest import RestKlines
 

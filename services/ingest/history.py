@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import aiohttp
 
 from libs.common.klines import interval_ms, read_kline_csv
-from services.ingest.archive import ParquetArchive
+from libs.common.archive import ParquetArchive
 from services.ingest.rest import RestKlines
 
 log = logging.getLogger("klinebus.ingest.history")

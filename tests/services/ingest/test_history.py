@@ -11,7 +11,7 @@ import zipfile
 import pytest
 from aiohttp import web
 
-from services.ingest.archive import ParquetArchive, read_archive
+from libs.common.archive import ParquetArchive, read_archive
 from services.ingest.history import ChecksumMismatch, HistoryImporter, plan_files
 from services.ingest.rest import RestKlines
 from services.ingest.simulator import ExchangeSimulator
