@@ -48,3 +48,53 @@ def test_compose_runs_every_built_service():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     run = {s["command"][1] for s in compose["services"].values() if s.get("command", [""])[0] == "run"}
     assert run == {"ingest", "archive", "features", "charts", "inference"}
+
+
+def _exported_metric_names() -> set[str]:
+    """Every sample name the built services expose on /metrics (counters with _total, histograms
+    with _bucket/_sum/_count), read from the real registry after building each service."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from libs.common.pipeline import build_runtime
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for service in ("ingest", "archive", "features", "charts", "inference"):
+            build_runtime(service, "redis://localhost:1/0", Path(tmp))
+    names = set()
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        if line.startswith("# TYPE klinebus_"):
+            name, kind = line.split()[2:4]
+            names |= {name} if kind != "histogram" else {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            if kind == "counter":
+                names.add(f"{name}_total" if not name.endswith("_total") else name)
+    return names
+
+
+def test_alerts_and_dashboard_query_metrics_that_exist():
+    import json
+    import re
+
+    monitoring = ROOT / "k8s" / "overlays" / "monitoring"
+    exprs = [r["expr"] for g in _docs(monitoring / "prometheusrule.yaml")[0]["spec"]["groups"] for r in g["rules"]]
+    dashboard = json.loads((monitoring / "grafana-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exported = _exported_metric_names()
+    named = {m for e in exprs for m in re.findall(r"\b(klinebus_[a-z0-9_]+)\b", e)}
+    assert named, "no metric found in the queries"
+    assert named <= exported, f"queried but never exported: {sorted(named - exported)}"
+    # regex selectors must match something too
+    for pattern in {p for e in exprs for p in re.findall(r'__name__=~"([^"]+)"', e)}:
+        assert any(re.fullmatch(pattern, n) for n in exported), pattern
+
+
+def test_dashboard_file_is_the_generators_output():
+    import importlib.util
+    import json
+
+    path = ROOT / "k8s" / "overlays" / "monitoring" / "dashboard.py"
+    spec = importlib.util.spec_from_file_location("dashboard", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert json.loads((path.parent / "grafana-dashboard.json").read_text()) == module.build()
