@@ -224,7 +224,7 @@ async def _follow_plain(
 
 
 async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Console) -> Board:
-    from services.ingest.archive import ParquetArchive
+    from libs.common.archive import ParquetArchive
     from services.ingest.simulator import ExchangeSimulator
 
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]

@@ -13,7 +13,7 @@ from libs.common.contracts import KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.common.pipeline import build_runtime
 from services.features.batch import compute_batch
-from services.ingest.archive import ParquetArchive
+from libs.common.archive import ParquetArchive
 from tests.streams import add_events, read_topic, wait_for_events
 
 from .conftest import BTC_15M
