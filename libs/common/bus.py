@@ -4,17 +4,23 @@
   the consuming service (XREADGROUP + XACK). Groups are created at the start
   of the stream (id 0), so a service deployed after its producer still sees
   every retained event.
-* A second, schema-hidden subscriber per topic reclaims entries that a dead
-  replica left pending (XAUTOCLAIM after ``reclaim_idle_ms``).
+* Candle topics are consumed in order (``subscriber``): one entry at a time,
+  a failing handler retried in place so nothing overtakes it, and at start
+  every entry still pending in the group (a crashed replica's, or this one's)
+  handled first, oldest first (``recover``). Order per symbol is what the
+  indicator state needs; one replica per ordered group keeps it.
+* Unordered batch consumers (the archiver) keep a schema-hidden reclaimer
+  (XAUTOCLAIM after ``reclaim_idle_ms``) for entries a dead replica left.
 * Every publish caps its stream (XADD MAXLEN ~).
 * A message a handler cannot use goes to ``dead-letters.v1`` with the reason,
   the counter ``klinebus_<service>_dead_letters_total`` goes up, one log line
   says why, and the entry is acknowledged: bad input never blocks a stream.
-  Any other exception leaves the entry pending, to be retried.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 from typing import Any, Awaitable, Callable, Sequence
@@ -22,7 +28,9 @@ from typing import Any, Awaitable, Callable, Sequence
 import redis.asyncio as aioredis
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import RedisBroker, StreamSub
-from faststream.redis.annotations import RedisBatchStreamMessage
+from faststream.redis.annotations import RedisBatchStreamMessage, RedisStreamMessage
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from faststream.redis.parser.message import MessageFormat
 from pydantic import ValidationError
 
@@ -71,6 +79,17 @@ class PlainJSONFormat(MessageFormat):
     @classmethod
     def parse(cls, data: bytes) -> tuple[bytes, dict[str, Any]]:
         return data, {"content-type": "application/json"}
+
+
+# Ordered handlers: how many times a failing (non-infrastructure) handler is tried before its
+# entry is dead-lettered, and the retry back-off.
+HANDLER_ATTEMPTS = 5
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 5.0
+# Entries read per XREADGROUP: bounds what a stopping replica leaves pending.
+READ_BATCH = 100
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+Handler = Callable[[Any, str], Awaitable[Any]]
 
 
 def is_cluster_url(url: str) -> bool:
@@ -195,6 +214,7 @@ class Bus:
         self.polling_interval_ms = polling_interval_ms
         self.metrics = metrics or ServiceMetrics(service)
         self._groups: list[str] = []
+        self._ordered: list[tuple[str, type[Event], Handler]] = []
         self.broker = self._make_broker()
         self._publishers: dict[str, Any] = {}
         self._dead_letter_pub = self.publisher(topics.DEAD_LETTERS, DeadLetter)
@@ -223,39 +243,138 @@ class Bus:
     # --- consuming ---------------------------------------------------------------------
 
     def subscriber(
-        self, topic: str, *, description: str = "", max_records: int | None = None
-    ) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
-        """Decorate a handler to consume ``topic`` in this service's consumer group."""
+        self, topic: str, model: type[Event] | None = None, *, description: str = "", max_records: int = READ_BATCH
+    ) -> Callable[[Handler], Any]:
+        """Decorate ``handler(event: model, entry_id: str)`` to consume ``topic`` in order.
+
+        Without ``model``: an unordered consumer whose handler takes faststream's own arguments
+        (e.g. ``event: ChartRequest``); entries a dead replica left pending are reclaimed after
+        ``reclaim_idle_ms`` by a second, schema-hidden subscriber.
+
+        Ordered means: entries reach the handler in stream order, one at a time. A failure that
+        is not bad input is retried in place (so nothing overtakes it); at start, before new
+        entries, ``recover`` hands the handler every entry still pending in this group (this
+        consumer's and a dead replica's), oldest first. One replica per ordered group."""
         key = topics.stream_key(topic)
         self._groups.append(key)
+        if model is None:
+            return self._unordered(topic, key, description, max_records)
+
+        def decorate(handler: Handler) -> Any:
+            async def consume(event: Any, msg: RedisStreamMessage) -> None:
+                await self._handle(topic, handler, event, msg.raw_message["message_ids"][0].decode(), msg.body)
+
+            # faststream reads the payload type from the signature: the AsyncAPI document shows ``model``.
+            consume.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+                [
+                    inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model),
+                    inspect.Parameter("msg", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=RedisStreamMessage),
+                ]
+            )
+            consume.__name__ = handler.__name__
+            self._ordered.append((topic, model, handler))
+            return self.broker.subscriber(
+                stream=StreamSub(
+                    key,
+                    group=self.service,
+                    consumer=self.consumer,
+                    polling_interval=self.polling_interval_ms,
+                    max_records=max_records,
+                ),
+                ack_policy=AckPolicy.NACK_ON_ERROR,
+                title=f"{self.service}:{topic}",
+                description=description or None,
+            )(consume)
+
+        return decorate
+
+    def _unordered(self, topic: str, key: str, description: str, max_records: int) -> Callable[[Any], Any]:
+        common = dict(ack_policy=AckPolicy.NACK_ON_ERROR)
         live = self.broker.subscriber(
             stream=StreamSub(
-                key,
-                group=self.service,
-                consumer=self.consumer,
-                polling_interval=self.polling_interval_ms,
-                max_records=max_records,
+                key, group=self.service, consumer=self.consumer,
+                polling_interval=self.polling_interval_ms, max_records=max_records,
             ),
-            ack_policy=AckPolicy.NACK_ON_ERROR,
             title=f"{self.service}:{topic}",
             description=description or None,
+            **common,
         )
         reclaim = self.broker.subscriber(
             stream=StreamSub(
-                key,
-                group=self.service,
-                consumer=self.consumer,
-                min_idle_time=self.reclaim_idle_ms,
-                polling_interval=max(self.reclaim_idle_ms // 4, 1000),
+                key, group=self.service, consumer=self.consumer,
+                min_idle_time=self.reclaim_idle_ms, polling_interval=max(self.reclaim_idle_ms // 4, 1000),
             ),
-            ack_policy=AckPolicy.NACK_ON_ERROR,
             include_in_schema=False,
+            **common,
         )
+        return lambda handler: live(reclaim(handler))
 
-        def decorate(handler: Callable[..., Awaitable[Any]]) -> Any:
-            return live(reclaim(handler))
+    async def _handle(self, topic: str, handler: Handler, event: Any, entry_id: str, raw: Any) -> None:
+        """Run ``handler`` until it succeeds. Redis or network trouble is waited out (nothing else can
+        progress meanwhile); any other error is retried a few times, then the entry is dead-lettered
+        with the reason, so a bug shows as a dead letter instead of a stuck stream."""
+        attempt = 0
+        while True:
+            try:
+                await handler(event, entry_id)
+                return
+            except BAD_INPUT_ERRORS:
+                raise  # the middleware (live) or ``recover`` dead-letters it
+            except INFRASTRUCTURE_ERRORS as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - counted, retried, then dead-lettered
+                attempt += 1
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt >= HANDLER_ATTEMPTS:
+                    log.exception("%s: %s %s failed %d times; dead-lettering it", self.service, topic, entry_id, attempt)
+                    await self.dead_letter(topic, raw, f"handler failed {attempt} times: {reason}")
+                    return
+            self.metrics.retries.labels(topic).inc()
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(attempt, 10))
+            log.warning("%s: %s %s: %s; retrying in %.1fs", self.service, topic, entry_id, reason, delay)
+            await asyncio.sleep(delay)
 
-        return decorate
+    async def recover(self) -> int:
+        """Before consuming new entries: take over every entry pending in this service's groups
+        (a crashed or replaced replica's, and this consumer's own) and handle them oldest first.
+        Returns how many were handled."""
+        if not self._ordered:
+            return 0
+        client = redis_client(self.url)
+        handled = 0
+        try:
+            for topic, model, handler in self._ordered:
+                key = topics.stream_key(topic)
+                start = "0-0"
+                while True:  # ordered groups have one live consumer: whatever is pending is ours now
+                    # (redis-py drops the cursor with justid=True, so the entries come along)
+                    reply = await client.xautoclaim(
+                        key, self.service, self.consumer, min_idle_time=0, start_id=start, count=READ_BATCH
+                    )
+                    start = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+                    if start == "0-0":
+                        break
+                after = "0"
+                while True:
+                    reply = await client.xreadgroup(self.service, self.consumer, {key: after}, count=READ_BATCH)
+                    entries = reply[0][1] if reply else []
+                    if not entries:
+                        break
+                    for entry_id, fields in entries:
+                        eid = after = entry_id.decode()
+                        raw = (fields or {}).get(DATA_FIELD.encode())
+                        if raw is not None:
+                            try:
+                                await self._handle(topic, handler, model.from_json(raw), eid, raw)
+                            except BAD_INPUT_ERRORS as exc:
+                                await self.dead_letter(topic, raw, _one_line(exc))
+                        await client.xack(key, self.service, eid)  # a trimmed entry (no fields) is acked too
+                        handled += 1
+        finally:
+            await client.aclose()
+        if handled:
+            log.info("%s: handled %d entries left pending before the start", self.service, handled)
+        return handled
 
     def batch_subscriber(
         self, topic: str, model: type[Event], *, max_records: int = 500, description: str = ""

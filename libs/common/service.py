@@ -77,6 +77,7 @@ class ServiceRuntime:
         await self.bus.ensure_groups()
         for hook in self._startup:
             await hook()
+        await self.bus.recover()
         await self.bus.broker.start()
         self.health.set("broker", True)
         for fn in self._background:

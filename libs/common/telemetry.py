@@ -62,6 +62,7 @@ class ServiceMetrics:
         self.events_in = self.counter("events_in_total", "Events consumed", ["topic"])
         self.events_out = self.counter("events_out_total", "Events published", ["topic"])
         self.dead_letters = self.counter("dead_letters_total", "Messages sent to the dead-letter stream", ["source", "reason"])
+        self.retries = self.counter("retries_total", "Handler failures retried in place", ["topic"])
         self.duplicates = self.counter("duplicates_total", "Re-delivered or duplicate events skipped", ["topic"])
         self.handle_seconds = self.histogram(
             "handle_seconds", "Time to handle one event", ["topic"],

@@ -14,7 +14,6 @@ from typing import Awaitable, Callable
 
 import numpy as np
 import orjson
-from faststream.redis.annotations import RedisStreamMessage
 
 from libs.common import topics
 from libs.common.archive import read_archive
@@ -93,7 +92,8 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     gaps = metrics.counter("gaps_total", "Candles that opened more than one interval after the previous one", ["interval"])
     warmed = metrics.counter("warmup_candles_total", "Archived candles fed to warm indicators up", ["interval"])
     keys_gauge = metrics.gauge("keys", "(symbol, interval) streams with indicator state")
-    state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic()}
+    state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic(), "in_flight": False}
+    last_event: dict[tuple[str, str], FeaturesEvent] = {}  # per stream: the last event built
     runtime.health.set("state_restored", False)
 
     async def write_checkpoint() -> None:
@@ -136,13 +136,22 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             (event.symbol, event.interval), event.open_time, event.open, event.high, event.low, event.close, event.volume
         )
 
-    @bus.subscriber(topics.KLINES, description="Compute the feature set for every closed candle.")
-    async def on_kline(event: KlineEvent, msg: RedisStreamMessage) -> None:
+    @bus.subscriber(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
+    async def on_kline(event: KlineEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.KLINES).inc()
+        key = (event.symbol, event.interval)
+        state["in_flight"] = True
         with metrics.handle_seconds.labels(topics.KLINES).time():
             update = await _apply(event)  # InvalidCandles -> dead letter (bus middleware)
             if not update.applied:
-                metrics.duplicates.labels(topics.KLINES).inc()
+                cached = last_event.get(key)
+                if cached is not None and cached.open_time == event.open_time:
+                    # A retry after the publish failed: the state holds the candle already, the event
+                    # is not known to be out. Publish it again; the guard keeps it once.
+                    await out.publish(cached)
+                    state["in_flight"] = False
+                else:
+                    metrics.duplicates.labels(topics.KLINES).inc()
                 return
             if update.gap_ms:
                 gaps.labels(event.interval).inc()
@@ -150,23 +159,23 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                     "%s %s: candle %d opened %d ms late (an exchange outage, or ingest could not backfill)",
                     event.symbol, event.interval, event.open_time, update.gap_ms,
                 )
-            appended, _ = await out.publish(
-                FeaturesEvent(
-                    symbol=event.symbol,
-                    interval=event.interval,
-                    open_time=event.open_time,
-                    close=event.close,
-                    feature_set=engine.feature_set.id,
-                    values=update.values or {},
-                    warm=update.status == "ok",
-                    kline_ingested_at=event.ingested_at,
-                )
+            last_event[key] = FeaturesEvent(
+                symbol=event.symbol,
+                interval=event.interval,
+                open_time=event.open_time,
+                close=event.close,
+                feature_set=engine.feature_set.id,
+                values=update.values or {},
+                warm=update.status == "ok",
+                kline_ingested_at=event.ingested_at,
             )
+            appended, _ = await out.publish(last_event[key])
             if appended:
                 metrics.events_out.labels(topics.FEATURES).inc()
             else:
                 metrics.duplicates.labels(topics.FEATURES).inc()
-        state["last_entry"] = max(state["last_entry"], msg.raw_message["message_ids"][0].decode(), key=checkpoint.id_key)
+        state["in_flight"] = False
+        state["last_entry"] = max(state["last_entry"], entry_id, key=checkpoint.id_key)
         state["since_checkpoint"] += 1
         keys_gauge.set(len(engine.keys()))
         if time.monotonic() - state["checkpointed_at"] >= settings.checkpoint_every_s:
@@ -174,7 +183,9 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
 
     @runtime.on_shutdown
     async def final_checkpoint() -> None:
-        if state["since_checkpoint"]:
+        # Not while a candle is applied but not yet published: the previous checkpoint plus the
+        # replay of acknowledged entries rebuilds the state without it, and it is handled again.
+        if state["since_checkpoint"] and not state["in_flight"]:
             await write_checkpoint()
         await client.aclose()
 

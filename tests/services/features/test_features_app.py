@@ -97,3 +97,59 @@ async def test_stream_warm_up_reads_the_keys_history_from_klines(redis_url, tmp_
     assert all(e["warm"] for e in got)
     ref = batch_reference(ks)
     assert got[-1]["values"]["ema_200"] == pytest.approx(ref["ema_200"][-1], abs=1e-9)
+
+
+async def test_stopping_during_a_backlog_while_candles_keep_coming_loses_nothing(redis_url, tmp_path):
+    """The reviewer's case: stop features while it works through a backlog, let live candles
+    arrive, start it again: every candle has exactly one event, in order, equal to batch."""
+    ks = candles(700)
+    await publish(redis_url, ks[:680])
+    settings = dict(feature_set="chart-analysis-v1", warmup_source="none", checkpoint_every_s=0.2)
+    runtime = build_runtime("features", redis_url, tmp_path, **settings)
+    await runtime.start(http=False)
+    try:
+        await wait_for_events(redis_url, topics.FEATURES, 150, settle=0)
+    finally:
+        await runtime.stop()
+    await publish(redis_url, ks[680:])  # live candles while it is down
+    runtime = build_runtime("features", redis_url, tmp_path, **settings)
+    await runtime.start(http=False)
+    try:
+        got = await wait_for_events(redis_url, topics.FEATURES, 700)
+    finally:
+        await runtime.stop()
+    assert [e["open_time"] for e in got] == [k.open_time for k in ks]
+    cols = [np.array([getattr(k, f) for k in ks]) for f in ("open", "high", "low", "close", "volume")]
+    ref = compute_batch(*cols, names=["macd", "rsi_14"])
+    for i, e in enumerate(got):
+        if e["warm"]:
+            assert e["values"]["macd"] == pytest.approx(ref["macd"][i], abs=1e-9)
+            assert e["values"]["rsi_14"] == pytest.approx(ref["rsi_14"][i], abs=1e-9)
+
+
+async def test_a_failed_publish_is_retried_and_the_event_still_appears_once(redis_url, tmp_path, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from libs.common import bus as bus_module
+
+    monkeypatch.setattr(bus_module, "RETRY_FIRST_S", 0.01)
+    real_publish = bus_module.OncePerCandle.publish
+    failures = {"left": 2}
+
+    async def flaky_publish(self, event, *more):
+        if self.topic == topics.FEATURES and event.open_time == candles(30)[12].open_time and failures["left"]:
+            failures["left"] -= 1
+            raise RedisConnectionError("connection reset while publishing")
+        return await real_publish(self, event, *more)
+
+    monkeypatch.setattr(bus_module.OncePerCandle, "publish", flaky_publish)
+    ks = candles(30)
+    runtime = build_runtime("features", redis_url, tmp_path, feature_set="skeleton-v1", warmup_source="none")
+    await runtime.start(http=False)
+    try:
+        await publish(redis_url, ks)
+        got = await wait_for_events(redis_url, topics.FEATURES, 30)
+    finally:
+        await runtime.stop()
+    assert failures["left"] == 0
+    assert [e["open_time"] for e in got] == [k.open_time for k in ks]
