@@ -14,10 +14,10 @@ import time
 from typing import Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from libs.common import topics
-from libs.common.klines import INTERVAL_MS, Kline
+from libs.common.klines import INTERVAL_MS, InvalidKline, Kline, validate_kline
 
 Symbol = str
 Millis = int
@@ -36,7 +36,8 @@ class InvalidEvent(ValueError):
 
 
 class Event(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # NaN and infinities are not numbers any consumer can use: refused on every topic.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
     topic: ClassVar[str]
 
     schema_version: int = 1
@@ -93,6 +94,16 @@ class KlineEvent(CandleKeyed):
         "ws", description="How ingest obtained the candle: live websocket, REST backfill, archive import."
     )
     ingested_at: Millis = Field(default_factory=now_ms, description="When ingest published it.")
+
+    @model_validator(mode="after")
+    def _physical(self) -> "KlineEvent":
+        # The same rules ingest applies, so a hand-made or foreign producer cannot put an
+        # impossible candle on klines.v1 for the archive and features to swallow.
+        try:
+            validate_kline(self.to_kline())
+        except InvalidKline as exc:
+            raise ValueError(exc.reason) from None
+        return self
 
     @classmethod
     def from_kline(cls, k: Kline, source: str = "ws") -> "KlineEvent":

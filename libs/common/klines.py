@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,16 @@ CSV_COLUMNS = (
     "taker_buy_quote_volume",
     "ignore",
 )
+
+
+# How far a candle's open may lie past now (plus one interval) before it is refused as from
+# the future: generous for clock skew between us and the exchange, tight enough that a
+# corrupt timestamp cannot become the "last" candle and block every real one after it.
+FUTURE_SLACK_MS = 5 * 60_000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class InvalidKline(ValueError):
@@ -130,6 +141,15 @@ def validate_kline(k: Kline) -> Kline:
         raise InvalidKline(f"{where}: open_time must be >= 0")
     if k.close_time <= k.open_time:
         raise InvalidKline(f"{where}: close_time {k.close_time} <= open_time {k.open_time}")
+    span = interval_ms(k.interval)
+    # Binance's close_time is open_time + interval - 1 ms. open_time itself need not sit on the
+    # interval grid: after the 2018-02-08 outage Binance served 1h candles opening off the hour.
+    if k.close_time - k.open_time != span - 1:
+        raise InvalidKline(
+            f"{where}: close_time - open_time is {k.close_time - k.open_time} ms, a {k.interval} candle spans {span - 1}"
+        )
+    if k.open_time > _now_ms() + span + FUTURE_SLACK_MS:
+        raise InvalidKline(f"{where}: open_time is in the future")
     return k
 
 
@@ -267,7 +287,8 @@ def parse_ws_kline(message: bytes | str | dict[str, Any]) -> Kline:
             raise InvalidKline(f"malformed JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidKline(f"expected a JSON object, got {type(message).__name__}")
-    data = message.get("data", message) if "stream" in message else message
+    stream = message.get("stream")
+    data = message.get("data", message) if stream is not None else message
     if not isinstance(data, dict) or data.get("e") != "kline":
         raise InvalidKline(f"not a kline event: e={data.get('e') if isinstance(data, dict) else None!r}")
     k = data.get("k")
@@ -294,6 +315,8 @@ def parse_ws_kline(message: bytes | str | dict[str, Any]) -> Kline:
         raise InvalidKline(f"kline event lacks field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise InvalidKline(f"kline event has an unreadable field: {exc}") from None
+    if stream is not None and stream != ws_stream_name(kline.symbol, kline.interval):
+        raise InvalidKline(f"stream {stream!r} carries a {kline.symbol} {kline.interval} kline")
     return validate_kline(kline)
 
 

@@ -36,8 +36,8 @@ STREAM_SCAN_BATCH = 2000
 def _history_source(settings: FeaturesSettings, client) -> History:
     """``(symbol, interval, before_open_time) -> (open_time, o, h, l, c, v)``: the last
     ``warmup_candles`` candles of a key before a time, from the configured source."""
-    n = settings.warmup_candles
-    if settings.warmup_source == "none" or n == 0:
+    n = settings.warmup_candles or None  # None: all of it
+    if settings.warmup_source == "none":
         return None
     if settings.warmup_source == "stream":
 
@@ -50,19 +50,19 @@ def _history_source(settings: FeaturesSettings, client) -> History:
 
     async def from_archive(symbol: str, interval: str, before: int) -> tuple:
         frame = await asyncio.to_thread(read_archive, root, symbol, interval, None, before - 1)
-        frame = frame.tail(n)
+        frame = frame if n is None else frame.tail(n)
         return tuple(frame[c].to_numpy() for c in HISTORY_COLUMNS)
 
     return from_archive
 
 
-async def _scan_stream(client, symbol: str, interval: str, before: int, n: int) -> list[tuple]:
-    """The last ``n`` candles of one key before ``before`` on klines.v1, oldest first (a backwards scan:
-    paid once per new key, only when no archive is configured)."""
+async def _scan_stream(client, symbol: str, interval: str, before: int, n: int | None) -> list[tuple]:
+    """The last ``n`` (None: all) candles of one key before ``before`` on klines.v1, oldest first
+    (a backwards scan: paid once per new key, only when no archive is configured)."""
     stream = topics.stream_key(topics.KLINES)
     found: list[tuple] = []
     cursor = "+"
-    while len(found) < n:
+    while n is None or len(found) < n:
         entries = await client.xrevrange(stream, max=cursor, min="-", count=STREAM_SCAN_BATCH)
         for entry_id, fields in entries:
             event = orjson.loads(fields[DATA_FIELD.encode()])
@@ -91,6 +91,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     history = _history_source(settings, client)
     gaps = metrics.counter("gaps_total", "Candles that opened more than one interval after the previous one", ["interval"])
     warmed = metrics.counter("warmup_candles_total", "Archived candles fed to warm indicators up", ["interval"])
+    warmup_failures = metrics.counter("warmup_failures_total", "Keys whose history could not be used to warm up", ["interval"])
     keys_gauge = metrics.gauge("keys", "(symbol, interval) streams with indicator state")
     state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic(), "in_flight": False}
     last_event: dict[tuple[str, str], FeaturesEvent] = {}  # per stream: the last event built
@@ -125,10 +126,19 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         if history is None or engine.last_open_time(key) is not None:
             return
         cols = await history(event.symbol, event.interval, event.open_time)
-        if len(cols[0]):
+        if not len(cols[0]):
+            return
+        try:
             fed = engine.warmup(key, *cols)
-            warmed.labels(event.interval).inc(fed)
-            log.info("%s %s warmed up from %d archived candles", event.symbol, event.interval, fed)
+        except InvalidKline as exc:
+            # Bad history must not turn every live candle of the key into a dead letter: say so
+            # once and warm up live instead.
+            engine.reset(key)
+            warmup_failures.labels(event.interval).inc()
+            log.error("%s %s: history unusable for warm-up (%s); warming up live", event.symbol, event.interval, exc)
+            return
+        warmed.labels(event.interval).inc(fed)
+        log.info("%s %s warmed up from %d earlier candles", event.symbol, event.interval, fed)
 
     async def _apply(event: KlineEvent):
         await _warm_from_history(event)

@@ -26,10 +26,11 @@ class FeaturesSettings(ServiceSettings):
         "", description="Parquet archive root (folder or fsspec URL), shared with ingest; default <data_dir>/archive."
     )
     warmup_candles: int = Field(
-        1000,
+        0,
         ge=0,
-        description="History candles fed per key at warm-up; at least the set's warm-up (200 for all-v1), "
-        "more lets EMA-type indicators forget their seed.",
+        description="History candles fed per key at warm-up; 0 (the default) feeds all of it. Cumulative "
+        "indicators (OBV, VPT) and EMA seeds depend on where the series starts, so serving equals the "
+        "batch computation a model was trained on only when both start at the archive's first candle.",
     )
     gap_policy: str = Field(
         "continue",

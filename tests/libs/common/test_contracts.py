@@ -1,3 +1,4 @@
+import orjson
 import pytest
 
 from libs.common import topics
@@ -33,3 +34,29 @@ def test_unknown_fields_are_ignored_so_additive_changes_never_break_consumers():
 def test_dead_letter_payloads_are_bounded():
     text = payload_preview(b"x" * 10_000, limit=100)
     assert text.startswith("x" * 100) and text.endswith("(+9900 chars)")
+
+
+GOOD = b'{"symbol":"BTCUSDT","interval":"1m","open_time":60000,"close_time":119999,' \
+       b'"open":1.0,"high":2.0,"low":0.5,"close":1.5,"volume":3.0}'
+
+
+@pytest.mark.parametrize(
+    "old, new, needle",
+    [
+        (b'"open":1.0', b'"open":NaN', "open"),
+        (b'"high":2.0', b'"high":-1.0', "high"),
+        (b'"volume":3.0', b'"volume":-3.0', "volume"),
+        (b'"close_time":119999', b'"close_time":10', "close_time"),
+    ],
+)
+def test_kline_events_must_be_physical(old, new, needle):
+    assert KlineEvent.from_json(GOOD).close == 1.5
+    with pytest.raises(InvalidEvent) as err:
+        KlineEvent.from_json(GOOD.replace(old, new))
+    assert needle in err.value.reason
+
+
+def test_no_topic_accepts_nan_values():
+    with pytest.raises(Exception, match="finite"):
+        FeaturesEvent(symbol="BTCUSDT", interval="1m", open_time=0, close=1.0, feature_set="x",
+                      values={"rsi_14": float("nan")}, warm=True)

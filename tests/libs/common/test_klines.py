@@ -141,3 +141,34 @@ def test_frame_reader_sorts_and_types(tmp_path):
     pq = tmp_path / "k.parquet"
     frame.iloc[::-1].to_parquet(pq)
     assert read_kline_frame(pq)["open_time"].tolist() == frame["open_time"].tolist()
+
+
+def test_a_candle_must_span_its_interval(tmp_path):
+    path = tmp_path / "BTCUSDT-1m-x.csv"
+    path.write_text("0,10,12,9,10,5,1\n")  # a "1m" candle 2 ms long
+    with pytest.raises(InvalidKline, match="close_time - open_time is 1 ms, a 1m candle spans 59999"):
+        read_kline_csv(path)
+
+
+def test_off_grid_open_times_are_real_and_accepted(tmp_path):
+    # Binance served 1h candles opening off the hour after the 2018-02-08 outage (shared data README).
+    path = tmp_path / "ETHUSDT-1h-x.csv"
+    path.write_text("1518168494800,10,12,9,10,5,1518172094799\n")
+    assert read_kline_csv(path)[0].open_time == 1518168494800
+
+
+def test_a_candle_from_the_future_is_refused():
+    import time as _time
+
+    future = (_time.time_ns() // 1_000_000 // 60_000 + 60) * 60_000  # an hour ahead
+    fixed = orjson.loads(orjson.dumps(DOC_PAYLOAD))
+    fixed["k"].update({"t": future, "T": future + 59_999, "s": "BNBBTC", "l": "0.0005"})
+    with pytest.raises(InvalidKline, match="in the future"):
+        parse_ws_kline(fixed)
+
+
+def test_a_combined_stream_must_carry_its_own_symbol_and_interval():
+    fixed = orjson.loads(orjson.dumps(DOC_PAYLOAD))
+    fixed["k"]["l"] = "0.0005"
+    with pytest.raises(InvalidKline, match="stream 'btcusdt@kline_1m' carries a BNBBTC 1m kline"):
+        parse_ws_kline({"stream": "btcusdt@kline_1m", "data": fixed})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -19,6 +20,7 @@ from tests.streams import add_events, read_topic, wait_for_events
 from .conftest import BTC_15M
 
 NAMES = ("macd", "rsi_14", "ema_200", "bb_pctb", "adx_14", "obv")
+# batch_reference computes these plus VPT
 
 
 def candles(n: int):
@@ -31,14 +33,16 @@ async def publish(url: str, klines, source="ws") -> None:
 
 def batch_reference(ks) -> dict[str, np.ndarray]:
     cols = [np.array([getattr(k, f) for k in ks]) for f in ("open", "high", "low", "close", "volume")]
-    return compute_batch(*cols, names=list(NAMES))
+    return compute_batch(*cols, names=list(NAMES) + ["vpt"])
 
 
 async def test_warm_start_from_the_archive_equals_batch_over_archive_plus_live(redis_url, tmp_path):
-    ks = candles(400)
-    history, live = ks[:300], ks[300:]
+    """With the default settings the whole archive is fed, so even cumulative indicators (OBV, VPT)
+    and EMA-200's seed equal the batch computation a model was trained on."""
+    ks = candles(1400)
+    history, live = ks[:1300], ks[1300:]
     ParquetArchive(str(tmp_path / "archive")).write(history)
-    runtime = build_runtime("features", redis_url, tmp_path, feature_set="all-v1", warmup_candles=10_000)
+    runtime = build_runtime("features", redis_url, tmp_path, feature_set="all-v1")
     await runtime.start(http=False)
     try:
         await publish(redis_url, live)
@@ -46,11 +50,34 @@ async def test_warm_start_from_the_archive_equals_batch_over_archive_plus_live(r
     finally:
         await runtime.stop()
     assert [e["open_time"] for e in got] == [k.open_time for k in live]
-    assert all(e["warm"] for e in got)  # 300 archived candles > the 200 all-v1 needs
+    assert all(e["warm"] for e in got)
     ref = batch_reference(ks)
-    for i, e in enumerate(got, start=300):
-        for name in NAMES:
+    for i, e in enumerate(got, start=1300):
+        for name in NAMES + ("vpt",):
             assert e["values"][name] == pytest.approx(ref[name][i], abs=1e-9, rel=1e-12), (name, i)
+
+
+async def test_unusable_history_is_skipped_and_the_key_warms_up_live(redis_url, tmp_path):
+    import pandas as pd
+
+    ks = candles(60)
+    ParquetArchive(str(tmp_path / "archive")).write(ks[:30])
+    # Corrupt the archived file behind the archive's back: a NaN close.
+    (path,) = (tmp_path / "archive" / "BTCUSDT" / "15m").glob("*.parquet")
+    frame = pd.read_parquet(path)
+    frame.loc[5, "close"] = float("nan")
+    frame.to_parquet(path)
+    runtime = build_runtime("features", redis_url, tmp_path, feature_set="skeleton-v1")
+    await runtime.start(http=False)
+    try:
+        await publish(redis_url, ks[30:])
+        got = await wait_for_events(redis_url, topics.FEATURES, 30)
+        letters = await read_topic(redis_url, topics.DEAD_LETTERS)
+    finally:
+        await runtime.stop()
+    assert letters == []  # live candles are fine; only the history was bad
+    assert [e["warm"] for e in got] == [False] * 19 + [True] * 11  # warmed up live
+    assert runtime.metrics.counter("warmup_failures_total", "", ["interval"]).labels("15m")._value.get() == 1
 
 
 async def test_redelivered_and_impossible_candles(redis_url, tmp_path):
@@ -61,17 +88,18 @@ async def test_redelivered_and_impossible_candles(redis_url, tmp_path):
         await publish(redis_url, ks[:30])
         await wait_for_events(redis_url, topics.FEATURES, 30)
         await publish(redis_url, ks[10:20], source="rest")  # a replay: nothing new may appear
-        bad = ks[30]
-        from dataclasses import replace
-
-        await publish(redis_url, [replace(bad, high=bad.low * 0.5)])  # passes the contract, not physics
+        # An impossible candle from a foreign producer (the contract would not let us build one).
+        impossible = {**KlineEvent.from_kline(ks[30]).model_dump(), "high": ks[30].low * 0.5}
+        client = aioredis.Redis.from_url(redis_url)
+        await client.xadd(topics.stream_key(topics.KLINES), {"__data__": orjson.dumps(impossible)})
+        await client.aclose()
         await publish(redis_url, ks[31:50])
         got = await wait_for_events(redis_url, topics.FEATURES, 49)
         letters = await read_topic(redis_url, topics.DEAD_LETTERS)
     finally:
         await runtime.stop()
     assert [e["open_time"] for e in got] == [k.open_time for k in ks[:30] + ks[31:50]]
-    assert len(letters) == 1 and "high is below low" in letters[0]["reason"]
+    assert len(letters) == 1 and "< low" in letters[0]["reason"], letters
     assert letters[0]["service"] == "features" and letters[0]["source"] == topics.KLINES
     assert runtime.metrics.duplicates.labels(topics.KLINES)._value.get() == 10
     # warm-up is flagged, never NaN: skeleton-v1's longest warm-up is SMA-20's 20 candles
