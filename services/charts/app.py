@@ -12,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from concurrent.futures.process import BrokenProcessPool
 
 from libs.common import topics
+from libs.common.bus import redis_client
 from libs.common.contracts import ChartEvent, ChartRequest, KlineEvent, now_ms
 from libs.common.service import ServiceRuntime
 from libs.common.settings.charts import ChartsSettings
 from services.charts.artifacts import ArtifactStore
+from services.charts.backfill import recent_candles
 from services.charts.cadence import Cadence, ChartJob
 from services.charts.events import chart_event
 from services.charts.history import CandleHistory
 from services.charts.indicators import WARMUP
 from services.charts.pool import RenderPool
 from services.charts.presets import ChartPreset, get_preset
-from services.charts.window import ChartInputError, check_window
+from services.charts.window import ChartInputError, ChartWindow, check_window
 
 SETTINGS = ChartsSettings
 log = logging.getLogger("klinebus.charts")
@@ -52,6 +55,12 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
     rendered = metrics.counter("rendered_total", "Charts rendered and published", ["preset", "reason"])
     render_seconds = metrics.histogram("render_seconds", "Render + store time of one chart", ["preset"])
     expired = metrics.counter("expired_total", "Chart artifacts deleted by retention")
+    expire_errors = metrics.counter("expire_errors_total", "Retention sweeps that failed (retried next sweep)")
+    pool_restarts = metrics.counter("pool_restarts_total", "Render pools replaced after a worker died")
+    backfilled = metrics.counter("backfilled_total", "Candles read back from klines.v1 after a start", ["result"])
+    # a stream's first candle after start asks for its history from klines.v1, filled off the hot path
+    to_backfill: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
+    backfill_asked: set[tuple[str, str]] = set()
     seen = {"replaced": 0, "missed": 0}
 
     def count_skips() -> None:
@@ -68,9 +77,15 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
         if not history.add(event.to_kline()):
             metrics.duplicates.labels(topics.KLINES).inc()
             return
+        if (event.symbol, event.interval) not in backfill_asked:
+            backfill_asked.add((event.symbol, event.interval))
+            to_backfill.put_nowait((event.symbol, event.interval, event.open_time))
+        track_if_full(event.symbol, event.interval)
+
+    def track_if_full(symbol: str, interval: str) -> None:
         # the schedule starts once a full window is held, so a new symbol's first chart is complete
-        if history.count(event.symbol, event.interval) >= settings.window:
-            cadence.track(event.symbol, event.interval)
+        if history.count(symbol, interval) >= settings.window:
+            cadence.track(symbol, interval)
             wake.set()
 
     @bus.subscriber(topics.CHART_REQUESTS, description="Render a chart now, outside the cadence.")
@@ -92,15 +107,47 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
         preset = preset_for(job, settings)
         started = asyncio.get_running_loop().time()
         w = check_window(history.window(job.symbol, job.interval, preset), preset.window)
-        if job.preset not in pool:
-            pool[job.preset] = RenderPool(settings.render_workers)
-        data = await asyncio.wrap_future(pool[job.preset].submit(w, preset))
+        data = await render_png(job.preset, w, preset)
         rendered_at = now_ms()
         name = store.name_for(w.symbol, w.interval, preset.name, w.last_open_time, rendered_at)
         uri = await asyncio.to_thread(store.put, name, data)
         await bus.publish(chart_event(w, preset, uri, rendered_at))
         rendered.labels(preset.name, job.reason).inc()
         render_seconds.labels(preset.name).observe(asyncio.get_running_loop().time() - started)
+
+    async def render_png(name: str, w: ChartWindow, preset: ChartPreset) -> bytes:
+        if name not in pool:
+            pool[name] = RenderPool(settings.render_workers)
+        p = pool[name]
+        try:
+            return await asyncio.wrap_future(p.submit(w, preset))
+        except BrokenProcessPool:
+            # a worker died (OOM kill, crash), which breaks its executor for good: replace it and
+            # give this chart one more try on the fresh one (a chart that kills it again fails alone)
+            pool_restarts.inc()
+            log.warning("render pool %s broken (a worker died); starting a new one", name)
+            await asyncio.to_thread(p.restart)
+            return await asyncio.wrap_future(p.submit(w, preset))
+
+    @runtime.background
+    async def backfill_loop() -> None:
+        need = settings.window + WARMUP  # what a scheduled chart draws, indicators warm
+        client = redis_client(runtime.url)
+        try:
+            while True:
+                symbol, interval, first = await to_backfill.get()
+                try:
+                    older = await recent_candles(client, symbol, interval, need, before=first)
+                except Exception:  # noqa: BLE001 - without history the key still charts, just later
+                    backfilled.labels("error").inc()
+                    log.exception("reading back %s %s from %s failed", symbol, interval, topics.KLINES)
+                    continue
+                added = history.merge(older)
+                backfilled.labels("ok").inc(added)
+                log.info("%s %s: %d earlier candles read back from %s", symbol, interval, added, topics.KLINES)
+                track_if_full(symbol, interval)
+        finally:
+            await client.aclose()
 
     @runtime.background
     async def render_loop() -> None:
@@ -131,7 +178,12 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
     @runtime.background
     async def expire_loop() -> None:
         while True:
-            n = await asyncio.to_thread(store.expire, settings.retention_s, now_ms())
+            try:
+                n = await asyncio.to_thread(store.expire, settings.retention_s, now_ms())
+            except Exception:  # noqa: BLE001 - a transient store error; the next sweep tries again
+                n = 0
+                expire_errors.inc()
+                log.exception("retention sweep of %s failed", store.url)
             if n:
                 expired.inc(n)
                 log.info("expired %d chart artifacts older than %ss", n, int(settings.retention_s))

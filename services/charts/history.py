@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterable
 
 import numpy as np
 
@@ -26,6 +27,20 @@ class CandleHistory:
             return False
         rows.append((k.open_time, k.open, k.high, k.low, k.close, k.volume))
         return True
+
+    def merge(self, older: Iterable[Kline]) -> int:
+        """Add candles from before the ones held (a backfill), keeping the newest ``capacity``;
+        a candle already held changes nothing. Returns how many were added."""
+        older = list(older)
+        if not older:
+            return 0
+        key = (older[0].symbol, older[0].interval)
+        rows = {r[0]: r for r in self._rows.get(key, ())}
+        held = len(rows)
+        for k in older:
+            rows.setdefault(k.open_time, (k.open_time, k.open, k.high, k.low, k.close, k.volume))
+        self._rows[key] = deque((rows[t] for t in sorted(rows)), maxlen=self.capacity)
+        return len(rows) - held
 
     def __len__(self) -> int:
         return len(self._rows)

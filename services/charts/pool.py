@@ -41,10 +41,18 @@ class RenderPool:
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor | None:
         # spawn, not fork: a forked child would inherit the parent's event loop and Redis sockets
-        self._pool = (
-            ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if self.workers > 0 else None
-        )
+        return ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) if self.workers > 0 else None
+
+    def restart(self) -> None:
+        """Replace the worker processes. A worker that died (OOM-killed, crashed) breaks its whole
+        executor for good: every later submit raises ``BrokenProcessPool`` until it is replaced."""
+        old, self._pool = self._pool, self._new_pool()
+        if old is not None:
+            old.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, w: ChartWindow, preset: ChartPreset) -> Future:
         if self._pool is None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import json
+from typing import Annotated
+
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from libs.common.settings import ServiceSettings, parse_csv_list
 
@@ -17,7 +21,9 @@ class ChartsSettings(ServiceSettings):
     retention_s: float = Field(7 * 86400.0, gt=0, description="Charts older than this are deleted.")
     expire_every_s: float = Field(3600.0, gt=0, description="Seconds between retention sweeps.")
     render_workers: int = Field(1, ge=0, description="Render processes (0: render in the service process).")
-    symbols: list[str] = Field(
+    # NoDecode: the env value is 'A,B,C' (as k8s and compose set it for every service), parsed by
+    # _symbols, not JSON-decoded first (which fails on a bare comma list).
+    symbols: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Only chart these symbols (comma-separated); empty: every symbol seen on klines.v1.",
     )
@@ -25,7 +31,12 @@ class ChartsSettings(ServiceSettings):
     @field_validator("symbols", mode="before")
     @classmethod
     def _symbols(cls, v: object) -> object:
-        return parse_csv_list(v)
+        if isinstance(v, str) and v.strip().startswith("["):
+            v = json.loads(v)
+        v = parse_csv_list(v)
+        if isinstance(v, list):
+            return list(dict.fromkeys(str(s).strip().upper() for s in v if str(s).strip()))
+        return v
 
     @field_validator("preset")
     @classmethod
