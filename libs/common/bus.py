@@ -199,7 +199,7 @@ class Bus:
         url: str,
         *,
         consumer: str,
-        stream_maxlen: int = 1_000_000,
+        stream_maxlen: int = 200_000,
         dead_letter_maxlen: int = 100_000,
         reclaim_idle_ms: int = 60_000,
         metrics: ServiceMetrics | None = None,

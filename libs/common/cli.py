@@ -15,8 +15,9 @@ import sys
 from typing import Sequence
 
 SERVICES = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer")
-# `archive` is the Parquet archiver that ships with ingest.
+# `archive` is the Parquet archiver that ships with ingest (and its extra).
 _APP_MODULES = {"archive": "services.ingest.archive_app"}
+_EXTRAS = {"archive": "ingest"}
 
 log = logging.getLogger("klinebus.cli")
 
@@ -33,7 +34,7 @@ def app_module(service: str):
         if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
             raise CliError(f"service {service!r} is not built yet (no {name})") from None
         raise CliError(
-            f"service {service!r} needs the package {exc.name!r}: pip install 'klinebus[{service}]'"
+            f"service {service!r} needs the package {exc.name!r}: pip install 'klinebus[{_EXTRAS.get(service, service)}]'"
         ) from None
 
 
@@ -108,17 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"services.{service}.cli")
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("services."):
-                continue  # that service has no subcommands (or is not built yet)
-            raise
+            # No subcommands (or not built yet), or this image lacks that service's extra: one
+            # image per service must still run its own service.
+            log.debug("no %s subcommands: %s", service, exc)
+            continue
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from libs.common.redis_server import EmbeddedRedisError
-    from libs.common.settings import SettingsError
     from redis.exceptions import RedisError
+
+    from libs.common.service import ServiceFailed
+    from libs.common.settings import SettingsError
 
     args = build_parser().parse_args(argv)
     try:
@@ -126,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, CliError, EmbeddedRedisError) as exc:
         print(f"klinebus: error: {exc}", file=sys.stderr)
         return 2
+    except ServiceFailed as exc:
+        print(f"klinebus: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except (OSError, RedisError) as exc:

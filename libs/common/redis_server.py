@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -98,6 +99,7 @@ class EmbeddedRedis:
         self.persistent = persistent
         self.executable = executable or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock = None
 
     @property
     def url(self) -> str:
@@ -143,11 +145,26 @@ class EmbeddedRedis:
             lines += ["appendonly no", 'save ""']
         return "\n".join(lines) + "\n"
 
+    def _take_ownership(self) -> None:
+        """One live owner per folder: a second process would otherwise take the first one's
+        running server for an orphan and stop it."""
+        self._lock = open(self.folder / "owner.lock", "w")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise EmbeddedRedisError(
+                f"another klinebus process runs the embedded Redis in {self.folder}; point this one at it "
+                "with KLINEBUS_REDIS_URL, or give it its own KLINEBUS_DATA_DIR"
+            ) from None
+
     def start(self) -> "EmbeddedRedis":
         if self.process is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._stop_orphan()
+        self._take_ownership()
+        self._stop_orphan()  # only a dead owner's server can be left: we hold the lock
         if self.port is None:
             self.port = _free_port()
         conf = self.folder / "redis.conf"
@@ -159,7 +176,11 @@ class EmbeddedRedis:
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG, no threads yet
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         log.info("embedded redis-server %s ready at %s (data in %s)", self.executable, self.url, self.folder)
         return self
 
@@ -188,6 +209,14 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
+        try:
+            self._stop_process(proc)
+        finally:
+            if self._lock is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
+
+    def _stop_process(self, proc: "subprocess.Popen[bytes] | None") -> None:
         if proc is None or proc.poll() is not None:
             return
         import redis

@@ -27,6 +27,10 @@ log = logging.getLogger("klinebus.service")
 Hook = Callable[[], Awaitable[Any]]
 
 
+class ServiceFailed(RuntimeError):
+    """The service stopped because a part of it died; the process exits non-zero."""
+
+
 class ServiceRuntime:
     def __init__(self, name: str, settings: ServiceSettings, url: str, description: str = "") -> None:
         self.name = name
@@ -47,6 +51,7 @@ class ServiceRuntime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._http = None
         self.http_port: int | None = None
+        self._stop_event: asyncio.Event | None = None
         self.health.set("broker", False)
 
     # --- registration ------------------------------------------------------------------
@@ -89,9 +94,12 @@ class ServiceRuntime:
             await fn()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s: background task %s failed; service marked not ready", self.name, fn.__name__)
+        except Exception as exc:
+            log.exception("%s: background task %s failed; service marked unhealthy", self.name, fn.__name__)
             self.health.set(f"task:{fn.__name__}", False)
+            self.health.fail(f"background task {fn.__name__} failed: {type(exc).__name__}: {exc}")
+            if self._stop_event is not None:
+                self._stop_event.set()  # under `klinebus run`: exit non-zero so the pod restarts
             raise
 
     async def stop(self) -> None:
@@ -116,6 +124,7 @@ class ServiceRuntime:
     async def run_forever(self, stop: asyncio.Event | None = None) -> None:
         """Start, then run until SIGTERM/SIGINT (or ``stop`` is set), then stop cleanly."""
         stop = stop or asyncio.Event()
+        self._stop_event = stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -125,3 +134,5 @@ class ServiceRuntime:
             await stop.wait()
         finally:
             await self.stop()
+        if self.health.fatal:
+            raise ServiceFailed(f"{self.name}: {self.health.fatal}")

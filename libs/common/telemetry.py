@@ -96,6 +96,12 @@ class Health:
     def __init__(self) -> None:
         self.started = time.time()
         self._checks: dict[str, Callable[[], bool] | bool] = {}
+        self.fatal: str | None = None
+
+    def fail(self, reason: str) -> None:
+        """Something the process cannot recover from by itself (a background task died): /healthz
+        fails too, so the orchestrator restarts the process instead of leaving it idle."""
+        self.fatal = reason
 
     def set(self, name: str, ok: bool | Callable[[], bool]) -> None:
         self._checks[name] = ok
@@ -119,6 +125,8 @@ async def start_http(
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
+        if health.fatal:
+            return web.json_response({"status": "failed", "reason": health.fatal}, status=503)
         return web.json_response({"status": "ok", "uptime_s": round(time.time() - health.started, 1)})
 
     async def readyz(_: web.Request) -> web.Response:

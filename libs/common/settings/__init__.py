@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "KLINEBUS_"
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -44,7 +45,10 @@ class ServiceSettings(BaseSettings):
         description="This replica's consumer name in each consumer group (pod name on Kubernetes).",
     )
     stream_maxlen: int = Field(
-        1_000_000, gt=0, description="Approximate cap (XADD MAXLEN ~) on every topic stream."
+        200_000,
+        gt=0,
+        description="Approximate cap (XADD MAXLEN ~) on every topic stream. A features.v1 entry of all-v1 "
+        "takes ~2 KB in Redis, so the default holds ~0.4 GB per topic: size Redis for it.",
     )
     dead_letter_maxlen: int = Field(100_000, gt=0, description="Cap on the dead-letter stream.")
     reclaim_idle_ms: int = Field(
@@ -86,6 +90,8 @@ def load_settings(cls: type[S], **overrides: object) -> S:
     """Build ``cls`` from the environment; a wrong value raises ``SettingsError`` with one line."""
     try:
         return cls(**overrides)  # type: ignore[arg-type]
+    except PydanticSettingsError as exc:  # e.g. a list variable that is not valid JSON
+        raise SettingsError(f"invalid setting: {' '.join(str(exc).split())}") from None
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", ENV_PREFIX)
         lines = []

@@ -5,16 +5,24 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from libs.common.klines import INTERVAL_MS
 from libs.common.settings import ServiceSettings, parse_csv_list
 
-# The 25 coins of our users' setups (seeds/004: "Supported Cryptocurrencies (25 coins)").
+# Binance spot websocket rules (mirrored from services/ingest/rules.py: libs must not import services).
+# "A single connection to stream.binance.com is only valid for 24 hours."
+CONNECTION_LIFETIME_S = 24 * 3600.0
+# "A single connection can listen to a maximum of 1024 streams."
+MAX_STREAMS_PER_CONNECTION = 1024
+
+# The 25 coins of our users' setups (seeds/004: "Supported Cryptocurrencies (25 coins)"), with
+# POLUSDT in place of the seed's MATICUSDT: Binance migrated MATIC to POL in September 2024 and
+# ended MATICUSDT spot trading, so that stream no longer delivers candles; POLUSDT is the pair.
 DEFAULT_SYMBOLS: tuple[str, ...] = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT",
-    "ADAUSDT", "AVAXUSDT", "DOGEUSDT", "LINKUSDT", "MATICUSDT",
+    "ADAUSDT", "AVAXUSDT", "DOGEUSDT", "LINKUSDT", "POLUSDT",
     "LTCUSDT", "UNIUSDT", "ATOMUSDT", "XMRUSDT", "NEARUSDT",
     "ARBUSDT", "OPUSDT", "APTUSDT", "SUIUSDT", "PEPEUSDT",
     "SHIBUSDT", "ICPUSDT", "ETCUSDT", "FILUSDT", "AAVEUSDT",
@@ -39,7 +47,7 @@ class IngestSettings(ServiceSettings):
         "https://data.binance.vision", description="Base URL of Binance's public kline archive (history import)."
     )
     streams_per_connection: int = Field(
-        200, gt=0, le=1024, description="Streams per websocket connection (Binance allows at most 1024)."
+        200, gt=0, description="Streams per websocket connection (Binance allows at most 1024)."
     )
     rotate_after_s: float = Field(
         23 * 3600.0, gt=0, description="Open a replacement connection after this long (Binance cuts at 24 h)."
@@ -99,6 +107,30 @@ class IngestSettings(ServiceSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("streams_per_connection")
+    @classmethod
+    def _per_connection(cls, v: int) -> int:
+        if v > MAX_STREAMS_PER_CONNECTION:
+            raise ValueError(f"must be at most {MAX_STREAMS_PER_CONNECTION} (Binance's streams per connection), got {v}")
+        return v
+
+    @field_validator("rotate_after_s")
+    @classmethod
+    def _rotate(cls, v: float) -> float:
+        if v >= CONNECTION_LIFETIME_S:
+            raise ValueError(
+                f"must be below {CONNECTION_LIFETIME_S:.0f} (Binance cuts a connection after 24 h), got {v:g}"
+            )
+        return v
+
+    @field_validator("reconnect_max_s")
+    @classmethod
+    def _reconnect_max(cls, v: float, info: ValidationInfo) -> float:
+        initial = info.data.get("reconnect_initial_s")  # absent when it failed its own check
+        if initial is not None and v < initial:
+            raise ValueError(f"must be at least KLINEBUS_RECONNECT_INITIAL_S ({initial:g}), got {v:g}")
+        return v
 
     def archive_root(self) -> str:
         return self.archive_url or str(self.data_dir / "archive")

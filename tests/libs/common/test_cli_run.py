@@ -1,6 +1,8 @@
 """`klinebus run <service>` as an operator runs it: embedded Redis, telemetry, clean SIGTERM."""
 
 import json
+
+import pytest
 import os
 import signal
 import socket
@@ -84,3 +86,54 @@ def test_tail_prints_the_last_events_of_a_topic(redis_url, capsys):
     assert [json.loads(line.split(" ", 1)[1])["reason"] for line in lines] == ["r1", "r2"]
     assert main(["tail", "nope.v1", "--redis-url", redis_url]) == 2
     assert "unknown topic 'nope.v1'" in capsys.readouterr().err
+
+
+def test_a_dead_background_task_fails_healthz_and_the_run(tmp_path, redis_url):
+    import asyncio
+
+    from libs.common.pipeline import build_runtime
+    from libs.common.service import ServiceFailed
+
+    async def scenario():
+        runtime = build_runtime("inference", redis_url, tmp_path)
+
+        @runtime.background
+        async def doomed() -> None:
+            raise RuntimeError("websocket library exploded")
+
+        runner = asyncio.create_task(runtime.run_forever())
+        for _ in range(200):
+            if runtime.health.fatal:
+                break
+            await asyncio.sleep(0.02)
+        assert runtime.health.fatal == "background task doomed failed: RuntimeError: websocket library exploded"
+        try:
+            await asyncio.wait_for(runner, 10)
+        except ServiceFailed as exc:
+            return str(exc)
+        return None
+
+    assert asyncio.run(scenario()) == "inference: background task doomed failed: RuntimeError: websocket library exploded"
+
+
+def test_an_image_without_another_services_extra_still_runs_its_own(monkeypatch):
+    """Per-service images: importing the CLI must not need numba (features) when only ingest is installed."""
+    import builtins
+
+    from libs.common import cli
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ModuleNotFoundError("No module named 'numba'", name="numba")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in list(sys.modules) if m.startswith(("services.features", "numba"))]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    parser = cli.build_parser()
+    args = parser.parse_args(["run", "ingest"])
+    assert args.service == "ingest"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["features", "compute"])  # that subcommand is simply absent here

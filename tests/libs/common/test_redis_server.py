@@ -71,7 +71,8 @@ def test_an_orphan_from_an_older_run_is_stopped_before_starting(tmp_path):
     # Simulate an orphan: a server started outside our control on the same folder.
     first = EmbeddedRedis(tmp_path).start()
     orphan_pid = first.process.pid
-    first.process = None  # forget it, as a crashed host would
+    first.process = None  # forget it, as a crashed host would...
+    first._lock.close()  # ...whose lock died with it
     second = EmbeddedRedis(tmp_path).start()
     try:
         time.sleep(0.2)
@@ -79,3 +80,14 @@ def test_an_orphan_from_an_older_run_is_stopped_before_starting(tmp_path):
         assert redis.Redis.from_url(second.url).ping()
     finally:
         second.stop()
+
+
+def test_a_second_owner_is_refused_and_the_first_server_keeps_running(tmp_path):
+    import pytest
+
+    from libs.common.redis_server import EmbeddedRedisError
+
+    with EmbeddedRedis(tmp_path) as first:
+        with pytest.raises(EmbeddedRedisError, match="another klinebus process runs the embedded Redis"):
+            EmbeddedRedis(tmp_path).start()
+        assert redis.Redis.from_url(first.url).ping()
