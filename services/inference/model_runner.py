@@ -1,4 +1,4 @@
-"""Runs one ONNX model with onnxruntime on CPU, in batches."""
+"""Runs one ONNX model with onnxruntime on CPU; inputs are ``[batch, window]`` so callers may batch."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="run the Binance exchange simulator alone (replays kline files)")
     p.add_argument("--data", nargs="+", default=["data/klines/*.csv.gz"], help="kline files or globs (SYMBOL-INTERVAL-*.csv[.gz]|.zip)")
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second (default 60)")
-    p.add_argument("--port", type=int, default=9443, help="loopback port (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=9443, help="port (0: any free one)")
     p.add_argument("--limit", type=int, default=None, help="candles per stream to replay")
     p.add_argument("--updates", type=int, default=2, help="in-progress updates per candle (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the in-progress price paths (same seed, same replay)")
@@ -41,7 +42,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     candles = load_candles(paths, limit=args.limit)
 
     async def main() -> None:
-        async with ExchangeSimulator(candles, speed=args.speed, updates_per_candle=args.updates, port=args.port, seed=args.seed) as sim:
+        async with ExchangeSimulator(candles, speed=args.speed, updates_per_candle=args.updates, host=args.host, port=args.port, seed=args.seed) as sim:
             print(f"simulator: websocket {sim.ws_url}  REST {sim.rest_url}  ({len(candles)} streams, x{args.speed:g})")
             print(f"  export KLINEBUS_BINANCE_WS_URL={sim.ws_url} KLINEBUS_BINANCE_REST_URL={sim.rest_url}")
             await sim.wait_done()

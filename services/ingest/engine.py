@@ -65,6 +65,7 @@ class IngestEngine:
             t = StreamTracker(
                 s, i, last.get((s, i)), self._publish, self._fetch, self.metrics,
                 fetch_recent=self._fetch_recent, initial_candles=self.initial_backfill,
+                dropped=self._forget_receipt,
             )
             self.trackers[(s, i)] = t
             self._by_stream[ws_stream_name(s, i)] = t
@@ -89,6 +90,11 @@ class IngestEngine:
             if received is not None and appended:
                 self.metrics.receive_to_publish.observe(now - received)
         return results
+
+    def _forget_receipt(self, k: Kline) -> None:
+        """The tracker dropped ``k`` (a duplicate, or a run left to a backfill retry): its receive
+        time would otherwise stay in ``_received`` forever."""
+        self._received.pop(k.key, None)
 
     async def _fetch(self, symbol: str, interval: str, start: int, end: int | None) -> list[Kline]:
         return await self.rest.closed_klines(symbol, interval, start, end)

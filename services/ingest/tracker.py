@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from libs.common.klines import Kline, interval_ms
+from services.ingest.backoff import Backoff
 
 log = logging.getLogger("klinebus.ingest.tracker")
 
@@ -36,6 +37,14 @@ Publish = Callable[[Sequence[Kline], str], Awaitable[list[tuple[bool, int]]]]
 Fetch = Callable[[str, str, int, "int | None"], Awaitable[list[Kline]]]
 # fetch_recent(symbol, interval, count, end) -> the newest ``count`` closed candles up to end (None: now)
 FetchRecent = Callable[[str, str, int, "int | None"], Awaitable[list[Kline]]]
+# dropped(candle): a closed candle the tracker let go without publishing it itself
+# (a duplicate, or one of a run whose gap backfill failed: the retry fetches it over REST)
+Dropped = Callable[[Kline], None]
+
+# Pause before retrying a failed backfill: doubled per consecutive failure, with jitter, capped
+# well under a minute so a REST outage is bridged soon after it ends.
+RETRY_INITIAL_S = 1.0
+RETRY_MAX_S = 30.0
 
 INITIAL = "initial"  # gap reason of a new stream's first backfill
 
@@ -57,6 +66,9 @@ class StreamTracker:
         *,
         fetch_recent: FetchRecent | None = None,
         initial_candles: int = 0,
+        dropped: Dropped | None = None,
+        retry_initial_s: float = RETRY_INITIAL_S,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         if initial_candles and fetch_recent is None:
             raise ValueError("initial_candles needs fetch_recent")
@@ -74,6 +86,8 @@ class StreamTracker:
         self._queue: asyncio.Queue[Kline | CatchUp] = asyncio.Queue()
         self._pending_catch_up: str | None = None
         self.last_silence_check = 0  # exchange ms of the last silence-triggered catch-up
+        self._dropped = dropped or (lambda k: None)
+        self._retry = Backoff(retry_initial_s, retry_max_s)
 
     # --- inputs (called by the websocket side; never block) ------------------------------
 
@@ -107,10 +121,16 @@ class StreamTracker:
                 except Exception as exc:  # noqa: BLE001 - a failed backfill must not kill the stream
                     log.exception("%s %s: %s", self.symbol, self.interval, exc)
                     if isinstance(work, list):
-                        # Leave the candles for the next catch-up: publishing them now would skip the gap.
-                        self.metrics.backfill_failures.labels(self.interval).inc()
-                        await asyncio.sleep(1.0)
-                        self.catch_up("retry")
+                        # Leave the candles for the retry: publishing them now would skip the gap.
+                        for k in work:
+                            self._dropped(k)
+                    # A failed catch-up (restart, reconnect, rotation, silence) is retried too:
+                    # otherwise its gap would wait for the next live candle (an hour on 1h).
+                    self.metrics.backfill_failures.labels(self.interval).inc()
+                    await asyncio.sleep(self._retry.next_delay())
+                    self.catch_up("retry")
+                else:
+                    self._retry.reset()
 
     async def _on_closed(self, ks: list[Kline]) -> None:
         """Publish a run of closed candles in order, backfilling any gap before a candle first."""
@@ -121,6 +141,7 @@ class StreamTracker:
             last = run[-1].open_time if run else self.last
             if last is not None and k.open_time <= last:
                 self.metrics.duplicates.labels("klines.v1").inc()
+                self._dropped(k)
                 continue
             if last is not None and k.open_time > last + self.step:
                 await self._emit(run, "ws")

@@ -38,6 +38,7 @@ URL_STREAMS_MAX = 100
 # One SUBSCRIBE request carries at most this many streams.
 SUBSCRIBE_BATCH = 200
 MAX_MESSAGE_BYTES = 1 << 20
+CLOSE_TIMEOUT_S = 2.0
 
 OnMessage = Callable[[bytes | str], Awaitable[None]]
 OnConnected = Callable[[Sequence[str], str], None]
@@ -69,16 +70,17 @@ def split_streams(streams: Sequence[str], per_connection: int) -> list[list[str]
 class _Connection:
     """One websocket and its reader; tells its slot when it ended, went silent or must rotate."""
 
-    def __init__(self, ws: ClientConnection, on_message: OnMessage, name: str) -> None:
+    def __init__(self, ws: ClientConnection, on_message: OnMessage, slot: int) -> None:
         self.ws = ws
-        self.name = name
+        self.slot = slot
+        self.name = f"slot{slot}"
         self.opened = time.monotonic()
         self.last_message = self.opened
         self.delivered = asyncio.Event()
         self.shutdown = False
         self.ended = asyncio.Event()
         self._on_message = on_message
-        self.reader = asyncio.create_task(self._read(), name=f"ingest-ws:{name}")
+        self.reader = asyncio.create_task(self._read(), name=f"ingest-ws:{self.name}")
 
     async def _read(self) -> None:
         try:
@@ -97,10 +99,13 @@ class _Connection:
 
     async def close(self) -> None:
         self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.reader
+        # asyncio.wait, not ``await self.reader``: a cancellation of the caller (a stopping
+        # slot) must still propagate instead of being swallowed with the reader's own.
+        await asyncio.wait({self.reader})
+        if not self.reader.cancelled() and self.reader.exception() is not None:
+            log.error("%s: reader failed", self.name, exc_info=self.reader.exception())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(), 2.0)
+            await asyncio.wait_for(self.ws.close(), CLOSE_TIMEOUT_S)
 
 
 class BinanceStreamClient:
@@ -136,6 +141,7 @@ class BinanceStreamClient:
         self.metrics = metrics
         self.url_streams_max = url_streams_max
         self.open_connections = 0
+        self._connections: dict[int, set[_Connection]] = {}  # open connections per slot
         host = urlparse(self.base_url).hostname or ""
         # Environment proxies never apply to loopback (the simulator).
         self._proxy: Any = None if host in ("127.0.0.1", "localhost", "::1") else True
@@ -155,37 +161,48 @@ class BinanceStreamClient:
             self.metrics.ws_connections.set(self.open_connections)
 
     async def _slot(self, index: int, streams: list[str]) -> None:
-        """Keeps one chunk of streams connected, forever."""
+        """Keeps one chunk of streams connected until cancelled; then closes its connections."""
         backoff = Backoff(self.reconnect_initial_s, self.reconnect_max_s)
-        current = await self._open(index, streams, backoff, "start")
-        while True:
-            cause = await self._watch(current)
-            self._count("ws_disconnects", cause)
-            if current.delivered.is_set():
-                backoff.reset()
-            if cause in ("rotation", "shutdown"):
-                log.info("slot %d: %s: opening the replacement before closing the old connection", index, cause)
-                new = await self._open(index, streams, backoff, cause)
-                # keep the old one until the new one delivers (or the old one dies anyway)
-                waiters = [asyncio.ensure_future(new.delivered.wait()), asyncio.ensure_future(current.ended.wait())]
-                await asyncio.wait(waiters, timeout=self.silence_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-                await self._close(current)
-                current = new
-            else:
-                log.warning("slot %d: connection %s; reconnecting", index, cause)
-                await self._close(current)
-                if not current.delivered.is_set():
-                    # a server that accepts and drops at once must not get a connection storm
-                    await asyncio.sleep(backoff.next_delay())
-                current = await self._open(index, streams, backoff, "reconnect")
+        try:
+            current = await self._open(index, streams, backoff, "start")
+            while True:
+                cause = await self._watch(current)
+                self._count("ws_disconnects", cause)
+                if current.delivered.is_set():
+                    backoff.reset()
+                if cause in ("rotation", "shutdown"):
+                    log.info("slot %d: %s: opening the replacement before closing the old connection", index, cause)
+                    new = await self._open(index, streams, backoff, cause)
+                    # keep the old one until the new one delivers (or the old one dies anyway)
+                    delivered = asyncio.ensure_future(new.delivered.wait())
+                    try:
+                        await asyncio.wait(
+                            {delivered, current.reader}, timeout=self.silence_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        delivered.cancel()
+                    await self._close(current)
+                    current = new
+                else:
+                    log.warning("slot %d: connection %s; reconnecting", index, cause)
+                    await self._close(current)
+                    if not current.delivered.is_set():
+                        # a server that accepts and drops at once must not get a connection storm
+                        await asyncio.sleep(backoff.next_delay())
+                    current = await self._open(index, streams, backoff, "reconnect")
+        finally:
+            # stop() cancels the slot: close what it holds (``new`` too, mid-rotation), or the
+            # sockets and their reader tasks would outlive the service.
+            for conn in list(self._connections.get(index, ())):
+                await self._close(conn)
 
     async def _watch(self, conn: _Connection) -> str:
         step = min(0.25, self.silence_timeout_s / 4)
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(conn.ended.wait()), step)
+            # The reader task ends exactly when the connection does; waiting on it (one task for
+            # the connection's whole life) allocates nothing that outlives the call, unlike a
+            # fresh ``shield(ended.wait())`` per step, which leaked a task each timeout.
+            await asyncio.wait({conn.reader}, timeout=step)
             now = time.monotonic()
             if conn.ended.is_set():
                 return "closed"
@@ -197,8 +214,12 @@ class BinanceStreamClient:
                 return "rotation"
 
     async def _close(self, conn: _Connection) -> None:
-        await conn.close()
+        held = self._connections.get(conn.slot, set())
+        if conn not in held:
+            return  # already closed
+        held.discard(conn)
         self._set_open(-1)
+        await conn.close()
 
     async def _open(self, index: int, streams: list[str], backoff: Backoff, reason: str) -> _Connection:
         in_url, later = streams[: self.url_streams_max], streams[self.url_streams_max :]
@@ -211,7 +232,7 @@ class BinanceStreamClient:
                     ping_interval=None,  # the server pings; our own pings would count against 5 msg/s
                     max_size=MAX_MESSAGE_BYTES,
                     open_timeout=10,
-                    close_timeout=2,
+                    close_timeout=CLOSE_TIMEOUT_S,
                     proxy=self._proxy,
                 )
             except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
@@ -220,7 +241,9 @@ class BinanceStreamClient:
                 log.warning("slot %d: connect failed (%s); retrying in %.2f s", index, exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            conn = _Connection(ws, self.on_message, f"slot{index}")
+            conn = _Connection(ws, self.on_message, index)
+            # registered before anything else can be cancelled, so the slot's cleanup closes it
+            self._connections.setdefault(index, set()).add(conn)
             self._set_open(+1)
             self._count("ws_connects", reason)
             if later:

@@ -20,10 +20,11 @@ MAX_STREAMS_PER_CONNECTION = 1024
 # The 25 coins of our users' setups (seeds/004: "Supported Cryptocurrencies (25 coins)"), with
 # POLUSDT in place of the seed's MATICUSDT: Binance migrated MATIC to POL in September 2024 and
 # ended MATICUSDT spot trading, so that stream no longer delivers candles; POLUSDT is the pair.
+# Likewise DOTUSDT in place of XMRUSDT, which Binance delisted in February 2024.
 DEFAULT_SYMBOLS: tuple[str, ...] = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT",
     "ADAUSDT", "AVAXUSDT", "DOGEUSDT", "LINKUSDT", "POLUSDT",
-    "LTCUSDT", "UNIUSDT", "ATOMUSDT", "XMRUSDT", "NEARUSDT",
+    "LTCUSDT", "UNIUSDT", "ATOMUSDT", "DOTUSDT", "NEARUSDT",
     "ARBUSDT", "OPUSDT", "APTUSDT", "SUIUSDT", "PEPEUSDT",
     "SHIBUSDT", "ICPUSDT", "ETCUSDT", "FILUSDT", "AAVEUSDT",
 )  # fmt: skip

@@ -98,3 +98,21 @@ def test_dashboard_file_is_the_generators_output():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert json.loads((path.parent / "grafana-dashboard.json").read_text()) == module.build()
+
+
+def test_every_service_accepts_the_values_the_manifests_set(monkeypatch):
+    """Not only the names: each service's settings load from each overlay's values."""
+    from libs.common.settings import load_settings
+
+    for overlay in ("base", "overlays/dev", "overlays/production"):
+        env: dict[str, str] = {}
+        chain = [ROOT / "k8s" / "base"] if overlay == "base" else [ROOT / "k8s" / "base", ROOT / "k8s" / overlay]
+        for folder in chain:
+            for gen in yaml.safe_load((folder / "kustomization.yaml").read_text()).get("configMapGenerator", []):
+                env.update(lit.split("=", 1) for lit in gen.get("literals", []))
+        for key in [k for k in list(__import__("os").environ) if k.startswith("KLINEBUS_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        for service in ("ingest", "archive", "features", "charts", "inference"):
+            load_settings(app_module(service).SETTINGS)  # raises one line on a bad value
