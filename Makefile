@@ -6,12 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-quick bench asyncapi clean help
+.PHONY: demo test test-quick lint bench asyncapi clean help
 
 help:
 	@echo "make demo        run the whole pipeline on shipped Binance candles (no network)"
 	@echo "make test        run every test (what CI runs)"
 	@echo "make test-quick  skip tests marked slow"
+	@echo "make lint        pyflakes checks (ruff)"
 	@echo "make bench       run the benchmarks in bench/"
 	@echo "make asyncapi    regenerate docs/asyncapi.yaml from the service apps"
 
@@ -29,6 +30,9 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

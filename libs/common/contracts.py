@@ -10,21 +10,16 @@ Times are integer milliseconds since the epoch, UTC, as Binance sends them.
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from libs.common import topics
-from libs.common.klines import INTERVAL_MS, InvalidKline, Kline, validate_kline
+from libs.common.klines import INTERVAL_MS, InvalidKline, Kline, now_ms, validate_kline
 
 Symbol = str
 Millis = int
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class InvalidEvent(ValueError):

@@ -64,7 +64,8 @@ CSV_COLUMNS = (
 FUTURE_SLACK_MS = 5 * 60_000
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Wall-clock time in the unit of every timestamp here: integer ms since the epoch, UTC."""
     return time.time_ns() // 1_000_000
 
 
@@ -148,7 +149,7 @@ def validate_kline(k: Kline) -> Kline:
         raise InvalidKline(
             f"{where}: close_time - open_time is {k.close_time - k.open_time} ms, a {k.interval} candle spans {span - 1}"
         )
-    if k.open_time > _now_ms() + span + FUTURE_SLACK_MS:
+    if k.open_time > now_ms() + span + FUTURE_SLACK_MS:
         raise InvalidKline(f"{where}: open_time is in the future")
     return k
 

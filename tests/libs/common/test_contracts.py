@@ -1,4 +1,3 @@
-import orjson
 import pytest
 
 from libs.common import topics
