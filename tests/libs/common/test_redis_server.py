@@ -91,3 +91,20 @@ def test_a_second_owner_is_refused_and_the_first_server_keeps_running(tmp_path):
         with pytest.raises(EmbeddedRedisError, match="another klinebus process runs the embedded Redis"):
             EmbeddedRedis(tmp_path).start()
         assert redis.Redis.from_url(first.url).ping()
+
+
+def test_a_server_killed_without_shutdown_loses_no_acknowledged_write(tmp_path):
+    server = EmbeddedRedis(tmp_path).start()
+    r = redis.Redis.from_url(server.url)
+    for i in range(200):
+        r.xadd("s", {"i": i})
+    r.close()
+    server.process.kill()  # SIGKILL: no SHUTDOWN, no final save
+    server.process.wait()
+    server.process = None
+    server._lock.close()
+    server._lock = None
+    with EmbeddedRedis(tmp_path) as again:
+        r = redis.Redis.from_url(again.url)
+        assert r.xlen("s") == 200
+        r.close()
