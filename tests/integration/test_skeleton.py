@@ -14,6 +14,8 @@ from libs.common.klines import read_kline_csv
 from libs.common.pipeline import start_runtimes, stop_runtimes
 from tests.streams import open_times_by_stream, read_topic, replaying, wait_for_events
 
+pytestmark = pytest.mark.slow
+
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "klines"
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 CANDLES = 60

@@ -110,6 +110,7 @@ def test_candle_patterns_fire_on_real_data(real):
         assert np.nansum(x != 0) > 0, f"{name} never fires in {real.name}"
 
 
+@pytest.mark.slow
 def test_scale_free_indicators_do_not_depend_on_price_level(btc):
     """A micro-priced copy of BTC (x1e-9, like PEPEUSDT) gives the same RSI/DI/ADX/%K/MFI.
 

@@ -4,6 +4,8 @@ candles, each once, in order per stream, with the missing ones backfilled."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 
 from prometheus_client import REGISTRY
@@ -12,6 +14,8 @@ from services.ingest.app import create
 from services.ingest.simulator import FaultPlan
 
 from ingest_support import begin_when_connected, simulator, expected_by_stream, ingest_settings, keys_by_stream, running, shipped_candles, wait_for_count
+
+pytestmark = pytest.mark.slow
 
 
 def metric(name: str, **labels) -> float:
