@@ -9,14 +9,13 @@ import time
 from typing import Any, Iterable
 
 import orjson
-import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD
+from libs.common.bus import DATA_FIELD, redis_client
 
 
 async def read_topic(url: str, topic: str) -> list[dict[str, Any]]:
-    client = aioredis.Redis.from_url(url)
+    client = redis_client(url)  # a RedisCluster for redis+cluster:// URLs
     try:
         entries = await client.xrange(topics.stream_key(topic))
     finally:
@@ -26,7 +25,7 @@ async def read_topic(url: str, topic: str) -> list[dict[str, Any]]:
 
 async def add_events(url: str, events: Iterable[Any]) -> None:
     """XADD each event (anything with ``topic`` and ``to_json``) to its topic, in order."""
-    client = aioredis.Redis.from_url(url)
+    client = redis_client(url)  # a RedisCluster for redis+cluster:// URLs
     try:
         for event in events:
             await client.xadd(topics.stream_key(event.topic), {DATA_FIELD: event.to_json()})
