@@ -15,12 +15,13 @@ from tests.integration.test_skeleton import (
     test_a_restarted_features_service_neither_drops_nor_doubles as restarted_features_neither_drops_nor_doubles,
 )
 from tests.integration.test_skeleton import (
-
-pytestmark = pytest.mark.slow
     test_every_replayed_candle_yields_one_features_event_and_one_prediction_in_order as skeleton_yields_one_event_per_candle_in_order,
 )
 
 PIPELINE_TOPICS = (topics.KLINES, topics.FEATURES, topics.PREDICTIONS)
+
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
