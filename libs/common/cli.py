@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from libs.common.service import ServiceFailed
     from libs.common.settings import SettingsError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except (SettingsError, CliError, EmbeddedRedisError) as exc:
         print(f"klinebus: error: {exc}", file=sys.stderr)

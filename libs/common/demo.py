@@ -237,9 +237,20 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
     services = built_demo_services()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    running = {"live": False}
+
+    def on_signal() -> None:
+        # While the pipeline runs, stop it in order and print the summary; during start-up (or
+        # a second Ctrl-C) cancel outright: every started part is still stopped on the way out.
+        if running["live"] and not stop.is_set():
+            stop.set()
+        elif main is not None:
+            main.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
 
     with EmbeddedRedis(data_dir / "redis") as server:
         sim = ExchangeSimulator(candles, speed=args.speed)
@@ -269,6 +280,7 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
             await sim.begin_when_connected()
             watcher = asyncio.create_task(watch(server.url, board, stop))
             progress = Progress(board, sim)
+            running["live"] = True
             if args.plain or not console.is_terminal:
                 await _follow_plain(board, stop, watcher, console, progress)
             else:
@@ -300,6 +312,9 @@ def run_demo(args: argparse.Namespace) -> None:
         board = asyncio.run(run_pipeline(args, data_dir, console))
     except Stalled as exc:
         raise CliError(f"demo {exc}; logs and data are in {data_dir}") from None
+    except asyncio.CancelledError:
+        console.print(f"demo stopped before it ran; everything it started is stopped ({data_dir})")
+        raise KeyboardInterrupt from None
     console.print()
     console.print(f"[bold]done[/bold]: {sum(board.predictions_per_symbol.values())} predictions from "
                   f"{board.counts.get(topics.KLINES, 0)} closed candles; "
