@@ -150,12 +150,17 @@ class OncePerCandle:
 
     The last open_time per (symbol, interval) lives in a hash beside the stream (same cluster
     slot), so the guard survives restarts and is shared by replicas.
+
+    With ``metrics``, each publish counts ``events_out_total`` (appended) or ``duplicates_total``
+    (refused) for the topic.
     """
 
-    def __init__(self, client: aioredis.Redis, topic: str, maxlen: int) -> None:
+    def __init__(self, client: aioredis.Redis, topic: str, maxlen: int, metrics: ServiceMetrics | None = None) -> None:
         self.client = client
         self.topic = topic
         self.maxlen = maxlen
+        self.metrics = metrics
+        self._last_tried: dict[str, Any] = {}  # per stream field: the last event handed to publish
         self.stream = topics.stream_key(topic)
         self.last_key = topics.stream_companion_key(topic, LAST_OPEN_TIME)
         self._script = client.register_script(_PUBLISH_ONCE)
@@ -164,11 +169,29 @@ class OncePerCandle:
     async def publish(self, event: Any, *key_more: str) -> tuple[bool, int]:
         """``(appended, last_open_time)``; the event must have symbol, interval and open_time.
         ``key_more`` widens the identity (e.g. the model name on predictions.v1)."""
+        field = candle_field(event.symbol, event.interval, *key_more)
+        self._last_tried[field] = event
+        appended, last = await self._append(field, event)
+        if self.metrics is not None:
+            (self.metrics.events_out if appended else self.metrics.duplicates).labels(self.topic).inc()
+        return appended, last
+
+    async def _append(self, field: str, event: Any) -> tuple[bool, int]:
         appended, last = await self._script(
             keys=[self.stream, self.last_key],
-            args=[candle_field(event.symbol, event.interval, *key_more), event.open_time, event.to_json(), self.maxlen, DATA_FIELD],
+            args=[field, event.open_time, event.to_json(), self.maxlen, DATA_FIELD],
         )
         return bool(appended), int(last)
+
+    async def retry_last(self, symbol: str, interval: str, open_time: int, *key_more: str) -> bool:
+        """For a handler whose state took a candle before its publish failed: when the candle at
+        ``open_time`` is the last event tried for this stream, publish it again (the guard keeps it
+        once) and return True; otherwise False (a plain re-delivery: nothing to do)."""
+        event = self._last_tried.get(candle_field(symbol, interval, *key_more))
+        if event is None or event.open_time != open_time:
+            return False
+        await self.publish(event, *key_more)
+        return True
 
     async def publish_many(self, events: Sequence[Any], *key_more: str) -> list[tuple[bool, int]]:
         """``publish`` for many events in one round trip (a backfill page): same guard, applied
@@ -459,7 +482,7 @@ class Bus:
         The topic must also be declared with ``publisher`` so it appears in the AsyncAPI document."""
         if topic not in self._publishers:
             raise KeyError(f"{self.service} has no publisher for {topic}; declare it with Bus.publisher")
-        return OncePerCandle(client, topic, self.stream_maxlen)
+        return OncePerCandle(client, topic, self.stream_maxlen, self.metrics)
 
     async def dead_letter(self, source: str, raw: Any, reason: str) -> None:
         reason = " ".join(str(reason).split())  # always one line

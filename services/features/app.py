@@ -92,9 +92,9 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     gaps = metrics.counter("gaps_total", "Candles that opened more than one interval after the previous one", ["interval"])
     warmed = metrics.counter("warmup_candles_total", "Archived candles fed to warm indicators up", ["interval"])
     warmup_failures = metrics.counter("warmup_failures_total", "Keys whose history could not be used to warm up", ["interval"])
-    keys_gauge = metrics.gauge("keys", "(symbol, interval) streams with indicator state")
+    # Read at scrape time: the engine already knows its keys.
+    metrics.gauge("keys", "(symbol, interval) streams with indicator state").set_function(lambda: len(engine.keys()))
     state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic(), "in_flight": False}
-    last_event: dict[tuple[str, str], FeaturesEvent] = {}  # per stream: the last event built
     runtime.health.set("state_restored", False)
 
     async def write_checkpoint() -> None:
@@ -118,7 +118,6 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             state["last_entry"] = entry_id
             replayed += 1
         log.info("indicator state restored: %d keys, %d candles replayed", len(engine.keys()), replayed)
-        keys_gauge.set(len(engine.keys()))
         runtime.health.set("state_restored", True)
 
     async def _warm_from_history(event: KlineEvent) -> None:
@@ -149,19 +148,15 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     @bus.subscriber(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
     async def on_kline(event: KlineEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.KLINES).inc()
-        key = (event.symbol, event.interval)
         state["in_flight"] = True
         with metrics.handle_seconds.labels(topics.KLINES).time():
             update = await _apply(event)  # InvalidCandles -> dead letter (bus middleware)
             if not update.applied:
-                cached = last_event.get(key)
-                if cached is not None and cached.open_time == event.open_time:
-                    # A retry after the publish failed: the state holds the candle already, the event
-                    # is not known to be out. Publish it again; the guard keeps it once.
-                    await out.publish(cached)
-                    state["in_flight"] = False
-                else:
+                # A retry after the publish failed (the state holds the candle already) publishes
+                # it again; anything else is a re-delivery.
+                if not await out.retry_last(event.symbol, event.interval, event.open_time):
                     metrics.duplicates.labels(topics.KLINES).inc()
+                state["in_flight"] = False
                 return
             if update.gap_ms:
                 gaps.labels(event.interval).inc()
@@ -169,25 +164,21 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                     "%s %s: candle %d opened %d ms late (an exchange outage, or ingest could not backfill)",
                     event.symbol, event.interval, event.open_time, update.gap_ms,
                 )
-            last_event[key] = FeaturesEvent(
-                symbol=event.symbol,
-                interval=event.interval,
-                open_time=event.open_time,
-                close=event.close,
-                feature_set=engine.feature_set.id,
-                values=update.values or {},
-                warm=update.status == "ok",
-                kline_ingested_at=event.ingested_at,
+            await out.publish(
+                FeaturesEvent(
+                    symbol=event.symbol,
+                    interval=event.interval,
+                    open_time=event.open_time,
+                    close=event.close,
+                    feature_set=engine.feature_set.id,
+                    values=update.values or {},
+                    warm=update.status == "ok",
+                    kline_ingested_at=event.ingested_at,
+                )
             )
-            appended, _ = await out.publish(last_event[key])
-            if appended:
-                metrics.events_out.labels(topics.FEATURES).inc()
-            else:
-                metrics.duplicates.labels(topics.FEATURES).inc()
         state["in_flight"] = False
         state["last_entry"] = max(state["last_entry"], entry_id, key=checkpoint.id_key)
         state["since_checkpoint"] += 1
-        keys_gauge.set(len(engine.keys()))
         if time.monotonic() - state["checkpointed_at"] >= settings.checkpoint_every_s:
             await write_checkpoint()
 

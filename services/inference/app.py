@@ -41,41 +41,34 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         model = LoadedModel(PERSISTENCE, PERSISTENCE_VERSION, path, WINDOW, INPUT_NAME, OUTPUT_NAME)
         state["predictor"] = Predictor(OnnxRunner(model))
 
-    last_event: dict[tuple[str, str], PredictionEvent] = {}  # per stream: the last forecast built
-
     @bus.subscriber(topics.FEATURES, FeaturesEvent, description="Forecast the next candle when a candle's features arrive.")
     async def on_features(event: FeaturesEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.FEATURES).inc()
         predictor = state["predictor"]
-        key = (event.symbol, event.interval)
         with metrics.handle_seconds.labels(topics.FEATURES).time():
             if not predictor.accept(event.symbol, event.interval, event.open_time, event.close):
-                cached = last_event.get(key)
-                if cached is not None and cached.open_time == event.open_time:
-                    await out.publish(cached, cached.model)  # a retry after a failed publish
-                else:
+                # A retry after a failed publish publishes it again; anything else is a re-delivery.
+                if not await out.retry_last(event.symbol, event.interval, event.open_time, predictor.runner.model.name):
                     metrics.duplicates.labels(topics.FEATURES).inc()
                 return
             forecast = predictor.forecast(event.symbol, event.interval, event.open_time)
             if forecast is None:
                 return
             model = predictor.runner.model
-            last_event[key] = PredictionEvent(
-                symbol=forecast.symbol,
-                interval=forecast.interval,
-                open_time=forecast.open_time,
-                model=model.name,
-                model_version=model.version,
-                target_open_time=forecast.target_open_time,
-                predicted={"close": forecast.predicted_close},
-                last_close=forecast.last_close,
-                kline_ingested_at=event.kline_ingested_at,
+            await out.publish(
+                PredictionEvent(
+                    symbol=forecast.symbol,
+                    interval=forecast.interval,
+                    open_time=forecast.open_time,
+                    model=model.name,
+                    model_version=model.version,
+                    target_open_time=forecast.target_open_time,
+                    predicted={"close": forecast.predicted_close},
+                    last_close=forecast.last_close,
+                    kline_ingested_at=event.kline_ingested_at,
+                ),
+                model.name,
             )
-            appended, _ = await out.publish(last_event[key], model.name)
-            if appended:
-                metrics.events_out.labels(topics.PREDICTIONS).inc()
-            else:
-                metrics.duplicates.labels(topics.PREDICTIONS).inc()
 
     @runtime.on_shutdown
     async def close_client() -> None:
