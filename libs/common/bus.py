@@ -311,24 +311,26 @@ class Bus:
 
         return decorate
 
-    def _unordered(self, topic: str, key: str, description: str, max_records: int) -> Callable[[Any], Any]:
-        common = dict(ack_policy=AckPolicy.NACK_ON_ERROR)
+    def _unordered(
+        self, topic: str, key: str, description: str, max_records: int, batch: bool = False
+    ) -> Callable[[Any], Any]:
+        """A live subscriber plus a schema-hidden reclaimer of what a dead replica left pending."""
         live = self.broker.subscriber(
             stream=StreamSub(
-                key, group=self.service, consumer=self.consumer,
+                key, group=self.service, consumer=self.consumer, batch=batch,
                 polling_interval=self.polling_interval_ms, max_records=max_records,
             ),
+            ack_policy=AckPolicy.NACK_ON_ERROR,
             title=f"{self.service}:{topic}",
             description=description or None,
-            **common,
         )
         reclaim = self.broker.subscriber(
             stream=StreamSub(
-                key, group=self.service, consumer=self.consumer,
+                key, group=self.service, consumer=self.consumer, batch=batch,
                 min_idle_time=self.reclaim_idle_ms, polling_interval=max(self.reclaim_idle_ms // 4, 1000),
             ),
+            ack_policy=AckPolicy.NACK_ON_ERROR,
             include_in_schema=False,
-            **common,
         )
         return lambda handler: live(reclaim(handler))
 
@@ -422,25 +424,7 @@ class Bus:
                     await handler(events)
 
             consume.__name__ = handler.__name__
-            common = dict(ack_policy=AckPolicy.NACK_ON_ERROR)
-            live = self.broker.subscriber(
-                stream=StreamSub(
-                    key, group=self.service, consumer=self.consumer, batch=True,
-                    max_records=max_records, polling_interval=self.polling_interval_ms,
-                ),
-                title=f"{self.service}:{topic}",
-                description=description or None,
-                **common,
-            )
-            reclaim = self.broker.subscriber(
-                stream=StreamSub(
-                    key, group=self.service, consumer=self.consumer, batch=True,
-                    min_idle_time=self.reclaim_idle_ms, polling_interval=max(self.reclaim_idle_ms // 4, 1000),
-                ),
-                include_in_schema=False,
-                **common,
-            )
-            return live(reclaim(consume))
+            return self._unordered(topic, key, description, max_records, batch=True)(consume)
 
         return decorate
 

@@ -278,10 +278,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def event_type(topic: str) -> type[Event]:
-    return EVENT_TYPES[topic]
-
-
 def payload_preview(raw: Any, limit: int = 4096) -> str:
     """A dead letter keeps the message as received, truncated so one bad blob cannot bloat Redis."""
     if isinstance(raw, (bytes, bytearray)):
