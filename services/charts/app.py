@@ -20,7 +20,7 @@ from libs.common.contracts import ChartEvent, ChartRequest, KlineEvent, now_ms
 from libs.common.service import ServiceRuntime
 from libs.common.settings.charts import ChartsSettings
 from services.charts.artifacts import ArtifactStore
-from services.charts.backfill import recent_candles
+from libs.common.stream_history import recent_candles
 from services.charts.cadence import Cadence, ChartJob
 from services.charts.events import chart_event
 from services.charts.history import CandleHistory

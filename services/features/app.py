@@ -13,15 +13,15 @@ import time
 from typing import Awaitable, Callable
 
 import numpy as np
-import orjson
 
 from libs.common import topics
 from libs.common.archive import read_archive
-from libs.common.bus import DATA_FIELD, redis_client
+from libs.common.bus import redis_client
 from libs.common.contracts import FeaturesEvent, KlineEvent
 from libs.common.klines import InvalidKline
 from libs.common.service import ServiceRuntime
 from libs.common.settings.features import FeaturesSettings
+from libs.common.stream_history import recent_candles
 from services.features import checkpoint
 from services.features.streaming import SnapshotMismatch, StreamingEngine
 
@@ -30,7 +30,6 @@ log = logging.getLogger("klinebus.features")
 
 History = Callable[[str, str, int], Awaitable[tuple]] | None
 HISTORY_COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
-STREAM_SCAN_BATCH = 2000
 
 
 def _history_source(settings: FeaturesSettings, client) -> History:
@@ -42,8 +41,8 @@ def _history_source(settings: FeaturesSettings, client) -> History:
     if settings.warmup_source == "stream":
 
         async def from_stream(symbol: str, interval: str, before: int) -> tuple:
-            rows = await _scan_stream(client, symbol, interval, before, n)
-            return tuple(np.array([r[i] for r in rows]) for i in range(len(HISTORY_COLUMNS)))
+            ks = await recent_candles(client, symbol, interval, n, before)
+            return tuple(np.array([getattr(k, c) for k in ks]) for c in HISTORY_COLUMNS)
 
         return from_stream
     root = settings.archive_url or str(settings.data_dir / "archive")
@@ -54,27 +53,6 @@ def _history_source(settings: FeaturesSettings, client) -> History:
         return tuple(frame[c].to_numpy() for c in HISTORY_COLUMNS)
 
     return from_archive
-
-
-async def _scan_stream(client, symbol: str, interval: str, before: int, n: int | None) -> list[tuple]:
-    """The last ``n`` (None: all) candles of one key before ``before`` on klines.v1, oldest first
-    (a backwards scan: paid once per new key, only when no archive is configured)."""
-    stream = topics.stream_key(topics.KLINES)
-    found: list[tuple] = []
-    cursor = "+"
-    while n is None or len(found) < n:
-        entries = await client.xrevrange(stream, max=cursor, min="-", count=STREAM_SCAN_BATCH)
-        for entry_id, fields in entries:
-            event = orjson.loads(fields[DATA_FIELD.encode()])
-            if event.get("symbol") == symbol and event.get("interval") == interval and event["open_time"] < before:
-                found.append(tuple(event[c] for c in HISTORY_COLUMNS))
-                if len(found) == n:
-                    break
-        if len(entries) < STREAM_SCAN_BATCH:
-            break
-        cursor = "(" + entries[-1][0].decode()
-    found.sort()
-    return found
 
 
 def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:

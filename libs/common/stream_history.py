@@ -1,9 +1,8 @@
-"""Recent candles of one (symbol, interval) read back from klines.v1, newest first.
+"""Recent candles of one (symbol, interval) read back from klines.v1.
 
-The charts service keeps its candle history in memory only; after a restart it
-would chart nothing until a full window of new candles had arrived (60 hours
-for 1h charts). klines.v1 itself still holds those candles, so on a stream's
-first candle the service reads them back from the topic's stream.
+Services that keep per-stream state (the charts window, the features warm-up when no
+archive is configured) rebuild it after a restart from the topic itself, which still
+holds the candles (up to its MAXLEN cap).
 """
 
 from __future__ import annotations
@@ -20,15 +19,16 @@ from libs.common.klines import Kline
 PAGE = 1000  # entries per XREVRANGE: large enough to make round trips rare, small enough to stay short
 
 
-async def recent_candles(client: Any, symbol: str, interval: str, need: int, before: int) -> list[Kline]:
-    """Up to ``need`` candles of ``symbol``/``interval`` that opened before ``before``,
-    oldest first, scanning klines.v1 backwards from its newest entry (to its oldest at most:
-    the stream is capped by MAXLEN, which bounds the scan)."""
+async def recent_candles(client: Any, symbol: str, interval: str, need: int | None, before: int) -> list[Kline]:
+    """Up to ``need`` (None: all) candles of ``symbol``/``interval`` that opened before
+    ``before``, oldest first, scanning klines.v1 backwards from its newest entry (to its oldest
+    at most: the stream is capped by MAXLEN, which bounds the scan). Entries that are not valid
+    candles are skipped: they were dead-lettered when first consumed."""
     key = topics.stream_key(topics.KLINES)
     field = DATA_FIELD.encode()
     found: dict[int, Kline] = {}
     upper = "+"
-    while len(found) < need:
+    while need is None or len(found) < need:
         entries = await client.xrevrange(key, max=upper, min="-", count=PAGE)
         if not entries:
             break
@@ -48,10 +48,11 @@ async def recent_candles(client: Any, symbol: str, interval: str, need: int, bef
                 found[d["open_time"]] = KlineEvent.model_validate(d).to_kline()  # klines.v1: closed candles only
             except ValueError:
                 continue
-            if len(found) >= need:
+            if need is not None and len(found) >= need:
                 break
         last = entries[-1][0]
         upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))  # exclusive: Redis 6.2+
         if len(entries) < PAGE:
             break
-    return [found[t] for t in sorted(found)][-need:]
+    ordered = [found[t] for t in sorted(found)]
+    return ordered if need is None else ordered[-need:]
