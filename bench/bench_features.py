@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import talib
 
-from services.features import batch, kernels, streaming
-from services.features.batch import compute_batch, compute_matrix
-from services.features.streaming import StreamingEngine
+from libs.indicators import batch, kernels, streaming
+from libs.indicators.batch import compute_batch, compute_matrix
+from libs.indicators.streaming import StreamingEngine
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "klines" / "BTCUSDT-1m-2026-04-15_2026-04-16.csv.gz"
 

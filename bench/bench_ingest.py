@@ -29,7 +29,7 @@ from libs.common.bus import DATA_FIELD, LAST_OPEN_TIME, candle_field  # noqa: E4
 from libs.common.contracts import KlineEvent  # noqa: E402
 from libs.common.klines import interval_ms  # noqa: E402
 from libs.common.redis_server import EmbeddedRedis  # noqa: E402
-from libs.common.settings.ingest import IngestSettings  # noqa: E402
+from services.ingest.settings import IngestSettings  # noqa: E402
 from services.ingest.app import create  # noqa: E402
 from services.ingest.simulator import ExchangeSimulator, load_candles  # noqa: E402
 

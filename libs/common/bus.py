@@ -4,12 +4,12 @@
   the consuming service (XREADGROUP + XACK). Groups are created at the start
   of the stream (id 0), so a service deployed after its producer still sees
   every retained event.
-* Candle topics are consumed in order (``subscriber``): one entry at a time,
+* Candle topics are consumed in order (``ordered``): one entry at a time,
   a failing handler retried in place so nothing overtakes it, and at start
   every entry still pending in the group (a crashed replica's, or this one's)
   handled first, oldest first (``recover``). Order per symbol is what the
   indicator state needs; one replica per ordered group keeps it.
-* Unordered batch consumers (the archiver) keep a schema-hidden reclaimer
+* Competing consumers (``competing``, ``competing_batch``: work queues, the archiver) keep a schema-hidden reclaimer
   (XAUTOCLAIM after ``reclaim_idle_ms``) for entries a dead replica left.
 * Every publish caps its stream (XADD MAXLEN ~).
 * A message a handler cannot use goes to ``dead-letters.v1`` with the reason,
@@ -265,23 +265,17 @@ class Bus:
 
     # --- consuming ---------------------------------------------------------------------
 
-    def subscriber(
-        self, topic: str, model: type[Event] | None = None, *, description: str = "", max_records: int = READ_BATCH
+    def ordered(
+        self, topic: str, model: type[Event], *, description: str = "", max_records: int = READ_BATCH
     ) -> Callable[[Handler], Any]:
-        """Decorate ``handler(event: model, entry_id: str)`` to consume ``topic`` in order.
+        """Ordered consumer (candle topics): decorate ``handler(event: model, entry_id: str)``.
 
-        Without ``model``: an unordered consumer whose handler takes faststream's own arguments
-        (e.g. ``event: ChartRequest``); entries a dead replica left pending are reclaimed after
-        ``reclaim_idle_ms`` by a second, schema-hidden subscriber.
-
-        Ordered means: entries reach the handler in stream order, one at a time. A failure that
-        is not bad input is retried in place (so nothing overtakes it); at start, before new
-        entries, ``recover`` hands the handler every entry still pending in this group (this
-        consumer's and a dead replica's), oldest first. One replica per ordered group."""
+        Entries reach the handler in stream order, one at a time. A failure that is not bad input
+        is retried in place (so nothing overtakes it); at start, before new entries, ``recover``
+        hands the handler every entry still pending in this group (this consumer's and a dead
+        replica's), oldest first. One replica per ordered group."""
         key = topics.stream_key(topic)
         self._groups.append(key)
-        if model is None:
-            return self._unordered(topic, key, description, max_records)
 
         def decorate(handler: Handler) -> Any:
             async def consume(event: Any, msg: RedisStreamMessage) -> None:
@@ -310,6 +304,17 @@ class Bus:
             )(consume)
 
         return decorate
+
+    def competing(
+        self, topic: str, *, description: str = "", max_records: int = READ_BATCH
+    ) -> Callable[[Any], Any]:
+        """Competing consumers (work queues): replicas share the entries, in no particular order.
+
+        The handler takes faststream's own arguments (e.g. ``event: ChartRequest``); entries a dead
+        replica left pending are reclaimed after ``reclaim_idle_ms`` by a schema-hidden subscriber."""
+        key = topics.stream_key(topic)
+        self._groups.append(key)
+        return self._unordered(topic, key, description, max_records)
 
     def _unordered(
         self, topic: str, key: str, description: str, max_records: int, batch: bool = False
@@ -401,7 +406,7 @@ class Bus:
             log.info("%s: handled %d entries left pending before the start", self.service, handled)
         return handled
 
-    def batch_subscriber(
+    def competing_batch(
         self, topic: str, model: type[Event], *, max_records: int = 500, description: str = ""
     ) -> Callable[[Callable[[list[Any]], Awaitable[Any]]], Any]:
         """Decorate ``handler(events: list[model])`` to consume ``topic`` up to ``max_records`` at a

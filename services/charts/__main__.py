@@ -1,3 +1,4 @@
-from libs.common.cli import run_service_main
+from libs.common.launch import service_main
+from services.charts import app
 
-run_service_main("charts")
+service_main(app)

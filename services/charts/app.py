@@ -18,7 +18,7 @@ from libs.common import topics
 from libs.common.bus import redis_client
 from libs.common.contracts import ChartEvent, ChartRequest, KlineEvent, now_ms
 from libs.common.service import ServiceRuntime
-from libs.common.settings.charts import ChartsSettings
+from services.charts.settings import ChartsSettings
 from services.charts.artifacts import ArtifactStore
 from libs.common.stream_history import recent_candles
 from services.charts.cadence import Cadence, ChartJob
@@ -69,7 +69,7 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
                 skipped.labels(why).inc(now - seen[why])
                 seen[why] = now
 
-    @bus.subscriber(topics.KLINES, description="Keep the recent candles of each symbol/interval.")
+    @bus.competing(topics.KLINES, description="Keep the recent candles of each symbol/interval.")
     async def on_kline(event: KlineEvent) -> None:
         metrics.events_in.labels(topics.KLINES).inc()
         if wanted and event.symbol not in wanted:
@@ -88,7 +88,7 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
             cadence.track(symbol, interval)
             wake.set()
 
-    @bus.subscriber(topics.CHART_REQUESTS, description="Render a chart now, outside the cadence.")
+    @bus.competing(topics.CHART_REQUESTS, description="Render a chart now, outside the cadence.")
     async def on_request(req: ChartRequest) -> None:
         metrics.events_in.labels(topics.CHART_REQUESTS).inc()
         job = ChartJob(req.symbol, req.interval, req.preset, req.window, "request", req.requested_by)

@@ -51,7 +51,7 @@ def _symbol_interval(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run_render(args: argparse.Namespace) -> None:
-    from libs.common.cli import CliError
+    from libs.common.errors import CliError
     from services.charts.fast import FastRenderer
     from services.charts.figure import render_plain
     from services.charts.indicators import window_from_frame
@@ -73,7 +73,7 @@ def run_render(args: argparse.Namespace) -> None:
 
 
 def run_dataset(args: argparse.Namespace) -> None:
-    from libs.common.cli import CliError
+    from libs.common.errors import CliError
     from services.charts.dataset import build_dataset
     from services.charts.window import ChartInputError
 

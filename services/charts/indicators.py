@@ -11,8 +11,8 @@ import numpy as np
 
 from services.charts.presets import ANALYSIS, ChartPreset
 from services.charts.window import ChartInputError, ChartWindow, make_window
-from services.features.batch import compute_batch
-from services.features.catalog import FEATURES
+from libs.indicators.batch import compute_batch
+from libs.indicators.catalog import FEATURES
 
 # Candles computed before the first one shown, so the indicators are warmed up where the chart starts.
 LOOKBACK = {f.name: f.lookback for f in FEATURES}

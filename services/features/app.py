@@ -20,10 +20,10 @@ from libs.common.bus import redis_client
 from libs.common.contracts import FeaturesEvent, KlineEvent
 from libs.common.klines import InvalidKline
 from libs.common.service import ServiceRuntime
-from libs.common.settings.features import FeaturesSettings
+from services.features.settings import FeaturesSettings
 from libs.common.stream_history import recent_candles
 from services.features import checkpoint
-from services.features.streaming import SnapshotMismatch, StreamingEngine
+from libs.indicators.streaming import SnapshotMismatch, StreamingEngine
 
 SETTINGS = FeaturesSettings
 log = logging.getLogger("klinebus.features")
@@ -123,7 +123,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             (event.symbol, event.interval), event.open_time, event.open, event.high, event.low, event.close, event.volume
         )
 
-    @bus.subscriber(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
+    @bus.ordered(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
     async def on_kline(event: KlineEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.KLINES).inc()
         state["in_flight"] = True

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from libs.common.klines import INTERVAL_MS, InvalidKline, read_kline_frame
-from services.features.batch import compute_frame
-from services.features.feature_sets import DEFAULT_FEATURE_SET, UnknownFeatureSet, get_feature_set
+from libs.indicators.batch import compute_frame
+from libs.indicators.feature_sets import DEFAULT_FEATURE_SET, UnknownFeatureSet, get_feature_set
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_compute(args: argparse.Namespace) -> None:
-    from libs.common.cli import CliError
+    from libs.common.errors import CliError
 
     try:
         feature_set = get_feature_set(args.feature_set)

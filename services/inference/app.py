@@ -8,7 +8,7 @@ from libs.common import topics
 from libs.common.bus import redis_client
 from libs.common.contracts import FeaturesEvent, PredictionEvent
 from libs.common.service import ServiceRuntime
-from libs.common.settings.inference import InferenceSettings
+from services.inference.settings import InferenceSettings
 from services.inference.baseline import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -41,7 +41,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         model = LoadedModel(PERSISTENCE, PERSISTENCE_VERSION, path, WINDOW, INPUT_NAME, OUTPUT_NAME)
         state["predictor"] = Predictor(OnnxRunner(model))
 
-    @bus.subscriber(topics.FEATURES, FeaturesEvent, description="Forecast the next candle when a candle's features arrive.")
+    @bus.ordered(topics.FEATURES, FeaturesEvent, description="Forecast the next candle when a candle's features arrive.")
     async def on_features(event: FeaturesEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.FEATURES).inc()
         predictor = state["predictor"]

@@ -12,7 +12,7 @@ from libs.common import topics
 from libs.common.bus import redis_client
 from libs.common.contracts import KlineEvent, LiveKlineEvent
 from libs.common.service import ServiceRuntime
-from libs.common.settings.ingest import IngestSettings
+from services.ingest.settings import IngestSettings
 from services.ingest.engine import IngestEngine
 from services.ingest.metrics import IngestMetrics
 from services.ingest.rest import RestKlines

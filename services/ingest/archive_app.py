@@ -11,7 +11,7 @@ import asyncio
 from libs.common import topics
 from libs.common.contracts import KlineEvent
 from libs.common.service import ServiceRuntime
-from libs.common.settings.ingest import IngestSettings
+from services.ingest.settings import IngestSettings
 from libs.common.archive import ParquetArchive
 
 SETTINGS = IngestSettings
@@ -26,7 +26,7 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
 
     # Batches: one month file is rewritten per batch, not per candle, so a backfill of thousands
     # of candles costs a few writes.
-    @runtime.bus.batch_subscriber(topics.KLINES, KlineEvent, max_records=1000, description="Archive every closed candle.")
+    @runtime.bus.competing_batch(topics.KLINES, KlineEvent, max_records=1000, description="Archive every closed candle.")
     async def on_klines(events: list[KlineEvent]) -> None:
         added = await asyncio.to_thread(archive.write, [e.to_kline() for e in events])
         if added:

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
-    from libs.common.cli import CliError
+    from libs.common.errors import CliError
     from services.ingest.simulator import ExchangeSimulator, load_candles
 
     paths = sorted({p for pattern in args.data for p in glob.glob(pattern)})
@@ -58,9 +58,9 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 def _cmd_history_import(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from libs.common.cli import CliError
+    from libs.common.errors import CliError
     from libs.common.settings import load_settings, parse_csv_list
-    from libs.common.settings.ingest import IngestSettings
+    from services.ingest.settings import IngestSettings
     from libs.common.archive import ParquetArchive
     from services.ingest.history import HistoryImporter
     from services.ingest.rest import RestKlines

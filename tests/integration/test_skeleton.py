@@ -11,7 +11,7 @@ import pytest
 
 from libs.common import topics
 from libs.common.klines import read_kline_csv
-from libs.common.pipeline import start_runtimes, stop_runtimes
+from klinebus.pipeline import start_runtimes, stop_runtimes
 from tests.streams import open_times_by_stream, read_topic, replaying, wait_for_events
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ async def test_a_restarted_features_service_neither_drops_nor_doubles(redis_url,
     # Values after the restart equal an uninterrupted batch computation over the same candles.
     import numpy as np
 
-    from services.features.batch import compute_batch
+    from libs.indicators.batch import compute_batch
 
     for (symbol, _), ks in candles.items():
         cols = [np.array([getattr(k, f) for k in ks]) for f in ("open", "high", "low", "close", "volume")]

@@ -41,7 +41,7 @@ async def test_entries_are_plain_json_and_groups_start_at_the_beginning(redis_ur
     seen: list[int] = []
     consumer = Bus("features", redis_url, consumer="c")
 
-    @consumer.subscriber(topics.KLINES)
+    @consumer.competing(topics.KLINES)
     async def handle(event: KlineEvent) -> None:
         seen.append(event.open_time)
 
@@ -68,7 +68,7 @@ async def test_bad_messages_go_to_dead_letters_and_the_stream_moves_on(redis_url
     consumer = Bus("features", redis_url, consumer="c")
     seen: list[int] = []
 
-    @consumer.subscriber(topics.KLINES)
+    @consumer.competing(topics.KLINES)
     async def handle(event: KlineEvent) -> None:
         seen.append(event.open_time)
 
@@ -105,7 +105,7 @@ async def test_transient_failures_stay_pending_and_are_reclaimed(redis_url):
     attempts: list[int] = []
     consumer = Bus("inference", redis_url, consumer="c", reclaim_idle_ms=300)
 
-    @consumer.subscriber(topics.FEATURES)
+    @consumer.competing(topics.FEATURES)
     async def handle(event: FeaturesEvent) -> None:
         attempts.append(event.open_time)
         if len(attempts) == 1:
@@ -160,11 +160,11 @@ def test_stream_keys_carry_a_hash_tag_per_topic():
         topics.stream_key("klines")
 
 
-async def test_batch_subscriber_dead_letters_one_bad_entry_and_keeps_its_batch(redis_url):
+async def test_competing_batch_dead_letters_one_bad_entry_and_keeps_its_batch(redis_url):
     consumer = Bus("archive", redis_url, consumer="c")
     batches: list[list[int]] = []
 
-    @consumer.batch_subscriber(topics.KLINES, KlineEvent, max_records=100)
+    @consumer.competing_batch(topics.KLINES, KlineEvent, max_records=100)
     async def handle(events: list[KlineEvent]) -> None:
         batches.append([e.open_time for e in events])
 

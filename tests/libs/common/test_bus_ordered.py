@@ -50,7 +50,7 @@ async def test_a_failure_is_retried_in_place_and_nothing_overtakes_it(redis_url)
     failed = {"n": 0}
     consumer = Bus("features", redis_url, consumer="c")
 
-    @consumer.subscriber(topics.KLINES, KlineEvent)
+    @consumer.ordered(topics.KLINES, KlineEvent)
     async def handle(event: KlineEvent, entry_id: str) -> None:
         if event.open_time == 5 * 60_000 and failed["n"] < 3:
             failed["n"] += 1
@@ -83,7 +83,7 @@ async def test_entries_a_crashed_replica_left_pending_are_handled_first_in_order
     seen: list[int] = []
     consumer = Bus("features", redis_url, consumer="new-pod")
 
-    @consumer.subscriber(topics.KLINES, KlineEvent)
+    @consumer.ordered(topics.KLINES, KlineEvent)
     async def handle(event: KlineEvent, entry_id: str) -> None:
         seen.append(event.open_time // 60_000)
 
@@ -101,7 +101,7 @@ async def test_a_handler_bug_is_dead_lettered_after_a_few_tries_and_the_stream_m
     seen: list[int] = []
     consumer = Bus("features", redis_url, consumer="c")
 
-    @consumer.subscriber(topics.KLINES, KlineEvent)
+    @consumer.ordered(topics.KLINES, KlineEvent)
     async def handle(event: KlineEvent, entry_id: str) -> None:
         if event.open_time == 2 * 60_000:
             raise ZeroDivisionError("a bug")

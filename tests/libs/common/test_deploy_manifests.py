@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from libs.common.cli import SERVICES, app_module
+from klinebus.cli import SERVICES, app_module
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -55,7 +55,7 @@ def _exported_metric_names() -> set[str]:
     with _bucket/_sum/_count), read from the real registry after building each service."""
     from prometheus_client import REGISTRY, generate_latest
 
-    from libs.common.pipeline import build_runtime
+    from klinebus.pipeline import build_runtime
 
     import tempfile
 

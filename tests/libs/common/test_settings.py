@@ -41,7 +41,7 @@ def test_cluster_and_tls_urls_are_accepted(monkeypatch):
 def test_service_fails_fast_with_one_line_on_a_wrong_setting(tmp_path):
     env = {"KLINEBUS_REDIS_URL": "nonsense", "PATH": "/usr/bin:/bin", "KLINEBUS_DATA_DIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "libs.common.cli", "run", "inference"],
+        [sys.executable, "-m", "klinebus.cli", "run", "inference"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

@@ -8,7 +8,7 @@ import asyncio
 from libs.common import topics
 from libs.common.contracts import ChartRequest, KlineEvent
 from libs.common.klines import read_kline_csv
-from libs.common.settings.charts import ChartsSettings
+from services.charts.settings import ChartsSettings
 from services.charts.app import create
 
 from tests.streams import add_events, wait_for_events

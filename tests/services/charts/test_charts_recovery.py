@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from libs.common import topics
 from libs.common.contracts import ChartRequest, KlineEvent
 from libs.common.klines import read_kline_csv
-from libs.common.settings.charts import ChartsSettings
+from services.charts.settings import ChartsSettings
 from services.charts import app as charts_app
 from services.charts.app import create
 from services.charts.artifacts import ArtifactStore

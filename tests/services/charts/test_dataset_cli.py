@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import csv
 
-from libs.common.cli import main
+from klinebus.cli import main
 from services.charts.dataset import build_dataset
 from services.charts.presets import CLASSIFIER224
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from libs.common.settings import SettingsError, load_settings
-from libs.common.settings.charts import ChartsSettings
+from services.charts.settings import ChartsSettings
 
 
 def test_symbols_from_comma_list(monkeypatch):

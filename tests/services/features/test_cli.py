@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from libs.common.cli import main
-from services.features.batch import compute_batch
-from services.features.feature_sets import get_feature_set
+from klinebus.cli import main
+from libs.indicators.batch import compute_batch
+from libs.indicators.feature_sets import get_feature_set
 
-from .conftest import BTC_15M, ETH_1H_GAPS, load
+from tests.candles import BTC_15M, ETH_1H_GAPS, load
 
 
 def test_compute_writes_one_column_per_feature(tmp_path, capsys):

@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 from libs.common import topics
 from libs.common.contracts import KlineEvent
 from libs.common.klines import read_kline_csv
-from libs.common.pipeline import build_runtime
-from services.features.batch import compute_batch
+from klinebus.pipeline import build_runtime
+from libs.indicators.batch import compute_batch
 from libs.common.archive import ParquetArchive
 from tests.streams import add_events, read_topic, wait_for_events
 
-from .conftest import BTC_15M
+from tests.candles import BTC_15M
 
 NAMES = ("macd", "rsi_14", "ema_200", "bb_pctb", "adx_14", "obv")
 # batch_reference computes these plus VPT

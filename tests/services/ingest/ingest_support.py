@@ -10,7 +10,7 @@ from pathlib import Path
 
 from libs.common import topics
 from libs.common.klines import Kline
-from libs.common.settings.ingest import IngestSettings
+from services.ingest.settings import IngestSettings
 from services.ingest.simulator import load_candles
 from tests.streams import open_times_by_stream, read_topic, replaying, wait_for_events
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from libs.common.settings import SettingsError, load_settings
-from libs.common.settings.ingest import IngestSettings
+from services.ingest.settings import IngestSettings
 
 
 @pytest.mark.parametrize(
@@ -56,11 +56,3 @@ def test_default_symbols_are_the_25_seed_coins_with_tradable_replacements(monkey
     expected = [REPLACED.get(s, s) for s in SEED_COINS]
     assert len(expected) == 25
     assert load_settings(IngestSettings).symbols == expected
-
-
-def test_settings_limits_match_the_exchange_rules():
-    from libs.common.settings import ingest as settings_module
-    from services.ingest import rules
-
-    assert settings_module.CONNECTION_LIFETIME_S == rules.CONNECTION_LIFETIME_S
-    assert settings_module.MAX_STREAMS_PER_CONNECTION == rules.MAX_STREAMS_PER_CONNECTION

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from libs.common.klines import InvalidKline
-from services.features.batch import compute_batch
-from services.features.catalog import UnknownFeature
-from services.features.validation import InvalidCandles
+from libs.indicators.batch import compute_batch
+from libs.indicators.catalog import UnknownFeature
+from libs.indicators.validation import InvalidCandles
 
 
 def candles(n=50):

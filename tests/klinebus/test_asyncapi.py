@@ -5,9 +5,9 @@ from pathlib import Path
 import yaml
 
 from libs.common import topics
-from libs.common.asyncapi import built_services, generate
+from klinebus.asyncapi import built_services, generate
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.yaml"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
 
 def test_checked_in_document_is_up_to_date():

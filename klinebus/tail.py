@@ -8,7 +8,7 @@ import orjson
 import redis
 
 from libs.common import topics
-from libs.common.cli import CliError
+from libs.common.errors import CliError
 
 
 def tail(topic: str, count: int, redis_url: str | None) -> None:

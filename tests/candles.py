@@ -1,4 +1,4 @@
-"""Real candles for the features tests (tests/data/klines/README.md names their sources)."""
+"""Real candles for indicator, features and trainer tests (tests/data/klines/README.md names their sources)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
-KLINES = Path(__file__).resolve().parents[2] / "data" / "klines"
+KLINES = Path(__file__).resolve().parent / "data" / "klines"
 BTC_15M = KLINES / "BTCUSDT-15m-2023-04-01-head3000.csv.gz"
 ETH_1H_GAPS = KLINES / "ETHUSDT-1h-2021-04-04-head3000.csv.gz"
 DOGE_15M = KLINES / "DOGEUSDT-15m-2023-04-01-head3000.csv.gz"
@@ -37,18 +36,3 @@ def load(path: Path) -> Candles:
         df["open_time"].to_numpy(np.int64),
         *(df[c].to_numpy(np.float64) for c in ("open", "high", "low", "close", "volume")),
     )
-
-
-@pytest.fixture(scope="session")
-def btc() -> Candles:
-    return load(BTC_15M)
-
-
-@pytest.fixture(scope="session")
-def eth_gaps() -> Candles:
-    return load(ETH_1H_GAPS)
-
-
-@pytest.fixture(scope="session", params=[BTC_15M, ETH_1H_GAPS, DOGE_15M], ids=lambda p: p.name.split("-")[0])
-def real(request) -> Candles:
-    return load(request.param)

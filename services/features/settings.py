@@ -3,12 +3,13 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from libs.common.settings import ServiceSettings
+from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
 
 
 class FeaturesSettings(ServiceSettings):
     feature_set: str = Field(
         "all-v1",
-        description="Feature set id published on features.v1 (services/features/feature_sets.py), e.g. "
+        description="Feature set id published on features.v1 (libs/indicators/feature_sets.py), e.g. "
         "all-v1, lstm-35-v1, bilstm-13-v1, chart-analysis-v1.",
     )
     checkpoint_every_s: float = Field(
@@ -41,8 +42,6 @@ class FeaturesSettings(ServiceSettings):
     @field_validator("feature_set")
     @classmethod
     def _known_set(cls, v: str) -> str:
-        from services.features.feature_sets import UnknownFeatureSet, get_feature_set
-
         try:
             return get_feature_set(v).id
         except UnknownFeatureSet as exc:

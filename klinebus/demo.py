@@ -28,12 +28,13 @@ from rich.table import Table
 from rich.text import Text
 
 from libs.common import topics
-from libs.common.cli import CliError, app_module
+from klinebus.cli import app_module
+from libs.common.errors import CliError
 from libs.common.klines import Kline, read_kline_csv
-from libs.common.pipeline import start_runtimes, stop_runtimes
+from klinebus.pipeline import start_runtimes, stop_runtimes
 from libs.common.redis_server import EmbeddedRedis
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data" / "klines"
 DEMO_INTERVAL = "1m"
 CHART_EVERY_S = 3.0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.features.batch import compute_batch
-from services.features.catalog import FEATURE_NAMES
-from services.features.feature_sets import get_feature_set
-from services.features.streaming import InvalidCandles, SnapshotMismatch, StreamingEngine
+from libs.indicators.batch import compute_batch
+from libs.indicators.catalog import FEATURE_NAMES
+from libs.indicators.feature_sets import get_feature_set
+from libs.indicators.streaming import InvalidCandles, SnapshotMismatch, StreamingEngine
 
 HOUR_MS = 3_600_000
 

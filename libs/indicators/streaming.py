@@ -34,10 +34,10 @@ from typing import Hashable, Iterator, Literal, Sequence
 import numpy as np
 
 from libs.common.klines import interval_ms as interval_to_ms
-from services.features import kernels
-from services.features.catalog import FEATURE_INDEX
-from services.features.feature_sets import DEFAULT_FEATURE_SET, FeatureSet, get_feature_set
-from services.features.validation import (
+from libs.indicators import kernels
+from libs.indicators.catalog import FEATURE_INDEX
+from libs.indicators.feature_sets import DEFAULT_FEATURE_SET, FeatureSet, get_feature_set
+from libs.indicators.validation import (
     PROBLEMS,
     InvalidCandles,
     as_columns,

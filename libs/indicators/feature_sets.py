@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.features.catalog import FEATURE_NAMES, LOOKBACK, resolve
+from libs.indicators.catalog import FEATURE_NAMES, LOOKBACK, resolve
 
 
 @dataclass(frozen=True, slots=True)

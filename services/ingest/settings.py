@@ -10,12 +10,7 @@ from pydantic_settings import NoDecode
 
 from libs.common.klines import INTERVAL_MS
 from libs.common.settings import ServiceSettings, parse_csv_list
-
-# Binance spot websocket rules (mirrored from services/ingest/rules.py: libs must not import services).
-# "A single connection to stream.binance.com is only valid for 24 hours."
-CONNECTION_LIFETIME_S = 24 * 3600.0
-# "A single connection can listen to a maximum of 1024 streams."
-MAX_STREAMS_PER_CONNECTION = 1024
+from services.ingest.rules import CONNECTION_LIFETIME_S, MAX_STREAMS_PER_CONNECTION
 
 # The 25 coins of our users' setups (seeds/004: "Supported Cryptocurrencies (25 coins)"), with
 # POLUSDT in place of the seed's MATICUSDT: Binance migrated MATIC to POL in September 2024 and

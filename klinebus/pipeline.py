@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from libs.common.cli import app_module
+from klinebus.cli import app_module
 from libs.common.service import ServiceRuntime
 
 

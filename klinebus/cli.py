@@ -8,22 +8,20 @@ pipeline on shipped candles; services add their own subcommands through
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import logging
 import sys
 from typing import Sequence
 
-SERVICES = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer")
+from libs.common.errors import CliError
+from libs.common.launch import exit_status, run_app
+
+SERVICES = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer", "alerts")
 # `archive` is the Parquet archiver that ships with ingest (and its extra).
 _APP_MODULES = {"archive": "services.ingest.archive_app"}
 _EXTRAS = {"archive": "ingest"}
 
 log = logging.getLogger("klinebus.cli")
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 def app_module(service: str):
@@ -38,42 +36,24 @@ def app_module(service: str):
         ) from None
 
 
-def run_service(service: str) -> None:
-    from libs.common.redis_server import redis_url_for
-    from libs.common.settings import load_settings
-    from libs.common.telemetry import setup_logging
-
-    module = app_module(service)
-    settings = load_settings(module.SETTINGS)
-    setup_logging(settings.log_level, settings.log_format)
-    with redis_url_for(settings) as url:
-        runtime = module.create(settings, url)
-        asyncio.run(runtime.run_forever())
-
-
-def run_service_main(service: str) -> None:
-    """``python -m services.<name>``: the same as ``klinebus run <name>``."""
-    sys.exit(main(["run", service]))
-
-
 def _cmd_run(args: argparse.Namespace) -> None:
-    run_service(args.service)
+    run_app(app_module(args.service))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from libs.common.demo import run_demo
+    from klinebus.demo import run_demo
 
     run_demo(args)
 
 
 def _cmd_asyncapi(args: argparse.Namespace) -> None:
-    from libs.common.asyncapi import check_or_write
+    from klinebus.asyncapi import check_or_write
 
     check_or_write(args.output, check=args.check)
 
 
 def _cmd_tail(args: argparse.Namespace) -> None:
-    from libs.common.inspect import tail
+    from klinebus.tail import tail
 
     tail(args.topic, args.count, args.redis_url)
 
@@ -118,28 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from libs.common.redis_server import EmbeddedRedisError
-    from redis.exceptions import RedisError
-
-    from libs.common.service import ServiceFailed
-    from libs.common.settings import SettingsError
-
-    try:
+    def parse_and_run() -> None:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except (SettingsError, CliError, EmbeddedRedisError) as exc:
-        print(f"klinebus: error: {exc}", file=sys.stderr)
-        return 2
-    except ServiceFailed as exc:
-        print(f"klinebus: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, RedisError) as exc:
-        # Most often Redis unreachable: say so in one line instead of a traceback.
-        print(f"klinebus: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return exit_status(parse_and_run)
 
 
 if __name__ == "__main__":  # pragma: no cover

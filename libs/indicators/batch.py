@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from services.features import kernels
-from services.features.catalog import FEATURE_INDEX, resolve
-from services.features.validation import as_columns, validate_ohlcv, validate_open_times
+from libs.indicators import kernels
+from libs.indicators.catalog import FEATURE_INDEX, resolve
+from libs.indicators.validation import as_columns, validate_ohlcv, validate_open_times
 
 if TYPE_CHECKING:
     import pandas as pd

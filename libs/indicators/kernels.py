@@ -39,8 +39,8 @@ import math
 import numpy as np
 from numba import njit
 
-from services.features.catalog import FEATURE_INDEX, N_FEATURES
-from services.features.validation import candle_problem
+from libs.indicators.catalog import FEATURE_INDEX, N_FEATURES
+from libs.indicators.validation import candle_problem
 
 # ---- groups ----------------------------------------------------------------------------
 

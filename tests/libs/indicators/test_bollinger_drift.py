@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from services.features.batch import compute_batch
+from libs.indicators.batch import compute_batch
 
 
 def test_no_drift_on_a_long_series_with_a_large_offset():

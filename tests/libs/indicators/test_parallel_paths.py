@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.features import batch, kernels, streaming
-from services.features.batch import compute_batch, compute_matrix
-from services.features.catalog import FEATURE_NAMES
-from services.features.streaming import StreamingEngine
+from libs.indicators import batch, kernels, streaming
+from libs.indicators.batch import compute_batch, compute_matrix
+from libs.indicators.catalog import FEATURE_NAMES
+from libs.indicators.streaming import StreamingEngine
 
 
 def single_thread_matrix(candles) -> np.ndarray:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import talib
 
-from services.features import kernels
-from services.features.batch import compute_batch, compute_matrix
-from services.features.catalog import FEATURE_INDEX
+from libs.indicators import kernels
+from libs.indicators.batch import compute_batch, compute_matrix
+from libs.indicators.catalog import FEATURE_INDEX
 
 
 def test_filled_buffer_equals_fresh_matrix_bit_for_bit(btc):

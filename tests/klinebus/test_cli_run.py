@@ -73,7 +73,7 @@ def test_tail_prints_the_last_events_of_a_topic(redis_url, capsys):
     import redis as redis_sync
 
     from libs.common import topics
-    from libs.common.cli import main
+    from klinebus.cli import main
     from libs.common.contracts import DeadLetter
 
     client = redis_sync.Redis.from_url(redis_url)
@@ -91,7 +91,7 @@ def test_tail_prints_the_last_events_of_a_topic(redis_url, capsys):
 def test_a_dead_background_task_fails_healthz_and_the_run(tmp_path, redis_url):
     import asyncio
 
-    from libs.common.pipeline import build_runtime
+    from klinebus.pipeline import build_runtime
     from libs.common.service import ServiceFailed
 
     async def scenario():
@@ -120,7 +120,7 @@ def test_an_image_without_another_services_extra_still_runs_its_own(monkeypatch)
     """Per-service images: importing the CLI must not need numba (features) when only ingest is installed."""
     import builtins
 
-    from libs.common import cli
+    from klinebus import cli
 
     real_import = builtins.__import__
 
@@ -129,7 +129,7 @@ def test_an_image_without_another_services_extra_still_runs_its_own(monkeypatch)
             raise ModuleNotFoundError("No module named 'numba'", name="numba")
         return real_import(name, *args, **kwargs)
 
-    for mod in [m for m in list(sys.modules) if m.startswith(("services.features", "numba"))]:
+    for mod in [m for m in list(sys.modules) if m.startswith(("services.features", "libs.indicators", "numba"))]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", no_numba)
     parser = cli.build_parser()

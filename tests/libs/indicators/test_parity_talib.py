@@ -9,8 +9,8 @@ import ta
 import talib
 from numpy.lib.stride_tricks import sliding_window_view
 
-from services.features.batch import compute_batch
-from services.features.catalog import FEATURE_NAMES, LOOKBACK
+from libs.indicators.batch import compute_batch
+from libs.indicators.catalog import FEATURE_NAMES, LOOKBACK
 
 TOL = 1e-9
 

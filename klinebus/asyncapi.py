@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libs.common.cli import SERVICES, CliError, app_module
+from klinebus.cli import SERVICES, app_module
+from libs.common.errors import CliError
 
 TITLE = "klinebus"
 VERSION = "1"

@@ -1,0 +1,5 @@
+import sys
+
+from klinebus.cli import main
+
+sys.exit(main())
