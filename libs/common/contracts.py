@@ -212,6 +212,12 @@ class AlertEvent(Event):
     threshold: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     fired_at: Millis = Field(default_factory=now_ms)
+    status: Literal["firing", "resolved"] = Field(
+        "firing",
+        description="'resolved' when the rule's condition cleared; the alerts service then resolves it "
+        "(Alertmanager endsAt, a resolved message in chat). An alert of the same rule/symbol/interval/labels "
+        "that is not fired again within its candle's interval resolves by itself.",
+    )
 
 
 class DatasetBuildRequest(Event):
