@@ -141,6 +141,11 @@ class ModelPackage(_Strict):
     lookback: int = Field(ge=1)
     horizons: list[int] = Field(description="candles ahead each forecast step refers to")
     scalers: dict[str, Scaler] = Field(default_factory=dict)
+    input_scaling: Literal["in-graph", "caller"] = Field(
+        "in-graph",
+        description="in-graph: feed raw feature values, the graph applies scalers['inputs'] (and decodes "
+        "its outputs to prices) itself; caller: scale inputs with scalers['inputs'] before running it",
+    )
     serves: list[Served]
     ranges: Ranges
     metrics: dict[str, float]
