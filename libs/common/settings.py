@@ -101,8 +101,15 @@ def load_settings(cls: type[S], **overrides: object) -> S:
             got = os.environ.get(var)
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             shown = f" (got {got!r})" if got is not None and repr(got) not in msg else ""
+            if _is_secret(cls, field):
+                shown = ""  # a secret (a webhook URL with its token) never reaches a log line
             lines.append(f"{var}: {msg}{shown}")
         raise SettingsError("invalid setting " + "; ".join(lines)) from None
+
+
+def _is_secret(cls: type[BaseSettings], field: str) -> bool:
+    info = cls.model_fields.get(field)
+    return info is not None and "SecretStr" in str(info.annotation)
 
 
 def parse_csv_list(v: object) -> object:
