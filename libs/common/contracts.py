@@ -179,6 +179,41 @@ class PredictionEvent(CandleKeyed):
     last_close: float
     kline_ingested_at: Millis | None = None
     predicted_at: Millis = Field(default_factory=now_ms)
+    horizons: list[int] | None = Field(None, description="Every horizon forecast (candles ahead), e.g. 1..7.")
+    target_open_times: list[Millis] | None = Field(None, description="Open time of the candle each horizon forecasts.")
+    path: list[float] | None = Field(None, description="Forecast close at each of ``horizons`` (multi-step models).")
+    probabilities: dict[str, float] | None = Field(None, description="Class probabilities (classifier models).")
+    close_to_publish_ms: int | None = Field(
+        None, description="Milliseconds from the candle's close (open_time + interval) to this forecast's publish."
+    )
+    role: Literal["primary", "shadow"] = Field(
+        "primary", description="'shadow': the model is behind persistence and demoted; still scored, not the answer."
+    )
+
+
+class ScoreEvent(CandleKeyed):
+    """A forecast judged when its target candle closed, beside persistence. ``open_time`` is the
+    target candle's; rolling values cover the last ``window`` scores of (model, symbol, interval, horizon)."""
+
+    topic: ClassVar[str] = topics.SCORES
+
+    model: str
+    model_version: str
+    horizon: int = Field(description="Candles ahead the forecast was made for.")
+    forecast_open_time: Millis = Field(description="Open time of the candle the forecast was made at.")
+    predicted_close: float
+    actual_close: float
+    baseline_close: float = Field(description="Persistence's forecast: the close at forecast_open_time.")
+    abs_error: float
+    baseline_abs_error: float
+    direction_hit: bool | None = Field(None, description="Moved the way the market did; None when the market was flat.")
+    window: int = Field(description="Scores in the rolling values (at most the configured window).")
+    rolling_mae: float
+    rolling_baseline_mae: float
+    mae_ratio: float | None = Field(None, description="rolling_mae / rolling_baseline_mae; above 1: behind persistence.")
+    direction_accuracy: float | None = Field(None, description="Rolling hit rate over non-flat candles.")
+    behind: bool = Field(False, description="Behind persistence over the agreed window (enough scores, ratio above the limit).")
+    scored_at: Millis = Field(default_factory=now_ms)
 
 
 class AnalysisEvent(CandleKeyed):
@@ -275,6 +310,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ChartRequest,
         ChartEvent,
         PredictionEvent,
+        ScoreEvent,
         AnalysisEvent,
         AlertEvent,
         DatasetBuildRequest,

@@ -19,6 +19,8 @@ CHART_REQUESTS = "chart-requests.v1"
 """Asks the charts service for a chart now, outside its cadence."""
 PREDICTIONS = "predictions.v1"
 """A model's forecast for the next candle(s)."""
+SCORES = "scores.v1"
+"""A forecast scored against the candle it targeted, beside persistence."""
 ANALYSES = "analyses.v1"
 """A vision-language model's structured reading of a chart."""
 ALERTS = "alerts.v1"
@@ -37,6 +39,7 @@ ALL_TOPICS: tuple[str, ...] = (
     CHARTS,
     CHART_REQUESTS,
     PREDICTIONS,
+    SCORES,
     ANALYSES,
     ALERTS,
     DATASETS,
