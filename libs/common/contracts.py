@@ -230,6 +230,20 @@ class AnalysisEvent(CandleKeyed):
     patterns: list[str] = Field(default_factory=list)
     summary: str = ""
     analysed_at: Millis = Field(default_factory=now_ms)
+    signal: Literal["buy", "sell", "hold"] | None = Field(None, description="The call for the next candles.")
+    model_revision: str = Field("", description="Model revision: a pinned Hugging Face commit, 'local' or 'remote'.")
+    backend: str = Field("", description="local (in-process llama.cpp) or remote (OpenAI-compatible server).")
+    prompt_version: str = Field("", description="Version of the prompt and answer schema.")
+    attempts: int = Field(1, ge=1, description="Model calls used (2: the first answer was refused and retried).")
+    price_low: float | None = Field(None, description="Lowest low of the candles charted (levels lie within).")
+    price_high: float | None = Field(None, description="Highest high of the candles charted.")
+    last_close: float | None = Field(None, description="Close of the last candle charted (the call's entry).")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Milliseconds: image_prep (read + downscale), image_encode (vision encoder and its "
+        "embeddings into the context), prompt (text prompt evaluation), generation, total (model calls); "
+        "summed over attempts. A remote backend reports what its server says.",
+    )
 
 
 class AlertEvent(Event):
