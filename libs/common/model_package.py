@@ -65,7 +65,7 @@ class TensorSpec(_Strict):
     """One ONNX graph input or output. Symbolic dimensions (``"batch"``) are strings."""
 
     name: str
-    dtype: Literal["float32", "float64", "int64", "int32", "bool", "string"]
+    dtype: Literal["float32", "float64", "int64", "int32", "uint8", "bool", "string"]
     shape: list[int | str]
     meaning: str = ""
 
@@ -156,6 +156,9 @@ class ModelPackage(_Strict):
     code_version: str
     created_at: int = Field(default_factory=lambda: int(time.time() * 1000))
     config: dict[str, Any] = Field(default_factory=dict, description="the whole training config")
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict, description="full scorecards (validation, test, walk-forward folds, export check)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -365,6 +368,10 @@ class Registry:
             return []
         return [int(Path(p).name) for p in self.fs.ls(base, detail=False) if Path(p).name.isdigit()]
 
+    def next_version(self, name: str) -> str:
+        """The version the next ``publish`` of ``name`` will get, barring a concurrent publisher."""
+        return str(max(self._all_numbered(name), default=0) + 1)
+
     def latest(self, name: str, promoted_only: bool = False) -> str | None:
         for v in reversed(self.versions(name)):
             if not promoted_only or self.read(name, v).promoted:
@@ -388,7 +395,7 @@ class Registry:
         meta = verify_package(staged)
         self.fs.makedirs(self.path(meta.name), exist_ok=True)
         for _attempt in range(20):
-            version = str(max(self._all_numbered(meta.name), default=0) + 1)
+            version = self.next_version(meta.name)
             final_meta = meta.model_copy(update={"version": version})
             tmp = self.path(meta.name, f"{STAGING_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
             self.fs.makedirs(tmp, exist_ok=False)

@@ -1,0 +1,118 @@
+"""Dataset kinds: one registry that ``klinebus dataset build --kind``, ``klinebus train`` and the
+trainer service all read.
+
+A kind says how to build its dataset folder and how to train, evaluate and package a model from
+it. Adding one (the chart classifier, say) is a module that calls ``register_kind`` and one line
+in ``PLUGINS`` below; nothing else in the trainer changes::
+
+    register_kind(DatasetKind(
+        name="chart-classifier",
+        description="...",
+        build=build_chart_dataset,      # (BuildSpec) -> manifest dict, writes spec.out
+        train=train_chart_classifier,   # (dataset_dir, TrainOptions, progress) -> JobResult
+        default_feature_set="chart-analysis-v1",
+    ))
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from services.trainer.jobs import JobResult
+
+MANIFEST_FILE = "manifest.json"
+
+# Modules that register kinds when imported. Add yours here (one line).
+PLUGINS: tuple[str, ...] = (
+    "services.trainer.datasets.sequence",
+    "services.trainer.classifier.kind",
+)
+
+
+class DatasetError(ValueError):
+    """A dataset request that cannot be met (unknown kind, too little history, empty range): one line."""
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build; the command line and ``datasets.v1`` requests both become one of these."""
+
+    kind: str
+    inputs: list[str]
+    out: Path
+    symbols: list[str] | None = None
+    intervals: list[str] | None = None
+    start: int | None = None
+    end: int | None = None
+    feature_set: str | None = None
+    lookback: int | None = None
+    horizon: int | None = None
+    # Time split: fractions of all samples by anchor time, the rest is the test slice.
+    train_fraction: float = 0.7
+    validation_fraction: float = 0.15
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    name: str
+    description: str
+    build: Callable[[BuildSpec], dict]
+    train: Callable[..., "JobResult"]
+    default_feature_set: str = ""
+
+
+KINDS: dict[str, DatasetKind] = {}
+_loaded = False
+
+
+def register_kind(kind: DatasetKind) -> DatasetKind:
+    if kind.name in KINDS and KINDS[kind.name] is not kind:
+        raise ValueError(f"dataset kind {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in PLUGINS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):  # a plugin not written yet is fine
+                raise
+
+
+def kinds() -> dict[str, DatasetKind]:
+    _load_plugins()
+    return dict(KINDS)
+
+
+def get_kind(name: str) -> DatasetKind:
+    known = kinds()
+    if name not in known:
+        raise DatasetError(f"unknown dataset kind {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def build_dataset(spec: BuildSpec) -> dict:
+    """Build ``spec.out`` (written beside and renamed: a crash leaves no half dataset); returns its manifest."""
+    return get_kind(spec.kind).build(spec)
+
+
+def read_manifest(dataset_dir: str | Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{dataset_dir}: not a dataset (no {MANIFEST_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not JSON ({e.msg})") from None
