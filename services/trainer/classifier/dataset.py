@@ -10,17 +10,19 @@ Output folder::
                     last candle's own move, the "same as last candle" baseline), split
     images/         SYMBOL-INTERVAL-<open_time of the last candle>.png
 
-Resumable: the index is written (atomically) before any image, images are written atomically
-by the render pool, and a rerun with the same spec renders only the images that are missing.
-A rerun with a different spec into the same folder is refused rather than mixing two datasets.
+Resumable: the build runs in ``.<out>.partial`` beside ``out``; the index is written there
+(atomically) before any image, images are written atomically by the render pool, and the same
+build run again renders only the images that are missing; the folder is renamed to ``out`` once
+every image exists. ``out`` is written once: a complete dataset of the same spec is returned as
+it is, anything else there is refused.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from libs.common.klines import INTERVAL_MS, read_kline_frame
+from libs.common.klines import INTERVAL_MS
+from libs.common.model_package import code_version
 from libs.indicators.batch import compute_batch
 from services.trainer.classifier.labels import (
     ATR_FEATURE,
@@ -41,6 +44,7 @@ from services.trainer.classifier.labels import (
 from services.trainer.classifier.render import ChartRenderer
 from services.trainer.classifier.splits import DEFAULT_FRACTIONS, SPLITS, time_splits
 from services.trainer.classifier.text import candle_text, text_spec
+from services.trainer.datasets import DatasetError
 
 KIND = "chart-classifier"
 INDEX_COLUMNS = (
@@ -50,10 +54,6 @@ INDEX_COLUMNS = (
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 IMAGES = "images"
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be built as asked; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -91,26 +91,7 @@ class BuildSummary:
     rendered: int  # images rendered by this run (0 when resuming a complete build)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> count
     embargoed: int = 0
-
-
-def read_candles(inputs: Sequence[str | Path], symbol: str, interval: str) -> pd.DataFrame:
-    """Kline files (Binance CSV/zip, archive Parquet) or an archive root, as one sorted frame."""
-    frames = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir() and (path / symbol / interval).is_dir():
-            from libs.common.archive import read_archive
-
-            frames.append(read_archive(str(path), symbol, interval))
-        elif path.exists():
-            frames.append(read_kline_frame(path, symbol, interval))
-        else:
-            raise DatasetError(f"{path}: no such file or archive folder")
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if frame.empty:
-        raise DatasetError(f"no {symbol} {interval} candles in {', '.join(map(str, inputs))}")
-    frame = frame.drop_duplicates("open_time", keep="last").sort_values("open_time", kind="stable")
-    return frame.reset_index(drop=True)
+    manifest: dict = field(default_factory=dict)
 
 
 def plan_index(frame: pd.DataFrame, spec: DatasetSpec, warmup: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -160,23 +141,6 @@ def plan_index(frame: pd.DataFrame, spec: DatasetSpec, warmup: int) -> tuple[pd.
     return index, rows
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sources(inputs: Sequence[str | Path]) -> list[dict]:
-    out = []
-    for raw in inputs:
-        p = Path(raw)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        out += [{"path": str(q), "sha256": _sha256(q)} for q in files]
-    return out
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -184,20 +148,31 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build_chart_dataset(
-    inputs: Sequence[str | Path],
+    frame: pd.DataFrame,
+    sources: Sequence[dict],
     out_dir: str | Path,
     spec: DatasetSpec,
     renderer: ChartRenderer,
     workers: int | None = None,
     progress: bool = False,
 ) -> BuildSummary:
+    """Build (or resume building) the dataset of ``frame`` (one symbol and interval, sorted, whole
+    history: candles before ``spec.start_ms`` warm the indicators) into ``out_dir``.
+
+    The build happens in ``.<out>.partial`` beside ``out_dir`` and is renamed when every image is
+    written, so ``out_dir`` is always a complete dataset; an interrupted build leaves the partial
+    folder, and the same build run again continues there.
+    """
     spec.check()
     if renderer.window != spec.window:
         raise DatasetError(f"renderer draws {renderer.window}-candle windows, the spec asks {spec.window}")
-    out = Path(out_dir)
-    frame = read_candles(inputs, spec.symbol, spec.interval)
+    final = Path(out_dir)
+    out = final.parent / f".{final.name}.partial"
     index, rows = plan_index(frame, spec, renderer.warmup)
-    plan = time_splits(rows, embargo_rows=spec.window + 1, fractions=spec.fractions)
+    try:
+        plan = time_splits(rows, embargo_rows=spec.window + 1, fractions=spec.fractions)
+    except ValueError as e:
+        raise DatasetError(f"{spec.symbol} {spec.interval}: {e}") from None
     index["split"] = [SPLITS[k] if k >= 0 else "embargo" for k in plan.assignment]
     keep = plan.assignment >= 0
     index, rows = index[keep].reset_index(drop=True), rows[keep]
@@ -206,7 +181,7 @@ def build_chart_dataset(
     manifest = {
         "kind": KIND,
         "spec": spec.to_json(),
-        "sources": _sources(inputs),
+        "sources": list(sources),
         "renderer": renderer.describe(),
         "text": text_spec(),
         "labels": {
@@ -214,6 +189,7 @@ def build_chart_dataset(
             "rule": "r = next_close/close - 1 against band = neutral_atr_multiple * atr_14/close: "
                     "r < -band bearish, r > band bullish, else neutral",
         },
+        "code_version": code_version(),
         "embargo_candles": plan.embargo_rows,
         "embargoed_samples": plan.embargoed,
         "samples": len(index),
@@ -223,16 +199,20 @@ def build_chart_dataset(
             for s in SPLITS
         },
     }
+    identity = ("kind", "spec", "sources", "renderer")
+    if final.exists() and any(final.iterdir()):
+        old = _read_json(final / MANIFEST)
+        if old and old.get("complete") and {k: old.get(k) for k in identity} == {k: manifest[k] for k in identity}:
+            return BuildSummary(out=final, samples=old["samples"], rendered=0, counts=old["class_counts"],
+                                embargoed=old["embargoed_samples"], manifest=old)
+        raise DatasetError(f"{final} exists and holds something else; datasets are written once (use another --out)")
     out.mkdir(parents=True, exist_ok=True)
     (out / IMAGES).mkdir(exist_ok=True)
     old_path = out / MANIFEST
-    if old_path.exists():
-        old = json.loads(old_path.read_text())
-        same = {k: old.get(k) for k in ("kind", "spec", "sources", "renderer")} == {
-            k: manifest[k] for k in ("kind", "spec", "sources", "renderer")
-        }
-        if not same:
-            raise DatasetError(f"{out} holds a different dataset ({old_path}); use another --out or delete it")
+    old = _read_json(old_path)
+    if old is not None and {k: old.get(k) for k in identity} != {k: manifest[k] for k in identity}:
+        shutil.rmtree(out)  # an unfinished build of another spec: nothing of it can be reused
+        (out / IMAGES).mkdir(parents=True)
     for stray in (out / IMAGES).glob("*.tmp*"):
         stray.unlink(missing_ok=True)  # a render interrupted mid-write
     _write_atomic(old_path, json.dumps({**manifest, "complete": False}, indent=2))
@@ -250,8 +230,23 @@ def build_chart_dataset(
     finally:
         if bar is not None:
             bar[0].stop()
-    _write_atomic(old_path, json.dumps({**manifest, "complete": True}, indent=2))
-    return BuildSummary(out=out, samples=len(index), rendered=rendered, counts=counts, embargoed=plan.embargoed)
+    missing_after = [p for p in index["image_path"] if not (out / p).exists()]
+    if missing_after:
+        raise DatasetError(f"{len(missing_after)} charts were not rendered (first: {missing_after[0]}); run the build again")
+    manifest["complete"] = True
+    _write_atomic(old_path, json.dumps(manifest, indent=2))
+    if final.exists():
+        final.rmdir()  # empty (checked above)
+    out.rename(final)
+    return BuildSummary(out=final, samples=len(index), rendered=rendered, counts=counts, embargoed=plan.embargoed,
+                        manifest=manifest)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _progress(enabled: bool, what: str, total: int):

@@ -1,33 +1,34 @@
-"""ONNX export of the fused model, checked against torch with onnxruntime.
+"""ONNX export of the fused model through the trainer's exporter (services/trainer/export.py), and
+a check of every output against torch with onnxruntime.
 
 Inputs: ``image`` uint8 (batch, 224, 224, 3) (the decoded PNG), ``input_ids`` and
-``attention_mask`` int64 (batch, tokens). Outputs: ``probabilities`` float32 (batch, 3)
-(bearish, neutral, bullish) and ``next_close_scaled`` float32 (batch,) (see labels.py for the
-inverse). Batch and token count are dynamic; the opset is pinned.
+``attention_mask`` int64 (batch, max_tokens), text padded to ``max_tokens`` as in training.
+Outputs: ``probabilities`` float32 (batch, 3) (bearish, neutral, bullish) and
+``next_close_scaled`` float32 (batch,) (labels.py has the inverse). The batch is dynamic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-OPSET = 18
+from services.trainer.export import OPSET, ExportError, export_onnx
+
 INPUTS = ("image", "input_ids", "attention_mask")
 OUTPUTS = ("probabilities", "next_close_scaled")
-# float32 through two transformers: differences of ~1e-6 are rounding; 1e-4 on a probability
-# or a unit-variance target would be a real difference.
+# float32 through two transformers: differences of ~1e-7 are rounding; 1e-4 on a probability or
+# a unit-variance target would be a real difference.
 MAX_ABS_DIFF = 1e-4
 
-
-class ExportError(RuntimeError):
-    pass
+__all__ = ["INPUTS", "OUTPUTS", "OPSET", "MAX_ABS_DIFF", "ExportError", "Serving", "export_fusion", "check_fusion"]
 
 
-class _Serving(nn.Module):
+class Serving(nn.Module):
+    """What the graph computes: softmax over the class logits, and the scaled next close."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -37,51 +38,25 @@ class _Serving(nn.Module):
         return torch.softmax(logits, dim=-1), forecast
 
 
-@dataclass(frozen=True)
-class ExportCheck:
-    max_abs_diff_probabilities: float
-    max_abs_diff_next_close_scaled: float
-    samples: int
-
-    def to_json(self) -> dict:
-        return {
-            "max_abs_diff_probabilities": self.max_abs_diff_probabilities,
-            "max_abs_diff_next_close_scaled": self.max_abs_diff_next_close_scaled,
-            "samples": self.samples, "bound": MAX_ABS_DIFF,
-        }
+def export_fusion(model: nn.Module, sample: dict[str, torch.Tensor], path: str | Path) -> Path:
+    return export_onnx(Serving(model), tuple(sample[k] for k in INPUTS), path, list(INPUTS), list(OUTPUTS))
 
 
-def export_onnx(model: nn.Module, sample: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write one self-contained ONNX file (weights inside) for ``model`` traced on ``sample``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    serving = _Serving(model).eval().cpu()
-    args = tuple(sample[k].cpu() for k in INPUTS)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    tokens = torch.export.Dim("tokens", min=2, max=512)
-    shapes = {"image": {0: batch}, "input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}}
-    with torch.no_grad():
-        program = torch.onnx.export(
-            serving, args, input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=OPSET,
-            dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False,
-        )
-    program.save(str(path), external_data=False)
-    return path
-
-
-def check_onnx(model: nn.Module, path: str | Path, sample: dict[str, torch.Tensor]) -> ExportCheck:
-    """Run the file with onnxruntime on ``sample`` and compare with torch; raise past ``MAX_ABS_DIFF``."""
+def check_fusion(model: nn.Module, path: str | Path, sample: dict[str, torch.Tensor]) -> dict[str, float]:
+    """onnxruntime vs torch eager on ``sample``, every output; ``ExportError`` past ``MAX_ABS_DIFF``."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {k: sample[k].cpu().numpy() for k in INPUTS}
-    probs, fc = sess.run(list(OUTPUTS), feed)
+    got = sess.run(list(OUTPUTS), {k: sample[k].cpu().numpy() for k in INPUTS})
     with torch.no_grad():
-        tp, tf = _Serving(model).eval().cpu()(*(sample[k].cpu() for k in INPUTS))
-    check = ExportCheck(
-        float(np.abs(probs - tp.numpy()).max()), float(np.abs(fc - tf.numpy()).max()), int(feed["image"].shape[0])
-    )
-    worst = max(check.max_abs_diff_probabilities, check.max_abs_diff_next_close_scaled)
+        want = Serving(model).to("cpu").eval()(*(sample[k].cpu() for k in INPUTS))
+    report: dict[str, float] = {"samples": float(len(sample["image"])), "opset": float(OPSET), "bound": MAX_ABS_DIFF}
+    for name, g, w in zip(OUTPUTS, got, want):
+        w = w.numpy()
+        if g.shape != w.shape:
+            raise ExportError(f"{path}: onnxruntime's {name} has shape {g.shape}, torch's {w.shape}")
+        report[f"max_abs_diff_{name}"] = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max())
+    worst = max(report[f"max_abs_diff_{n}"] for n in OUTPUTS)
     if not worst <= MAX_ABS_DIFF:
         raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} (> {MAX_ABS_DIFF})")
-    return check
+    return report

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from services.trainer.classifier.labels import CLASS_NAMES
 
@@ -104,12 +103,6 @@ class ChartTextFusion(nn.Module):
         fused, _ = self.cross(cls, patches, patches, need_weights=False)
         h = self.norm(cls + self.drop(fused)).squeeze(1)
         return self.classifier(h), self.forecaster(h).squeeze(-1)
-
-    def loss(self, logits: torch.Tensor, forecast: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        ce = F.cross_entropy(logits.float(), label)
-        reg = F.huber_loss(forecast.float(), target.float(), delta=HUBER_DELTA)
-        total = ce + self.config.forecast_loss_weight * reg
-        return total, {"ce": float(ce.detach()), "huber": float(reg.detach())}
 
     # --- persistence -------------------------------------------------------------------
 
