@@ -1,77 +1,204 @@
-"""Inference service: features.v1 -> ONNX model -> predictions.v1."""
+"""Inference service: features.v1 -> every promoted ONNX model + persistence -> predictions.v1,
+scores.v1, alerts.v1; models.v1 hot-reloads models. The edge only: decode, hand to
+``server.Inference``, publish what it returns."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 from libs.common import topics
 from libs.common.bus import redis_client
-from libs.common.contracts import FeaturesEvent, PredictionEvent
+from libs.common.contracts import AlertEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
 from libs.common.service import ServiceRuntime
+from libs.common.settings import SettingsError
+from services.inference import history
+from services.inference.alert_rules import RulesError, load_rules
+from services.inference.baseline import ensure_persistence_model, persistence_spec
+from services.inference.package import PackageError, load_package, registry_packages
+from services.inference.server import Config, Inference, ServedModel, load_model
 from services.inference.settings import InferenceSettings
-from services.inference.baseline import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    PERSISTENCE,
-    PERSISTENCE_VERSION,
-    WINDOW,
-    ensure_persistence_model,
-)
-from services.inference.model_runner import LoadedModel, OnnxRunner
-from services.inference.predictor import Predictor
 
 SETTINGS = InferenceSettings
+log = logging.getLogger("klinebus.inference")
 
 
 def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
     runtime = ServiceRuntime(
-        "inference", settings, url, description="Serves ONNX models on closed-candle features; publishes forecasts."
+        "inference", settings, url,
+        description="Serves every promoted ONNX model beside persistence on closed-candle features; scores "
+        "each forecast when its candle closes; market alert rules.",
     )
     bus, metrics = runtime.bus, runtime.metrics
     bus.publisher(topics.PREDICTIONS, PredictionEvent)
+    bus.publisher(topics.SCORES, ScoreEvent)
+    bus.publisher(topics.ALERTS, AlertEvent)
+    try:
+        rules = load_rules(settings.alert_rules) if settings.alert_rules else []
+    except RulesError as exc:
+        for problem in exc.problems:
+            log.error("alert rules %s: %s", settings.alert_rules, problem)
+        raise SettingsError(f"invalid setting KLINEBUS_ALERT_RULES: {exc}") from None
     client = redis_client(url)
-    out = bus.once_per_candle(topics.PREDICTIONS, client)
+    predictions = bus.once_per_candle(topics.PREDICTIONS, client)
+    scores = bus.once_per_candle(topics.SCORES, client)
+    alerts = bus.once_per_candle(topics.ALERTS, client)
     model_dir = Path(settings.model_dir) if settings.model_dir else Path(settings.data_dir) / "models"
-    state: dict[str, Predictor] = {}
-    runtime.health.set("model", lambda: "predictor" in state)
+    cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else model_dir / ".cache"
+    engine = Inference(
+        Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
+               settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
+        metrics, predictions.publish_many, scores.publish_many, alerts.publish_many, bus.dead_letter, rules,
+    )
+    state = {"ready": False, "models_upto": "0-0"}
+    runtime.health.set("model", lambda: state["ready"])
+
+    async def load(spec) -> ServedModel:
+        return await asyncio.to_thread(load_model, spec, settings.session_threads)
+
+    async def read_windows(upper: str) -> dict[tuple[str, str], list[FeaturesEvent]]:
+        """The last events of every stream on features.v1 up to ``upper``, oldest first."""
+        need = engine.windows.capacity + 64  # the window, plus room for candles left unpublished
+        per_key: dict[tuple[str, str], list[FeaturesEvent]] = {}
+        async for _, doc in history.scan_back(client, topics.FEATURES, upper, settings.restore_scan_entries):
+            got = per_key.setdefault((doc.get("symbol"), doc.get("interval")), [])  # type: ignore[arg-type]
+            if len(got) < need:
+                try:
+                    got.append(FeaturesEvent.model_validate(doc))
+                except ValueError:
+                    continue  # dead-lettered when it was first consumed
+        return {k: v[::-1] for k, v in per_key.items()}
+
+    async def serve(model: ServedModel) -> None:
+        if engine.needs_capacity(model.spec.lookback) and state["ready"]:
+            # A longer lookback than any served so far: put older rows in front of what the windows hold.
+            upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
+            if upper is not None:
+                for key, evs in (await read_windows(upper)).items():
+                    engine.windows.refill(key, [(e.open_time, e.close, e.feature_set, e.values) for e in evs])
+        old = engine.install(model)
+        was = f" (was {old.spec.version})" if old is not None else ""
+        log.info("serving %s (%s, %s, lookback %d, %s)%s", model.spec.label, model.spec.kind,
+                 model.spec.feature_set or "close", model.spec.lookback,
+                 "all pairs" if model.spec.pairs is None else f"{len(model.spec.pairs)} pairs", was)
 
     @runtime.on_startup
-    async def load_models() -> None:
+    async def restore() -> None:
         path = ensure_persistence_model(model_dir)
-        model = LoadedModel(PERSISTENCE, PERSISTENCE_VERSION, path, WINDOW, INPUT_NAME, OUTPUT_NAME)
-        state["predictor"] = Predictor(OnnxRunner(model))
+        await serve(await load(persistence_spec(path)))
+        current = {s.name: s for s in await asyncio.to_thread(registry_packages, model_dir)}
+        announced: dict[str, ModelPublished] = {}
+        async for eid, doc in history.scan_back(client, topics.MODELS):
+            if state["models_upto"] == "0-0":
+                state["models_upto"] = eid
+            try:
+                ev = ModelPublished.model_validate(doc)
+            except ValueError:
+                continue
+            if ev.promoted and ev.model not in announced:
+                announced[ev.model] = ev
+        for name, ev in announced.items():
+            spec = current.get(name)
+            if spec is None or spec.version != ev.version or spec.sha256 != ev.sha256:
+                try:
+                    current[name] = await asyncio.to_thread(load_package, ev.uri, ev.sha256, cache_dir)
+                except PackageError as exc:
+                    metrics.counter("model_load_failures_total", "", ["model"]).labels(name).inc()
+                    log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
+                    current.pop(name, None)
+        for spec in current.values():
+            try:
+                await serve(await load(spec))
+            except PackageError as exc:
+                engine.m.load_failures.labels(spec.name).inc()
+                log.error("cannot serve %s: %s", spec.label, exc)
+        upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
+        if upper is not None:
+            per_key = await read_windows(upper)
+            events = sorted((e for evs in per_key.values() for e in evs), key=lambda e: e.open_time)
+            engine.replay(events, await history.last_published(client, topics.PREDICTIONS))
+            log.info("windows rebuilt for %d streams from %d features.v1 events", len(per_key), len(events))
+        await restore_scores()
+        engine.start()
+        state["ready"] = True
 
-    @bus.ordered(topics.FEATURES, FeaturesEvent, description="Forecast the next candle when a candle's features arrive.")
+    async def restore_scores() -> None:
+        n = settings.score_window
+        kept: dict[tuple, list[dict]] = {}
+        async for _, doc in history.scan_back(client, topics.SCORES, "+", settings.restore_scan_entries):
+            try:
+                key = (doc["model"], doc["symbol"], doc["interval"], int(doc["horizon"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if len(kept.setdefault(key, [])) < n:
+                kept[key].append(doc)
+        for key, docs in kept.items():
+            for d in reversed(docs):
+                engine.scorer.restore(key, d["abs_error"], d["baseline_abs_error"], d.get("direction_hit"))
+        # Forecasts still waiting for their target candle: all within the newest few candles' forecasts.
+        horizon = max((max(m.spec.horizons) for m in engine.router.models()), default=1)
+        bound = (len(engine.windows.keys()) or 1) * len(engine.router.models()) * (horizon + 2)
+        async for _, doc in history.scan_back(client, topics.PREDICTIONS, "+", bound):
+            last = engine.windows.last_open_time((doc.get("symbol"), doc.get("interval")))
+            if last is None or doc.get("model") == "persistence":
+                continue
+            try:
+                targets = doc.get("target_open_times") or [doc["target_open_time"]]
+                path = doc.get("path") or [doc["predicted"].get("close")]
+                horizons = doc.get("horizons") or [doc["horizon"]]
+                steps = [(h, t, p) for h, t, p in zip(horizons, targets, path) if t > last and p is not None]
+                if steps:
+                    engine.scorer.add_forecast(doc["model"], doc["model_version"], doc["symbol"], doc["interval"],
+                                               doc["open_time"], doc["last_close"], steps)
+            except (KeyError, TypeError, AttributeError):
+                continue
+        async for _, doc in history.scan_back(client, topics.ALERTS, "+", settings.restore_scan_entries):
+            try:
+                subject = doc["labels"]["subject"]
+                engine.alerts.restore_once(doc["rule"], doc["symbol"], doc["interval"], subject, doc["status"], doc["open_time"])
+            except (KeyError, TypeError):
+                continue
+
+    @bus.ordered(topics.FEATURES, FeaturesEvent,
+                 description="Forecast with every model serving the candle's (symbol, interval); score earlier forecasts.")
     async def on_features(event: FeaturesEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.FEATURES).inc()
-        predictor = state["predictor"]
         with metrics.handle_seconds.labels(topics.FEATURES).time():
-            if not predictor.accept(event.symbol, event.interval, event.open_time, event.close):
-                # A retry after a failed publish publishes it again; anything else is a re-delivery.
-                if not await out.retry_last(event.symbol, event.interval, event.open_time, predictor.runner.model.name):
-                    metrics.duplicates.labels(topics.FEATURES).inc()
-                return
-            forecast = predictor.forecast(event.symbol, event.interval, event.open_time)
-            if forecast is None:
-                return
-            model = predictor.runner.model
-            await out.publish(
-                PredictionEvent(
-                    symbol=forecast.symbol,
-                    interval=forecast.interval,
-                    open_time=forecast.open_time,
-                    model=model.name,
-                    model_version=model.version,
-                    target_open_time=forecast.target_open_time,
-                    predicted={"close": forecast.predicted_close},
-                    last_close=forecast.last_close,
-                    kline_ingested_at=event.kline_ingested_at,
-                ),
-                model.name,
-            )
+            if not engine.on_features(event):
+                metrics.duplicates.labels(topics.FEATURES).inc()
+
+    @bus.ordered(topics.MODELS, ModelPublished,
+                 description="Verify, load and warm an announced model package, then swap it in between two candles.")
+    async def on_model(event: ModelPublished, entry_id: str) -> None:
+        metrics.events_in.labels(topics.MODELS).inc()
+        if history.id_key(entry_id) <= history.id_key(state["models_upto"]):
+            return  # already reflected by the start-up read of models.v1
+        if not event.promoted:
+            log.info("%s@%s is not promoted (did not beat its baselines); not served", event.model, event.version)
+            return
+        current = engine.router.get(event.model)
+        if current is not None and current.spec.version == event.version and current.spec.sha256 == event.sha256:
+            return
+        try:
+            spec = await asyncio.to_thread(load_package, event.uri, event.sha256, cache_dir)
+            if spec.name != event.model or spec.version != event.version:
+                raise PackageError(f"the package at {event.uri} is {spec.label}, not {event.model}@{event.version}")
+            model = await load(spec)
+        except PackageError as exc:
+            engine.m.load_failures.labels(event.model).inc()
+            kept = f"; still serving {current.spec.label}" if current is not None else ""
+            reason = f"model {event.model}@{event.version} refused: {exc}{kept}"
+            log.error("%s", reason)
+            await bus.dead_letter(topics.MODELS, event.to_json(), reason)
+            return
+        await serve(model)
 
     @runtime.on_shutdown
-    async def close_client() -> None:
+    async def drain() -> None:
+        if not await engine.drain(settings.drain_timeout_s):
+            log.warning("stopped with forecasts still queued; they are made again at the next start")
+        await engine.stop()
         await client.aclose()
 
     return runtime

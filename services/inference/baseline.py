@@ -50,3 +50,27 @@ def ensure_persistence_model(model_dir: Path) -> Path:
         tmp.write_bytes(build_persistence_onnx())
         tmp.replace(path)
     return path
+
+
+def persistence_spec(path: Path):
+    """The baseline's serving view: reads the close only, serves every (symbol, interval)."""
+    from services.inference.package import PRICES, ModelSpec, Output
+
+    return ModelSpec(
+        name=PERSISTENCE,
+        version=PERSISTENCE_VERSION,
+        kind="persistence",
+        feature_set="",
+        features=("close",),
+        lookback=WINDOW,
+        input_name=INPUT_NAME,
+        input_dtype="float64",
+        input_rank=2,
+        outputs=(Output(OUTPUT_NAME, PRICES, (("close", 1),)),),
+        horizons=(1,),
+        pairs=None,
+        scaler=None,
+        sha256="",
+        promoted=True,
+        path=Path(path),
+    )

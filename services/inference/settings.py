@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from libs.common.settings import ServiceSettings
 
@@ -8,6 +8,45 @@ from libs.common.settings import ServiceSettings
 class InferenceSettings(ServiceSettings):
     model_dir: str = Field(
         "",
-        description="Local model registry folder; default <data_dir>/models. The persistence baseline "
-        "(next close = last close) is written there as ONNX at start and served until trained models land.",
+        description="Local model registry folder (<model_dir>/<name>/<version>/); default <data_dir>/models. "
+        "The newest promoted version of each model there is served at start, then models.v1 decides "
+        "(the last announcement of a name wins, so publishing an older version rolls back). The persistence "
+        "baseline (next close = last close) is written there as ONNX and always served.",
     )
+    model_cache_dir: str = Field(
+        "", description="Where packages announced with a remote uri (fsspec URL, hf://) are fetched; "
+        "default <model_dir>/.cache."
+    )
+    max_batch: int = Field(256, ge=1, description="Most windows one model runs in one session call.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a model waits for more windows after the first before it runs."
+    )
+    session_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per model.")
+    score_window: int = Field(100, ge=1, description="Scores in each rolling MAE / hit rate (per model, symbol, interval, horizon).")
+    behind_min_samples: int = Field(30, ge=1, description="Scores needed before a model can be marked behind persistence.")
+    behind_ratio: float = Field(
+        1.0, gt=0, description="A model is behind when its rolling MAE exceeds persistence's times this."
+    )
+    demote_behind: bool = Field(
+        False, description="Publish a model that is behind persistence with role=shadow (still scored) instead of primary."
+    )
+    alert_rules: str = Field(
+        "", description="YAML file of market alert rules (docs/inference.md); empty: no market alerts."
+    )
+    restore_scan_entries: int = Field(
+        200_000, ge=0, description="Most entries read back per topic at start to rebuild windows, scores and "
+        "alert state (features.v1, predictions.v1, scores.v1, alerts.v1)."
+    )
+    drain_timeout_s: float = Field(10.0, ge=0, description="At stop, how long queued forecasts may take to publish.")
+
+    @field_validator("alert_rules")
+    @classmethod
+    def _rules_file(cls, v: str) -> str:
+        if v:
+            from services.inference.alert_rules import RulesError, load_rules
+
+            try:
+                load_rules(v)
+            except RulesError as exc:
+                raise ValueError(str(exc)) from None
+        return v

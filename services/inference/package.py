@@ -1,0 +1,210 @@
+"""What serving needs from a model package, read through libs/common/model_package and checked.
+
+A package (../shared/DESIGN.md, "Model packages"; the format is ``libs.common.model_package``)
+is verified (schema, sha256 of ``model.onnx`` against its ``klinebus.json`` and against the
+one ``models.v1`` announced, graph input/output names) before anything loads it. Everything
+done to an input before the session sees it (which features, in which order, how scaled, how
+many candles) comes from the package and nowhere else, so a model is served as it was trained.
+
+Pure domain: no bus, no onnxruntime. ``PackageError`` is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libs.common import model_package as mp
+from libs.common.model_package import PackageError
+from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
+
+__all__ = ["PackageError", "ModelSpec", "Output", "Scaler", "load_package", "spec_from_package", "PRICES", "PROBS"]
+
+PRICES = "prices"  # columns are (target price, horizon): open/high/low/close at h candles ahead
+PROBS = "probs"  # columns are class probabilities
+PRICE_NAMES = ("open", "high", "low", "close")
+# The trainer's target when a graph leaves decoding to the caller: log(price[t+h] / close[t]).
+LOG_RETURN = "log_return_vs_last_close"
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """``scaled = (x - center) / scale`` per column."""
+
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    kind: str  # PRICES or PROBS
+    columns: tuple[Any, ...]  # PRICES: ((target, horizon), ...), horizon-major; PROBS: class names
+    decode: str = "none"  # "none": prices as they come; LOG_RETURN: last_close * exp(value)
+    scaler: Scaler | None = None  # applied inversely before decoding
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A servable model: identity, the exact preprocessing, and what its outputs mean."""
+
+    name: str
+    version: str
+    kind: str
+    feature_set: str  # "" for a model that reads only the close (persistence)
+    features: tuple[str, ...]
+    lookback: int
+    input_name: str
+    input_dtype: str
+    input_rank: int  # 3: [batch, lookback, features]; 2: [batch, lookback] (one column)
+    outputs: tuple[Output, ...]
+    horizons: tuple[int, ...]
+    pairs: frozenset[tuple[str, str]] | None  # None: every (symbol, interval)
+    scaler: Scaler | None  # inputs, when the caller scales
+    sha256: str
+    promoted: bool
+    path: Path | None = None
+    meta: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def reads_close_only(self) -> bool:
+        return self.feature_set == ""
+
+    def serves(self, symbol: str, interval: str) -> bool:
+        return self.pairs is None or (symbol, interval) in self.pairs
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _scaler(raw: mp.Scaler, want: list[str], what: str) -> Scaler:
+    """The scaler's columns put in ``want``'s order (the package says which column is which)."""
+    index = {c: i for i, c in enumerate(raw.columns)}
+    missing = [c for c in want if c not in index]
+    if missing:
+        raise PackageError(f"scalers[{what!r}] has no column(s) {missing}")
+    return Scaler(tuple(raw.center[index[c]] for c in want), tuple(raw.scale[index[c]] for c in want))
+
+
+def _outputs(meta: mp.ModelPackage) -> tuple[Output, ...]:
+    caller = meta.input_scaling == "caller"
+    price_targets = [t for t in meta.targets if t in PRICE_NAMES]
+    outs = []
+    for o in meta.outputs:
+        if o.dtype not in ("float32", "float64"):
+            raise PackageError(f"output {o.name!r} is {o.dtype}; serving reads float outputs")
+        text = f"{o.name} {o.meaning}".lower()
+        if "prob" in text:
+            classes = meta.config.get("classes") or meta.targets
+            if not classes:
+                raise PackageError(f"output {o.name!r} holds probabilities but the package names no classes")
+            outs.append(Output(o.name, PROBS, tuple(str(c) for c in classes)))
+            continue
+        if not price_targets or len(price_targets) != len(meta.targets):
+            raise PackageError(f"targets {meta.targets} are not prices ({', '.join(PRICE_NAMES)}); cannot read {o.name!r}")
+        columns = tuple((t, h) for h in meta.horizons for t in meta.targets)
+        decode, scaler = "none", None
+        if caller:
+            decode = meta.config.get("target_transform", LOG_RETURN)
+            if decode != LOG_RETURN:
+                raise PackageError(f"target_transform {decode!r} is not one serving can decode ({LOG_RETURN})")
+            if "targets" in meta.scalers:
+                scaler = _scaler(meta.scalers["targets"], [f"{t}@{h}" for t, h in columns], "targets")
+        dims = o.shape[1:]
+        if dims and all(isinstance(d, int) for d in dims) and int(_prod(dims)) != len(columns):
+            raise PackageError(f"output {o.name!r} {o.shape} cannot hold {len(columns)} columns "
+                               f"({len(meta.targets)} targets x {len(meta.horizons)} horizons)")
+        outs.append(Output(o.name, PRICES, columns, decode, scaler))
+    if not outs:
+        raise PackageError("the package declares no outputs")
+    return tuple(outs)
+
+
+def _prod(dims: list) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None) -> ModelSpec:
+    """The serving view of verified package metadata; ``PackageError`` when it cannot be served
+    from ``features.v1`` (another kind of input, an unknown feature set, ...)."""
+    if len(meta.inputs) != 1:
+        names = [i.name for i in meta.inputs]
+        raise PackageError(f"{meta.name}@{meta.version} ({meta.kind}) takes inputs {names}; features.v1 serving feeds one window tensor")
+    (inp,) = meta.inputs
+    if inp.dtype not in ("float32", "float64") or len(inp.shape) not in (2, 3):
+        raise PackageError(f"input {inp.name!r} is {inp.dtype}{inp.shape}; serving feeds float [batch, lookback(, features)]")
+    try:
+        fs = get_feature_set(meta.feature_set)
+    except UnknownFeatureSet as exc:
+        raise PackageError(str(exc)) from None
+    if fs.id != meta.feature_set:
+        raise PackageError(f"feature_set must be a versioned id like {fs.id!r}, got {meta.feature_set!r}")
+    unknown = [f for f in meta.features if f not in fs.features]
+    if unknown or not meta.features:
+        raise PackageError(f"features {unknown or '[]'} are not columns of {fs.id}")
+    if len(inp.shape) == 3 and isinstance(inp.shape[2], int) and inp.shape[2] != len(meta.features):
+        raise PackageError(f"input {inp.name!r} has {inp.shape[2]} features but 'features' lists {len(meta.features)}")
+    if len(inp.shape) == 2 and len(meta.features) != 1:
+        raise PackageError(f"input {inp.name!r} {inp.shape} takes one column but 'features' lists {len(meta.features)}")
+    if isinstance(inp.shape[1], int) and inp.shape[1] != meta.lookback:
+        raise PackageError(f"input {inp.name!r} has lookback {inp.shape[1]} but 'lookback' is {meta.lookback}")
+    scaler = None
+    if meta.input_scaling == "caller":
+        if "inputs" not in meta.scalers:
+            raise PackageError("input_scaling is 'caller' but there is no scalers['inputs']")
+        scaler = _scaler(meta.scalers["inputs"], list(meta.features), "inputs")
+    folder = Path(folder) if folder is not None else None
+    return ModelSpec(
+        name=meta.name,
+        version=meta.version,
+        kind=meta.kind,
+        feature_set=meta.feature_set,
+        features=tuple(meta.features),
+        lookback=meta.lookback,
+        input_name=inp.name,
+        input_dtype=inp.dtype,
+        input_rank=len(inp.shape),
+        outputs=_outputs(meta),
+        horizons=tuple(meta.horizons),
+        pairs=frozenset((s.symbol, s.interval) for s in meta.serves) or None,
+        scaler=scaler,
+        sha256=meta.sha256,
+        promoted=meta.promoted,
+        path=folder / mp.MODEL_FILE if folder is not None else None,
+        meta=meta,
+    )
+
+
+def load_package(uri: str, expected_sha256: str | None, cache_dir: Path | str) -> ModelSpec:
+    """Fetch (remote uris into ``cache_dir``) and verify a package, then read its serving view."""
+    if expected_sha256:
+        folder, meta = mp.fetch_package(uri, expected_sha256, cache_dir)
+    else:
+        folder = Path(uri)
+        meta = mp.verify_package(folder)
+    return spec_from_package(meta, folder)
+
+
+def registry_packages(root: Path | str) -> list[ModelSpec]:
+    """The newest promoted version of every model in a local registry (``<root>/<name>/<version>/``),
+    verified; a model whose newest promoted version does not verify is left out (its load, when
+    announced on models.v1, says why)."""
+    reg = mp.Registry(str(root))
+    found: list[ModelSpec] = []
+    for name in reg.models():
+        try:
+            version = reg.latest(name, promoted_only=True)
+        except PackageError:
+            continue
+        if version is None:
+            continue
+        try:
+            found.append(spec_from_package(reg.verify(name, version), reg.path(name, version)))
+        except PackageError:
+            continue
+    return found

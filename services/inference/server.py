@@ -1,0 +1,323 @@
+"""The inference engine: features in; forecasts, scores and market alerts out. No bus here.
+
+The app hands it each ``features.v1`` event (``on_features``) and each model announcement
+(``install``); it hands back events through the publish callables it was given. Per event it
+updates the stream's window, scores the forecasts that targeted this candle, evaluates the
+feature alert rules, and submits one job per routed model to that model's micro-batcher,
+without waiting for any model: each model answers on its own task and thread, in order.
+
+Restart: ``replay`` feeds earlier features events through the same path with publishing
+limited to the candles a model had not published yet (the once-per-candle guard's record),
+so a crash between acknowledging a candle and publishing its forecast loses nothing, and the
+first forecast after a restart comes from the same window an uninterrupted run had.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from libs.common.contracts import AlertEvent, FeaturesEvent, PredictionEvent, ScoreEvent
+from libs.common.klines import interval_ms, now_ms
+from libs.common.telemetry import ServiceMetrics
+from services.inference.alert_rules import AlertEngine, Firing, Rule
+from services.inference.batching import Job, MicroBatcher, Outbox
+from services.inference.model_runner import OnnxModel
+from services.inference.package import ModelSpec
+from services.inference.routing import Router
+from services.inference.scoring import LiveScorer, Score
+from services.inference.windows import MISMATCH, Request, Windows
+
+log = logging.getLogger("klinebus.inference")
+
+Publish = Callable[..., Awaitable[Any]]
+DeadLetter = Callable[[str, Any, str], Awaitable[None]]
+
+
+@dataclass
+class Config:
+    max_batch: int = 256
+    max_wait_ms: float = 2.0
+    session_threads: int = 1
+    score_window: int = 100
+    behind_min_samples: int = 30
+    behind_ratio: float = 1.0
+    demote_behind: bool = False
+
+
+class ServedModel:
+    """A loaded, warmed model and the column request its windows are cut with."""
+
+    def __init__(self, spec: ModelSpec, runner: Any) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.request = Request(spec.feature_set, spec.features, spec.lookback)
+        self.loaded_at = time.time()
+
+    def predict(self, windows, last_close):
+        return self.runner.predict(windows, last_close)
+
+
+def load_model(spec: ModelSpec, threads: int = 1) -> ServedModel:
+    """Open and warm a session (blocking: run it in a thread); ``PackageError`` when it cannot serve."""
+    runner = OnnxModel(spec, threads)
+    runner.warm()
+    return ServedModel(spec, runner)
+
+
+class Metrics:
+    def __init__(self, m: ServiceMetrics) -> None:
+        self.predictions = m.counter("predictions_total", "Forecasts published", ["model"])
+        self.skipped = m.counter(
+            "skipped_total", "Candles a model gave no forecast for, by reason "
+            "(not_warm, too_few_candles, feature_set_mismatch)", ["model", "reason"])
+        self.mismatches = m.counter(
+            "feature_set_mismatches_total", "features.v1 events whose feature set lacks a routed model's inputs",
+            ["model", "feature_set"])
+        self.model_errors = m.counter("model_errors_total", "Session calls that failed or answered wrongly", ["model"])
+        self.load_failures = m.counter("model_load_failures_total", "Model packages refused (verify or load failed)", ["model"])
+        self.loads = m.counter("model_loads_total", "Model versions loaded and swapped in", ["model"])
+        self.batch = m.histogram("batch_size", "Windows per session call", ["model"],
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.session = m.histogram("session_seconds", "Time of one session call", ["model"],
+                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.close_to_publish = m.histogram(
+            "close_to_publish_seconds", "From a candle's close (open_time + interval) to its forecast's publish", ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.last_prediction = m.gauge(
+            "last_prediction_timestamp_seconds", "When each model last published a forecast (model stale: old)", ["model"])
+        self.model_info = m.gauge("model_info", "1 for the version each model name serves now", ["model", "version", "kind"])
+        self.queue = m.gauge("queue_windows", "Windows waiting for their model", ["model"])
+        self.score_mae = m.gauge("score_mae", "Rolling MAE of the forecast close", ["model", "symbol", "interval", "horizon"])
+        self.score_base = m.gauge("score_baseline_mae", "Rolling MAE of persistence on the same candles",
+                                  ["model", "symbol", "interval", "horizon"])
+        self.score_ratio = m.gauge("score_mae_ratio", "Rolling MAE / persistence's (above 1: behind persistence)",
+                                   ["model", "symbol", "interval", "horizon"])
+        self.score_hits = m.gauge("score_direction_accuracy", "Rolling directional hit rate (flat candles left out)",
+                                  ["model", "symbol", "interval", "horizon"])
+        self.score_n = m.gauge("score_samples", "Scores in the rolling window", ["model", "symbol", "interval", "horizon"])
+        self.behind = m.gauge("model_behind_persistence",
+                              "1 while a model's rolling MAE is behind persistence over the agreed window",
+                              ["model", "symbol", "interval"])
+        self.alerts = m.counter("alerts_total", "Market alert transitions published", ["rule", "status"])
+
+
+class Inference:
+    def __init__(
+        self,
+        config: Config,
+        metrics: ServiceMetrics,
+        publish_predictions: Publish,
+        publish_scores: Publish,
+        publish_alerts: Publish,
+        dead_letter: DeadLetter,
+        rules: Sequence[Rule] = (),
+    ) -> None:
+        self.config = config
+        self.m = Metrics(metrics)
+        self.router = Router()
+        self.windows = Windows(1)
+        self.scorer = LiveScorer(config.score_window, config.behind_min_samples, config.behind_ratio)
+        self.alerts = AlertEngine(rules)
+        self.dead_letter = dead_letter
+        self.batchers: dict[str, MicroBatcher] = {}
+        self.out_predictions = Outbox("predictions", publish_predictions)
+        self.out_scores = Outbox("scores", publish_scores)
+        self.out_alerts = Outbox("alerts", publish_alerts)
+        self._mismatch_logged: set[tuple[str, str]] = set()
+        # During replay: per "symbol|interval|model", publish only candles after this open time.
+        self._replay_floor: dict[str, int] | None = None
+        self._started = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        for out in (self.out_predictions, self.out_scores, self.out_alerts):
+            out.start()
+        for b in self.batchers.values():
+            b.start()
+
+    async def drain(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for b in list(self.batchers.values()):
+            await b.drain(max(0.0, deadline - time.monotonic()))
+        ok = True
+        for out in (self.out_predictions, self.out_scores, self.out_alerts):
+            ok = await out.drain(max(0.0, deadline - time.monotonic())) and ok
+        return ok and not any(b.pending for b in self.batchers.values())
+
+    async def stop(self) -> None:
+        for b in self.batchers.values():
+            await b.stop()
+        for out in (self.out_predictions, self.out_scores, self.out_alerts):
+            await out.stop()
+
+    # --- models -------------------------------------------------------------------------------
+
+    def install(self, model: ServedModel) -> ServedModel | None:
+        """Serve ``model`` from the next candle on (between two candles: the event loop runs one
+        handler at a time); queued windows still run on the version they were queued for."""
+        spec = model.spec
+        old = self.router.put(model)
+        if spec.name not in self.batchers:
+            b = MicroBatcher(spec.name, self._on_results, self.config.max_batch, self.config.max_wait_ms / 1000.0)
+            self.batchers[spec.name] = b
+            self.m.queue.labels(spec.name).set_function(lambda b=b: b.pending)
+            if self._started:
+                b.start()
+        if old is not None:
+            self.m.model_info.remove(old.spec.name, old.spec.version, old.spec.kind)
+        self.m.model_info.labels(spec.name, spec.version, spec.kind).set(1)
+        self.m.loads.labels(spec.name).inc()
+        return old
+
+    def needs_capacity(self, lookback: int) -> bool:
+        return self.windows.grow(lookback)
+
+    # --- features -----------------------------------------------------------------------------
+
+    def on_features(self, ev: FeaturesEvent) -> bool:
+        """Handle one closed candle; False when it is a re-delivery (older or the same candle)."""
+        key = (ev.symbol, ev.interval)
+        if not self.windows.push(ev.symbol, ev.interval, ev.open_time, ev.close, ev.feature_set, ev.values):
+            return False
+        iv_ms = interval_ms(ev.interval)
+        replaying = self._replay_floor is not None
+        for s in self.scorer.add_truth(ev.symbol, ev.interval, ev.open_time, ev.close):
+            if not replaying:
+                self._emit_score(s)
+        if not replaying:
+            for f in self.alerts.on_features(ev.symbol, ev.interval, ev.open_time, iv_ms, ev.values):
+                self._emit_alert(f)
+        for model in self.router.route(ev.symbol, ev.interval):
+            spec = model.spec
+            if replaying:
+                floor = self._replay_floor.get(f"{ev.symbol}|{ev.interval}|{spec.name}")
+                if floor is None or ev.open_time <= floor:
+                    continue
+            window, last_close, reason = self.windows.window(key, model.request)
+            if window is None:
+                self.m.skipped.labels(spec.name, reason).inc()
+                if reason == MISMATCH:
+                    self._mismatch(spec, ev)
+                continue
+            self.batchers[spec.name].submit(
+                Job(model, ev.symbol, ev.interval, ev.open_time, window, last_close,
+                    {"kline_ingested_at": ev.kline_ingested_at, "interval_ms": iv_ms})
+            )
+        return True
+
+    def _mismatch(self, spec: ModelSpec, ev: FeaturesEvent) -> None:
+        self.m.mismatches.labels(spec.name, ev.feature_set).inc()
+        if (spec.name, ev.feature_set) not in self._mismatch_logged:
+            self._mismatch_logged.add((spec.name, ev.feature_set))
+            log.error(
+                "%s serves %s %s but features.v1 carries %s, which lacks its inputs (%s); no forecast until "
+                "the features service publishes %s (counted in klinebus_inference_feature_set_mismatches_total)",
+                spec.label, ev.symbol, ev.interval, ev.feature_set, spec.feature_set, spec.feature_set,
+            )
+
+    def replay(self, events: Sequence[FeaturesEvent], floors: dict[str, int]) -> None:
+        """Rebuild windows from earlier events (oldest first); forecast only candles after each
+        model's last published one (``floors``: guard field -> open_time)."""
+        self._replay_floor = floors
+        try:
+            for ev in events:
+                self.on_features(ev)
+        finally:
+            self._replay_floor = None
+
+    # --- results --------------------------------------------------------------------------------
+
+    async def _on_results(self, jobs: Sequence[Job], results: Sequence[Any]) -> None:
+        model = jobs[0].model
+        spec = model.spec
+        meta = jobs[0].meta
+        if "batch" in meta:
+            self.m.batch.labels(spec.name).observe(meta["batch"])
+            self.m.session.labels(spec.name).observe(meta["session_s"])
+        for job, res in zip(jobs, results):
+            if isinstance(res, Exception):
+                self.m.model_errors.labels(spec.name).inc()
+                reason = f"model {spec.label} failed on {job.symbol} {job.interval} {job.open_time}: {type(res).__name__}: {res}"
+                await self.dead_letter("features.v1", {"symbol": job.symbol, "interval": job.interval,
+                                                       "open_time": job.open_time, "model": spec.label}, reason)
+                continue
+            self._publish_forecast(job, spec, res)
+
+    def _publish_forecast(self, job: Job, spec: ModelSpec, fc: Any) -> None:
+        iv_ms = job.meta["interval_ms"]
+        targets = [job.open_time + h * iv_ms for h in spec.horizons]
+        close = fc.close
+        shadow = self.config.demote_behind and self.scorer.behind(spec.name, job.symbol, job.interval)
+        now = now_ms()
+        lag_ms = now - (job.open_time + iv_ms)
+        event = PredictionEvent(
+            symbol=job.symbol, interval=job.interval, open_time=job.open_time, model=spec.name,
+            model_version=spec.version, target_open_time=targets[0], horizon=spec.horizons[0],
+            predicted=fc.predicted, last_close=job.last_close, kline_ingested_at=job.meta.get("kline_ingested_at"),
+            predicted_at=now, horizons=list(spec.horizons) if len(spec.horizons) > 1 else None,
+            target_open_times=targets if len(targets) > 1 else None, path=fc.path, probabilities=fc.probabilities,
+            close_to_publish_ms=lag_ms, role="shadow" if shadow else "primary",
+        )
+        self.out_predictions.put(event, spec.name)
+        self.m.predictions.labels(spec.name).inc()
+        self.m.close_to_publish.labels(spec.name).observe(max(0.0, lag_ms / 1000.0))
+        self.m.last_prediction.labels(spec.name).set(now / 1000.0)
+        if close is None:
+            return
+        if fc.path and len(fc.path) == len(spec.horizons):
+            steps = list(zip(spec.horizons, targets, fc.path))
+        else:
+            steps = [(spec.horizons[0], targets[0], close)]
+        if spec.kind != "persistence":
+            for s in self.scorer.add_forecast(spec.name, spec.version, job.symbol, job.interval, job.open_time,
+                                              job.last_close, steps):
+                self._emit_score(s)
+        for f in self.alerts.on_forecast(spec.name, job.symbol, job.interval, job.open_time, iv_ms, job.last_close, close):
+            self._emit_alert(f)
+
+    def _emit_score(self, s: Score) -> None:
+        labels = (s.model, s.symbol, s.interval, str(s.horizon))
+        self.m.score_mae.labels(*labels).set(s.mae)
+        self.m.score_base.labels(*labels).set(s.baseline_mae)
+        if s.mae_ratio is not None:
+            self.m.score_ratio.labels(*labels).set(s.mae_ratio)
+        if s.direction_accuracy is not None:
+            self.m.score_hits.labels(*labels).set(s.direction_accuracy)
+        self.m.score_n.labels(*labels).set(s.n)
+        if s.horizon == self.scorer_horizon(s.model):
+            self.m.behind.labels(s.model, s.symbol, s.interval).set(1 if s.behind else 0)
+        self.out_scores.put(
+            ScoreEvent(
+                symbol=s.symbol, interval=s.interval, open_time=s.target_open_time, model=s.model,
+                model_version=s.model_version, horizon=s.horizon, forecast_open_time=s.open_time,
+                predicted_close=s.predicted, actual_close=s.actual, baseline_close=s.baseline, abs_error=s.abs_error,
+                baseline_abs_error=s.baseline_abs_error, direction_hit=s.direction_hit, window=s.n,
+                rolling_mae=s.mae, rolling_baseline_mae=s.baseline_mae, mae_ratio=s.mae_ratio,
+                direction_accuracy=s.direction_accuracy, behind=s.behind,
+            ),
+            s.model, f"h{s.horizon}",
+        )
+        iv_ms = interval_ms(s.interval)
+        for f in self.alerts.on_score(s.model, s.symbol, s.interval, s.target_open_time, iv_ms, s.horizon, s.n, s.mae_ratio):
+            self._emit_alert(f)
+
+    def scorer_horizon(self, model: str) -> int:
+        m = self.router.get(model)
+        return m.spec.horizons[0] if m is not None else 1
+
+    def _emit_alert(self, f: Firing) -> None:
+        self.m.alerts.labels(f.rule.name, f.status).inc()
+        subject = f.labels.get("model") or f.labels.get("feature") or f.rule.kind
+        self.out_alerts.put(
+            AlertEvent(
+                rule=f.rule.name, severity=f.severity, symbol=f.symbol, interval=f.interval, open_time=f.open_time,
+                message=f.message, value=f.value, threshold=f.threshold, labels={**f.labels, "subject": subject},
+                status=f.status,
+            ),
+            f.rule.name, subject,
+        )
