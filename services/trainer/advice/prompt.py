@@ -12,6 +12,11 @@ the seed's text, with two deliberate changes:
   instruction says so and ``prev_trade_counts`` is left out of every context, the examples'
   included, instead of being filled with zeros the model would read as "no trades".
 
+* answers (the examples' assistant turns, the dataset's ``accepted`` and ``rejected``) are
+  compact JSON, ``{"predicted_open_change":"0.00000100","advice":"NOOP"}``: the one form the
+  answer grammar admits (libs/llm emits closed, compact objects), so what a model is shown,
+  what it is fine-tuned on and what it may answer are the same text.
+
 The seed's examples hold 9 entries per list (from BNBBTC); the dataset's contexts hold
 ``lookback`` (default 10). They are kept as the seed wrote them; ``PROMPT_VERSION`` changes
 whenever any text here does, and results of different versions are never mixed.
@@ -73,12 +78,12 @@ SEED_EXAMPLES: tuple[tuple[dict[str, list[str]], dict[str, str]], ...] = (
     ),
 )
 
-# What the grammar holds the model to: the seed's two properties, the change as a decimal string
-# with exactly 8 places (the seed's "8 decimals precision"), the advice one of three words.
+# The answer: the seed's two properties, the change a decimal string (the seed's "8 decimals
+# precision"), the advice one of three words. See ``answer`` for the grammar built from it.
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "predicted_open_change": {"type": "string", "pattern": "^-?[0-9]{1,12}\\.[0-9]{8}$"},
+        "predicted_open_change": {"type": "string", "maxLength": 22},
         "advice": {"type": "string", "enum": list(ADVICES)},
     },
     "required": ["predicted_open_change", "advice"],
@@ -87,8 +92,13 @@ ANSWER_SCHEMA: dict[str, Any] = {
 
 
 def dumps(obj: Any) -> str:
-    """JSON as the seed wrote it (Python's default separators, key order kept)."""
+    """A context as the seed wrote it (Python's default separators, key order kept)."""
     return json.dumps(obj, ensure_ascii=True)
+
+
+def answer_text(open_change: str, advice: str) -> str:
+    """One answer in the compact form the grammar admits."""
+    return json.dumps({"predicted_open_change": open_change, "advice": advice}, separators=(",", ":"))
 
 
 def instruction(has_trade_counts: bool) -> str:
@@ -106,7 +116,7 @@ def example_messages(has_trade_counts: bool) -> list[dict[str, str]]:
     for context, answer in SEED_EXAMPLES:
         shown = dict(context) if has_trade_counts else {k: v for k, v in context.items() if k != "prev_trade_counts"}
         messages.append({"role": "user", "content": prompt_text(dumps(shown), has_trade_counts)})
-        messages.append({"role": "assistant", "content": dumps(answer)})
+        messages.append({"role": "assistant", "content": answer_text(answer["predicted_open_change"], answer["advice"])})
     return messages
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from services.trainer.advice.cli import main
+
+sys.exit(main())
