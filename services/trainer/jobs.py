@@ -216,7 +216,7 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
             code_version=code_version(),
             config=dict(
                 loop=cfg.as_dict(), batch_size=batch_size, loss_weights=seed_cfg["loss_weights"], model=seed_cfg["model"],
-                target_transform=m["target_transform"], dataset=dict(manifest_cuts=m["cuts"], series=m["series"],
+                target_transform=m["target_transform"], train_up_share=up_share, dataset=dict(manifest_cuts=m["cuts"], series=m["series"],
                                                                      spec=m["spec"], code_version=m["code_version"]),
                 fit=dict(device=result.device, amp=result.amp, best_epoch=result.best_epoch,
                          best_val_loss=result.best_val_loss, epochs_run=result.epochs_run, stopped=result.stopped,

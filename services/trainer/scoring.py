@@ -1,0 +1,77 @@
+"""``klinebus evaluate``: score a published package on kline files, beside the same baselines.
+
+The package is verified first (sha256, graph names); features come from libs/indicators with the
+package's feature list; by default only windows that start after the package's validation slice
+count, so a model is never scored on candles it was trained or selected on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from libs.common.klines import INTERVAL_MS
+from libs.common.model_package import MODEL_FILE, ModelPackage, verify_package
+from libs.indicators.batch import compute_frame
+from services.trainer.datasets.sequence import PRICE_NAMES, _valid_anchors
+from services.trainer.evaluation import forecast_scorecard, walk_forward
+from services.trainer.sources import load_series
+
+ONNX_BATCH = 1024
+
+
+class ScoringError(ValueError):
+    pass
+
+
+def score_package(package_dir: str | Path, inputs: list[str], include_seen: bool = False, folds: int = 3) -> dict:
+    import onnxruntime as ort
+
+    meta: ModelPackage = verify_package(package_dir)
+    if meta.input_scaling != "in-graph" or len(meta.inputs) != 1:
+        raise ScoringError(f"{package_dir}: klinebus evaluate scores forecasters that take one raw feature window")
+    L, H, T = meta.lookback, len(meta.horizons), len(meta.targets)
+    hmax = meta.horizons[-1]
+    sess = ort.InferenceSession(str(Path(package_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    wanted = [(s.symbol, s.interval) for s in meta.serves]
+    series = load_series(inputs, sorted({s for s, _ in wanted}), sorted({i for _, i in wanted}), with_hashes=False)
+    series = {k: v for k, v in series.items() if k in wanted}
+    if not series:
+        raise ScoringError(f"{' '.join(inputs)} holds none of the pairs {meta.name} serves ({wanted})")
+    drift = np.asarray(meta.scalers["targets"].center).reshape(H, T)
+    up_share = float(meta.config.get("train_up_share", 0.5))
+    preds, actual, last, times, skipped_seen = [], [], [], [], 0
+    for (symbol, interval), s in sorted(series.items()):
+        feats = compute_frame(s.frame, meta.features, interval_ms=INTERVAL_MS[interval], allow_gaps=True)[meta.features].to_numpy(np.float64)
+        prices = s.frame[list(PRICE_NAMES)].to_numpy(np.float64)
+        ot = s.frame["open_time"].to_numpy(np.int64)
+        anchors = _valid_anchors(ot, feats, INTERVAL_MS[interval], L, hmax)
+        if not include_seen:
+            unseen = ot[anchors - L + 1] > meta.ranges.validation.end
+            skipped_seen += int((~unseen).sum())
+            anchors = anchors[unseen]
+        for i in range(0, len(anchors), ONNX_BATCH):
+            a = anchors[i : i + ONNX_BATCH]
+            windows = feats[a[:, None] + np.arange(-L + 1, 1)[None, :]]
+            preds.append(sess.run(None, {meta.inputs[0].name: windows})[0])
+            actual.append(np.stack([prices[a + h] for h in meta.horizons], axis=1)[:, :, [PRICE_NAMES.index(t) for t in meta.targets]])
+            last.append(prices[a])
+            times.append(ot[a])
+    if not preds:
+        raise ScoringError(
+            f"no windows to score: {skipped_seen} fall in the model's train/validation range (use --include-seen to score them anyway)"
+            if skipped_seen else f"too little history in {' '.join(inputs)} for lookback {L} + horizon {hmax}"
+        )
+    pred, act, lastp, t = (np.concatenate(x) for x in (preds, actual, last, times))
+
+    def card(idx: np.ndarray | None = None) -> dict:
+        if idx is None:
+            return forecast_scorecard(pred, act, lastp, meta.targets, meta.horizons, drift, up_share)
+        return forecast_scorecard(pred[idx], act[idx], lastp[idx], meta.targets, meta.horizons, drift, up_share)
+
+    return dict(
+        model=meta.name, version=meta.version, promoted=meta.promoted, samples=int(len(pred)),
+        skipped_seen=skipped_seen, start=int(t.min()), end=int(t.max()),
+        scorecard=card(), folds=walk_forward(t, folds, card),
+    )
