@@ -1,0 +1,82 @@
+"""The alerts service as deployed: alerts.v1 consumed through its consumer group, destinations
+from settings, dead letters on dead-letters.v1, JSON log lines that carry the candle."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from alert_receivers import Receiver, discord_ok, slack_error
+from alert_support import alert
+
+from libs.common import topics
+from libs.common.klines import now_ms
+from libs.common.settings import SettingsError, load_settings
+from klinebus.pipeline import start_runtimes, stop_runtimes
+from libs.common.telemetry import JsonFormatter
+from services.alerts.settings import AlertsSettings
+from tests.streams import add_events, read_topic, wait_for_events
+
+SLACK_PATH = "/services/T0000000/B0000000/sLaCkToKeNs3cr3t"
+
+
+async def test_alerts_from_the_topic_reach_discord_and_a_refusal_is_a_dead_letter(redis_url, tmp_path):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("klinebus")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        async with Receiver([discord_ok()], "/api/webhooks/1/tok") as discord, \
+                Receiver([slack_error(403, "invalid_token")], SLACK_PATH) as slack:
+            overrides = {"alerts": {"discord_webhook_url": discord.url, "slack_webhook_url": slack.url,
+                                    "watch_topics": [], "retry_initial_s": 0.01}}
+            runtimes = await start_runtimes(["alerts"], redis_url, tmp_path, overrides, http=False)
+            try:
+                t = now_ms()
+                await add_events(redis_url, [alert(fired_at=t, open_time=1_700_000_000_000)])
+                await discord.wait_for(1)
+                await slack.wait_for(1)
+                (dead,) = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1)
+            finally:
+                await stop_runtimes(runtimes)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert discord.requests[0].json["embeds"][0]["title"] == "[WARNING] rsi_extreme BTCUSDT 1m"
+    assert dead["source"] == topics.ALERTS and dead["service"] == "alerts"
+    assert dead["reason"] == "slack: HTTP 403: invalid_token"
+    assert json.loads(dead["payload"])["rule"] == "rsi_extreme"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    sent = [entry for entry in lines if entry["msg"] == "alert rsi_extreme firing sent to discord"]
+    assert sent and sent[0]["symbol"] == "BTCUSDT" and sent[0]["interval"] == "1m" and sent[0]["open_time"] == 1_700_000_000_000
+    assert "sLaCkToKeNs3cr3t" not in stream.getvalue()
+    assert len(slack.requests) == 1
+
+
+async def test_a_malformed_alert_is_dead_lettered_by_the_service(redis_url, tmp_path):
+    import redis.asyncio as aioredis
+
+    runtimes = await start_runtimes(["alerts"], redis_url, tmp_path, {"alerts": {"watch_topics": []}}, http=False)
+    try:
+        client = aioredis.Redis.from_url(redis_url)
+        await client.xadd(topics.stream_key(topics.ALERTS), {"__data__": b'{"rule": "x", "severity": "loud"}'})
+        await client.aclose()
+        (dead,) = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1)
+    finally:
+        await stop_runtimes(runtimes)
+    assert dead["source"] == topics.ALERTS and "severity" in dead["reason"]
+    assert len(await read_topic(redis_url, topics.ALERTS)) == 1
+
+
+def test_a_wrong_webhook_url_stops_the_service_with_one_line_that_hides_it(monkeypatch):
+    monkeypatch.setenv("KLINEBUS_DISCORD_WEBHOOK_URL", "discord.com/api/webhooks/1/sEcReT")
+    with pytest.raises(SettingsError) as err:
+        load_settings(AlertsSettings)
+    assert str(err.value) == "invalid setting KLINEBUS_DISCORD_WEBHOOK_URL: a webhook URL must be an http(s) URL"
+    monkeypatch.setenv("KLINEBUS_DISCORD_WEBHOOK_URL", "https://discord.com/api/webhooks/1/sEcReT")
+    settings = load_settings(AlertsSettings)
+    assert "sEcReT" not in repr(settings) and "sEcReT" not in str(settings.model_dump())
