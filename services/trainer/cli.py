@@ -89,11 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_cmd_evaluate)
     esub = e.add_subparsers(dest="evaluate_command", required=False, metavar="COMMAND")
     try:
-        from services.trainer.advice.cli import register_evaluate
+        from services.trainer.advice.cli import extend_trainer_commands, register_evaluate
     except ImportError:  # that experiment's extra is not installed in this image
         pass
     else:
         register_evaluate(esub)
+        extend_trainer_commands(b, t)
 
 
 def _settings():

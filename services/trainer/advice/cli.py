@@ -108,19 +108,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def add_orpo_arguments(p: argparse.ArgumentParser, *, with_common: bool = True) -> None:
+    """ORPO's options; ``with_common`` adds those ``klinebus train`` already has."""
     from services.trainer.advice import orpo
 
     if with_common:
         p.add_argument("--dataset", required=True, help="an advice dataset folder")
-        p.add_argument("--out", required=True, help="output folder (merged model, GGUF, manifest)")
         p.add_argument("--epochs", type=float, default=orpo.DEFAULT_EPOCHS)
         p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when present")
+        p.add_argument("--batch-size", type=int, default=orpo.DEFAULT_BATCH_SIZE)
+        p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--out", default=None, help="advice-orpo: output folder (merged model, GGUF, manifest)")
     p.add_argument("--base-model", default=orpo.DEFAULT_BASE_MODEL,
                    help=f"advice-orpo: base model, a folder or a Hugging Face id (default {orpo.DEFAULT_BASE_MODEL})")
     p.add_argument("--max-steps", type=int, default=-1, help="advice-orpo: stop after N optimiser steps")
     p.add_argument("--learning-rate", type=float, default=orpo.DEFAULT_LEARNING_RATE)
     p.add_argument("--beta", type=float, default=orpo.DEFAULT_BETA, help="advice-orpo: ORPO's odds-ratio weight")
-    p.add_argument("--batch-size", type=int, default=orpo.DEFAULT_BATCH_SIZE)
     p.add_argument("--lora-rank", type=int, default=orpo.DEFAULT_LORA_RANK, help="advice-orpo: 0 trains every weight")
     p.add_argument("--llama-cpp", default=None, help="advice-orpo: llama.cpp checkout whose convert_hf_to_gguf.py "
                                                      "exports the GGUF (default: $LLAMA_CPP_DIR)")
@@ -131,6 +133,8 @@ def add_orpo_arguments(p: argparse.ArgumentParser, *, with_common: bool = True) 
 def _cmd_orpo(args: argparse.Namespace) -> None:
     from services.trainer.advice import orpo
 
+    if not args.out:
+        raise CliError("advice-orpo needs --out (the folder for the merged model, its GGUF and its manifest)")
     result = orpo.run(orpo.OrpoOptions.from_args(args))
     print(f"advice-orpo: {result['out']}: {result['steps']} steps, final loss {result['train_loss']:.4f}; "
           f"{result['gguf_note']}")
@@ -153,6 +157,35 @@ def register_evaluate(evaluate_sub: argparse._SubParsersAction) -> None:
     p = evaluate_sub.add_parser("advice", help="score a GGUF model on an advice dataset beside its baselines")
     add_evaluate_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
+
+
+def extend_trainer_commands(build_parser: argparse.ArgumentParser, train_parser: argparse.ArgumentParser) -> None:
+    """Give the trainer's ``dataset build`` the advice options (passed on to the kind in
+    ``BuildSpec.extra``) and ``train`` a ``--kind advice-orpo`` that runs the ORPO job."""
+    add_build_arguments(build_parser, with_common=False)
+    build = build_parser.get_default("func")
+
+    def build_with_advice(args: argparse.Namespace) -> None:
+        if args.kind == "advice":
+            given = {"train_range": args.train_range, "verify_range": args.verify_range, "threshold": args.threshold,
+                     "seed": args.seed, "overwrite": args.overwrite}
+            args.extra = [*args.extra, *(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None)]
+        build(args)
+
+    build_parser.set_defaults(func=build_with_advice)
+    train_parser.add_argument("--kind", default=None, choices=["advice-orpo"],
+                              help="advice-orpo: ORPO fine-tuning of an advice dataset (GPU), exported to GGUF")
+    add_orpo_arguments(train_parser, with_common=False)
+    train = train_parser.get_default("func")
+
+    def train_with_advice(args: argparse.Namespace) -> None:
+        if args.kind == "advice-orpo":
+            args.dataset = str(args.dataset)
+            args.device = None if args.device in (None, "auto") else args.device
+            return _cmd_orpo(args)
+        return train(args)
+
+    train_parser.set_defaults(func=train_with_advice)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

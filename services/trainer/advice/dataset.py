@@ -404,6 +404,7 @@ def _manifest(
         "ranges": {"train": config.train.text(), "verify": config.verify.text()},
         "ranges_ms": {"train": [config.train.start, config.train.end], "verify": [config.verify.start, config.verify.end]},
         "rows": {split: int((frame["split"] == split).sum()) for split in SPLITS},
+        "samples": {split: int((frame["split"] == split).sum()) for split in SPLITS},
         "advice_counts": counts,
         "has_trade_counts": has_trade_counts,
         "trade_counts_note": (

@@ -61,7 +61,8 @@ class OrpoOptions:
     @classmethod
     def from_args(cls, args: Any) -> "OrpoOptions":
         names = cls.__dataclass_fields__
-        return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+        values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+        return cls(**{k: str(v) if k in ("dataset", "out") else v for k, v in values.items()})
 
 
 def missing_packages() -> list[str]:

@@ -31,6 +31,7 @@ MANIFEST_FILE = "manifest.json"
 PLUGINS: tuple[str, ...] = (
     "services.trainer.datasets.sequence",
     "services.trainer.classifier.kind",
+    "services.trainer.advice.kind",
 )
 
 
