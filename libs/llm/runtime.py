@@ -186,20 +186,30 @@ class LocalModel:
         import llama_cpp
 
         first: list[float] = []
+        stopped: list[bool] = []
 
-        def watch(_ids: Any, scores: Any) -> Any:
-            # called once per generated token: marks the end of the prompt and enforces the deadline
+        def stop(_ids: Any, _logits: Any) -> bool:
+            # checked in Python after every sampled token: marks the prompt's end, enforces the
+            # deadline (an exception cannot be raised from the sampler's C callback)
             now = time.perf_counter()
             if not first:
                 first.append(now)
             if cancel.is_set() or now > deadline:
-                raise CallTimeout("generation stopped at the deadline")
-            return scores
+                stopped.append(True)
+                return True
+            return False
+
+        def create_completion(**kwargs: Any) -> Any:
+            return original(**kwargs, stopping_criteria=llama_cpp.StoppingCriteriaList([stop]))
 
         with self._thread_lock:
             if self._mtmd is not None:
                 self._mtmd.image_s = 0.0
             started = time.perf_counter()
+            # the chat handler does not pass stopping criteria on; its call to this Llama's
+            # create_completion gets them here
+            original = self._llama.create_completion
+            self._llama.create_completion = create_completion
             try:
                 out = self._llama.create_chat_completion(
                     messages=messages,
@@ -207,12 +217,13 @@ class LocalModel:
                     max_tokens=max_tokens,
                     temperature=temperature,
                     seed=seed,
-                    logits_processor=llama_cpp.LogitsProcessorList([watch]),
                 )
-            except CallTimeout:
-                raise
             except ValueError as exc:
                 raise InputError(" ".join(str(exc).split())[:200]) from None
+            finally:
+                del self._llama.create_completion  # back to the class's method
+            if stopped:
+                raise CallTimeout("generation stopped at the deadline")
             ended = time.perf_counter()
         image_s = self._mtmd.image_s if self._mtmd is not None else 0.0
         prompt_end = first[0] if first else ended
