@@ -33,10 +33,11 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
     runtime.bus.publisher(topics.KLINES_LIVE, LiveKlineEvent)
     metrics = IngestMetrics(runtime.metrics)
     redis = redis_client(url)
+    sink = KlineSink(redis, settings.stream_maxlen, settings.live_maxlen, metrics=metrics)
     engine = IngestEngine(
         settings.symbols,
         settings.intervals,
-        KlineSink(redis, settings.stream_maxlen, settings.live_maxlen),
+        sink,
         RestKlines(settings.binance_rest_url, settings.rest_weight_budget, metrics),
         metrics,
         runtime.bus.dead_letter,
@@ -74,6 +75,7 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
     @runtime.on_shutdown
     async def close_clients() -> None:
         await engine.close()
+        await sink.close()
         await redis.aclose()
 
     return runtime

@@ -28,3 +28,14 @@ class IngestMetrics:
             "receive_to_publish_seconds", "From a closed candle's websocket message to its klines.v1 append",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
+        self.publish_batch = m.histogram(
+            "publish_batch_candles", "Candles per publish call to klines.v1 (a burst of closes shares calls)",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+        )
+        self.publish_retries = m.counter(
+            "publish_retries_total", "Publish calls to klines.v1 retried because Redis refused them, by error", ["error"]
+        )
+        self.publish_stalled = m.gauge("publish_stalled", "1 while Redis refuses publishes to klines.v1 (waited out)")
+        self.held_candles = m.gauge(
+            "held_candles", "Closed candles kept in memory after a failed publish, waiting for their retry"
+        )

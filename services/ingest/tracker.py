@@ -47,6 +47,7 @@ RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 30.0
 
 INITIAL = "initial"  # gap reason of a new stream's first backfill
+HELD = "held"  # a retry of the candles a failed run left (published from memory, gaps over REST)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class StreamTracker:
         self.last_silence_check = 0  # exchange ms of the last silence-triggered catch-up
         self._dropped = dropped or (lambda k: None)
         self._retry = Backoff(retry_initial_s, retry_max_s)
+        self._held: list[Kline] = []  # closed candles not yet published (ascending open_time)
 
     # --- inputs (called by the websocket side; never block) ------------------------------
 
@@ -112,43 +114,69 @@ class StreamTracker:
             for work in _runs(items):
                 try:
                     if isinstance(work, CatchUp):
+                        if work.reason == HELD:  # only the candles a failed run left: no REST needed
+                            await self._on_closed([])
+                            continue
                         self._pending_catch_up = None
+                        if self._held:  # a run whose publish failed goes first, before anything newer
+                            await self._on_closed([])
                         await self._backfill(work.reason, until=None)
                     else:
                         await self._on_closed(work)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - a failed backfill must not kill the stream
-                    log.exception("%s %s: %s", self.symbol, self.interval, exc)
-                    if isinstance(work, list):
-                        # Leave the candles for the retry: publishing them now would skip the gap.
-                        for k in work:
-                            self._dropped(k)
-                    # A failed catch-up (restart, reconnect, rotation, silence) is retried too:
+                except Exception as exc:  # noqa: BLE001 - a failed publish or backfill must not kill the stream
+                    # one line per failing series (the first), not one per retry
+                    level = logging.WARNING if self._retry.attempt == 0 else logging.DEBUG
+                    log.log(level, "%s %s: %s: %s; retrying with back-off", self.symbol, self.interval,
+                            type(exc).__name__, exc, exc_info=True)
+                    # The candles not yet published stay in ``_held`` (published first on the retry);
+                    # a failed catch-up (restart, reconnect, rotation, silence) is retried too:
                     # otherwise its gap would wait for the next live candle (an hour on 1h).
                     self.metrics.backfill_failures.labels(self.interval).inc()
                     await asyncio.sleep(self._retry.next_delay())
-                    self.catch_up("retry")
+                    if isinstance(work, CatchUp) and work.reason != HELD:
+                        self.catch_up("retry")
+                    else:
+                        self._queue.put_nowait(CatchUp(HELD))
                 else:
                     self._retry.reset()
 
     async def _on_closed(self, ks: list[Kline]) -> None:
-        """Publish a run of closed candles in order, backfilling any gap before a candle first."""
-        run: list[Kline] = []
-        for k in ks:
+        """Publish a run of closed candles in order, backfilling any gap before a candle first.
+
+        Candles of an earlier run whose publish failed (``_held``) go first. A candle stays held
+        until it is published, so a failure at any step (the initial backfill, a gap backfill, the
+        publish itself, even the very first publish of a new stream) loses nothing: the retry
+        starts again from the first unpublished candle."""
+        if ks:
+            merged = {k.open_time: k for k in self._held}
+            for k in ks:
+                if k.open_time in merged:  # sent twice while the first copy waits
+                    self.metrics.duplicates.labels("klines.v1").inc()
+                    self._dropped(k)
+                else:
+                    merged[k.open_time] = k
+            self._held = [merged[t] for t in sorted(merged)]
+        self.metrics.held_candles.set(len(self._held))
+        while self._held:
+            k = self._held[0]
             if self._needs_initial:
                 await self._backfill(INITIAL, until=k.open_time - 1)
-            last = run[-1].open_time if run else self.last
-            if last is not None and k.open_time <= last:
+                continue
+            if self.last is not None and k.open_time <= self.last:
                 self.metrics.duplicates.labels("klines.v1").inc()
                 self._dropped(k)
+                self._held.pop(0)
                 continue
-            if last is not None and k.open_time > last + self.step:
-                await self._emit(run, "ws")
-                run = []
+            if self.last is not None and k.open_time > self.last + self.step:
                 await self._backfill("jump", until=k.open_time - 1)
-            run.append(k)
-        await self._emit(run, "ws")
+            n = 1  # k and the held candles that follow it without a gap go in one call
+            while n < len(self._held) and self._held[n].open_time == self._held[n - 1].open_time + self.step:
+                n += 1
+            await self._emit(self._held[:n], "ws")
+            del self._held[:n]
+            self.metrics.held_candles.set(len(self._held))
 
     async def _emit(self, ks: Sequence[Kline], source: str) -> int:
         """Publish ``ks`` (ascending open_time); returns how many were appended."""
@@ -171,7 +199,6 @@ class StreamTracker:
                 return  # nothing published yet and no history wanted: there is no gap to speak of
             reason = INITIAL
             fetched = await self._fetch_recent(self.symbol, self.interval, self.initial_candles, until)  # type: ignore[misc]
-            self._needs_initial = False
             after = None
         else:
             self._needs_initial = False
@@ -181,6 +208,8 @@ class StreamTracker:
             fetched = await self._fetch(self.symbol, self.interval, after + self.step, until)
         newer = [k for k in fetched if self.last is None or k.open_time > self.last]
         published = await self._emit(newer, "rest")
+        # Cleared only once the history is out: a failed first publish retries the whole start.
+        self._needs_initial = False
         elapsed = time.perf_counter() - t0
         self.metrics.backfill_seconds.labels(self.interval).observe(elapsed)
         if published or reason in ("jump", INITIAL):

@@ -1,4 +1,5 @@
-"""The engine forgets the receive time of every closed candle the tracker lets go."""
+"""The engine forgets the receive time of every closed candle the tracker lets go, and keeps the
+one of a candle held for a retry until it is published."""
 
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from services.ingest.sink import KlineSink
 
 
 class _FailingRest:
-    """REST that is down: every backfill fails."""
+    """REST that is down for its first ``failures`` backfills, then serves ``candles``."""
 
-    def __init__(self) -> None:
+    def __init__(self, candles=(), failures: int = 1) -> None:
         self.calls = 0
+        self.candles = list(candles)
+        self.failures = failures
 
-    async def closed_klines(self, *args, **kw):
+    async def closed_klines(self, symbol, interval, start, end=None):
         self.calls += 1
-        raise RestError("REST get_klines failed: HTTP 503")
+        if self.calls <= self.failures:
+            raise RestError("REST get_klines failed: HTTP 503")
+        return [k for k in self.candles if start <= k.open_time and (end is None or k.open_time <= end)]
 
     async def close(self) -> None:
         pass
@@ -45,7 +50,7 @@ async def test_duplicates_and_dropped_runs_leave_no_receive_times_behind(redis_u
     (ks,) = shipped_candles(6, symbols=("BTCUSDT",)).values()
     redis = redis_client(redis_url)
     metrics = RecordingMetrics()
-    rest = _FailingRest()
+    rest = _FailingRest(ks[:5])  # what the exchange has closed so far
     engine = IngestEngine(["BTCUSDT"], ["1m"], KlineSink(redis, 1000, 100), rest, metrics, _no_dead_letters)
     await engine.load()
     tracker = engine.trackers[("BTCUSDT", "1m")]
@@ -59,10 +64,14 @@ async def test_duplicates_and_dropped_runs_leave_no_receive_times_behind(redis_u
             await engine.on_message(_ws(k))
         await _until(lambda: metrics.count("duplicates", "klines.v1") == 3)
         assert engine._received == {}
-        # a candle after a gap whose backfill fails: the run is dropped and left to the retry
+        # a candle after a gap whose backfill fails: the candle is held for the retry (its receive
+        # time too), and once the retried backfill has filled the gap it is published and forgotten
         await engine.on_message(_ws(ks[4]))
         await _until(lambda: metrics.count("backfill_failures", "1m") == 1)
         assert rest.calls == 1
+        assert list(engine._received) == [ks[4].key]
+        await _until(lambda: tracker.last == ks[4].open_time)
+        assert rest.calls == 2
         assert engine._received == {}
     finally:
         workers.cancel()
