@@ -33,7 +33,7 @@ from services.trainer.datasets import DatasetError, get_kind, read_manifest
 from services.trainer.datasets.sequence import PRICE_NAMES, SequenceDataset, SplitArrays
 from services.trainer.evaluation import forecast_scorecard, promotion, walk_forward
 from services.trainer.export import check_onnx, export_onnx
-from services.trainer.loop import EpochLog, FitResult, LoopConfig, fit
+from services.trainer.loop import EpochLog, FitResult, JobInterrupted, LoopConfig, fit
 from services.trainer.models import SEED_CONFIGS, ServingGraph, WeightedMSE, build_core
 from services.trainer.packaging import PublishTargets, model_card, stage_and_publish
 
@@ -155,6 +155,8 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
         on_batch=lambda epoch, b: say("batch", dict(epoch=epoch, batch=b)),
         should_stop=options.should_stop,
     )
+    if result.stopped == "asked":
+        raise JobInterrupted(f"stopped after {result.epochs_run} epochs, before training finished; nothing published")
     if not result.history or not math.isfinite(result.best_val_loss):
         raise RuntimeError(f"training produced no finite validation loss ({result.stopped}, {result.epochs_run} epochs)")
 

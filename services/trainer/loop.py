@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+class JobInterrupted(RuntimeError):
+    """Training was asked to stop (service shutdown) before it finished; nothing may be published."""
+
+
 Batch = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]
 
 

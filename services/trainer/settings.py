@@ -20,6 +20,7 @@ class TrainerSettings(ServiceSettings):
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     max_epochs: int = Field(0, ge=0, description="Caps every job's epochs; 0 keeps each seed's own (100, 150).")
+    max_batches_per_epoch: int = Field(0, ge=0, description="Caps batches per epoch (smoke runs, demos); 0: all.")
     seed: int = Field(0, description="Seed of weights, batch order and sampling; the same seed trains the same model.")
     walk_forward_folds: int = Field(3, ge=1, description="Consecutive folds the test slice is scored in.")
     hf_repo_id: str = Field(

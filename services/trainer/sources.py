@@ -79,8 +79,8 @@ def _is_kline_file(name: str) -> bool:
 
 def kline_files(inputs: list[str]) -> list[str] | None:
     """The kline files ``inputs`` name (files, globs or folders holding them); None if it is an archive."""
-    if len(inputs) == 1 and "://" in inputs[0]:
-        return None
+    if len(inputs) == 1 and ("://" in inputs[0] or not (os.path.exists(inputs[0]) or glob.has_magic(inputs[0]))):
+        return None  # an archive root (the archive branch says so if it does not exist)
     if len(inputs) == 1 and os.path.isdir(inputs[0]):
         direct = sorted(str(p) for p in Path(inputs[0]).iterdir() if p.is_file() and _is_kline_file(p.name))
         return direct or None

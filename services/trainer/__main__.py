@@ -1,0 +1,4 @@
+from libs.common.launch import service_main
+from services.trainer import app
+
+service_main(app)
