@@ -22,6 +22,7 @@ from libs.common.bus import redis_client
 from libs.common.contracts import AnalysisEvent, ChartEvent, InvalidEvent
 from libs.common.klines import INTERVAL_MS
 from libs.common.service import ServiceRuntime
+from libs.common.settings import SettingsError
 from libs.common.stream_history import recent_candles
 from libs.llm.models import ModelFileError
 from libs.llm.runtime import BackendUnavailable, CallTimeout, InputError, LLMError
@@ -70,7 +71,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
     state: dict[str, Any] = {}
     wake = asyncio.Event()
     board = Scoreboard(settings.score_window, settings.score_flat_bps)
-    backend = remote_model(settings) if settings.backend == "remote" else None
+    backend = remote_model(settings) if settings.backend == "remote" and settings.remote_url else None
     lease_ms = int(settings.call_timeout_s * 1000 * 2 + 60_000)  # the call (retry shares its deadline) + publishing
     backend_failures: dict[tuple[str, int], int] = {}
 
@@ -86,6 +87,9 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
 
     @runtime.on_startup
     async def connect() -> None:
+        problem = settings.backend_problem()
+        if problem:
+            raise SettingsError(problem)
         client = redis_client(runtime.url)
         state["client"] = client
         state["pending"] = PendingCharts(client, NAME)

@@ -47,12 +47,19 @@ class VlmSettings(ServiceSettings):
     score_poll_s: float = Field(5.0, gt=0, description="Seconds between looks for candles that settle pending scores.")
 
     @model_validator(mode="after")
-    def _backend_needs(self) -> "VlmSettings":
-        if self.backend == "remote" and not self.remote_url:
-            raise ValueError("backend=remote needs KLINEBUS_REMOTE_URL")
-        if self.backend == "local":
-            if self.model_path and not self.mmproj_path:
-                raise ValueError("model_path needs mmproj_path too (the vision projector)")
-            if not self.model_path and not self.hf_revision:
-                raise ValueError("backend=local needs KLINEBUS_MODEL_PATH + KLINEBUS_MMPROJ_PATH, or KLINEBUS_HF_REVISION (a pinned commit of KLINEBUS_HF_REPO)")
+    def _paths_in_pairs(self) -> "VlmSettings":
+        if self.model_path and not self.mmproj_path:
+            raise ValueError("model_path needs mmproj_path too (the vision projector)")
         return self
+
+    def backend_problem(self) -> str | None:
+        """What is missing to reach a model (checked when the service starts, so the app can
+        still be built without a model for the AsyncAPI document)."""
+        if self.backend == "remote" and not self.remote_url:
+            return "KLINEBUS_BACKEND=remote needs KLINEBUS_REMOTE_URL"
+        if self.backend == "local" and not self.model_path and not self.hf_revision:
+            return (
+                "KLINEBUS_BACKEND=local needs KLINEBUS_MODEL_PATH + KLINEBUS_MMPROJ_PATH, or "
+                "KLINEBUS_HF_REVISION (a pinned commit of KLINEBUS_HF_REPO)"
+            )
+        return None
