@@ -56,11 +56,11 @@ class ChartTextDataset(Dataset):
         self.root = Path(root)
         self.index = index.reset_index(drop=True)
         tok = tokenize(tokenizer, self.index["text"].tolist(), max_length)
-        self.input_ids = torch.from_numpy(tok["input_ids"])
-        self.attention_mask = torch.from_numpy(tok["attention_mask"])
-        self.labels = torch.from_numpy(self.index["label"].to_numpy(np.int64))
+        self.input_ids = torch.tensor(tok["input_ids"])
+        self.attention_mask = torch.tensor(tok["attention_mask"])
+        self.labels = torch.tensor(self.index["label"].to_numpy(np.int64))
         close = self.index["close"].to_numpy(np.float64)
-        self.targets = torch.from_numpy(scale_target(close, self.index["next_close"].to_numpy(np.float64), scale).astype(np.float32))
+        self.targets = torch.tensor(scale_target(close, self.index["next_close"].to_numpy(np.float64), scale), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -68,7 +68,7 @@ class ChartTextDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = load_chart(self.root / self.index.at[i, "image_path"])
         return {
-            "image": torch.from_numpy(image),
+            "image": torch.from_numpy(image.copy()),
             "input_ids": self.input_ids[i],
             "attention_mask": self.attention_mask[i],
             "label": self.labels[i],

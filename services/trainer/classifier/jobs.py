@@ -1,0 +1,40 @@
+"""The chart classifier as a trainer job: ``TrainOptions`` in, ``JobResult`` out (services/trainer/jobs.py).
+
+``TrainOptions`` carries what every kind shares (registry, epochs, device, seed, Hub target);
+the classifier's own choices are read from it when present, else their defaults:
+``vision`` / ``text`` (Hub name or local folder; default ``google/vit-base-patch16-224`` and
+``bert-base-uncased``), ``tokenizer``, ``lr``, ``train_encoders``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from services.trainer.classifier.pipeline import ClassifierOptions, train_chart_classifier
+from services.trainer.jobs import JobResult, Progress, TrainOptions
+
+_OWN = ("vision", "text", "tokenizer", "lr", "train_encoders", "max_tokens")
+
+
+def options_from(options: TrainOptions) -> ClassifierOptions:
+    base = ClassifierOptions(registry=options.registry)
+    shared = {
+        "epochs": options.epochs, "device": options.device, "seed": options.seed, "max_batches": options.max_batches,
+        "patience": options.patience, "batch_size": options.batch_size, "name": options.name,
+        "hub_repo_id": options.hub_repo_id, "hub_token": options.hub_token, "hub_endpoint": options.hub_endpoint,
+    }
+    own = {k: getattr(options, k) for k in _OWN if getattr(options, k, None) is not None}
+    return ClassifierOptions(**{**asdict(base), **{k: v for k, v in shared.items() if v is not None}, **own})
+
+
+def train_job(dataset_dir: str | Path, options: TrainOptions, progress: Progress | None = None) -> JobResult:
+    say = progress or (lambda stage, info: None)
+    say("start", {"kind": "chart-classifier"})
+    r = train_chart_classifier(
+        dataset_dir, options_from(options),
+        on_epoch=lambda log: say("epoch", asdict(log)),
+        on_batch=lambda epoch, b: say("batch", {"epoch": epoch, "batch": b}),
+        should_stop=options.should_stop,
+    )
+    return JobResult(r.package, r.hub, r.fit, r.scorecards, r.export_check, r.extra)
