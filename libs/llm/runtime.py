@@ -200,7 +200,9 @@ class LocalModel:
             return False
 
         def create_completion(**kwargs: Any) -> Any:
-            return original(**kwargs, stopping_criteria=llama_cpp.StoppingCriteriaList([stop]))
+            # text models' chat formatters pass their own stopping criteria: keep them, add ours
+            given = kwargs.pop("stopping_criteria", None) or []
+            return original(**kwargs, stopping_criteria=llama_cpp.StoppingCriteriaList([stop, *given]))
 
         with self._thread_lock:
             if self._mtmd is not None:
@@ -264,7 +266,7 @@ class LocalModel:
                     await job
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                raise CallTimeout(f"model call took longer than {timeout_s:g}s") from None
+                raise CallTimeout(f"model call took longer than {timeout_s:.3g}s") from None
 
     async def close(self) -> None:
         if self._llama is not None:
@@ -343,7 +345,7 @@ class RemoteModel:
                         text = await resp.text()
                         status = resp.status
             except TimeoutError:
-                raise CallTimeout(f"model server took longer than {timeout_s:g}s") from None
+                raise CallTimeout(f"model server took longer than {timeout_s:.3g}s") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise BackendUnavailable(f"model server {self.base_url} unreachable: {type(exc).__name__}: {exc}"[:200]) from None
             ended = time.perf_counter()
