@@ -177,7 +177,7 @@ def load_series(
                 if not months:
                     continue
                 frame = archive.read(symbol, interval, start, end)
-                paths = [archive.path(symbol, interval, m) for m in months]
+                paths = archive.files(symbol, interval)  # the parts holding its rows now
                 sources = [SourceFile(p, _sha256(fs, p) if with_hashes else "", 0) for p in paths]
                 mt = [m for m in (_mtime_ms(fs, p) for p in paths) if m is not None]
                 out[(symbol, interval)] = Series(
