@@ -167,6 +167,8 @@ def _progress_printer(as_json: bool):
     tasks: dict[str, int] = {}
 
     def cb(stage: str, info: dict) -> None:
+        if as_json:  # stdout carries the JSON document only
+            return
         if stage == "start":
             tasks["epochs"] = bar.add_task(f"{info['kind']} epochs", total=info["epochs"])
             tasks["batches"] = bar.add_task("batches", total=info["batches"])
@@ -178,7 +180,7 @@ def _progress_printer(as_json: bool):
 
             bar.update(tasks["epochs"], completed=info["epoch"])
             bar.console.print(epoch_line(EpochLog(**info)))
-        elif not as_json:
+        else:
             bar.console.print(f"{stage}…")
 
     return cb, bar

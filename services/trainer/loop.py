@@ -154,7 +154,7 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(opt)
             scaler.update()
-            total += float(loss) * len(target)
+            total += float(loss.detach()) * len(target)
             n += len(target)
             if on_batch is not None:
                 on_batch(epoch, b + 1)
