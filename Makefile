@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-quick lint bench asyncapi clean help
+.PHONY: demo test test-quick lint bench asyncapi clean help system-deps
 
 help:
 	@echo "make demo        run the whole pipeline on shipped Binance candles (no network)"
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/klinebus demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 asyncapi: $(STAMP)
 	$(BIN)/klinebus asyncapi
+
+# Debian's prometheus (+ promtool) and prometheus-alertmanager for tests/monitoring and the alerts
+# tests; idempotent, instant when present, skipped (tests skip too) without root or apt.
+system-deps:
+	@scripts/system-deps.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
