@@ -1,0 +1,72 @@
+"""datasets.v1 -> models.v1 through the trainer service on a real Redis, from a real Parquet archive."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.common import topics
+from libs.common.archive import ParquetArchive
+from libs.common.bus import redis_client
+from libs.common.contracts import DatasetBuildRequest
+from libs.common.klines import read_kline_csv
+from libs.common.model_package import Registry
+from services.trainer.app import create, progress_key
+from services.trainer.settings import TrainerSettings
+from tests.streams import add_events, wait_for_events
+
+from .conftest import BTC_15M
+
+pytestmark = pytest.mark.slow
+
+
+def _request(request_id: str, **over) -> DatasetBuildRequest:
+    klines = read_kline_csv(BTC_15M)
+    fields = dict(request_id=request_id, model_kind="lstm-close", symbols=["BTCUSDT"], intervals=["15m"],
+                  start=klines[0].open_time, end=klines[-1].open_time, feature_set="lstm-35-v1", horizon=2)
+    fields.update(over)
+    return DatasetBuildRequest(**fields)
+
+
+async def test_request_to_published_model_and_refusals(redis_url, tmp_path):
+    ParquetArchive(str(tmp_path / "archive")).write(read_kline_csv(BTC_15M))
+    settings = TrainerSettings(data_dir=tmp_path, archive_url=str(tmp_path / "archive"), registry_url=str(tmp_path / "reg"),
+                               max_epochs=1, max_batches_per_epoch=2, device="cpu", reclaim_idle_ms=1000)
+    runtime = create(settings, redis_url)
+    await runtime.start(http=False)
+    try:
+        await add_events(redis_url, [_request("job-1")])
+        (model,) = await wait_for_events(redis_url, topics.MODELS, 1, timeout=240)
+        first = read_kline_csv(BTC_15M)[0].open_time
+        await add_events(redis_url, [
+            _request("job-unknown", symbols=["NOPEUSDT"]),
+            _request("job-empty", start=first - 10 * 86_400_000, end=first - 86_400_000),
+            _request("job-short", end=first + 100 * 900_000),
+            _request("job-1"),  # delivered again: the finished job's event is said again, nothing retrained
+        ])
+        dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 3, timeout=120)
+        models = await wait_for_events(redis_url, topics.MODELS, 2, timeout=120)
+        client = redis_client(redis_url)
+        try:
+            progress = await client.hgetall(progress_key("job-1"))
+        finally:
+            await client.aclose()
+    finally:
+        await runtime.stop()
+    assert model["model"] == "lstm-close-BTCUSDT-15m" and model["version"] == "1"
+    reg = Registry(str(tmp_path / "reg"))
+    meta = reg.verify(model["model"], model["version"], expected_sha256=model["sha256"])
+    assert model["uri"] == reg.uri(model["model"], "1")
+    assert model["promoted"] == meta.promoted and model["baseline_metrics"]["persistence"]["mae"] > 0
+    assert meta.horizons == [1, 2] and meta.ranges.test.start > meta.ranges.train.end
+    assert len(models) == 2 and models[1] == models[0]
+    assert reg.versions(model["model"]) == ["1"]
+    reasons = sorted(d["reason"] for d in dead)
+    assert len(reasons) == 3, reasons
+    assert any("job-unknown" in r and "no candles for NOPEUSDT 15m" in r for r in reasons)
+    assert any("job-empty" in r and "time range" in r for r in reasons)
+    assert any("job-short" in r and "too little history" in r for r in reasons)
+    assert all(d["source"] == topics.DATASETS for d in dead)
+    assert progress[b"stage"] == b"published"
+    # nothing half-written: one dataset folder per accepted job, no staging folders anywhere
+    assert sorted(p.name for p in (tmp_path / "trainer").iterdir()) == ["job-1"]
+    assert not [p for p in (tmp_path / "reg").rglob(".staging-*")]
