@@ -4,7 +4,7 @@ words, built from an ``AlertEvent``. Plain data; knows nothing of the bus or of 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -64,7 +64,6 @@ class Notification:
     generator_url: str = ""
     chart: Chart | None = None
     repeat: bool = False  # a reminder of an alert chat already heard of
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resolved(self) -> bool:
@@ -104,27 +103,6 @@ class Notification:
         if self.open_time is not None:
             ctx["open_time"] = self.open_time
         return ctx
-
-
-def from_event(event: AlertEvent, starts_at: int, ends_at: int | None, generator_url: str = "") -> Notification:
-    labels = labels_of(event)
-    return Notification(
-        fingerprint=fingerprint(labels),
-        status=event.status,
-        labels=labels,
-        rule=event.rule,
-        severity=event.severity,
-        message=event.message,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        fired_at=event.fired_at,
-        symbol=event.symbol,
-        interval=event.interval,
-        open_time=event.open_time,
-        value=event.value,
-        threshold=event.threshold,
-        generator_url=generator_url,
-    )
 
 
 def at_least(severity: str, minimum: str) -> bool:

@@ -3,6 +3,7 @@ installs them). Tests that need one skip with the missing binary's name when it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -119,3 +120,15 @@ def prometheus(folder: Path, jobs: dict[str, list[str]], rule_files: list[Path] 
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     with _process(argv, folder / "prometheus.log", f"{base}/-/ready", "prometheus"):
         yield base
+
+
+async def until(fn, what: str, timeout: float = 60.0):
+    """Poll ``fn`` (blocking, run in a thread) until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await asyncio.to_thread(fn)
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout:.0f}s (last: {last!r})")

@@ -27,7 +27,7 @@ import yaml
 
 from libs.common.klines import now_ms, read_kline_csv
 from monitoring import dashboards, rules
-from tests.monitoring.processes import alertmanager, binary, free_port, get_json, prometheus
+from tests.monitoring.processes import alertmanager, binary, free_port, get_json, prometheus, until
 from tests.services.alerts.alert_receivers import Receiver, ok
 from tests.streams import add_events, replaying, wait_for_events
 
@@ -97,17 +97,6 @@ def services(redis_url: str, tmp: Path, sim, am_url: str):
                 proc.kill()
 
 
-async def _until(fn, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(fn)
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout:.0f}s (last: {last!r})")
-
-
 def _query(prom: str, expr: str) -> list[dict]:
     doc = get_json(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     assert doc["status"] == "success", (expr, doc)
@@ -146,7 +135,7 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
     async with Receiver([ok()], "/am-hook") as hook, replaying(candles, speed=300) as sim:
         with alertmanager(tmp_path / "am", hook.url) as am_url, services(redis_url, tmp_path, sim, am_url) as procs:
             for name, (proc, port, log) in procs.items():
-                await _until(lambda p=port, pr=proc, lg=log: _ready(p) or (pr.poll() is not None and
+                await until(lambda p=port, pr=proc, lg=log: _ready(p) or (pr.poll() is not None and
                              pytest.fail(f"{name} exited: {lg.read_text()[-1500:]}")), f"{name} ready", 90)
             jobs = {name: [f"127.0.0.1:{port}"] for name, (_, port, _) in procs.items()}
             with prometheus(tmp_path / "prom", jobs, [rules_file], am_url) as prom:
@@ -160,7 +149,7 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
                     got = {r["name"]: r for g in groups for r in g["rules"]}
                     return got if len(got) == len(rules.RULES) and all(r["health"] == "ok" for r in got.values()) else None
 
-                health = await _until(rule_health, "every rule evaluated without error")
+                health = await until(rule_health, "every rule evaluated without error")
                 assert {r["name"]: r.get("lastError", "") for r in health.values()} == {r.name: "" for r in rules.RULES}
 
                 metadata = get_json(f"{prom}/api/v1/metadata")["data"]
@@ -186,13 +175,13 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
                             if a["labels"]["alertname"] == "predicted_move" and a["status"] == status]
 
                 await add_events(redis_url, [market("firing")])
-                (fired,) = await _until(lambda: routed("firing")[:1], "the market alert routed to the receiver")
+                (fired,) = await until(lambda: routed("firing")[:1], "the market alert routed to the receiver")
                 assert fired["labels"]["symbol"] == "BTCUSDT" and fired["labels"]["model"] == "persistence"
                 am_alerts = get_json(f"{am_url}/api/v2/alerts?active=true")
                 assert [a["annotations"]["summary"] for a in am_alerts if a["labels"]["alertname"] == "predicted_move"] == [
                     "BTCUSDT 1m: +2.1% predicted"]
                 await add_events(redis_url, [market("resolved")])
-                await _until(lambda: routed("resolved")[:1], "the market alert's resolve routed to the receiver")
+                await until(lambda: routed("resolved")[:1], "the market alert's resolve routed to the receiver")
                 # -- every dashboard query returns data from the real scrape
                 def empty_queries():
                     return [(board, title, e) for board, title, e in dashboards.queries()
@@ -204,13 +193,13 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
                 assert empty == [], "dashboard queries without data:\n" + "\n".join(map(str, empty))
 
                 # -- a rule fires on real data, another stays quiet until its condition is produced
-                firing = await _until(lambda: (a := _alerts(prom)) and "KlinebusCandlesLate" in a and a,
+                firing = await until(lambda: (a := _alerts(prom)) and "KlinebusCandlesLate" in a and a,
                                       "KlinebusCandlesLate firing on replayed (old) candles")
                 assert "KlinebusNoWebsocket" not in firing
                 assert "KlinebusServiceDown" not in firing
                 await sim.stop()  # the exchange goes away
-                await _until(lambda: "KlinebusNoWebsocket" in _alerts(prom), "KlinebusNoWebsocket firing")
-                await _until(lambda: [r for r in hook.requests
+                await until(lambda: "KlinebusNoWebsocket" in _alerts(prom), "KlinebusNoWebsocket firing")
+                await until(lambda: [r for r in hook.requests
                                       if any(a["labels"]["alertname"] == "KlinebusNoWebsocket" for a in r.json["alerts"])],
                              "KlinebusNoWebsocket routed by Alertmanager to the receiver")
 

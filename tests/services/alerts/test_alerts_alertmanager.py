@@ -4,24 +4,13 @@ through its own API, routing to a webhook receiver on loopback."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 from alert_receivers import Receiver, ok
 from alert_support import alert, close, harness
 
 from libs.common.klines import now_ms
 from services.alerts.sinks.alertmanager import AlertmanagerSink
-from tests.monitoring.processes import alertmanager, get_json
-
-
-async def _until(fn, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await asyncio.to_thread(fn)
-        if got:
-            return got
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout:.0f}s")
+from tests.monitoring.processes import alertmanager, get_json, until
 
 
 async def test_an_alert_reaches_alertmanager_is_routed_and_resolves(redis_url, tmp_path):
@@ -35,7 +24,7 @@ async def test_an_alert_reaches_alertmanager_is_routed_and_resolves(redis_url, t
                 def active():
                     return [a for a in get_json(f"{am_url}/api/v2/alerts?active=true") if a["labels"].get("alertname") == "rsi_extreme"]
 
-                (got,) = await _until(active, "the alert active in Alertmanager")
+                (got,) = await until(active, "the alert active in Alertmanager")
                 assert got["labels"] == {"alertname": "rsi_extreme", "severity": "warning", "source": "klinebus",
                                          "symbol": "BTCUSDT", "interval": "1m", "feature": "rsi_14"}
                 assert got["annotations"]["summary"] == "BTCUSDT 1m: rsi_14 81.2 overbought"
@@ -49,7 +38,7 @@ async def test_an_alert_reaches_alertmanager_is_routed_and_resolves(redis_url, t
                 def resolved_notice():
                     return [r for r in hook.requests if r.json["status"] == "resolved"]
 
-                (notice,) = await _until(resolved_notice, "Alertmanager's resolved notification")
+                (notice,) = await until(resolved_notice, "Alertmanager's resolved notification")
                 assert notice.json["alerts"][0]["labels"]["alertname"] == "rsi_extreme"
                 assert await asyncio.to_thread(active) == []
             finally:

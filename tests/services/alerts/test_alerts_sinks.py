@@ -11,7 +11,6 @@ import pytest
 from alert_receivers import Answer, Receiver, discord_429, discord_ok, ok, slack_429, slack_error, slack_ok
 from alert_support import T0, Clock, alert, close, harness
 
-from libs.common import topics
 from libs.common.contracts import ChartEvent
 from services.alerts.delivery import Outcome, RetryPolicy
 from services.alerts.dispatch import DeliveryPending
