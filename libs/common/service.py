@@ -53,6 +53,11 @@ class ServiceRuntime:
         self.http_port: int | None = None
         self._stop_event: asyncio.Event | None = None
         self.health.set("broker", False)
+        # A consumer that died (or a group that could not be recreated) fails /healthz, and under
+        # `klinebus run` ends the process non-zero so the orchestrator restarts it.
+        self.bus.on_fatal = self._bus_failed
+        self.health.set_live("bus", lambda: self.bus.fatal is None)
+        self.health.set("bus", self.bus.ready)
 
     # --- registration ------------------------------------------------------------------
 
@@ -79,15 +84,18 @@ class ServiceRuntime:
                 self.health, self.settings.http_host, self.settings.http_port
             )
             log.info("%s telemetry on :%d (/metrics /healthz /readyz)", self.name, self.http_port)
-        await self.bus.ensure_groups()
         for hook in self._startup:
             await hook()
-        await self.bus.recover()
-        await self.bus.broker.start()
+        await self.bus.start()
         self.health.set("broker", True)
         for fn in self._background:
             self._tasks.append(asyncio.create_task(self._supervise(fn), name=f"{self.name}:{fn.__name__}"))
         log.info("%s started (consumer %s)", self.name, self.bus.consumer)
+
+    def _bus_failed(self, reason: str) -> None:
+        self.health.fail(reason)
+        if self._stop_event is not None:
+            self._stop_event.set()
 
     async def _supervise(self, fn: Hook) -> None:
         try:
@@ -104,13 +112,18 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         self.health.set("broker", False)
+        # A consumer that died (or a group that could not be recreated) fails /healthz, and under
+        # `klinebus run` ends the process non-zero so the orchestrator restarts it.
+        self.bus.on_fatal = self._bus_failed
+        self.health.set_live("bus", lambda: self.bus.fatal is None)
+        self.health.set("bus", self.bus.ready)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await self.bus.broker.stop()
+        await self.bus.stop()
         for hook in self._shutdown:
             try:
                 await hook()

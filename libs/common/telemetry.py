@@ -49,6 +49,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # faststream logs every message at INFO; one line per candle per service drowns the useful lines.
+    # (Each Bus quiets its own ``klinebus.<service>.faststream`` logger the same way.)
     logging.getLogger("faststream").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.getLogger("faststream.access").setLevel(logging.WARNING)
 
@@ -96,7 +97,23 @@ class Health:
     def __init__(self) -> None:
         self.started = time.time()
         self._checks: dict[str, Callable[[], bool] | bool] = {}
+        self._live: dict[str, Callable[[], bool]] = {}
         self.fatal: str | None = None
+
+    def set_live(self, name: str, check: Callable[[], bool]) -> None:
+        """A liveness check: /healthz fails while it is False (and /readyz with it)."""
+        self._live[name] = check
+
+    def live(self) -> tuple[bool, list[str]]:
+        failing = []
+        for name, check in self._live.items():
+            try:
+                ok = bool(check())
+            except Exception:  # noqa: BLE001 - a failing check is a failing check
+                ok = False
+            if not ok:
+                failing.append(name)
+        return not failing and self.fatal is None, failing
 
     def fail(self, reason: str) -> None:
         """Something the process cannot recover from by itself (a background task died): /healthz
@@ -113,7 +130,8 @@ class Health:
                 states[name] = bool(check() if callable(check) else check)
             except Exception:  # noqa: BLE001 - a failing check is a not-ready check
                 states[name] = False
-        return all(states.values()) and bool(states), states
+        live, _ = self.live()
+        return live and all(states.values()) and bool(states), states
 
 
 async def start_http(
@@ -125,8 +143,10 @@ async def start_http(
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        if health.fatal:
-            return web.json_response({"status": "failed", "reason": health.fatal}, status=503)
+        live, failing = health.live()
+        if not live:
+            reason = health.fatal or f"not live: {', '.join(failing)}"
+            return web.json_response({"status": "failed", "reason": reason}, status=503)
         return web.json_response({"status": "ok", "uptime_s": round(time.time() - health.started, 1)})
 
     async def readyz(_: web.Request) -> web.Response:

@@ -2,12 +2,15 @@
 
 One event per closed candle. While a key warms up, its event carries
 ``warm: false`` and no values; after that every value is a real number.
+
+Candles arrive in ordered batches (``Bus.ordered_batch``): one ``update_many`` over the batch,
+one guarded publish for its events, one acknowledgement. Keys seen for the first time warm up
+from their history together before the batch is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Awaitable, Callable
@@ -23,6 +26,7 @@ from libs.common.service import ServiceRuntime
 from services.features.settings import FeaturesSettings
 from libs.common.stream_history import recent_candles
 from services.features import checkpoint
+from libs.indicators.kernels import ST_DUPLICATE, ST_INVALID, ST_OK
 from libs.indicators.streaming import SnapshotMismatch, StreamingEngine
 
 SETTINGS = FeaturesSettings
@@ -55,6 +59,16 @@ def _history_source(settings: FeaturesSettings, client) -> History:
     return from_archive
 
 
+# A key's history is read at most this many keys at a time (archive files, object storage).
+WARMUP_CONCURRENCY = 8
+# A history read that keeps failing (an object store answering 403, a missing bucket) is tried this
+# many times, then the key warms up live: a permanent error never holds the stream.
+WARMUP_ATTEMPTS = 3
+WARMUP_RETRY_S = 0.5
+# Rows of the indicator state updated per replay step after a restart.
+REPLAY_CHUNK = 1000
+
+
 def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     runtime = ServiceRuntime(
         "features", settings, url, description="Indicators and candlestick patterns for every closed candle."
@@ -72,16 +86,25 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     warmup_failures = metrics.counter("warmup_failures_total", "Keys whose history could not be used to warm up", ["interval"])
     # Read at scrape time: the engine already knows its keys.
     metrics.gauge("keys", "(symbol, interval) streams with indicator state").set_function(lambda: len(engine.keys()))
-    state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic(), "in_flight": False}
-    runtime.health.set("state_restored", False)
+    state = {"since_checkpoint": 0, "last_entry": "0-0", "checkpointed_at": time.monotonic(), "in_flight": False,
+             "restored": False}
+    runtime.health.set("state_restored", lambda: state["restored"] or not bus.owns_all())
+    cold: set[tuple[str, str]] = set()  # keys whose warm-up was given up: they warm up live
+    limit = asyncio.Semaphore(WARMUP_CONCURRENCY)
 
     async def write_checkpoint() -> None:
         await checkpoint.save(client, engine.snapshot(), state["last_entry"])
         state["since_checkpoint"] = 0
         state["checkpointed_at"] = time.monotonic()
 
-    @runtime.on_startup
+    @bus.on_owner
     async def restore_state() -> None:
+        """Runs when this replica becomes the owner (at start, or a standby taking over): the
+        snapshot, then every entry after it up to what the group was handed, in stream order."""
+        state["restored"] = False
+        for key in engine.keys():  # a standby taking over: whatever it held is stale
+            engine.reset(key)
+        state["last_entry"] = "0-0"
         saved = await checkpoint.load(client)
         if saved is not None:
             try:
@@ -89,21 +112,42 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                 state["last_entry"] = saved.entry_id
             except SnapshotMismatch as exc:
                 log.warning("discarding indicator checkpoint (%s); rebuilding from history", exc)
-        replayed = 0
-        async for entry_id, event in checkpoint.acknowledged_after(client, bus.service, state["last_entry"]):
-            with contextlib.suppress(InvalidKline):  # dead-lettered when first delivered
-                await _apply(event)
-            state["last_entry"] = entry_id
-            replayed += 1
-        log.info("indicator state restored: %d keys, %d candles replayed", len(engine.keys()), replayed)
-        runtime.health.set("state_restored", True)
+        replayed = republished = 0
+        async for chunk in checkpoint.entries_after(client, bus.service, state["last_entry"], REPLAY_CHUNK):
+            events = [e for _, e, _ in chunk]
+            fresh, _ = await _apply(events)
+            # A pending entry may or may not have been published before the restart: publish it
+            # (the guard refuses it if it was); an acknowledged one was, so it only feeds the state.
+            unsure = [ev for ev, (_, _, pending) in zip(fresh, chunk) if ev is not None and pending]
+            republished += await out.publish_all(unsure)
+            state["last_entry"] = chunk[-1][0]
+            replayed += len(chunk)
+        log.info("indicator state restored: %d keys, %d candles replayed, %d published on the way",
+                 len(engine.keys()), replayed, republished)
+        state["restored"] = True
 
-    async def _warm_from_history(event: KlineEvent) -> None:
-        key = (event.symbol, event.interval)
-        if history is None or engine.last_open_time(key) is not None:
-            return
-        cols = await history(event.symbol, event.interval, event.open_time)
-        if not len(cols[0]):
+    async def _history_of(symbol: str, interval: str, before: int):
+        assert history is not None
+        for attempt in range(1, WARMUP_ATTEMPTS + 1):
+            try:
+                return await history(symbol, interval, before)
+            except Exception as exc:  # noqa: BLE001 - bounded: the key warms up live after the last try
+                if attempt == WARMUP_ATTEMPTS:
+                    raise
+                log.warning("%s %s: reading history failed (%s); retrying", symbol, interval, exc)
+                await asyncio.sleep(WARMUP_RETRY_S * attempt)
+
+    async def _warm_one(key: tuple[str, str], before: int) -> None:
+        symbol, interval = key
+        async with limit:
+            try:
+                cols = await _history_of(symbol, interval, before)
+            except Exception as exc:  # noqa: BLE001 - see WARMUP_ATTEMPTS
+                cold.add(key)
+                warmup_failures.labels(interval).inc()
+                log.error("%s %s: history unreadable for warm-up (%s); warming up live", symbol, interval, exc)
+                return
+        if not len(cols[0]) or engine.last_open_time(key) is not None:
             return
         try:
             fed = engine.warmup(key, *cols)
@@ -111,60 +155,94 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             # Bad history must not turn every live candle of the key into a dead letter: say so
             # once and warm up live instead.
             engine.reset(key)
-            warmup_failures.labels(event.interval).inc()
-            log.error("%s %s: history unusable for warm-up (%s); warming up live", event.symbol, event.interval, exc)
+            cold.add(key)
+            warmup_failures.labels(interval).inc()
+            log.error("%s %s: history unusable for warm-up (%s); warming up live", symbol, interval, exc)
             return
-        warmed.labels(event.interval).inc(fed)
-        log.info("%s %s warmed up from %d earlier candles", event.symbol, event.interval, fed)
+        warmed.labels(interval).inc(fed)
+        log.info("%s %s warmed up from %d earlier candles", symbol, interval, fed)
 
-    async def _apply(event: KlineEvent):
-        await _warm_from_history(event)
-        return engine.update(
-            (event.symbol, event.interval), event.open_time, event.open, event.high, event.low, event.close, event.volume
-        )
+    async def _warm_new_keys(events) -> None:
+        """Keys seen for the first time warm up from their history together (reads concurrent,
+        off the event loop), before the batch is applied: one new symbol costs one history read,
+        not a stall of every other key behind it."""
+        if history is None:
+            return
+        first: dict[tuple[str, str], int] = {}
+        for e in events:
+            key = (e.symbol, e.interval)
+            if key not in first and key not in cold and engine.last_open_time(key) is None:
+                first[key] = e.open_time
+        if first:
+            await asyncio.gather(*(_warm_one(k, t) for k, t in first.items()))
 
-    @bus.ordered(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
-    async def on_kline(event: KlineEvent, entry_id: str) -> None:
-        metrics.events_in.labels(topics.KLINES).inc()
-        state["in_flight"] = True
-        with metrics.handle_seconds.labels(topics.KLINES).time():
-            update = await _apply(event)  # InvalidCandles -> dead letter (bus middleware)
-            if not update.applied:
-                # A retry after the publish failed (the state holds the candle already) publishes
-                # it again; anything else is a re-delivery.
-                if not await out.retry_last(event.symbol, event.interval, event.open_time):
-                    metrics.duplicates.labels(topics.KLINES).inc()
-                state["in_flight"] = False
-                return
-            if update.gap_ms:
-                gaps.labels(event.interval).inc()
+    async def _apply(events) -> tuple[list[FeaturesEvent | None], list[tuple[int, str]]]:
+        """Apply candles to the state, in order. Returns the event to publish per candle (None for
+        a duplicate or an invalid one) and the invalid ones with their reasons."""
+        await _warm_new_keys(events)
+        n = len(events)
+        keys = [(e.symbol, e.interval) for e in events]
+        cols = np.empty((6, n))
+        for i, e in enumerate(events):
+            cols[:, i] = (e.open_time, e.open, e.high, e.low, e.close, e.volume)
+        result = engine.update_many(keys, cols[0].astype(np.int64), cols[1], cols[2], cols[3], cols[4], cols[5])
+        fresh: list[FeaturesEvent | None] = [None] * n
+        invalid: list[tuple[int, str]] = []
+        status = result.status.tolist()
+        for i, e in enumerate(events):
+            st = status[i]
+            if st == ST_INVALID:
+                reason = result.reasons[i].split(": ", 1)[-1]
+                invalid.append((i, f"{e.symbol} {e.interval} open_time={e.open_time}: {reason}"))
+                continue
+            if st == ST_DUPLICATE:
+                continue
+            gap = int(result.gap_ms[i])
+            if gap:
+                gaps.labels(e.interval).inc()
                 log.warning(
                     "%s %s: candle %d opened %d ms late (an exchange outage, or ingest could not backfill)",
-                    event.symbol, event.interval, event.open_time, update.gap_ms,
+                    e.symbol, e.interval, e.open_time, gap,
                 )
-            await out.publish(
-                FeaturesEvent(
-                    symbol=event.symbol,
-                    interval=event.interval,
-                    open_time=event.open_time,
-                    close=event.close,
-                    feature_set=engine.feature_set.id,
-                    values=update.values or {},
-                    warm=update.status == "ok",
-                    kline_ingested_at=event.ingested_at,
-                )
+            values = dict(zip(result.names, result.values[i].tolist())) if st == ST_OK else {}
+            fresh[i] = FeaturesEvent(
+                symbol=e.symbol,
+                interval=e.interval,
+                open_time=e.open_time,
+                close=e.close,
+                feature_set=engine.feature_set.id,
+                values=values,
+                warm=st == ST_OK,
+                kline_ingested_at=e.ingested_at,
             )
+        return fresh, invalid
+
+    @bus.ordered_batch(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
+    async def on_klines(events: list[KlineEvent], entry_ids: list[str]) -> None:
+        metrics.events_in.labels(topics.KLINES).inc(len(events))
+        state["in_flight"] = True
+        with metrics.handle_seconds.labels(topics.KLINES).time():
+            fresh, invalid = await _apply(events)
+            for i, reason in invalid:
+                await bus.dead_letter(topics.KLINES, events[i].to_json(), reason)
+            publish = [e for e in fresh if e is not None]
+            duplicates = len(events) - len(publish) - len(invalid)
+            if duplicates:
+                metrics.duplicates.labels(topics.KLINES).inc(duplicates)
+            # After a failed publish the batch comes back: its candles are duplicates for the
+            # state by then, and the events the failed call held go out first.
+            await out.publish_all(publish)
         state["in_flight"] = False
-        state["last_entry"] = max(state["last_entry"], entry_id, key=checkpoint.id_key)
-        state["since_checkpoint"] += 1
+        state["last_entry"] = max(state["last_entry"], entry_ids[-1], key=checkpoint.id_key)
+        state["since_checkpoint"] += len(events)
         if time.monotonic() - state["checkpointed_at"] >= settings.checkpoint_every_s:
             await write_checkpoint()
 
     @runtime.on_shutdown
     async def final_checkpoint() -> None:
-        # Not while a candle is applied but not yet published: the previous checkpoint plus the
-        # replay of acknowledged entries rebuilds the state without it, and it is handled again.
-        if state["since_checkpoint"] and not state["in_flight"]:
+        # Only the owner, and not while a batch is applied but not yet published: the previous
+        # checkpoint plus the replay rebuilds the state without it, and it is handled again.
+        if state["restored"] and state["since_checkpoint"] and not state["in_flight"]:
             await write_checkpoint()
         await client.aclose()
 

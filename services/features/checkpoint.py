@@ -1,12 +1,14 @@
 """Indicator state that survives restarts: a snapshot in Redis plus a replay of what came after.
 
 The snapshot records the ``klines.v1`` entry id of the last candle it contains.
-On start the service restores it and replays, without publishing, every entry
-after that id that its consumer group has already acknowledged (those were
-published before the restart). Entries still pending are left alone: they
-will be delivered again and must then produce their event. So a restart
-neither doubles nor drops a features event, and the state equals a run that
-never stopped.
+When a replica becomes the owner of the group (at start, or a standby taking over)
+it restores the snapshot and replays every entry after that id up to what the group
+was handed, in stream order: acknowledged entries only feed the state (their events
+were published), pending ones are published too, through the once-per-candle guard
+(which refuses those that were published before the restart). The bus then hands the
+pending entries over again; by then the state holds them and they are duplicates. So
+a restart neither doubles nor drops a features event, and the state equals a run that
+never stopped, whatever order pending and acknowledged entries sit in.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus import DATA_FIELD
+from libs.common.bus.framing import Decoder, payload_of
 from libs.common.contracts import KlineEvent
 
 log = logging.getLogger("klinebus.features.checkpoint")
@@ -52,10 +54,16 @@ def id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def acknowledged_after(
-    client: aioredis.Redis, group: str, after_id: str
-) -> AsyncIterator[tuple[str, KlineEvent]]:
-    """``klines.v1`` entries after ``after_id`` that ``group`` delivered and acknowledged, in order."""
+async def entries_after(
+    client: aioredis.Redis, group: str, after_id: str, chunk: int = REPLAY_BATCH
+) -> AsyncIterator[list[tuple[str, KlineEvent, bool]]]:
+    """``klines.v1`` entries after ``after_id`` that ``group`` was handed (up to its last
+    delivered id), in stream order, in chunks of ``(entry_id, event, pending)``.
+
+    Acknowledged and pending entries come interleaved as they sit in the stream: a pending
+    entry is not assumed to be newer than every acknowledged one (one left pending out of order
+    by a failed XACK, or by an older build, still comes in its place). Entries that do not
+    decode were dead-lettered when first delivered and are skipped."""
     stream = topics.stream_key(topics.KLINES)
     groups = {g["name"].decode(): g for g in await client.xinfo_groups(stream)} if await client.exists(stream) else {}
     if group not in groups:
@@ -64,23 +72,25 @@ async def acknowledged_after(
     pending: set[str] = set()
     start = "-"
     while True:
-        batch = await client.xpending_range(stream, group, min=start, max="+", count=REPLAY_BATCH)
-        pending.update(p["message_id"].decode() for p in batch)
-        if len(batch) < REPLAY_BATCH:
+        rows = await client.xpending_range(stream, group, min=start, max="+", count=REPLAY_BATCH)
+        pending.update(p["message_id"].decode() for p in rows)
+        if len(rows) < REPLAY_BATCH:
             break
-        start = "(" + batch[-1]["message_id"].decode()
+        start = "(" + rows[-1]["message_id"].decode()
+    decoder = Decoder(KlineEvent)
     cursor = "(" + after_id if after_id != "0-0" else "-"
     end = id_key(last_delivered)
     while True:
-        entries = await client.xrange(stream, min=cursor, max=last_delivered, count=REPLAY_BATCH)
-        for entry_id, fields in entries:
-            eid = entry_id.decode()
-            if eid in pending or id_key(eid) > end:
-                continue
-            try:
-                yield eid, KlineEvent.from_json(fields[DATA_FIELD.encode()])
-            except Exception:  # noqa: BLE001 - it was dead-lettered when first delivered
-                continue
-        if len(entries) < REPLAY_BATCH:
+        entries = await client.xrange(stream, min=cursor, max=last_delivered, count=chunk)
+        ids = [e[0].decode() for e in entries]
+        events, bad = decoder.many([payload_of(f) for _, f in entries])
+        out = [
+            (eid, ev, eid in pending)
+            for i, (eid, ev) in enumerate(zip(ids, events))
+            if i not in bad and id_key(eid) <= end
+        ]
+        if out:
+            yield out
+        if len(entries) < chunk:
             return
-        cursor = "(" + entries[-1][0].decode()
+        cursor = "(" + ids[-1]

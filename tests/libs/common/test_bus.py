@@ -45,8 +45,7 @@ async def test_entries_are_plain_json_and_groups_start_at_the_beginning(redis_ur
     async def handle(event: KlineEvent) -> None:
         seen.append(event.open_time)
 
-    await consumer.ensure_groups()
-    await consumer.broker.start()
+    await consumer.start()
     client = aioredis.Redis.from_url(redis_url)
     try:
         async def all_seen():
@@ -59,7 +58,7 @@ async def test_entries_are_plain_json_and_groups_start_at_the_beginning(redis_ur
         pending = await client.xpending(topics.stream_key(topics.KLINES), "features")
         assert pending["pending"] == 0  # every handled entry is acknowledged
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await producer.broker.stop()
         await client.aclose()
 
@@ -78,8 +77,7 @@ async def test_bad_messages_go_to_dead_letters_and_the_stream_moves_on(redis_url
     await client.xadd(key, {"__data__": orjson.dumps({**kline_event(0).model_dump(), "symbol": "btc"})})
     await client.xadd(key, {"__data__": orjson.dumps({**kline_event(0).model_dump(), "interval": "7m"})})
     await client.xadd(key, {"__data__": kline_event(60_000).to_json()})
-    await consumer.ensure_groups()
-    await consumer.broker.start()
+    await consumer.start()
     try:
         async def done():
             return seen == [60_000] and await client.xlen(topics.stream_key(topics.DEAD_LETTERS)) == 3
@@ -96,7 +94,7 @@ async def test_bad_messages_go_to_dead_letters_and_the_stream_moves_on(redis_url
         metric = consumer.metrics.dead_letters.labels(topics.KLINES, "malformed_JSON")._value.get()
         assert metric >= 1
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()
 
 
@@ -114,8 +112,7 @@ async def test_transient_failures_stay_pending_and_are_reclaimed(redis_url):
     client = aioredis.Redis.from_url(redis_url)
     event = FeaturesEvent(symbol="BTCUSDT", interval="1m", open_time=0, close=1.0, feature_set="x", values={}, warm=False)
     await client.xadd(topics.stream_key(topics.FEATURES), {"__data__": event.to_json()})
-    await consumer.ensure_groups()
-    await consumer.broker.start()
+    await consumer.start()
     try:
         async def retried():
             return len(attempts) >= 2
@@ -127,7 +124,7 @@ async def test_transient_failures_stay_pending_and_are_reclaimed(redis_url):
             return (await client.xpending(topics.stream_key(topics.FEATURES), "inference"))["pending"] == 0
         await wait_for(acked)
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()
 
 
@@ -174,8 +171,7 @@ async def test_competing_batch_dead_letters_one_bad_entry_and_keeps_its_batch(re
         await client.xadd(key, {"__data__": kline_event(i * 60_000).to_json()})
         if i == 2:
             await client.xadd(key, {"__data__": b'{"symbol": "BTCUSDT"}'})
-    await consumer.ensure_groups()
-    await consumer.broker.start()
+    await consumer.start()
     try:
         async def done():
             return sum(map(len, batches)) == 5 and await client.xlen(topics.stream_key(topics.DEAD_LETTERS)) == 1
@@ -186,5 +182,5 @@ async def test_competing_batch_dead_letters_one_bad_entry_and_keeps_its_batch(re
         assert letter["reason"].startswith("KlineEvent: interval: Field required")
         assert (await client.xpending(key, "archive"))["pending"] == 0
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()

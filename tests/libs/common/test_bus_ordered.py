@@ -8,10 +8,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.common import bus as bus_module
+from libs.common.bus import failures
 from libs.common import topics
 from libs.common.bus import DATA_FIELD, Bus
 from libs.common.contracts import KlineEvent
 from tests.streams import read_topic
+
+
+BUG_LINE = next(i for i, line in enumerate(open(__file__), 1) if line.rstrip().endswith('"a bug")  # BUG_LINE'))
 
 
 def kline(i: int) -> KlineEvent:
@@ -35,14 +39,12 @@ async def until(predicate, timeout: float = 15.0) -> None:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(bus_module, "RETRY_FIRST_S", 0.01)
-    monkeypatch.setattr(bus_module, "RETRY_MAX_S", 0.05)
+    monkeypatch.setattr(failures, "RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(failures, "RETRY_MAX_S", 0.05)
 
 
 async def start(consumer: Bus) -> None:
-    await consumer.ensure_groups()
-    await consumer.recover()
-    await consumer.broker.start()
+    await consumer.start()
 
 
 async def test_a_failure_is_retried_in_place_and_nothing_overtakes_it(redis_url):
@@ -59,14 +61,15 @@ async def test_a_failure_is_retried_in_place_and_nothing_overtakes_it(redis_url)
 
     client = aioredis.Redis.from_url(redis_url)
     await add(client, 20)
+    retries_before = consumer.metrics.retries.labels(topics.KLINES)._value.get()
     await start(consumer)
     try:
         await until(lambda: len(seen) == 20)
         assert seen == list(range(20))
         assert failed["n"] == 3
-        assert consumer.metrics.retries.labels(topics.KLINES)._value.get() == 3
+        assert consumer.metrics.retries.labels(topics.KLINES)._value.get() - retries_before == 3
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()
 
 
@@ -93,7 +96,7 @@ async def test_entries_a_crashed_replica_left_pending_are_handled_first_in_order
         assert seen == list(range(4, 20))  # the 6 left pending first, then the live ones, once each
         assert (await client.xpending(key, "features"))["pending"] == 0
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()
 
 
@@ -104,7 +107,7 @@ async def test_a_handler_bug_is_dead_lettered_after_a_few_tries_and_the_stream_m
     @consumer.ordered(topics.KLINES, KlineEvent)
     async def handle(event: KlineEvent, entry_id: str) -> None:
         if event.open_time == 2 * 60_000:
-            raise ZeroDivisionError("a bug")
+            raise ZeroDivisionError("a bug")  # BUG_LINE
         seen.append(event.open_time // 60_000)
 
     client = aioredis.Redis.from_url(redis_url)
@@ -114,8 +117,11 @@ async def test_a_handler_bug_is_dead_lettered_after_a_few_tries_and_the_stream_m
         await until(lambda: len(seen) == 4)
         assert seen == [0, 1, 3, 4]
         (letter,) = await read_topic(redis_url, topics.DEAD_LETTERS)
-        assert letter["reason"] == f"handler failed {bus_module.HANDLER_ATTEMPTS} times: ZeroDivisionError: a bug"
+        # the traceback's last line, and where it was raised
+        reason = letter["reason"]
+        assert reason.startswith(f"handler failed {failures.HANDLER_ATTEMPTS} times: ZeroDivisionError: a bug (at ")
+        assert reason.endswith("test_bus_ordered.py:" + str(BUG_LINE) + " in handle)")
         assert KlineEvent.from_json(letter["payload"]).open_time == 2 * 60_000  # nothing lost
     finally:
-        await consumer.broker.stop()
+        await consumer.stop()
         await client.aclose()

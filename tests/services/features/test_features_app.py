@@ -160,17 +160,17 @@ async def test_a_failed_publish_is_retried_and_the_event_still_appears_once(redi
 
     from libs.common import bus as bus_module
 
-    monkeypatch.setattr(bus_module, "RETRY_FIRST_S", 0.01)
-    real_append = bus_module.OncePerCandle._append
+    real_publish = bus_module.OncePerCandle.publish_many
     failures = {"left": 2}
 
-    async def flaky_append(self, field, event):
-        if self.topic == topics.FEATURES and event.open_time == candles(30)[12].open_time and failures["left"]:
+    async def flaky_publish(self, events, *more):
+        hit = any(e.open_time == candles(30)[12].open_time for e in events)
+        if self.topic == topics.FEATURES and hit and failures["left"]:
             failures["left"] -= 1
             raise RedisConnectionError("connection reset while publishing")
-        return await real_append(self, field, event)
+        return await real_publish(self, events, *more)
 
-    monkeypatch.setattr(bus_module.OncePerCandle, "_append", flaky_append)
+    monkeypatch.setattr(bus_module.OncePerCandle, "publish_many", flaky_publish)
     ks = candles(30)
     runtime = build_runtime("features", redis_url, tmp_path, feature_set="skeleton-v1", warmup_source="none")
     await runtime.start(http=False)

@@ -1,0 +1,234 @@
+"""Drain rate of klines.v1 through the bus edge, beside a raw redis-py loop measured in the same run.
+
+Each case drains the same pre-filled stream (N events over S symbols, 1m candles) through a fresh
+consumer group on one embedded redis-server and prints events/s and the ratio to the raw loop:
+
+* raw:            XREADGROUP COUNT 1000 + one XACK per batch, hiredis, no decoding (the ceiling)
+* raw+pydantic:   the same, validating every entry with KlineEvent.model_validate_json
+* bus.ordered:    ``@bus.ordered`` with an empty per-event handler
+* bus.ordered_batch: ``@bus.ordered_batch`` with an empty batch handler (skipped if absent)
+* features:       the features service (skeleton-v1 and all-v1, warm-up off), publishes included
+
+    .venv/bin/python bench/bench_bus.py [--events 100000] [--symbols 100] [--slow-events 20000]
+
+``--slow-events`` caps the cases that are too slow to drain the full stream in reasonable time
+(their rate is still events/s over what they drained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from libs.common import topics  # noqa: E402
+from libs.common.bus import DATA_FIELD, Bus  # noqa: E402
+from libs.common.contracts import KlineEvent  # noqa: E402
+from libs.common.redis_server import EmbeddedRedis  # noqa: E402
+
+KEY = topics.stream_key(topics.KLINES)
+MINUTE = 60_000
+RAW_COUNT = 1000
+
+
+def prefill(url: str, events: int, symbols: int) -> None:
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    names = [f"S{i:04d}USDT" for i in range(symbols)]
+    pipe = r.pipeline(transaction=False)
+    for i in range(events):
+        t = (i // symbols) * MINUTE
+        p = 100.0 + (i % 7)
+        ev = KlineEvent(
+            symbol=names[i % symbols], interval="1m", open_time=t, close_time=t + MINUTE - 1,
+            open=p, high=p + 1, low=p - 1, close=p + 0.5, volume=10.0, ingested_at=1,
+        )
+        pipe.xadd(KEY, {DATA_FIELD: ev.to_json()})
+        if len(pipe) >= 5000:
+            pipe.execute()
+    pipe.execute()
+    r.close()
+
+
+def fresh_group(url: str, group: str) -> None:
+    r = redis.Redis.from_url(url)
+    for g in r.xinfo_groups(KEY):
+        r.xgroup_destroy(KEY, g["name"])
+    r.xgroup_create(KEY, group, id="0")
+    r.delete(*r.keys("klinebus:{features.v1}*") or ["-"])
+    r.close()
+
+
+async def raw_loop(url: str, events: int, validate: bool) -> float:
+    fresh_group(url, "raw")
+    client = aioredis.Redis.from_url(url)
+    done = 0
+    t0 = time.perf_counter()
+    while done < events:
+        reply = await client.xreadgroup("raw", "c", {KEY: ">"}, count=RAW_COUNT, block=1000)
+        entries = reply[0][1] if reply else []
+        if validate:
+            for _, fields in entries:
+                KlineEvent.model_validate_json(fields[b"__data__"])
+        if entries:
+            await client.xack(KEY, "raw", *[e[0] for e in entries])
+        done += len(entries)
+    dt = time.perf_counter() - t0
+    await client.aclose()
+    return done / dt
+
+
+async def wait_drained(url: str, group: str, events: int, timeout: float = 600.0) -> None:
+    client = aioredis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            groups = {g["name"].decode(): g for g in await client.xinfo_groups(KEY)}
+            g = groups.get(group)
+            if g is not None and g["pending"] == 0 and _id_seq(g["last-delivered-id"]) >= events:
+                return
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"{group}: not drained after {timeout}s")
+    finally:
+        await client.aclose()
+
+
+_ids: list[bytes] = []
+
+
+def _id_seq(last_delivered: bytes) -> int:
+    """How many entries a last-delivered id covers (ids were recorded after prefill)."""
+    import bisect
+
+    return bisect.bisect_right(_ids, tuple(int(x) for x in last_delivered.split(b"-")))
+
+
+def record_ids(url: str, events: int) -> None:
+    r = redis.Redis.from_url(url)
+    global _ids
+    _ids = []
+    start = "-"
+    while True:
+        batch = r.xrange(KEY, min=start, count=10_000)
+        _ids += [tuple(int(x) for x in e[0].split(b"-")) for e in batch]
+        if len(batch) < 10_000:
+            break
+        start = "(" + batch[-1][0].decode()
+    r.close()
+
+
+async def bus_case(url: str, events: int, batch: bool) -> float:
+    fresh_group(url, "features")
+    consumer = Bus("features", url, consumer="c")
+    if batch:
+        @consumer.ordered_batch(topics.KLINES, KlineEvent)
+        async def handle_many(batch_events, entry_ids) -> None:
+            return None
+    else:
+        @consumer.ordered(topics.KLINES, KlineEvent)
+        async def handle(event, entry_id) -> None:
+            return None
+
+    t0 = time.perf_counter()
+    await _start(consumer)
+    try:
+        await wait_drained(url, "features", events)
+    finally:
+        await _stop(consumer)
+    return events / (time.perf_counter() - t0)
+
+
+async def _start(bus: Bus) -> None:
+    if hasattr(bus, "start"):
+        await bus.start()
+    else:  # the bus before the rewrite
+        await bus.ensure_groups()
+        await bus.recover()
+        await bus.broker.start()
+
+
+async def _stop(bus: Bus) -> None:
+    if hasattr(bus, "stop"):
+        await bus.stop()
+    else:
+        await bus.broker.stop()
+
+
+async def features_case(url: str, events: int, feature_set: str, tmp: Path) -> tuple[float, float]:
+    from services.features.app import create
+    from services.features.settings import FeaturesSettings
+
+    fresh_group(url, "features")
+    settings = FeaturesSettings(
+        feature_set=feature_set, warmup_source="none", data_dir=tmp, consumer_name="bench", http_host="127.0.0.1"
+    )
+    runtime = create(settings, url)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await runtime.start(http=False)
+    try:
+        await wait_drained(url, "features", events)
+    finally:
+        dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        await runtime.stop()
+    r = redis.Redis.from_url(url)
+    out = r.xlen(topics.stream_key(topics.FEATURES))
+    r.close()
+    if out != events:
+        print(f"  !! features.v1 holds {out} events for {events} candles")
+    return events / dt, cpu / events * 1e6
+
+
+def drained_prefix(url: str, events: int, symbols: int, n: int) -> None:
+    """Re-fill with only the first ``n`` events (for the slow cases)."""
+    prefill(url, n, symbols)
+    record_ids(url, n)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--symbols", type=int, default=100)
+    ap.add_argument("--slow-events", type=int, default=0, help="cap for the bus/features cases (0: --events)")
+    args = ap.parse_args()
+    slow = args.slow_events or args.events
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persistent=False) as server:
+        url = server.url
+        print(f"prefilling {args.events} klines.v1 events over {args.symbols} symbols ...")
+        prefill(url, args.events, args.symbols)
+        record_ids(url, args.events)
+        rows: list[tuple[str, float, str]] = []
+        raw = await raw_loop(url, args.events, validate=False)
+        rows.append(("raw redis-py (XREADGROUP 1000 + XACK/batch)", raw, ""))
+        rows.append(("raw + pydantic validate each", await raw_loop(url, args.events, validate=True), ""))
+        if slow != args.events:
+            drained_prefix(url, args.events, args.symbols, slow)
+        rows.append(("bus.ordered, empty handler", await bus_case(url, slow, batch=False), ""))
+        if hasattr(Bus, "ordered_batch"):
+            rows.append(("bus.ordered_batch, empty handler", await bus_case(url, slow, batch=True), ""))
+        for fs in ("skeleton-v1", "all-v1"):
+            rate, cpu_us = await features_case(url, slow, fs, Path(tmp))
+            rows.append((f"features service ({fs}), publishes incl.", rate, f"{cpu_us:.1f} us CPU/event"))
+        print(f"\n{'case':<48} {'events/s':>10} {'x raw':>7}")
+        for name, rate, note in rows:
+            print(f"{name:<48} {rate:>10,.0f} {rate / raw:>7.3f}  {note}")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"\npeak RSS {rss:.0f} MiB; cpus {len(os.sched_getaffinity(0))}; events {args.events} (bus/features: {slow})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

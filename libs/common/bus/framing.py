@@ -1,0 +1,154 @@
+"""How events sit in stream entries, and how a batch of entries becomes events.
+
+Each entry has one field, ``__data__``, holding the event's JSON and nothing else, so a
+subscriber in any language can ``XREAD`` and parse it. A batch is validated in one pydantic
+call over a JSON array of the entries (one call instead of one per entry); when any entry of
+the batch is bad, the batch is decoded entry by entry so the bad ones can be dead-lettered
+alone with their own reason.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import orjson
+import redis.asyncio as aioredis
+from faststream.redis.parser.message import MessageFormat
+from pydantic import TypeAdapter, ValidationError
+
+from libs.common.contracts import InvalidEvent
+from libs.common.klines import InvalidKline
+
+# The one field of a stream entry that holds the event (faststream's name for it).
+DATA_FIELD = "__data__"
+DATA_FIELD_B = DATA_FIELD.encode()
+
+# Errors that mean "this message is bad", never "try again later".
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidEvent,
+    InvalidKline,
+    ValidationError,
+    json.JSONDecodeError,  # orjson's error is a subclass
+    UnicodeDecodeError,
+)
+
+# A client waits at most this long for any reply; a blocking read asks for less, so a silent
+# network partition surfaces as a timeout (waited out) instead of a read that never returns.
+SOCKET_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class PlainJSONFormat(MessageFormat):
+    """faststream's publishers write the event's JSON and nothing else.
+
+    faststream's default framing is a binary envelope only faststream reads;
+    subscribers in other languages must be able to ``XREAD`` and parse JSON.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    async def encode(cls, *, message, reply_to, headers, correlation_id, serializer=None, codec=None) -> bytes:
+        msg = await cls.build(
+            message=message,
+            reply_to=reply_to,
+            headers=headers,
+            correlation_id=correlation_id,
+            serializer=serializer,
+            codec=codec,
+        )
+        return msg.data
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[bytes, dict[str, Any]]:
+        return data, {"content-type": "application/json"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(("redis+cluster://", "rediss+cluster://"))
+
+
+def plain_url(url: str) -> str:
+    return url.replace("+cluster://", "://", 1)
+
+
+def redis_client(url: str, *, timeouts: bool = False) -> aioredis.Redis:
+    """A plain redis-py asyncio client for the same server (admin work, consumers, guards).
+
+    ``timeouts``: bounded socket waits (consumer loops); off for callers that issue their own
+    long blocking reads."""
+    kw: dict[str, Any] = {}
+    if timeouts:
+        kw = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    if is_cluster_url(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(plain_url(url), **kw)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, **kw)
+
+
+def one_line(exc: BaseException) -> str:
+    """Why a message is bad, in one line."""
+    if isinstance(exc, (InvalidEvent, InvalidKline)):
+        return exc.reason
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON: {exc}"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return f"malformed JSON: {first.get('msg')}"
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        return f"{exc.title}: {where}: {first.get('msg')} (input {str(first.get('input'))[:80]!r})"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+class Decoder:
+    """Entries of one topic -> events of one model."""
+
+    def __init__(self, model: type) -> None:
+        self.model = model
+        self._many = TypeAdapter(list[model])  # type: ignore[valid-type]
+
+    def one(self, raw: bytes) -> Any:
+        try:
+            return self.model.model_validate_json(raw)
+        except ValidationError as exc:
+            # The contract's own one-line form (``Model: field: msg``) where it has one.
+            if exc.errors()[0].get("type") == "json_invalid":
+                raise InvalidEvent(one_line(exc)) from None
+            from_json = getattr(self.model, "from_json", None)
+            if from_json is not None:
+                from_json(raw)  # raises InvalidEvent with the contract's wording
+            raise
+
+    def many(self, raws: Sequence[bytes | None]) -> tuple[list[Any], dict[int, str]]:
+        """``(events, bad)``: ``events[i]`` is entry i's event, or None where ``bad[i]`` says why.
+        A missing payload (``None``: the entry had no ``__data__`` field) is bad input."""
+        if raws and all(r is not None for r in raws):
+            try:
+                return self._many.validate_json(b"[" + b",".join(raws) + b"]"), {}  # type: ignore[arg-type]
+            except (ValidationError, *BAD_INPUT_ERRORS):
+                pass  # find the bad ones one by one
+        events: list[Any] = []
+        bad: dict[int, str] = {}
+        for i, raw in enumerate(raws):
+            if raw is None:
+                events.append(None)
+                bad[i] = f"entry has no {DATA_FIELD} field"
+                continue
+            try:
+                events.append(self.one(raw))
+            except BAD_INPUT_ERRORS as exc:
+                events.append(None)
+                bad[i] = one_line(exc)
+        return events, bad
+
+
+def payload_of(fields: dict | None) -> bytes | None:
+    return (fields or {}).get(DATA_FIELD_B)
+
+
+def encode(event: Any) -> bytes:
+    to_json = getattr(event, "to_json", None)
+    return to_json() if to_json is not None else orjson.dumps(event)

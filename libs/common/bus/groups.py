@@ -1,0 +1,188 @@
+"""Consumer-group administration: creating groups where the service left off, acknowledging with
+the position kept outside the group, the ownership lease of ordered groups, stale consumers.
+
+* **Position.** Every acknowledgement also records the last acknowledged entry id in
+  ``klinebus:{topic}:acked:<group>`` (same slot as the stream, written in the same Lua step as
+  the XACK). If the group vanishes (Redis restarted without its data, a failover to a replica
+  without the group, a deleted stream or group), it is recreated at that position, not at the
+  start of the stream and not at its end.
+* **Ownership.** An ordered group has one active owner: a lease ``klinebus:{topic}:owner:<group>``
+  taken with ``SET NX PX``, renewed at a third of its life, released on a clean stop. A second
+  replica waits as a hot standby and takes over within one lease time of the owner's death. The
+  lease is fenced: the acknowledgement script refuses a holder whose token is no longer the
+  lease's value, and the holder stops handing entries out once its lease may have expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import redis.asyncio as aioredis
+
+from libs.common import topics
+
+log = logging.getLogger("klinebus.bus")
+
+# KEYS[1] stream, KEYS[2] position key, KEYS[3] lease key; ARGV[1] fencing token ('' when the
+# group has no lease), ARGV[2] group, ARGV[3..] ids. Returns the XACK count, or -1 when the
+# caller's lease is gone (nothing acknowledged).
+_ACK = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return -1
+end
+local n = redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
+local top = ARGV[3]
+local tm, ts = string.match(top, '(%d+)-(%d+)')
+tm, ts = tonumber(tm), tonumber(ts)
+for i = 4, #ARGV do
+  local m, s = string.match(ARGV[i], '(%d+)-(%d+)')
+  m, s = tonumber(m), tonumber(s)
+  if m > tm or (m == tm and s > ts) then top, tm, ts = ARGV[i], m, s end
+end
+local cur = redis.call('GET', KEYS[2])
+if cur then
+  local cm, cs = string.match(cur, '(%d+)-(%d+)')
+  cm, cs = tonumber(cm), tonumber(cs)
+  if cm > tm or (cm == tm and cs >= ts) then return n end
+end
+redis.call('SET', KEYS[2], top)
+return n
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def position_key(topic: str, group: str) -> str:
+    return topics.stream_companion_key(topic, f"acked:{group}")
+
+
+def lease_key(topic: str, group: str) -> str:
+    return topics.stream_companion_key(topic, f"owner:{group}")
+
+
+def id_key(entry_id: str | bytes) -> tuple[int, int]:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class LeaseLost(Exception):
+    """This replica no longer owns the ordered group: stop handing out entries."""
+
+
+class Acker:
+    """XACK plus the recorded position, in one Lua step, fenced by a lease token when given."""
+
+    def __init__(self, client: aioredis.Redis, topic: str, group: str) -> None:
+        self.stream = topics.stream_key(topic)
+        self.keys = [self.stream, position_key(topic, group), lease_key(topic, group)]
+        self.group = group
+        self._script = client.register_script(_ACK)
+
+    async def ack(self, ids: list[str], token: str = "") -> int:
+        n = await self._script(keys=self.keys, args=[token, self.group, *ids])
+        if n == -1:
+            raise LeaseLost(f"{self.group}: lease on {self.stream} is no longer ours")
+        return int(n)
+
+
+async def recorded_position(client: aioredis.Redis, topic: str, group: str) -> str | None:
+    raw = await client.get(position_key(topic, group))
+    return _s(raw) if raw is not None else None
+
+
+async def ensure_group(client: aioredis.Redis, topic: str, group: str) -> str | None:
+    """Create ``group`` on ``topic`` if it does not exist: at the position this service last
+    acknowledged, or at the start of the stream when it never acknowledged anything. Returns the
+    id it was created at, or None when it already existed."""
+    position = await recorded_position(client, topic, group)
+    start = position or "0"
+    try:
+        await client.xgroup_create(topics.stream_key(topic), group, id=start, mkstream=True)
+    except aioredis.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return None
+        raise
+    return start
+
+
+class OwnerLease:
+    """``SET NX PX`` lease with a fencing token; see the module docstring."""
+
+    def __init__(self, client: aioredis.Redis, topic: str, group: str, consumer: str, ttl_ms: int) -> None:
+        self.client = client
+        self.key = lease_key(topic, group)
+        self.consumer = consumer
+        self.ttl_ms = ttl_ms
+        self.token: str | None = None
+        self.valid_until = 0.0
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def held(self) -> bool:
+        return self.token is not None and time.monotonic() < self.valid_until
+
+    def _deadline(self, t0: float) -> float:
+        # The server's clock runs the lease; stop trusting ours a little before it can expire.
+        return t0 + self.ttl_ms * 0.8 / 1000
+
+    async def try_acquire(self) -> bool:
+        token = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
+        t0 = time.monotonic()
+        if await self.client.set(self.key, token, nx=True, px=self.ttl_ms):
+            self.token, self.valid_until = token, self._deadline(t0)
+            return True
+        return False
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when it is no longer ours (another replica took it)."""
+        if self.token is None:
+            return False
+        t0 = time.monotonic()
+        if await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]):
+            self.valid_until = self._deadline(t0)
+            return True
+        self.token = None
+        return False
+
+    async def release(self) -> None:
+        token, self.token = self.token, None
+        if token is not None:
+            await self._release(keys=[self.key], args=[token])
+
+    async def holder(self) -> str | None:
+        raw = await self.client.get(self.key)
+        return _s(raw).rsplit(":", 1)[0] if raw is not None else None
+
+
+async def remove_stale_consumers(client: aioredis.Redis, topic: str, group: str, me: str, idle_ms: int) -> list[str]:
+    """``XGROUP DELCONSUMER`` every other consumer idle longer than ``idle_ms`` with nothing
+    pending (what a dead consumer held is claimed first: by the ordered owner at takeover, by a
+    competing replica's reclaimer). Returns the names removed."""
+    key = topics.stream_key(topic)
+    removed = []
+    for c in await client.xinfo_consumers(key, group):
+        name = _s(c["name"])
+        if name != me and int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
+            await client.xgroup_delconsumer(key, group, name)
+            removed.append(name)
+    if removed:
+        log.info("%s on %s: removed stale consumers %s", group, topic, ", ".join(removed))
+    return removed

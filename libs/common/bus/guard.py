@@ -1,0 +1,152 @@
+"""The once-per-candle guard: a candle-keyed event is appended only if it is newer than the last
+one appended for its (symbol, interval[, more]), in one atomic Lua step per call, for one event
+or a whole batch.
+
+The last open_time per stream lives in a hash beside the topic (same cluster slot), so the guard
+survives restarts and is shared by replicas; re-deliveries, replays, replicas and a crash between
+publish and ack never put a candle on a stream twice, nor behind a later one.
+
+Every append trims its stream: ``MAXLEN ~ cap`` always, and with a retention ``MINID ~
+(now - retention)`` too, so a stream holds at most the cap and at most that much time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import redis.asyncio as aioredis
+
+from libs.common import topics
+from libs.common.bus.framing import DATA_FIELD
+from libs.common.telemetry import ServiceMetrics
+
+LAST_OPEN_TIME = "last-open-time"
+
+# KEYS[1] stream, KEYS[2] last-open-time hash; ARGV: maxlen, data field, minid ('' for none), then
+# (field, open_time, payload) per event, applied in order; returns one {appended, last} per event.
+_PUBLISH_ONCE_MANY = """
+local out = {}
+local appended = false
+for i = 4, #ARGV, 3 do
+  local last = redis.call('HGET', KEYS[2], ARGV[i])
+  if last and tonumber(last) >= tonumber(ARGV[i + 1]) then
+    out[#out + 1] = {0, tonumber(last)}
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i + 2])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    out[#out + 1] = {1, tonumber(ARGV[i + 1])}
+    appended = true
+  end
+end
+if appended and ARGV[3] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+end
+return out
+"""
+
+
+def candle_field(symbol: str, interval: str, *more: str) -> str:
+    return "|".join((symbol, interval, *more))
+
+
+class OncePerCandle:
+    """Appends candle-keyed events to ``topic`` at most once per (symbol, interval, open_time).
+
+    With ``metrics``, each publish counts ``events_out_total`` (appended) or ``duplicates_total``
+    (refused) for the topic. ``retention_ms`` > 0 adds time-based trimming (``MINID ~``).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        topic: str,
+        maxlen: int,
+        metrics: ServiceMetrics | None = None,
+        *,
+        retention_ms: int = 0,
+    ) -> None:
+        self.client = client
+        self.topic = topic
+        self.maxlen = maxlen
+        self.retention_ms = retention_ms
+        self.metrics = metrics
+        self._last_tried: dict[str, Any] = {}  # per stream field: the last event handed to publish
+        self._unsent: list[tuple[Any, tuple[str, ...]]] = []  # tried in a call that failed
+        self.stream = topics.stream_key(topic)
+        self.last_key = topics.stream_companion_key(topic, LAST_OPEN_TIME)
+        self._script_many = client.register_script(_PUBLISH_ONCE_MANY)
+
+    def _minid(self) -> str:
+        if self.retention_ms <= 0:
+            return ""
+        return str(max(0, int(time.time() * 1000) - self.retention_ms))
+
+    async def publish(self, event: Any, *key_more: str) -> tuple[bool, int]:
+        """``(appended, last_open_time)``; the event must have symbol, interval and open_time.
+        ``key_more`` widens the identity (e.g. the model name on predictions.v1)."""
+        field = candle_field(event.symbol, event.interval, *key_more)
+        self._last_tried[field] = event
+        appended, last = await self._append(field, event)
+        self._count(appended, 1)
+        return appended, last
+
+    async def _append(self, field: str, event: Any) -> tuple[bool, int]:
+        ((appended, last),) = await self._script_many(
+            keys=[self.stream, self.last_key],
+            args=[self.maxlen, DATA_FIELD, self._minid(), field, event.open_time, event.to_json()],
+        )
+        return bool(appended), int(last)
+
+    async def retry_last(self, symbol: str, interval: str, open_time: int, *key_more: str) -> bool:
+        """For a handler whose state took a candle before its publish failed: when the candle at
+        ``open_time`` is the last event tried for this stream, publish it again (the guard keeps it
+        once) and return True; otherwise False (a plain re-delivery: nothing to do)."""
+        event = self._last_tried.get(candle_field(symbol, interval, *key_more))
+        if event is None or event.open_time != open_time:
+            return False
+        await self.publish(event, *key_more)
+        return True
+
+    async def publish_many(self, events: Sequence[Any], *key_more: str) -> list[tuple[bool, int]]:
+        """``publish`` for many events in one round trip: same guard, applied in the given
+        order, one ``(appended, last_open_time)`` per event."""
+        if not events:
+            return []
+        args: list[Any] = [self.maxlen, DATA_FIELD, self._minid()]
+        for e in events:
+            args += (candle_field(e.symbol, e.interval, *key_more), e.open_time, e.to_json())
+        replies = await self._script_many(keys=[self.stream, self.last_key], args=args)
+        out = [(bool(appended), int(last)) for appended, last in replies]
+        self._count(sum(a for a, _ in out), len(out))
+        return out
+
+    async def publish_all(self, events: Sequence[Any], *key_more: str) -> int:
+        """For consumers that retry a batch after a failed publish: publish whatever an earlier
+        failed call left unsent, then ``events``, in one round trip per key identity. A failure
+        keeps them all for the next call (the guard keeps each candle once). Returns how many
+        were appended."""
+        self._unsent += [(e, key_more) for e in events]
+        appended = 0
+        while self._unsent:
+            more = self._unsent[0][1]
+            batch = [e for e, m in self._unsent if m == more]
+            appended += sum(a for a, _ in await self.publish_many(batch, *more))
+            self._unsent = [(e, m) for e, m in self._unsent if m != more]
+        return appended
+
+    def _count(self, appended: int, total: int) -> None:
+        if self.metrics is None:
+            return
+        if appended:
+            self.metrics.events_out.labels(self.topic).inc(appended)
+        if total - appended:
+            self.metrics.duplicates.labels(self.topic).inc(total - appended)
+
+    async def last_open_times(self) -> dict[tuple[str, str], int]:
+        raw = await self.client.hgetall(self.last_key)
+        out = {}
+        for f, v in raw.items():
+            symbol, interval = (f.decode() if isinstance(f, bytes) else f).split("|")[:2]
+            out[(symbol, interval)] = max(int(v), out.get((symbol, interval), 0))
+        return out
