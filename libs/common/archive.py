@@ -62,12 +62,13 @@ SCHEMA = pa.schema(
 assert SCHEMA.names == COLUMNS, "SCHEMA must list the Kline fields in order"
 
 # A month with more parts than this is compacted by the writer that added the last one. A live
-# 1m stream adds about one part per archiver batch; at 32 a month is re-merged about every half
-# hour of 1m candles per stream, and a read opens at most 33 files per month.
-COMPACT_AFTER_PARTS = 32
+# 1m stream adds about one part per archiver batch (a minute); at 8 a month is re-merged every
+# 8 minutes or so per stream, and a read opens at most 9 files per month, which reads about as
+# fast as the single month file did (bench/bench_archive.py: 0.9x at worst, 1.8x compacted).
+COMPACT_AFTER_PARTS = 8
 # A reader that finds a part deleted under it (a compaction finished meanwhile) lists again.
 READ_ATTEMPTS = 5
-# Parts read in parallel (object stores: one request each; local: one file each).
+# Parts read in parallel from an object store (one request each).
 READ_THREADS = 8
 # Open-time sets of parts remembered per archive (parts never change, so they never go stale).
 SEEN_CACHE_FILES = 4096
@@ -356,13 +357,15 @@ class ParquetArchive:
         columns: list[str] | None = None
 
         def one(p: Part) -> pa.Table:
+            # ParquetFile.read: about half the per-file cost of read_table (no dataset set-up)
+            if self._local:  # pyarrow's own file reads, without a Python file object in between
+                return _conform(pq.ParquetFile(p.path).read(columns=columns, use_threads=False))
             with self.fs.open(p.path, "rb") as fh:
-                t = pq.read_table(fh, columns=columns)
-            return _conform(t)
+                return _conform(pq.ParquetFile(fh).read(columns=columns, use_threads=False))
 
-        if len(parts) == 1:
-            tables = [one(parts[0])]
-        else:
+        if len(parts) == 1 or self._local:
+            tables = [one(p) for p in parts]  # local reads are CPU-bound: threads only add contention
+        else:  # object stores: one request per part, in parallel
             with concurrent.futures.ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
                 tables = list(pool.map(one, parts))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
