@@ -87,7 +87,8 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
     async def restore() -> None:
         path = ensure_persistence_model(model_dir)
         await serve(await load(persistence_spec(path)))
-        current = {s.name: s for s in await asyncio.to_thread(registry_packages, model_dir)}
+        current = {s.name: s for s in await asyncio.to_thread(
+            registry_packages, model_dir, not settings.serve_unpromoted)}
         announced: dict[str, ModelPublished] = {}
         async for eid, doc in history.scan_back(client, topics.MODELS):
             if state["models_upto"] == "0-0":
@@ -96,7 +97,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                 ev = ModelPublished.model_validate(doc)
             except ValueError:
                 continue
-            if ev.promoted and ev.model not in announced:
+            if (ev.promoted or settings.serve_unpromoted) and ev.model not in announced:
                 announced[ev.model] = ev
         for name, ev in announced.items():
             spec = current.get(name)
@@ -174,7 +175,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         metrics.events_in.labels(topics.MODELS).inc()
         if history.id_key(entry_id) <= history.id_key(state["models_upto"]):
             return  # already reflected by the start-up read of models.v1
-        if not event.promoted:
+        if not event.promoted and not settings.serve_unpromoted:
             log.info("%s@%s is not promoted (did not beat its baselines); not served", event.model, event.version)
             return
         current = engine.router.get(event.model)

@@ -190,15 +190,15 @@ def load_package(uri: str, expected_sha256: str | None, cache_dir: Path | str) -
     return spec_from_package(meta, folder)
 
 
-def registry_packages(root: Path | str) -> list[ModelSpec]:
-    """The newest promoted version of every model in a local registry (``<root>/<name>/<version>/``),
+def registry_packages(root: Path | str, promoted_only: bool = True) -> list[ModelSpec]:
+    """The newest (promoted) version of every model in a local registry (``<root>/<name>/<version>/``),
     verified; a model whose newest promoted version does not verify is left out (its load, when
     announced on models.v1, says why)."""
     reg = mp.Registry(str(root))
     found: list[ModelSpec] = []
     for name in reg.models():
         try:
-            version = reg.latest(name, promoted_only=True)
+            version = reg.latest(name, promoted_only=promoted_only)
         except PackageError:
             continue
         if version is None:

@@ -252,7 +252,8 @@ class Inference:
         iv_ms = job.meta["interval_ms"]
         targets = [job.open_time + h * iv_ms for h in spec.horizons]
         close = fc.close
-        shadow = self.config.demote_behind and self.scorer.behind(spec.name, job.symbol, job.interval)
+        shadow = not spec.promoted or (
+            self.config.demote_behind and self.scorer.behind(spec.name, job.symbol, job.interval, spec.horizons[0]))
         now = now_ms()
         lag_ms = now - (job.open_time + iv_ms)
         event = PredictionEvent(

@@ -30,6 +30,10 @@ class InferenceSettings(ServiceSettings):
     demote_behind: bool = Field(
         False, description="Publish a model that is behind persistence with role=shadow (still scored) instead of primary."
     )
+    serve_unpromoted: bool = Field(
+        False, description="Also serve packages that did not beat their baselines, as role=shadow (scored, "
+        "never the primary answer): a candidate watched live before anyone relies on it."
+    )
     alert_rules: str = Field(
         "", description="YAML file of market alert rules (docs/inference.md); empty: no market alerts."
     )
