@@ -44,7 +44,41 @@ class Job:
 Results = Callable[[Sequence[Job], Sequence[Any]], Awaitable[None]]
 
 
-class MicroBatcher:
+class _QueueWorker:
+    """One queue, one task working it; ``pending`` counts queued items and the one in hand."""
+
+    name: str
+    _queue: asyncio.Queue
+    _task: asyncio.Task[None] | None = None
+    _busy: bool = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{type(self).__name__}:{self.name}")
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + (1 if self._busy else 0)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is handled (or ``timeout``); True when empty."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return not self.pending
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class MicroBatcher(_QueueWorker):
     """Batches jobs for one model name; ``on_results(jobs, forecasts_or_errors)`` gets them in order."""
 
     def __init__(
@@ -53,28 +87,19 @@ class MicroBatcher:
         on_results: Results,
         max_batch: int = 256,
         max_wait_s: float = 0.002,
-        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.name = name
         self.on_results = on_results
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.on_batch = on_batch  # (batch size, session seconds) for metrics
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._task: asyncio.Task[None] | None = None
         self._busy = False
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"batcher:{self.name}")
 
     def submit(self, job: Job) -> None:
         self._queue.put_nowait(job)
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() + (1 if self._busy else 0)
 
     async def _collect(self) -> list[Job]:
         batch = [await self._queue.get()]
@@ -114,19 +139,8 @@ class MicroBatcher:
             finally:
                 self._busy = False
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait until every submitted job is handled (or ``timeout``); True when empty."""
-        deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return not self.pending
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -153,7 +167,7 @@ class _Item:
     key: tuple[str, ...]
 
 
-class Outbox:
+class Outbox(_QueueWorker):
     """Publishes events in order through ``publish(events, *key)`` (e.g. ``OncePerCandle.publish_many``),
     batching consecutive events of one key; retries failures with capped back-off."""
 
@@ -166,16 +180,9 @@ class Outbox:
         self._busy = False
         self.failing: str | None = None  # why publishing is failing now (for logs and health)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"outbox:{self.name}")
 
     def put(self, event: Any, *key: str) -> None:
         self._queue.put_nowait(_Item(event, key))
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() + (1 if self._busy else 0)
 
     async def _run(self) -> None:
         while True:
@@ -214,15 +221,3 @@ class Outbox:
                 self.failing = None
             return
 
-    async def drain(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return not self.pending
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
