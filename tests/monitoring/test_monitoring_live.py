@@ -7,7 +7,8 @@ minutes); a real Alertmanager routes what fires to a webhook receiver. Checked: 
 expression evaluates without error and names only metrics the running services export; every
 dashboard query returns data; a rule fires when its condition is produced (the exchange goes away:
 no websocket) and another does not before that; a market alert put on alerts.v1 reaches
-Alertmanager through the alerts service, is routed to the receiver, and resolves.
+Alertmanager through the alerts service, is routed to the receiver, and resolves, and reaches a
+Discord-speaking receiver with the chart the charts service rendered attached.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import yaml
 from libs.common.klines import now_ms, read_kline_csv
 from monitoring import dashboards, rules
 from tests.monitoring.processes import alertmanager, binary, free_port, get_json, prometheus, until
-from tests.services.alerts.alert_receivers import Receiver, ok
-from tests.streams import add_events, replaying, wait_for_events
+from tests.services.alerts.alert_receivers import Receiver, discord_ok, ok
+from tests.streams import add_events, read_topic, replaying, wait_for_events
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ NO_DATA_WITHOUT_TRAINED_MODEL = ("klinebus_inference_score_",)
 DEADLINE_S = 150.0
 
 
-def _env(service: str, port: int, redis_url: str, data_dir: Path, sim, am_url: str) -> dict[str, str]:
+def _env(service: str, port: int, redis_url: str, data_dir: Path, sim, am_url: str, discord_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KLINEBUS_")}
     env.update({
         "KLINEBUS_REDIS_URL": redis_url, "KLINEBUS_HTTP_PORT": str(port), "KLINEBUS_HTTP_HOST": "127.0.0.1",
@@ -58,9 +59,11 @@ def _env(service: str, port: int, redis_url: str, data_dir: Path, sim, am_url: s
         "ingest": {"KLINEBUS_BINANCE_WS_URL": sim.ws_url, "KLINEBUS_BINANCE_REST_URL": sim.rest_url,
                    "KLINEBUS_RECONNECT_INITIAL_S": "0.05", "KLINEBUS_RECONNECT_MAX_S": "0.5"},
         "features": {"KLINEBUS_FEATURE_SET": "chart-analysis-v1"},
+        "alerts": {"KLINEBUS_ALERTMANAGER_URLS": am_url, "KLINEBUS_RESEND_S": "2", "KLINEBUS_WATCH_EVERY_S": "0.5",
+                   "KLINEBUS_DISCORD_WEBHOOK_URL": discord_url},
+        # the charts' store is a folder the alerts process can read too (on Kubernetes: object storage)
         "charts": {"KLINEBUS_CADENCE_S": "2", "KLINEBUS_WINDOW": "30", "KLINEBUS_RENDER_WORKERS": "0",
                    "KLINEBUS_WIDTH_PX": "400", "KLINEBUS_HEIGHT_PX": "300"},
-        "alerts": {"KLINEBUS_ALERTMANAGER_URLS": am_url, "KLINEBUS_RESEND_S": "2", "KLINEBUS_WATCH_EVERY_S": "0.5"},
     }.get(service, {}))
     return env
 
@@ -76,7 +79,7 @@ def _ready(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def services(redis_url: str, tmp: Path, sim, am_url: str):
+def services(redis_url: str, tmp: Path, sim, am_url: str, discord_url: str):
     procs: dict[str, tuple[subprocess.Popen, int, Path]] = {}
     try:
         for name in SERVICES:
@@ -85,7 +88,7 @@ def services(redis_url: str, tmp: Path, sim, am_url: str):
             procs[name] = (subprocess.Popen(
                 [sys.executable, "-m", "klinebus", "run", name], cwd=REPO, stdin=subprocess.DEVNULL,
                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                env=_env(name, port, redis_url, tmp / name, sim, am_url)), port, log)
+                env=_env(name, port, redis_url, tmp / name, sim, am_url, discord_url)), port, log)
         yield procs
     finally:
         for proc, _, _ in procs.values():
@@ -132,8 +135,10 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
         (path,) = (REPO / "data" / "klines").glob(f"{symbol}-1m-*.csv.gz")
         candles[(symbol, "1m")] = read_kline_csv(path)[:CANDLES]
 
-    async with Receiver([ok()], "/am-hook") as hook, replaying(candles, speed=300) as sim:
-        with alertmanager(tmp_path / "am", hook.url) as am_url, services(redis_url, tmp_path, sim, am_url) as procs:
+    async with Receiver([ok()], "/am-hook") as hook, Receiver([discord_ok()], "/api/webhooks/1/token") as discord, \
+            replaying(candles, speed=300) as sim:
+        with alertmanager(tmp_path / "am", hook.url) as am_url, \
+                services(redis_url, tmp_path, sim, am_url, discord.url) as procs:
             for name, (proc, port, log) in procs.items():
                 await until(lambda p=port, pr=proc, lg=log: _ready(p) or (pr.poll() is not None and
                              pytest.fail(f"{name} exited: {lg.read_text()[-1500:]}")), f"{name} ready", 90)
@@ -180,6 +185,14 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
                 am_alerts = get_json(f"{am_url}/api/v2/alerts?active=true")
                 assert [a["annotations"]["summary"] for a in am_alerts if a["labels"]["alertname"] == "predicted_move"] == [
                     "BTCUSDT 1m: +2.1% predicted"]
+                # Discord got it with the newest chart the charts service had rendered for BTCUSDT 1m
+                (message,) = await discord.wait_for(1)
+                filename, png = message.parts["files[0]"]
+                assert filename == "BTCUSDT-1m.png" and png.startswith(b"\x89PNG\r\n\x1a\n")
+                assert message.json["embeds"][0]["image"] == {"url": "attachment://BTCUSDT-1m.png"}
+                rendered = [Path(urllib.parse.urlparse(c["uri"]).path).read_bytes()
+                            for c in await read_topic(redis_url, "charts.v1") if c["symbol"] == "BTCUSDT"]
+                assert png in rendered
                 await add_events(redis_url, [market("resolved")])
                 await until(lambda: routed("resolved")[:1], "the market alert's resolve routed to the receiver")
                 # -- every dashboard query returns data from the real scrape
