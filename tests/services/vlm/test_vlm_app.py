@@ -182,3 +182,48 @@ async def test_a_refused_answer_is_retried_once_with_the_reason_then_dead_letter
         assert got[0]["source"] == topics.CHARTS
     else:
         assert len(got) == 1 and got[0]["attempts"] == 2 and got[0]["model"] == "scripted.gguf"
+
+
+async def test_a_model_timeout_is_a_dead_letter_and_the_service_keeps_serving(redis_url, tmp_path, candles):
+    """A server slower than the call deadline (real HTTP on loopback): the chart is dead-lettered
+    with the reason, and the next chart is still analysed."""
+    from aiohttp import web
+
+    shown = candles[:60]
+    valid = (
+        '{"trend":"sideways","confidence":0.5,"support":[],"resistance":[],"patterns":[],"signal":"hold","summary":"flat"}'
+    )
+    calls: list[int] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(3)  # far past the 0.5 s deadline
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": valid}, "finish_reason": "stop"}]})
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "slow.gguf"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    png = chart_png(tmp_path / "btc.png", shown)
+    sol = [dataclasses.replace(k, symbol="SOLUSDT") for k in shown]
+    await add_events(redis_url, kline_events(shown) + kline_events(sol))
+    settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=f"http://127.0.0.1:{port}", call_timeout_s=0.5)
+    runtime = create(settings, redis_url)
+    await runtime.start(http=False)
+    try:
+        await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
+        dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1, settle=0)
+        await add_events(redis_url, [chart_event(sol, 59, f"file://{png}", symbol="SOLUSDT")])
+        analyses = await wait_for_events(redis_url, topics.ANALYSES, 1, settle=0.3)
+    finally:
+        await runtime.stop()
+        await runner.cleanup()
+    assert "vlm timeout: model server took longer than 0.5s" in dead[0]["reason"]
+    assert len(analyses) == 1 and analyses[0]["symbol"] == "SOLUSDT" and analyses[0]["signal"] == "hold"
