@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     i.add_argument("--end", required=True, type=dt.date.fromisoformat, help="last UTC day, YYYY-MM-DD (inclusive)")
     i.add_argument("--archive", default=None, help="archive root (default KLINEBUS_ARCHIVE_URL or <data_dir>/archive)")
     i.add_argument("--no-rest", action="store_true", help="zips only, no REST top-up")
+    i.add_argument("--source", choices=("binance", "yahoo"), default="binance",
+                   help="binance (default) or yahoo: Yahoo Finance bars into their own archive (<archive>-yahoo)")
+    i.add_argument("--yahoo-url", default=None, help="--source yahoo: chart API base URL (default: through yfinance)")
     i.set_defaults(func=_cmd_history_import)
 
 
@@ -56,6 +59,10 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_history_import(args: argparse.Namespace) -> None:
+    if args.source == "yahoo":
+        from services.ingest.yahoo import run_cli
+
+        return run_cli(args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from libs.common.errors import CliError
