@@ -34,6 +34,7 @@ import datetime as dt
 import errno
 import logging
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -192,6 +193,7 @@ class ParquetArchive:
         self._local = "file" in _protocols(self.fs)
         # open_times of each part this archive has read (parts are immutable)
         self._seen: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._seen_lock = threading.Lock()  # the archiver writes from worker threads
 
     # --- naming ------------------------------------------------------------------------------
 
@@ -320,7 +322,8 @@ class ParquetArchive:
                 self.fs.rm(p.path)
             except FileNotFoundError:
                 pass  # a racing compaction removed it (after writing its own copy of the rows)
-            self._seen.pop(p.path, None)
+            with self._seen_lock:
+                self._seen.pop(p.path, None)
         log.debug("compacted %s %s %s: %d parts -> 1 (%d rows)", symbol, interval, month, len(parts), table.num_rows)
         return len(parts)
 
@@ -391,7 +394,8 @@ class ParquetArchive:
 
     def _open_times(self, parts: list[Part]) -> np.ndarray:
         """The open_times held by ``parts`` (read once per part, then remembered)."""
-        missing = [p for p in parts if p.path not in self._seen]
+        with self._seen_lock:
+            missing = [p for p in parts if p.path not in self._seen]
         for p in missing:
             try:
                 with self.fs.open(p.path, "rb") as fh:
@@ -400,17 +404,19 @@ class ParquetArchive:
                 continue  # compacted away meanwhile: its rows are in the part that replaced it
             self._remember(p.path, ot)
         held = []
-        for p in parts:
-            ot = self._seen.get(p.path)
-            if ot is not None:
-                self._seen.move_to_end(p.path)
-                held.append(ot)
+        with self._seen_lock:
+            for p in parts:
+                ot = self._seen.get(p.path)
+                if ot is not None:
+                    self._seen.move_to_end(p.path)
+                    held.append(ot)
         return np.concatenate(held) if held else np.empty(0, dtype=np.int64)
 
     def _remember(self, path: str, open_times: np.ndarray) -> None:
-        self._seen[path] = open_times
-        while len(self._seen) > SEEN_CACHE_FILES:
-            self._seen.popitem(last=False)
+        with self._seen_lock:
+            self._seen[path] = open_times
+            while len(self._seen) > SEEN_CACHE_FILES:
+                self._seen.popitem(last=False)
 
 
 def _by_stream(groups: dict[tuple[str, str, str], list[Kline]]) -> dict[tuple[str, str], dict[str, list[Kline]]]:

@@ -33,6 +33,10 @@ def register(subparsers) -> None:
                    help="binance (default) or yahoo: Yahoo Finance bars into their own archive (<archive>-yahoo)")
     i.add_argument("--yahoo-url", default=None, help="--source yahoo: chart API base URL (default: through yfinance)")
     i.set_defaults(func=_cmd_history_import)
+    c = hs.add_parser("compact", help="merge each month's part files into one (safe beside running writers)")
+    c.add_argument("--archive", default=None, help="archive root (default KLINEBUS_ARCHIVE_URL or <data_dir>/archive)")
+    c.add_argument("--min-parts", type=int, default=2, help="compact months with at least this many parts (default 2)")
+    c.set_defaults(func=_cmd_history_compact)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
@@ -98,3 +102,18 @@ def _cmd_history_import(args: argparse.Namespace) -> None:
     for (symbol, interval), n in added.items():
         print(f"{symbol} {interval}: {n} new candles")
     print(f"archive: {Path(root) if '://' not in root else root}")
+
+
+def _cmd_history_compact(args: argparse.Namespace) -> None:
+    from libs.common.archive import ParquetArchive
+    from libs.common.errors import CliError
+    from libs.common.settings import load_settings
+    from services.ingest.settings import IngestSettings
+
+    if args.min_parts < 2:
+        raise CliError(f"--min-parts must be at least 2, got {args.min_parts}")
+    root = args.archive or load_settings(IngestSettings).archive_root()
+    merged = ParquetArchive(root).compact_all(min_parts=args.min_parts)
+    for (symbol, interval, month), n in sorted(merged.items()):
+        print(f"{symbol} {interval} {month}: {n} parts -> 1")
+    print(f"archive: {root} ({len(merged)} months compacted)")

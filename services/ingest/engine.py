@@ -16,6 +16,7 @@ import orjson
 
 from libs.common.klines import InvalidKline, Kline, interval_ms, parse_ws_kline, ws_stream_name
 from services.ingest.metrics import IngestMetrics
+from services.ingest.ratelog import MinuteLog
 from services.ingest.rest import RestKlines
 from services.ingest.sink import KlineSink
 from services.ingest.tracker import StreamTracker
@@ -53,6 +54,7 @@ class IngestEngine:
         self.exchange_now = 0  # latest event time seen on any connection (exchange clock, ms)
         self.messages = 0
         self._last_silence_scan = 0
+        self.minute = MinuteLog(log, "ingest", ("published_ws", "published_rest", "duplicates", "dead_letters"))
 
     @property
     def stream_names(self) -> list[str]:
@@ -84,6 +86,7 @@ class IngestEngine:
         appended_count = sum(1 for appended, _ in results if appended)
         if appended_count:
             self.metrics.events_out.labels("klines.v1").inc(appended_count)
+        self.minute.add(**{f"published_{source}": appended_count, "duplicates": len(results) - appended_count})
         now = time.perf_counter()
         for k, (appended, _) in zip(ks, results):
             received = self._received.pop(k.key, None)
@@ -118,6 +121,7 @@ class IngestEngine:
             msg = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             self.metrics.ws_messages.labels("invalid").inc()
+            self.minute.add(dead_letters=1)
             await self.dead_letter(WS_SOURCE, text, f"malformed JSON: {exc}")
             return
         if isinstance(msg, dict) and "result" in msg and "id" in msg:
@@ -127,6 +131,7 @@ class IngestEngine:
             k = parse_ws_kline(msg)
         except InvalidKline as exc:
             self.metrics.ws_messages.labels("invalid").inc()
+            self.minute.add(dead_letters=1)
             await self.dead_letter(WS_SOURCE, text, exc.reason)
             return
         event_time = _event_time(msg)
@@ -163,6 +168,7 @@ class IngestEngine:
                 t.catch_up("silence")
 
     async def close(self) -> None:
+        self.minute.flush()
         await self.rest.close()
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -93,7 +94,7 @@ class HistoryImporter:
     def save_record(self, record: HoldRecord) -> None:
         path = self._meta_path(record.symbol, record.interval)
         self.archive.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # two imports of one stream must not share a temp file
         with self.archive.fs.open(tmp, "w") as fh:
             json.dump(record.__dict__, fh, indent=1)
         self.archive.fs.mv(tmp, path)

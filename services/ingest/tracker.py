@@ -215,7 +215,8 @@ class StreamTracker:
         if published or reason in ("jump", INITIAL):
             self.metrics.gaps.labels(reason).inc()
             self.metrics.backfilled.labels(self.interval).inc(published)
-            log.info(
+            # DEBUG: a reconnect backfills every stream at once; the engine's minute line counts them
+            log.debug(
                 "%s %s: %s (%s): backfilled %d candles over REST in %.2f s",
                 self.symbol, self.interval,
                 "new stream, newest history" if after is None else f"gap after {after}",

@@ -1,4 +1,5 @@
-"""``klinebus simulate --host``: the simulator binds the address it is given (compose: 0.0.0.0)."""
+"""The ingest command line: ``klinebus simulate --host`` binds the address it is given (compose:
+0.0.0.0); ``klinebus history compact`` merges the archive's part files."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def test_simulate_binds_loopback_by_default():
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     assert parser.parse_args(["simulate"]).host == "127.0.0.1"
+
+
+def test_history_compact_merges_each_months_parts(tmp_path, capsys):
+    from libs.common.archive import ParquetArchive, read_archive
+    from libs.common.klines import read_kline_csv
+
+    ks = read_kline_csv(next(SHIPPED.glob("BTCUSDT-1m-*.csv.gz")))[:30]
+    archive = ParquetArchive(str(tmp_path / "a"), compact_after=100)
+    for i in range(0, 30, 10):
+        archive.write(ks[i : i + 10])
+    assert len(archive.files("BTCUSDT", "1m")) == 3
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["history", "compact", "--archive", str(tmp_path / "a")])
+    args.func(args)
+    assert "3 parts -> 1" in capsys.readouterr().out
+    assert len(archive.files("BTCUSDT", "1m")) == 1
+    assert list(read_archive(str(tmp_path / "a"), "BTCUSDT", "1m")["open_time"]) == [k.open_time for k in ks]
