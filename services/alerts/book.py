@@ -8,8 +8,11 @@ to a destination is not sent to it again."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import orjson
 import redis.asyncio as aioredis
@@ -19,6 +22,16 @@ from libs.common.contracts import AlertEvent
 
 RESOLVED_RETENTION_S = 86_400  # a resolved alert's record is kept a day: late re-deliveries stay recognisable
 ACTIVE = topics.stream_companion_key(topics.ALERTS, "active")
+# Expired alerts whose resolve some destination has not acknowledged yet: retried every tick.
+RESOLVING = topics.stream_companion_key(topics.ALERTS, "resolving")
+# A state transition takes milliseconds; a lock older than this belongs to a replica that died.
+LOCK_TTL_MS = 10_000
+LOCK_POLL_S = 0.01
+# KEYS[1] lock; ARGV[1] token: delete only our own lock.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def alert_key(fp: str) -> str:
@@ -68,6 +81,20 @@ class AlertBook:
     def __init__(self, client: aioredis.Redis, max_age_ms: int) -> None:
         self.client = client
         self.max_age_ms = max_age_ms
+        self._unlock = client.register_script(_UNLOCK)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, fp: str) -> AsyncIterator[None]:
+        """One state transition of an alert at a time across replicas: a firing and its resolve
+        taken by two replicas at once must not both read "unknown" and write in either order."""
+        key = topics.stream_companion_key(topics.ALERTS, f"lock:{fp}")
+        token = uuid.uuid4().hex
+        while not await self.client.set(key, token, nx=True, px=LOCK_TTL_MS):
+            await asyncio.sleep(LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            await self._unlock(keys=[key], args=[token])
 
     async def load(self, fp: str) -> AlertState | None:
         raw = await self.client.hgetall(alert_key(fp))
@@ -168,3 +195,9 @@ class AlertBook:
 
     async def active(self) -> list[str]:
         return sorted(m.decode() for m in await self.client.smembers(ACTIVE))
+
+    async def resolving(self) -> list[str]:
+        return sorted(m.decode() for m in await self.client.smembers(RESOLVING))
+
+    async def set_resolving(self, fp: str, pending: bool) -> None:
+        await (self.client.sadd(RESOLVING, fp) if pending else self.client.srem(RESOLVING, fp))

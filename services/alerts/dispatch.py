@@ -62,10 +62,11 @@ class Dispatcher:
         labels = labels_of(event)
         fp = fingerprint(labels)
         self.metrics.received.labels(event.rule, event.severity, event.status).inc()
-        if event.status == "firing":
-            st, transition = await self.book.record_firing(event, labels, fp, now)
-        else:
-            st, transition = await self.book.record_resolved(event, labels, fp)
+        async with self.book.locked(fp):
+            if event.status == "firing":
+                st, transition = await self.book.record_firing(event, labels, fp, now)
+            else:
+                st, transition = await self.book.record_resolved(event, labels, fp)
         plan = self._plan(st, transition, event, now)
         ctx = {"rule": event.rule, "fingerprint": fp, "status": event.status, "transition": transition,
                **({"symbol": event.symbol} if event.symbol else {}),
@@ -145,6 +146,7 @@ class Dispatcher:
         how many are active."""
         now = self.clock()
         active: list[Notification] = []
+        missed = await self.book.resolving()  # before this tick adds its own
         for fp in await self.book.active():
             st = await self.book.load(fp)
             if st is None:
@@ -153,9 +155,17 @@ class Dispatcher:
             if st.status == "firing" and st.expires_at <= now:
                 if await self.book.claim_expired(fp):
                     await self.book.resolve(st, now)
-                    await self._resolve_expired(st, now)
+                    log.info("alert %s not fired again for its max age; resolving it", st.doc["rule"],
+                             extra={"rule": st.doc["rule"], "fingerprint": fp})
+                    await self._send_resolve(st, now)
                 continue
             active.append(self._notification(st, now))
+        for fp in missed:  # expiry resolves a destination has not taken yet
+            st = await self.book.load(fp)
+            if st is None or st.status != "resolved":
+                await self.book.set_resolving(fp, False)
+            else:
+                await self._send_resolve(st, now)
         self.metrics.active.set(len(active))
         for dest in self.destinations:
             if dest.sink.chat or not active:
@@ -166,13 +176,19 @@ class Dispatcher:
                 log.warning("re-sending %d active alerts to %s failed: %s", len(active), dest.name, result.reason)
         return len(active)
 
-    async def _resolve_expired(self, st: AlertState, now: int) -> None:
+    async def _send_resolve(self, st: AlertState, now: int) -> None:
+        """The resolve of an expired alert to every destination that heard it and has not taken
+        the resolve yet; one still failing keeps the alert in the resolving set for the next tick."""
         n = self._notification(st, now)
-        log.info("alert %s not fired again for its max age; resolving it", n.rule, extra=n.log_context())
+        pending = False
         for dest in self.destinations:
             if dest.name in st.resolved_sent or (dest.sink.chat and dest.name not in st.notified):
                 continue
             result = await dest.deliver(n)
             self.metrics.notifications.labels(dest.name, result.outcome.value).inc()
-            if result.outcome is not Outcome.PENDING:
-                await self.book.mark(st.fingerprint, dest.name, resolved=True)
+            if result.outcome is Outcome.PENDING:
+                pending = True
+                continue
+            await self.book.mark(st.fingerprint, dest.name, resolved=True)
+            st.resolved_sent.add(dest.name)
+        await self.book.set_resolving(st.fingerprint, pending)

@@ -80,3 +80,21 @@ def test_a_wrong_webhook_url_stops_the_service_with_one_line_that_hides_it(monke
     monkeypatch.setenv("KLINEBUS_DISCORD_WEBHOOK_URL", "https://discord.com/api/webhooks/1/sEcReT")
     settings = load_settings(AlertsSettings)
     assert "sEcReT" not in repr(settings) and "sEcReT" not in str(settings.model_dump())
+
+
+async def test_an_alert_a_destination_could_not_take_is_delivered_when_it_comes_back(redis_url, tmp_path):
+    from alert_receivers import Answer, ok
+
+    async with Receiver([Answer(503, b"down")]) as hook:
+        overrides = {"alerts": {"webhook_url": hook.url, "watch_topics": [], "attempts": 2, "retry_initial_s": 0.01,
+                                "reclaim_idle_ms": 500}}
+        runtimes = await start_runtimes(["alerts"], redis_url, tmp_path, overrides, http=False)
+        try:
+            await add_events(redis_url, [alert(fired_at=now_ms())])
+            await hook.wait_for(2)  # both tries failed: the entry stays pending in the group
+            hook.script, hook._served = [ok()], 0
+            await hook.wait_for(3, timeout=60)  # reclaimed and sent again
+        finally:
+            await stop_runtimes(runtimes)
+    assert hook.requests[2].json["alerts"][0]["labels"]["alertname"] == "rsi_extreme"
+    assert await read_topic(redis_url, topics.DEAD_LETTERS) == []

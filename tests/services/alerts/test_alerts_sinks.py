@@ -241,3 +241,41 @@ async def test_an_alert_past_its_max_age_resolves_by_itself(redis_url):
     assert posts[2]["endsAt"] == "2025-10-09T09:54:20.000Z"  # resolved at the tick
     assert discord.requests[-1].json["embeds"][0]["title"].startswith("[RESOLVED]")
     assert h.value("active") == 0
+
+
+async def test_a_firing_and_its_resolve_handled_at_once_end_resolved(redis_url):
+    import asyncio
+
+    async with Receiver([ok()], "/") as am:
+        h = await harness(redis_url, [AlertmanagerSink("alertmanager", am.url)])
+        try:
+            for i in range(20):  # both orders of arrival, interleaved at every await
+                fire, clear = alert(rule=f"r{i}", fired_at=T0), alert(rule=f"r{i}", fired_at=T0 + 60_000, status="resolved")
+                pair = (fire, clear) if i % 2 else (clear, fire)
+                await asyncio.gather(*(h.dispatcher.handle(e) for e in pair))
+            assert await h.dispatcher.book.active() == []
+        finally:
+            await close(h)
+
+
+async def test_an_expiry_resolve_a_destination_missed_is_sent_at_the_next_tick(redis_url):
+    clock = Clock()
+    policy = RetryPolicy(attempts=1, initial_s=0.01, max_s=0.01)
+    async with Receiver([slack_ok()], SLACK_PATH) as slack:
+        h = await harness(redis_url, [SlackSink("slack", slack.url)], clock=clock, max_age_ms=60_000, policy=policy)
+        try:
+            await h.dispatcher.handle(alert(fired_at=T0))
+            slack.script, slack._served = [Answer(502, b"bad gateway")], 0
+            clock.now += 120_000
+            await h.dispatcher.tick()
+            assert await h.dispatcher.book.resolving() != []
+            slack.script, slack._served = [slack_ok()], 0
+            await h.dispatcher.tick()
+            assert await h.dispatcher.book.resolving() == []
+            await h.dispatcher.tick()
+        finally:
+            await close(h)
+    texts = [r.json["blocks"][0]["text"]["text"] for r in slack.requests]
+    # the refused resolve, its retry at the next tick, and nothing at the third
+    assert texts == ["[WARNING] rsi_extreme BTCUSDT 1m", "[RESOLVED] rsi_extreme BTCUSDT 1m", "[RESOLVED] rsi_extreme BTCUSDT 1m"]
+    assert h.value("notifications_total", sink="slack", outcome="pending") == 1
