@@ -443,39 +443,36 @@ def fetch_package(
     """Bring an announced package to a local folder and verify it against the announced sha256.
 
     ``uri`` is a local path, an fsspec URL or ``hf://<repo_id>@<revision>``. Remote packages are
-    downloaded into ``cache_dir/<sha256>`` (written beside and renamed, so a crash leaves no half
-    copy under that name); a cached copy is re-verified, not trusted.
+    downloaded beside ``cache_dir/<sha256>``, verified there and only then renamed to it, so the
+    cache never holds a copy that does not match its name; a cached copy is re-verified, not trusted.
     """
-    if uri.startswith(HF_SCHEME):
+    if not uri.startswith(HF_SCHEME):
+        fs, path = fsspec.core.url_to_fs(uri)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol in ("file", "local"):
+            return Path(path), verify_package(path, expected_sha256)
+    else:
         repo_id, _, revision = uri[len(HF_SCHEME):].partition("@")
         if not repo_id or not revision:
             raise PackageError(f"{uri}: a Hub uri is hf://<repo_id>@<revision>")
-        dest = Path(cache_dir) / expected_sha256
-        if not dest.exists():
+    dest = Path(cache_dir) / expected_sha256
+    if dest.exists():
+        return dest, verify_package(dest, expected_sha256)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest.parent))
+    try:
+        if uri.startswith(HF_SCHEME):
             from huggingface_hub import snapshot_download
 
-            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
-            try:
-                snapshot_download(repo_id, revision=revision, local_dir=tmp, token=token, endpoint=endpoint)
-                shutil.rmtree(tmp / ".cache", ignore_errors=True)
-                tmp.rename(dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return dest, verify_package(dest, expected_sha256)
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return Path(path), verify_package(path, expected_sha256)
-    dest = Path(cache_dir) / expected_sha256
-    if not dest.exists():
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
-        try:
+            snapshot_download(repo_id, revision=revision, local_dir=tmp, token=token, endpoint=endpoint)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping
+        else:
             fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest, verify_package(dest, expected_sha256)
+        meta = verify_package(tmp, expected_sha256)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest, meta
 
 
 # ---------------------------------------------------------------------------------- Hugging Face

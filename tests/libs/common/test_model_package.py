@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +195,137 @@ def test_hub_upload_plan(package: Path):
     assert sorted(rel for rel, _ in plan.files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
     with pytest.raises(mp.PackageError, match="repo id and a token"):
         mp.HubPublisher("my-org/x", token="")
+
+
+# --------------------------------------------------------------------------- Hugging Face Hub
+# A local Hub: the HTTP endpoints huggingface_hub 2.4 calls to create a repo, list refs, validate a
+# card's YAML, pre-upload (every file answered "regular", so no LFS/Xet transfer), commit (ndjson,
+# base64 contents), tag, and then resolve/download a pinned revision. It stores what it is sent,
+# so the test checks the round trip, not a recording of itself.
+
+class FakeHub:
+    def __init__(self):
+        self.requests = []; self.validated = []; self.repos = {}  # repo -> {"commits": [(oid, files)], "tags": {}}
+        hub = self
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+            def send(self, status, obj=None, raw=None, headers=None, ctype="application/json"):
+                body = raw if raw is not None else json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items(): self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD": self.wfile.write(body)
+            def do_GET(self): hub.handle(self, "GET")
+            def do_POST(self): hub.handle(self, "POST")
+            def do_HEAD(self): hub.handle(self, "HEAD")
+            def log_message(self, *a): pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def handle(self, h, method):
+        body = h._body() if method == "POST" else b""
+        path = urllib.parse.urlparse(h.path).path
+        self.requests.append((method, path, h.headers.get("authorization")))
+        m = re.fullmatch(r"/api/repos/create", path)
+        if m and method == "POST":
+            req = json.loads(body); rid = f"{req['organization']}/{req['name']}"
+            if rid in self.repos: return h.send(409, {"error": "You already created this model repo", "url": f"{self.url}/{rid}"})
+            self.repos[rid] = {"commits": [], "tags": {}, "private": req.get("private", req.get("visibility"))}
+            return h.send(200, {"url": f"{self.url}/{rid}", "name": rid})
+        if path == "/api/validate-yaml":
+            self.validated.append(json.loads(body)["content"])
+            return h.send(200, {"errors": [], "warnings": []})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/refs", path)
+        if m:
+            r = self.repos[m[1]]
+            tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in r["tags"].items()]
+            head = r["commits"][-1][0] if r["commits"] else "0" * 40
+            return h.send(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}], "converts": [], "tags": tags})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)
+        if m:
+            files = json.loads(body)["files"]
+            return h.send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path)
+        if m:
+            r = self.repos[m[1]]
+            files = dict(r["commits"][-1][1]) if r["commits"] else {}
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            oid = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()).hexdigest()
+            r["commits"].append((oid, files))
+            return h.send(200, {"commitUrl": f"{self.url}/{m[1]}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tag/(.+)", path)
+        if m:
+            r = self.repos[m[1]]; tag = json.loads(body)["tag"]
+            r["tags"][tag] = urllib.parse.unquote(m[2])
+            return h.send(200, {})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+        if m:
+            oid, files = self._resolve(m[1], urllib.parse.unquote(m[2]))
+            if oid is None: return h.send(404, {"error": "Revision Not Found"}, headers={"X-Error-Code": "RevisionNotFound"})
+            return h.send(200, {"id": m[1], "modelId": m[1], "sha": oid, "private": True,
+                                "siblings": [{"rfilename": f} for f in sorted(files)]})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+        if m:
+            oid, files = self._resolve(m[1], urllib.parse.unquote(m[2]))
+            if oid is None: return h.send(404, {"error": "Revision Not Found"}, headers={"X-Error-Code": "RevisionNotFound"})
+            return h.send(200, [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for f, d in sorted(files.items())])
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            oid, files = self._resolve(m[1], urllib.parse.unquote(m[2]))
+            name = urllib.parse.unquote(m[3])
+            if oid is None or name not in files: return h.send(404, {"error": "Entry not found"}, headers={"X-Error-Code": "EntryNotFound"})
+            data = files[name]
+            return h.send(200, raw=data, ctype="application/octet-stream",
+                          headers={"X-Repo-Commit": oid, "ETag": '"' + hashlib.sha1(data).hexdigest() + '"'})
+        h.send(404, {"error": "not implemented"})
+
+    def _resolve(self, repo, rev):
+        r = self.repos.get(repo)
+        if r is None: return None, None
+        for oid, files in r["commits"]:
+            if oid == rev or r["tags"].get(rev) == oid: return oid, files
+        if rev == "main" and r["commits"]: return r["commits"][-1]
+        return None, None
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub():
+    h = FakeHub()
+    yield h
+    h.close()
+
+
+def test_hub_publish_and_fetch_by_pinned_revision(package: Path, tmp_path: Path, hub):
+    publisher = mp.HubPublisher("my-org/{model}", token="hf_secret", endpoint=hub.url)
+    pub = publisher.publish(package)
+    repo = hub.repos["my-org/tiny-BTCUSDT-1h"]
+    (oid, files), = repo["commits"]
+    assert pub.uri == f"hf://my-org/tiny-BTCUSDT-1h@{oid}" and repo["tags"] == {"v1": oid}
+    assert repo["private"] in (True, "private")
+    assert files[mp.MODEL_FILE] == (package / mp.MODEL_FILE).read_bytes()
+    assert sorted(files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
+    assert hub.validated and hub.validated[0].startswith("---")  # the card's front matter was checked
+    assert all(auth == "Bearer hf_secret" for _, _, auth in hub.requests)
+    # versions only grow on the Hub too
+    with pytest.raises(mp.PackageError, match="versions only grow"):
+        publisher.publish(package)
+    local, meta = mp.fetch_package(pub.uri, pub.sha256, tmp_path / "cache", token="hf_secret", endpoint=hub.url)
+    assert meta.sha256 == pub.sha256 and (local / mp.MODEL_FILE).read_bytes() == files[mp.MODEL_FILE]
+    assert sorted(p.name for p in local.iterdir()) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
+    with pytest.raises(mp.PackageError, match="announced"):
+        mp.fetch_package(pub.uri, "e" * 64, tmp_path / "cache3", token="hf_secret", endpoint=hub.url)
+    with pytest.raises(mp.PackageError, match="hf://<repo_id>@<revision>"):
+        mp.fetch_package("hf://my-org/x", pub.sha256, tmp_path / "cache4")
