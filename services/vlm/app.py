@@ -43,6 +43,7 @@ IDLE_POLL_S = 1.0
 # A pending score whose target candle is this many horizons overdue is given up (the candle
 # is not on klines.v1: a gap or a trimmed stream).
 SCORE_GIVE_UP_HORIZONS = 20
+LEASE_MARGIN_MS = 30_000
 
 
 class ChartUnusable(ValueError):
@@ -72,7 +73,8 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
     wake = asyncio.Event()
     board = Scoreboard(settings.score_window, settings.score_flat_bps)
     backend = remote_model(settings) if settings.backend == "remote" and settings.remote_url else None
-    lease_ms = int(settings.call_timeout_s * 1000 * 2 + 60_000)  # the call (retry shares its deadline) + publishing
+    # the chart's deadline (its retry shares it) plus reading candles and image, and publishing
+    lease_ms = int(settings.call_timeout_s * 1000 + LEASE_MARGIN_MS)
     backend_failures: dict[tuple[str, int], int] = {}
 
     @bus.competing(topics.CHARTS, description="Charts to analyse; the latest per symbol/interval wins when behind.")
@@ -95,12 +97,16 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
         state["pending"] = PendingCharts(client, NAME)
         state["once"] = bus.once_per_candle(topics.ANALYSES, client)
         state["to_score"] = topics.stream_companion_key(topics.ANALYSES, f"{NAME}:to-score")
+        taken_back = await state["pending"].release_owned(bus.consumer)
+        if taken_back:
+            log.info("vlm: %d chart(s) this replica held when it stopped are waiting again", taken_back)
         waiting.set_function(lambda: state.get("waiting", 0))
 
     @runtime.on_shutdown
     async def disconnect() -> None:
-        if state.get("backend") is not None:
-            await state["backend"].close()
+        b = state.get("backend") or backend
+        if b is not None:
+            await b.close()
         if "client" in state:
             await state["client"].aclose()
 

@@ -82,6 +82,17 @@ class PendingCharts:
         """Give the chart back (the backend is down): it waits for the next try."""
         await self.client.delete(self.lease_key(field, open_time))
 
+    async def release_owned(self, owner: str) -> int:
+        """At start: give back the leases this consumer name held when it stopped (a killed
+        pod restarted under the same name need not wait for them to expire)."""
+        n = 0
+        for field, open_time in await self.waiting():
+            key = self.lease_key(field, open_time)
+            holder = await self.client.get(key)
+            if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == owner:
+                n += await self.client.delete(key)
+        return n
+
     async def done(self, field: str, open_time: int) -> bool:
         return bool(await self._done(keys=[self.charts, self.open_times, self.lease_key(field, open_time)], args=[field, open_time]))
 
