@@ -79,6 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=_cmd_train)
 
+    st = subparsers.add_parser("train-status", help="progress of the trainer service's jobs (from Redis)")
+    st.add_argument("--request-id", default=None, help="one job (default: every job Redis remembers)")
+    st.add_argument("--redis-url", default=None, help="default: KLINEBUS_REDIS_URL")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
     e = subparsers.add_parser("evaluate", help="score a model package on kline files beside its baselines")
     e.add_argument("--model", type=Path, help="package folder (<registry>/<model-name>/<version>)")
     e.add_argument("--input", nargs="+", help="kline files/globs or an archive root")
@@ -277,3 +283,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         c = f["card"]
         print(f"fold {f['fold']} {fmt_ms(f['start'])} → {fmt_ms(f['end'])}: model MAE {_num(c['model']['mae'])}, "
               f"persistence MAE {_num(c['persistence']['mae'])}")
+
+
+def job_progress(redis_url: str, request_id: str | None = None) -> list[dict]:
+    """What the trainer service wrote under ``klinebus:{datasets.v1}:progress:<request_id>``."""
+    import redis
+
+    from libs.common import topics
+
+    prefix = topics.stream_companion_key(topics.DATASETS, "progress:")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [prefix + request_id] if request_id else sorted(client.scan_iter(match=prefix + "*", count=1000))
+        out = []
+        for key in keys:
+            h = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+            if h:
+                name = key if isinstance(key, str) else key.decode()
+                h["request_id"] = name[len(prefix):]
+                h["info"] = json.loads(h.get("info") or "{}")
+                out.append(h)
+        return out
+    finally:
+        client.close()
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    import os
+
+    from libs.common.errors import CliError
+    from services.trainer.sources import fmt_ms
+
+    url = args.redis_url or os.environ.get("KLINEBUS_REDIS_URL")
+    if not url:
+        raise CliError("train-status needs --redis-url or KLINEBUS_REDIS_URL")
+    jobs = job_progress(url, args.request_id)
+    if args.request_id and not jobs:
+        raise CliError(f"no progress recorded for request {args.request_id!r}")
+    for j in jobs:
+        if args.json:
+            print(json.dumps(j))
+        else:
+            updated = fmt_ms(int(j["updated_ms"])) if j.get("updated_ms") else "-"
+            print(f"{j['request_id']}: {j.get('stage', '?')} {json.dumps(j['info'])} (updated {updated} UTC, {j.get('consumer', '-')})")

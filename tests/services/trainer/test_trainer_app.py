@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from klinebus.cli import main
 
 from libs.common import topics
 from libs.common.archive import ParquetArchive
@@ -27,7 +31,7 @@ def _request(request_id: str, **over) -> DatasetBuildRequest:
     return DatasetBuildRequest(**fields)
 
 
-async def test_request_to_published_model_and_refusals(redis_url, tmp_path):
+async def test_request_to_published_model_and_refusals(redis_url, tmp_path, capsys):
     ParquetArchive(str(tmp_path / "archive")).write(read_kline_csv(BTC_15M))
     settings = TrainerSettings(data_dir=tmp_path, archive_url=str(tmp_path / "archive"), registry_url=str(tmp_path / "reg"),
                                max_epochs=1, max_batches_per_epoch=2, device="cpu", reclaim_idle_ms=1000)
@@ -67,6 +71,12 @@ async def test_request_to_published_model_and_refusals(redis_url, tmp_path):
     assert any("job-short" in r and "too little history" in r for r in reasons)
     assert all(d["source"] == topics.DATASETS for d in dead)
     assert progress[b"stage"] == b"published"
+    assert main(["train-status", "--redis-url", redis_url, "--request-id", "job-1", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["stage"] == "published" and status["info"]["version"] == "1"
+    assert main(["train-status", "--redis-url", redis_url]) == 0
+    listed = capsys.readouterr().out
+    assert "job-1: published" in listed and "job-short: refused" in listed
     # nothing half-written: one dataset folder per accepted job, no staging folders anywhere
     assert sorted(p.name for p in (tmp_path / "trainer").iterdir()) == ["job-1"]
     assert not [p for p in (tmp_path / "reg").rglob(".staging-*")]
