@@ -45,9 +45,9 @@ UP_PATH = {"vlm": "/healthz"}
 # Metrics of services this test does not start, named here so the exception is visible and
 # shrinks, never grows silently (none now).
 NOT_STARTED: dict[str, tuple[str, ...]] = {}
-# Live scores exist only for a trained model served beside persistence (persistence is not scored
-# against itself); this test serves persistence alone, so those panels have no data here.
-NO_DATA_WITHOUT_TRAINED_MODEL = ("klinebus_inference_score_",)
+# A real ONNX package served beside persistence (persistence is not scored against itself), so the
+# live-score panels have scores to show.
+SCORED_MODEL = "linear-close-1m"
 DEADLINE_S = 150.0
 
 
@@ -139,6 +139,10 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
         (path,) = (REPO / "data" / "klines").glob(f"{symbol}-1m-*.csv.gz")
         candles[(symbol, "1m")] = read_kline_csv(path)[:CANDLES]
 
+    from tests.services.inference.models import publish
+
+    publish(tmp_path / "inference" / "models", tmp_path / "staging", SCORED_MODEL, features=("close", "sma_20"),
+            lookback=3, feature_set="chart-analysis-v1", serves=[(s, "1m") for s in SYMBOLS])
     async with Receiver([ok()], "/am-hook") as hook, Receiver([discord_ok()], "/api/webhooks/1/token") as discord, \
             replaying(candles, speed=300) as sim:
         with alertmanager(tmp_path / "am", hook.url) as am_url, \
@@ -202,12 +206,14 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
                 # -- every dashboard query returns data from the real scrape
                 def empty_queries():
                     return [(board, title, e) for board, title, e in dashboards.queries()
-                            if not any(p in e for p in (*skipped, *NO_DATA_WITHOUT_TRAINED_MODEL)) and not _query(prom, e)]
+                            if not any(p in e for p in skipped) and not _query(prom, e)]
 
                 deadline = time.monotonic() + 60
                 while (empty := await asyncio.to_thread(empty_queries)) and time.monotonic() < deadline:
                     await asyncio.sleep(1)
                 assert empty == [], "dashboard queries without data:\n" + "\n".join(map(str, empty))
+                ratios = _query(prom, f'klinebus_inference_score_mae_ratio{{model="{SCORED_MODEL}"}}')
+                assert {r["metric"]["symbol"] for r in ratios} == set(SYMBOLS)  # the trained model, scored live
 
                 # -- a rule fires on real data, another stays quiet until its condition is produced
                 firing = await until(lambda: (a := _alerts(prom)) and "KlinebusCandlesLate" in a and a,
