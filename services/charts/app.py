@@ -5,6 +5,10 @@ features.v1 event carries only the close and indicator values (no open, high,
 low or volume). The indicators drawn come from ``compute_batch`` over the
 kept window, the features service's own kernels, so they equal what
 features.v1 publishes for the same candles.
+
+charts.v1 goes through the once-per-candle guard: one chart per (symbol, interval, open_time,
+preset), plus the window when a request asks for a non-default one. A cadence tick whose
+newest candle was already charted (a 1h candle seen by six 10-minute ticks) renders nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from services.charts.window import ChartInputError, ChartWindow, check_window
 SETTINGS = ChartsSettings
 log = logging.getLogger("klinebus.charts")
 MAX_REQUEST_WINDOW = 500  # the most candles a chart request may ask for; bounds memory per key
+RATE_LOG_S = 60.0
 
 
 def preset_for(job: ChartJob, settings: ChartsSettings) -> ChartPreset:
@@ -41,10 +46,19 @@ def preset_for(job: ChartJob, settings: ChartsSettings) -> ChartPreset:
     return base.sized(job.window)
 
 
+def chart_identity(job: ChartJob, preset: ChartPreset) -> tuple[str, ...]:
+    """What makes two charts of one candle different: the preset, and the window when a request
+    asked for a non-default one (the cadence and a plain request share the chart)."""
+    return (preset.name,) if job.window is None else (preset.name, f"w{job.window}")
+
+
 def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
     runtime = ServiceRuntime("charts", settings, url, description="Candlestick charts with indicator panels, on a cadence.")
     bus, metrics = runtime.bus, runtime.metrics
     bus.publisher(topics.CHARTS, ChartEvent)
+    guard_client = redis_client(url)
+    guard = bus.once_per_candle(topics.CHARTS, guard_client)
+    charted: dict[tuple[str, ...], int] = {}  # chart identity -> newest open_time charted (as the guard said)
     history = CandleHistory(max(settings.window, MAX_REQUEST_WINDOW) + WARMUP)
     cadence = Cadence(settings.cadence_s, preset=settings.preset)
     store = ArtifactStore(settings.artifact_root())
@@ -62,6 +76,7 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
     to_backfill: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
     backfill_asked: set[tuple[str, str]] = set()
     seen = {"replaced": 0, "missed": 0}
+    minute = {"rendered": 0, "read_back": 0}  # INFO says these once a minute, not a line per chart
 
     def count_skips() -> None:
         for why, now in (("replaced", cadence.stats.replaced), ("missed", cadence.stats.missed_ticks)):
@@ -107,12 +122,24 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
         preset = preset_for(job, settings)
         started = asyncio.get_running_loop().time()
         w = check_window(history.window(job.symbol, job.interval, preset), preset.window)
+        more = chart_identity(job, preset)
+        key = (w.symbol, w.interval, *more)
+        if charted.get(key, -1) >= w.last_open_time:
+            skipped.labels("already_charted").inc()  # nothing new since the last chart of this key
+            log.debug("%s %s %s: candle %d already charted", w.symbol, w.interval, preset.name, w.last_open_time)
+            return
         data = await render_png(job.preset, w, preset)
         rendered_at = now_ms()
         name = store.name_for(w.symbol, w.interval, preset.name, w.last_open_time, rendered_at)
         uri = await asyncio.to_thread(store.put, name, data)
-        await bus.publish(chart_event(w, preset, uri, rendered_at))
+        appended, last = await guard.publish(chart_event(w, preset, uri, rendered_at), *more)
+        charted[key] = last
+        if not appended:  # another replica (or this one before a restart) charted it first
+            skipped.labels("already_charted").inc()
+            await asyncio.to_thread(store.delete, name)
+            return
         rendered.labels(preset.name, job.reason).inc()
+        minute["rendered"] += 1
         render_seconds.labels(preset.name).observe(asyncio.get_running_loop().time() - started)
 
     async def render_png(name: str, w: ChartWindow, preset: ChartPreset) -> bytes:
@@ -144,14 +171,22 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
                     continue
                 added = history.merge(older)
                 backfilled.labels("ok").inc(added)
-                log.info("%s %s: %d earlier candles read back from %s", symbol, interval, added, topics.KLINES)
+                minute["read_back"] += added
+                log.debug("%s %s: %d earlier candles read back from %s", symbol, interval, added, topics.KLINES)
                 track_if_full(symbol, interval)
         finally:
             await client.aclose()
 
     @runtime.background
     async def render_loop() -> None:
+        loop_time = asyncio.get_running_loop().time
+        last_said = loop_time()
         while True:
+            if loop_time() - last_said >= RATE_LOG_S and any(minute.values()):
+                log.info("charts: last %.0f s: %d charts rendered, %d candles read back from %s",
+                         loop_time() - last_said, minute["rendered"], minute["read_back"], topics.KLINES)
+                minute.update(rendered=0, read_back=0)
+                last_said = loop_time()
             cadence.tick()
             count_skips()
             job = cadence.next_job()
@@ -170,7 +205,7 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
                     await bus.dead_letter(topics.CHART_REQUESTS, job.__dict__, f"chart request: {exc}")
                 else:  # a young symbol: the schedule tries again next tick
                     skipped.labels("insufficient_data").inc()
-                    log.info("scheduled chart skipped: %s", exc)
+                    log.debug("scheduled chart skipped: %s", exc)
             except Exception:  # noqa: BLE001 - one broken chart must not stop the schedule
                 skipped.labels("error").inc()
                 log.exception("chart of %s %s failed", job.symbol, job.interval)
@@ -193,5 +228,6 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
     async def close_pools() -> None:
         for p in pool.values():
             await asyncio.to_thread(p.close)
+        await guard_client.aclose()
 
     return runtime

@@ -35,6 +35,13 @@ class ArtifactStore:
         self.fs.mv(tmp, path)
         return self.uri(name)
 
+    def delete(self, name: str) -> None:
+        """Remove one chart (rendered, then refused by the once-per-candle guard)."""
+        try:
+            self.fs.rm(f"{self.root}/{name}")
+        except FileNotFoundError:
+            pass
+
     def uri(self, name: str) -> str:
         return self.fs.unstrip_protocol(f"{self.root}/{name}")
 
