@@ -80,6 +80,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=llama.DEFAULT_N_CTX, help="context window in tokens")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers offloaded to a GPU when there is one")
+    p.add_argument("--no-cpu-repack", action="store_true",
+                   help="load without llama.cpp's repacked CPU kernels (a workaround for K-quant models that crash "
+                        "with a segmentation fault on some CPUs; docs/advice.md)")
     p.add_argument("--timeout", type=float, default=llama.DEFAULT_TIMEOUT_S, help="seconds per answer")
     p.add_argument("--json", action="store_true", help="print the scorecard as JSON")
 
@@ -93,7 +96,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise CliError("give exactly one of --model (a GGUF file) or --server (an OpenAI-compatible URL)")
     if args.model:
         model = llama.LlamaAdviceModel.local(args.model, n_ctx=args.n_ctx, n_threads=args.n_threads,
-                                             n_gpu_layers=args.n_gpu_layers, timeout_s=args.timeout)
+                                             n_gpu_layers=args.n_gpu_layers, timeout_s=args.timeout,
+                                             cpu_repack=not args.no_cpu_repack)
     else:
         model = llama.LlamaAdviceModel.remote(args.server, timeout_s=args.timeout)
     try:

@@ -39,6 +39,29 @@ def file_fingerprint(path: Path) -> str:
     return f"{size}:{digest.hexdigest()[:24]}"
 
 
+def disable_cpu_repack() -> None:
+    """Load models without llama.cpp's repacked CPU weight layouts ("extra buffer types").
+
+    With llama-cpp-python 0.3.36 a K-quant model (gemma-3-270m Q4_K_M) dies with a segmentation
+    fault on its first evaluation on an AVX-512/AMX host, inside those kernels; loaded without them
+    it runs (slower). llama-cpp-python has no argument for it, so this sets the model-parameter
+    default for the whole process (``use_extra_bufts = False``) before the model is loaded.
+    """
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+    if getattr(default, "klinebus_no_repack", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params.klinebus_no_repack = True
+    low.llama_model_default_params = params
+
+
 class LlamaAdviceModel:
     """Chat messages in, the grammar-constrained answer text out, one call at a time."""
 
@@ -55,8 +78,10 @@ class LlamaAdviceModel:
     @classmethod
     def local(
         cls, model: str | Path, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
-        n_gpu_layers: int = -1, timeout_s: float = DEFAULT_TIMEOUT_S,
+        n_gpu_layers: int = -1, timeout_s: float = DEFAULT_TIMEOUT_S, cpu_repack: bool = True,
     ) -> "LlamaAdviceModel":
+        if not cpu_repack:
+            disable_cpu_repack()
         try:
             files = from_paths(model, None)
         except ModelFileError as exc:
