@@ -16,7 +16,7 @@ from libs.common.settings import SettingsError
 from services.inference import history
 from services.inference.alert_rules import RulesError, load_rules
 from services.inference.baseline import ensure_persistence_model, persistence_spec
-from services.inference.package import PackageError, load_package, registry_packages
+from services.inference.package import NotServable, PackageError, load_package, registry_packages
 from services.inference.server import Config, Inference, ServedModel, load_model
 from services.inference.settings import InferenceSettings
 
@@ -104,6 +104,8 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             if spec is None or spec.version != ev.version or spec.sha256 != ev.sha256:
                 try:
                     current[name] = await asyncio.to_thread(load_package, ev.uri, ev.sha256, cache_dir)
+                except NotServable:
+                    current.pop(name, None)
                 except PackageError as exc:
                     metrics.counter("model_load_failures_total", "", ["model"]).labels(name).inc()
                     log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
@@ -186,6 +188,9 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             if spec.name != event.model or spec.version != event.version:
                 raise PackageError(f"the package at {event.uri} is {spec.label}, not {event.model}@{event.version}")
             model = await load(spec)
+        except NotServable as exc:
+            log.info("%s@%s is not served here: %s", event.model, event.version, exc)
+            return
         except PackageError as exc:
             engine.m.load_failures.labels(event.model).inc()
             kept = f"; still serving {current.spec.label}" if current is not None else ""

@@ -19,13 +19,18 @@ from libs.common import model_package as mp
 from libs.common.model_package import PackageError
 from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
 
-__all__ = ["PackageError", "ModelSpec", "Output", "Scaler", "load_package", "spec_from_package", "PRICES", "PROBS"]
+__all__ = ["PackageError", "NotServable", "ModelSpec", "Output", "Scaler", "load_package", "spec_from_package", "PRICES", "PROBS"]
 
 PRICES = "prices"  # columns are (target price, horizon): open/high/low/close at h candles ahead
 PROBS = "probs"  # columns are class probabilities
 PRICE_NAMES = ("open", "high", "low", "close")
 # The trainer's target when a graph leaves decoding to the caller: log(price[t+h] / close[t]).
 LOG_RETURN = "log_return_vs_last_close"
+
+
+class NotServable(PackageError):
+    """A sound package of a kind this service does not serve from features.v1 (e.g. the chart
+    classifier, which reads images and text): not an error of the package."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +139,10 @@ def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None) -
     from ``features.v1`` (another kind of input, an unknown feature set, ...)."""
     if len(meta.inputs) != 1:
         names = [i.name for i in meta.inputs]
-        raise PackageError(f"{meta.name}@{meta.version} ({meta.kind}) takes inputs {names}; features.v1 serving feeds one window tensor")
+        raise NotServable(f"{meta.name}@{meta.version} ({meta.kind}) takes inputs {names}; features.v1 serving feeds one window tensor")
     (inp,) = meta.inputs
     if inp.dtype not in ("float32", "float64") or len(inp.shape) not in (2, 3):
-        raise PackageError(f"input {inp.name!r} is {inp.dtype}{inp.shape}; serving feeds float [batch, lookback(, features)]")
+        raise NotServable(f"input {inp.name!r} is {inp.dtype}{inp.shape}; serving feeds float [batch, lookback(, features)]")
     try:
         fs = get_feature_set(meta.feature_set)
     except UnknownFeatureSet as exc:

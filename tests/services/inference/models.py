@@ -24,7 +24,7 @@ FEATURE_SET = "skeleton-v1"  # close, sma_20, ema_20, rsi_14: warm from the 20th
 
 
 def linear_onnx(path: Path, lookback: int, n_features: int, n_out: int, seed: int, in_name: str = "window",
-                out_name: str = "prices") -> tuple[np.ndarray, np.ndarray]:
+                out_name: str = "prices", bias: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``prices[b] = flatten(window[b]) @ W + c``: a real graph, float32, dynamic batch. Returns (W, c)."""
     import onnx
     from onnx import TensorProto, helper
@@ -35,7 +35,7 @@ def linear_onnx(path: Path, lookback: int, n_features: int, n_out: int, seed: in
     w = np.zeros((lookback * n_features, n_out), dtype=np.float32)
     w[0::n_features, :] = 1.0 / lookback
     w += rng.normal(0, 1e-4, size=w.shape).astype(np.float32)
-    c = rng.normal(0, 1.0, size=n_out).astype(np.float32)
+    c = (rng.normal(0, 1.0, size=n_out) + bias).astype(np.float32)
     nodes = [
         helper.make_node("Flatten", [in_name], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
@@ -102,14 +102,14 @@ class Built:
 
 
 def publish(registry: Path, tmp: Path, name: str, *, seed: int = 1, features: Sequence[str] = ("close", "sma_20"),
-            lookback: int = 3, **kw) -> Built:
+            lookback: int = 3, bias: float = 0.0, **kw) -> Built:
     """Write a linear package and publish it into ``registry`` as the model's next version."""
     m = meta(name, features=features, lookback=lookback, **kw)
     n_out = m.outputs[0].shape[1]
     staged_root = tmp / f"staged-{name}-{seed}"
     staged_root.mkdir(parents=True, exist_ok=True)
     onnx_path = staged_root / "model.onnx"
-    w, c = linear_onnx(onnx_path, lookback, len(features), int(n_out), seed)
+    w, c = linear_onnx(onnx_path, lookback, len(features), int(n_out), seed, bias=bias)
     written = mp.write_package(staged_root / "pkg", m, onnx_path, card=f"---\nlicense: mit\n---\n# {name}\n")
     published = mp.Registry(str(registry)).publish(staged_root / "pkg")
     return Built(published, w, c, written)

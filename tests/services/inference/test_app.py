@@ -226,3 +226,44 @@ def test_a_wrong_rules_file_stops_the_service_with_one_line_per_mistake(tmp_path
     text = str(err.value)
     assert "KLINEBUS_ALERT_RULES" in text and "rules[0] (a): needs above, below or both" in text
     assert "rules[1] (b): features must list pattern features" in text and "\n" not in text
+
+
+async def test_rolling_back_is_announcing_the_older_version_again(redis_url, tmp_path):
+    v1 = publish(tmp_path / "reg", tmp_path, "rb", seed=1)
+    v2 = publish(tmp_path / "reg", tmp_path, "rb", seed=2)  # the registry's newest: served at start
+    events = feature_events(40)
+    rt = runtime(redis_url, tmp_path)
+    await rt.start(http=False)
+    try:
+        await add_events(redis_url, events[:30])
+        await poll(lambda: count_of(redis_url, "rb", 30 - FIRST))
+        # A package of another kind (image + text inputs) is not this service's to serve: no dead letter.
+        from libs.common import model_package as mp
+
+        other = v1.announcement(model="chart-cls", version="1")
+        multi = v1.meta.model_copy(update={"name": "chart-cls", "inputs": [
+            mp.TensorSpec(name="image", dtype="int64", shape=["batch", 3]), mp.TensorSpec(name="ids", dtype="int64", shape=["batch", 3])]})
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["image", "ids"], ["prices"])], "two-inputs",
+            [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 3]) for n in ("image", "ids")],
+            [helper.make_tensor_value_info("prices", TensorProto.INT64, ["batch", 3])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "two.onnx")
+        folder = tmp_path / "chart-cls"
+        written = mp.write_package(folder, multi, tmp_path / "two.onnx", card="card")
+        await add_events(redis_url, [other.model_copy(update={"uri": str(folder), "sha256": written.sha256}), v1.announcement()])
+
+        async def rolled_back() -> bool:
+            return (metric("model_info", model="rb", version="1", kind="lstm-close") == 1.0
+                    and metric("model_info", model="rb", version="2", kind="lstm-close") == 0.0)
+
+        await poll(rolled_back)
+        await add_events(redis_url, events[30:])
+        await poll(lambda: count_of(redis_url, "rb", 40 - FIRST))
+        got = await forecasts(redis_url, "rb")
+    finally:
+        await rt.stop()
+    check(events, got, lambda i: v2 if i < 30 else v1)
+    assert await read_topic(redis_url, topics.DEAD_LETTERS) == []

@@ -155,3 +155,24 @@ async def test_a_model_that_fails_at_run_time_is_a_reasoned_dead_letter_per_cand
     await eng.stop()
     assert sink.events == []
     assert all("model flaky@1 failed on BTCUSDT 15m" in r and "NaN" in r for r in sink.dead)
+
+
+async def test_a_model_behind_persistence_is_demoted_to_shadow_when_configured(tmp_path):
+    # Forecasts 150 above a window average: far behind persistence on 15m closes.
+    built = publish(tmp_path / "reg", tmp_path, "laggy", seed=5, bias=150.0)
+    sink = Sink()
+    eng = engine(sink, max_wait_ms=1, demote_behind=True, behind_min_samples=3, score_window=5)
+    eng.needs_capacity(3)
+    eng.install(served(built, tmp_path))
+    eng.start()
+    events = feature_events(40)
+    for ev in events:
+        eng.on_features(ev)
+        await until(lambda: eng.batchers["laggy"].pending == 0 and eng.out_scores.pending == 0)
+    await until(lambda: len(sink.events) == 40 - 21)
+    await eng.stop()
+    roles = [(e.role, s.behind) for e, s in zip(sink.events[1:], sink.scores)]
+    assert sink.scores[-1].behind and sink.events[-1].role == "shadow"
+    # Each forecast is demoted exactly when the scores before it say the model is behind.
+    assert all(role == ("shadow" if behind else "primary") for role, behind in roles)
+    assert sink.events[0].role == "primary"
