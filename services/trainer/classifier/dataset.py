@@ -192,7 +192,7 @@ def build_chart_dataset(
         "code_version": code_version(),
         "embargo_candles": plan.embargo_rows,
         "embargoed_samples": plan.embargoed,
-        "samples": len(index),
+        "samples": {s: int((index["split"] == s).sum()) for s in SPLITS},
         "class_counts": counts,
         "time_ranges": {
             s: [int(index.loc[index["split"] == s, "open_time"].min()), int(index.loc[index["split"] == s, "open_time"].max())]
@@ -203,7 +203,7 @@ def build_chart_dataset(
     if final.exists() and any(final.iterdir()):
         old = _read_json(final / MANIFEST)
         if old and old.get("complete") and {k: old.get(k) for k in identity} == {k: manifest[k] for k in identity}:
-            return BuildSummary(out=final, samples=old["samples"], rendered=0, counts=old["class_counts"],
+            return BuildSummary(out=final, samples=sum(old["samples"].values()), rendered=0, counts=old["class_counts"],
                                 embargoed=old["embargoed_samples"], manifest=old)
         raise DatasetError(f"{final} exists and holds something else; datasets are written once (use another --out)")
     out.mkdir(parents=True, exist_ok=True)

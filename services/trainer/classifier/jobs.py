@@ -3,7 +3,7 @@
 ``TrainOptions`` carries what every kind shares (registry, epochs, device, seed, Hub target);
 the classifier's own choices are read from it when present, else their defaults:
 ``vision`` / ``text`` (Hub name or local folder; default ``google/vit-base-patch16-224`` and
-``bert-base-uncased``), ``tokenizer``, ``lr``, ``train_encoders``.
+``bert-base-uncased``), ``tokenizer``, ``lr``, ``train_vision``, ``train_text``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from services.trainer.classifier.pipeline import ClassifierOptions, train_chart_classifier
 from services.trainer.jobs import JobResult, Progress, TrainOptions
 
-_OWN = ("vision", "text", "tokenizer", "lr", "train_encoders", "max_tokens")
+_OWN = ("vision", "text", "tokenizer", "lr", "train_vision", "train_text", "max_tokens")
 
 
 def options_from(options: TrainOptions) -> ClassifierOptions:
@@ -30,11 +30,11 @@ def options_from(options: TrainOptions) -> ClassifierOptions:
 
 def train_job(dataset_dir: str | Path, options: TrainOptions, progress: Progress | None = None) -> JobResult:
     say = progress or (lambda stage, info: None)
-    say("start", {"kind": "chart-classifier"})
     r = train_chart_classifier(
         dataset_dir, options_from(options),
         on_epoch=lambda log: say("epoch", asdict(log)),
         on_batch=lambda epoch, b: say("batch", {"epoch": epoch, "batch": b}),
         should_stop=options.should_stop,
+        on_start=lambda info: say("start", info),
     )
     return JobResult(r.package, r.hub, r.fit, r.scorecards, r.export_check, r.extra)

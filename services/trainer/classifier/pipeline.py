@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +80,10 @@ class ClassifierOptions:
     max_batches: int | None = None  # per epoch (smoke runs, tests)
     max_tokens: int = MAX_TOKENS
     forecast_loss_weight: float = FORECAST_LOSS_WEIGHT
-    train_encoders: bool = True  # False: only the fusion and the heads learn (fits a CPU)
+    # False freezes that encoder (only the fusion, the heads and the other encoder learn): a
+    # pretrained text encoder reading one candle's numbers can stay frozen where compute is short.
+    train_vision: bool = True
+    train_text: bool = True
     name: str | None = None  # default: chart-classifier-<SYMBOL>-<interval>
 
 
@@ -120,6 +124,7 @@ def train_chart_classifier(
     on_epoch: Callable[[EpochLog], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_start: Callable[[dict], None] | None = None,
 ) -> ClassifierResult:
     root = Path(dataset_dir)
     index = load_index(root)
@@ -142,12 +147,15 @@ def train_chart_classifier(
     vocab = getattr(model.text.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelError(f"the tokenizer has {len(tokenizer)} tokens, the text encoder's vocabulary {vocab}")
-    if not opts.train_encoders:
-        for p in (*model.vision.parameters(), *model.text.parameters()):
-            p.requires_grad_(False)
+    for encoder, trained in ((model.vision, opts.train_vision), (model.text, opts.train_text)):
+        encoder.requires_grad_(trained)
     ds = {s: ChartTextDataset(root, p, tokenizer, scale, opts.max_tokens) for s, p in parts.items()}
 
     train_b, val_b = batch_sources(ds["train"], ds["validation"], opts.batch_size)
+    if on_start is not None:
+        batches = math.ceil(len(ds["train"]) / opts.batch_size)
+        on_start({"kind": KIND, "samples": {s: len(d) for s, d in ds.items()}, "epochs": opts.epochs,
+                  "batches": batches if opts.max_batches is None else min(batches, opts.max_batches)})
     loop = LoopConfig(
         epochs=opts.epochs, lr=opts.lr, patience=opts.patience, seed=opts.seed, device=opts.device,
         max_batches=opts.max_batches,
@@ -256,9 +264,10 @@ def card_sections(meta: ModelPackage, matrices: dict[str, dict[str, list[list[in
         f"- Input: the `{CHART_PRESET}` chart ({cfg['chart']['width']}x{cfg['chart']['height']} px, "
         f"{meta.lookback} candles, volume, {', '.join(cfg['chart']['indicators'])}) and the last candle's text "
         f"(`{cfg['text']['template']}`), tokenised by `tokenizer/` to {cfg['text']['max_tokens']} tokens.",
-        f"- Vision encoder: {enc['vision']['name_or_path']} ({enc['vision']['parameters']:,} parameters); "
-        f"text encoder: {enc['text']['name_or_path']} ({enc['text']['parameters']:,} parameters); the text's "
-        f"[CLS] attends over the patch tokens ({cfg['model']['heads']}-head cross-attention).",
+        f"- Vision encoder: {enc['vision']['name_or_path']} ({enc['vision']['parameters']:,} parameters, "
+        f"{'trained' if cfg['training']['train_vision'] else 'frozen'}); text encoder: {enc['text']['name_or_path']} "
+        f"({enc['text']['parameters']:,} parameters, {'trained' if cfg['training']['train_text'] else 'frozen'}); "
+        f"the text's [CLS] attends over the patch tokens ({cfg['model']['heads']}-head cross-attention).",
         f"- Loss: cross-entropy + {cfg['model']['forecast_loss_weight']} x Huber on the scaled next close.",
         f"- Labels: {cfg['labels']['rule']}; neutral_atr_multiple {cfg['labels']['neutral_atr_multiple']}. "
         f"Class counts (bearish, neutral, bullish): {json.dumps(cfg['dataset']['class_counts'])}.",

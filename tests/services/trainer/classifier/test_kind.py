@@ -19,6 +19,6 @@ def test_job_options_map_onto_the_classifier_and_default_to_the_seeds_encoders()
     assert (o.registry, o.epochs, o.device, o.seed, o.batch_size, o.hub_repo_id) == ("/r", 3, "cpu", 7, 4, "me/{model}")
     assert (o.vision, o.text, o.patience, o.lr) == (DEFAULT_VISION, DEFAULT_TEXT, 2, 2e-5)
     job = TrainOptions(registry="/r")
-    job.vision, job.text, job.train_encoders = "/models/vit", "/models/bert", False  # fields a CLI may add
+    job.vision, job.text, job.train_text = "/models/vit", "/models/bert", False  # fields a CLI may add
     o = options_from(job)
-    assert (o.vision, o.text, o.train_encoders, o.epochs) == ("/models/vit", "/models/bert", False, 5)
+    assert (o.vision, o.text, o.train_text, o.epochs) == ("/models/vit", "/models/bert", False, 5)
