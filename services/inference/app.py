@@ -51,7 +51,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
         metrics, predictions.publish_many, scores.publish_many, alerts.publish_many, bus.dead_letter, rules,
     )
-    state = {"ready": False, "models_upto": "0-0"}
+    state = {"ready": False, "models_upto": "0-0", "lock": asyncio.Lock(), "scores_restored": False}
     runtime.health.set("model", lambda: state["ready"])
 
     async def load(spec) -> ServedModel:
@@ -83,16 +83,15 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                  model.spec.feature_set or "close", model.spec.lookback,
                  "all pairs" if model.spec.pairs is None else f"{len(model.spec.pairs)} pairs", was)
 
-    @runtime.on_startup
-    async def restore() -> None:
-        path = ensure_persistence_model(model_dir)
-        await serve(await load(persistence_spec(path)))
+    async def sync_models() -> None:
+        """Serve what the registry and models.v1 say is current (the last promoted announcement of
+        each name wins); models already serving that version stay as they are."""
         current = {s.name: s for s in await asyncio.to_thread(
             registry_packages, model_dir, not settings.serve_unpromoted)}
         announced: dict[str, ModelPublished] = {}
+        newest = None
         async for eid, doc in history.scan_back(client, topics.MODELS):
-            if state["models_upto"] == "0-0":
-                state["models_upto"] = eid
+            newest = newest or eid
             try:
                 ev = ModelPublished.model_validate(doc)
             except ValueError:
@@ -107,24 +106,45 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                 except NotServable:
                     current.pop(name, None)
                 except PackageError as exc:
-                    metrics.counter("model_load_failures_total", "", ["model"]).labels(name).inc()
+                    engine.m.load_failures.labels(name).inc()
                     log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
                     current.pop(name, None)
         for spec in current.values():
+            serving = engine.router.get(spec.name)
+            if serving is not None and serving.spec.version == spec.version and serving.spec.sha256 == spec.sha256:
+                continue
             try:
                 await serve(await load(spec))
             except PackageError as exc:
                 engine.m.load_failures.labels(spec.name).inc()
                 log.error("cannot serve %s: %s", spec.label, exc)
-        upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
-        if upper is not None:
-            per_key = await read_windows(upper)
-            events = sorted((e for evs in per_key.values() for e in evs), key=lambda e: e.open_time)
-            engine.replay(events, await history.last_published(client, topics.PREDICTIONS))
-            log.info("windows rebuilt for %d streams from %d features.v1 events", len(per_key), len(events))
-        await restore_scores()
+        if newest is not None and history.id_key(newest) > history.id_key(state["models_upto"]):
+            state["models_upto"] = newest
+
+    @runtime.on_startup
+    async def load_models() -> None:
+        path = ensure_persistence_model(model_dir)
+        await serve(await load(persistence_spec(path)))
+        await sync_models()
         engine.start()
         state["ready"] = True
+
+    @bus.on_owner
+    async def take_over() -> None:
+        """Each time this replica becomes the owner (at start; a standby taking over), before it
+        consumes: models announced meanwhile, then windows from what the group was handed, with
+        forecasts for candles a model had not published. Runs once per ordered group (features.v1,
+        models.v1); the second run finds the windows current and keeps them."""
+        async with state["lock"]:
+            await sync_models()
+            upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
+            if upper is not None:
+                per_key = await read_windows(upper)
+                rebuilt = engine.rebuild(per_key, await history.last_published(client, topics.PREDICTIONS))
+                log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
+            if not state["scores_restored"]:
+                await restore_scores()
+                state["scores_restored"] = True
 
     async def restore_scores() -> None:
         n = settings.score_window

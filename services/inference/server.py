@@ -220,6 +220,21 @@ class Inference:
                 spec.label, ev.symbol, ev.interval, ev.feature_set, spec.feature_set, spec.feature_set,
             )
 
+    def rebuild(self, per_key: dict[tuple[str, str], list[FeaturesEvent]], floors: dict[str, int]) -> int:
+        """Windows from stored events (per stream, oldest first): a stream whose stored events are
+        newer than what it holds (a fresh start, or a standby taking over with stale rows) is
+        rebuilt and its unpublished candles forecast; a stream already as current is kept.
+        Returns how many streams were rebuilt."""
+        stale = []
+        for key, evs in per_key.items():
+            held = self.windows.last_open_time(key)
+            if evs and (held is None or evs[-1].open_time > held):
+                self.windows.drop(key)
+                stale += evs
+        stale.sort(key=lambda e: e.open_time)
+        self.replay(stale, floors)
+        return len({(e.symbol, e.interval) for e in stale})
+
     def replay(self, events: Sequence[FeaturesEvent], floors: dict[str, int]) -> None:
         """Rebuild windows from earlier events (oldest first); forecast only candles after each
         model's last published one (``floors``: guard field -> open_time)."""

@@ -83,6 +83,9 @@ class Windows:
             return None
         return int(ring.open_times[(ring.head - 1) % ring.capacity])
 
+    def drop(self, key: Key) -> None:
+        self._rings.pop(key, None)
+
     def feature_set(self, key: Key) -> str | None:
         ring = self._rings.get(key)
         return ring.feature_set if ring else None

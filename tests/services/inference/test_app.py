@@ -267,3 +267,26 @@ async def test_rolling_back_is_announcing_the_older_version_again(redis_url, tmp
         await rt.stop()
     check(events, got, lambda i: v2 if i < 30 else v1)
     assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
+
+
+async def test_a_standby_replica_takes_over_with_current_windows(redis_url, tmp_path):
+    """Two replicas: the second waits as a hot standby while the first answers; when the first
+    stops, the standby rebuilds its windows (its own are empty) and carries on without a gap."""
+    built = publish(tmp_path / "reg", tmp_path, "sb", seed=6)
+    events = feature_events(60)
+    owner = runtime(redis_url, tmp_path)
+    await owner.start(http=False)
+    standby = app.create(InferenceSettings(data_dir=tmp_path / "b", redis_url=redis_url, consumer_name="standby",
+                                           model_dir=str(tmp_path / "reg"), max_wait_ms=1), redis_url)
+    try:
+        await standby.start(http=False)
+        await add_events(redis_url, events[:40])
+        await poll(lambda: count_of(redis_url, "sb", 40 - FIRST))
+        await owner.stop()
+        await add_events(redis_url, events[40:])
+        await poll(lambda: count_of(redis_url, "sb", 60 - FIRST))
+        await asyncio.sleep(0.3)
+        got = await forecasts(redis_url, "sb")
+    finally:
+        await standby.stop()
+    check(events, got, lambda i: built)
