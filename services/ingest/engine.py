@@ -124,9 +124,17 @@ class IngestEngine:
             self.minute.add(dead_letters=1)
             await self.dead_letter(WS_SOURCE, text, f"malformed JSON: {exc}")
             return
-        if isinstance(msg, dict) and "result" in msg and "id" in msg:
-            self.metrics.ws_messages.labels("control").inc()
-            return  # SUBSCRIBE acknowledgement
+        if isinstance(msg, dict) and "id" in msg and ("result" in msg or "error" in msg):
+            if "error" not in msg:
+                self.metrics.ws_messages.labels("control").inc()
+                return  # SUBSCRIBE acknowledgement
+            # The exchange refused a request of ours (rules.WS_ERROR_*): not market data, so no
+            # dead letter; say it loudly, it means a bug or a limit (e.g. too many streams).
+            self.metrics.ws_messages.labels("error").inc()
+            err = msg["error"] if isinstance(msg["error"], dict) else {"msg": msg["error"]}
+            log.error("the exchange refused request id %s: code %s: %s", msg.get("id"), err.get("code"), err.get("msg"),
+                      extra={"request_id": msg.get("id"), "code": err.get("code")})
+            return
         try:
             k = parse_ws_kline(msg)
         except InvalidKline as exc:

@@ -54,3 +54,19 @@ USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 HTTP_TOO_MANY_REQUESTS = 429
 HTTP_IP_BANNED = 418
 RETRY_AFTER_HEADER = "Retry-After"
+
+# WS "Error Messages" (web-socket-streams): a request the server cannot take is answered with an
+# error object and the request's id, ``{"error": {"code": 2, "msg": "Invalid request: ..."},
+# "id": 1}`` (``id`` null when it could not be read). Codes: 0 unknown property, 1 invalid value
+# type, 2 invalid request (bad ``id``, unknown ``method``, missing field), 3 invalid JSON.
+WS_ERROR_UNKNOWN_PROPERTY = 0
+WS_ERROR_INVALID_VALUE = 1
+WS_ERROR_INVALID_REQUEST = 2
+WS_ERROR_INVALID_JSON = 3
+# A SUBSCRIBE past MAX_STREAMS_PER_CONNECTION is answered ``{"error": {"code": 4, "msg": "Too
+# many subscriptions"}, "id": N}`` and the server then closes the connection with 1008 ("Invalid
+# request"), dropping every stream it carried (observed on Binance's stream servers; the limit
+# itself is the WS rule above). An unknown stream name is acknowledged like any other (no error).
+WS_ERROR_TOO_MANY_SUBSCRIPTIONS = 4
+WS_CLOSE_POLICY_VIOLATION = 1008
+WS_METHODS = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")

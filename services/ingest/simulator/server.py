@@ -3,8 +3,9 @@
 Websocket: raw ``/ws/<stream>``, combined ``/stream?streams=a/b``, bare ``/ws``;
 SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS requests; server pings whose pongs must carry
 the same payload; ``serverShutdown``; the 5-messages-per-second incoming limit.
-REST: ``GET /api/v3/klines`` (only candles whose close time has passed on the simulated
-clock), ``/api/v3/ping``, ``/api/v3/time``, with request weights, 429 + ``Retry-After``, and a
+Control requests are answered as Binance answers them, errors included (``rules.WS_ERROR_*``).
+REST: ``GET /api/v3/klines`` (the candles opened by the simulated clock, the one still in
+progress included with its values so far, as Binance does), ``/api/v3/ping``, ``/api/v3/time``, with request weights, 429 + ``Retry-After``, and a
 418 for a client that does not back off. Faults come from a ``FaultPlan``.
 """
 
@@ -45,6 +46,7 @@ class SimulatorStats:
     rest_429: int = 0
     rest_418: int = 0
     rest_500: int = 0
+    error_replies: int = 0
     connections_per_path: dict[str, int] = field(default_factory=dict)
 
 
@@ -100,6 +102,13 @@ class ExchangeSimulator:
         self.port = port
         self.faults = faults or FaultPlan()
         self.tape: list[TapeEvent] = build_tape(self.candles, updates_per_candle, seed)
+        # in-progress states per stream, by send time: what REST shows for a candle still open
+        self._updates: dict[tuple[str, str], tuple[list[int], list[Kline]]] = {}
+        for e in self.tape:
+            if not e.closed:
+                times, states = self._updates.setdefault((e.kline.symbol, e.kline.interval), ([], []))
+                times.append(e.time)
+                states.append(e.kline)
         self.tick_ms = finest_interval_ms(self.candles)
         self.start_ms = min(ks[0].open_time for ks in self.candles.values())
         self.end_ms = self.tape[-1].time
@@ -374,17 +383,40 @@ class ExchangeSimulator:
         return len(conn.incoming) > rules.MAX_INCOMING_MESSAGES_PER_SECOND
 
     async def _control(self, conn: _Conn, text: str) -> None:
+        """Binance's answers to control requests, errors included (see ``rules.WS_ERROR_*``)."""
         try:
             req = orjson.loads(text)
-            method, rid = req["method"], req.get("id")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            await conn.send(orjson.dumps({"error": {"code": 3, "msg": "Invalid JSON"}}).decode())
+        except orjson.JSONDecodeError as exc:
+            await self._error(conn, rules.WS_ERROR_INVALID_JSON, f"Invalid JSON: {exc}", None)
+            return
+        if not isinstance(req, dict):
+            await self._error(conn, rules.WS_ERROR_INVALID_REQUEST, "Invalid request: expected an object", None)
+            return
+        rid = req.get("id")
+        if not (isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0):
+            await self._error(conn, rules.WS_ERROR_INVALID_REQUEST, "Invalid request: request ID must be an unsigned integer", None)
+            return
+        method = req.get("method")
+        if method is None:
+            await self._error(conn, rules.WS_ERROR_INVALID_REQUEST, "Invalid request: missing field `method`", rid)
+            return
+        if method not in rules.WS_METHODS:
+            expected = ", ".join(f"`{m}`" for m in rules.WS_METHODS)
+            await self._error(conn, rules.WS_ERROR_INVALID_REQUEST,
+                              f"Invalid request: unknown variant `{method}`, expected one of {expected}", rid)
             return
         params = req.get("params") or []
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE") and not (
+            isinstance(params, list) and all(isinstance(p, str) for p in params)
+        ):
+            await self._error(conn, rules.WS_ERROR_INVALID_REQUEST, "Invalid request: invalid type: expected a sequence of strings", rid)
+            return
         if method == "SUBSCRIBE":
             self.stats.subscribe_requests += 1
             if len(conn.streams | set(params)) > rules.MAX_STREAMS_PER_CONNECTION:
-                await conn.send(orjson.dumps({"error": {"code": 2, "msg": "too many streams"}, "id": rid}).decode())
+                await self._error(conn, rules.WS_ERROR_TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions", rid)
+                self.stats.connections_closed_by_server += 1
+                await conn.ws.close(code=rules.WS_CLOSE_POLICY_VIOLATION, message=b"Invalid request")
                 return
             conn.streams |= set(params)
             result: Any = None
@@ -393,10 +425,25 @@ class ExchangeSimulator:
             result = None
         elif method == "LIST_SUBSCRIPTIONS":
             result = sorted(conn.streams)
-        else:
-            await conn.send(orjson.dumps({"error": {"code": 1, "msg": f"unknown method {method}"}, "id": rid}).decode())
-            return
+        elif method == "GET_PROPERTY":
+            if params != ["combined"]:
+                await self._error(conn, rules.WS_ERROR_UNKNOWN_PROPERTY, "Unknown property", rid)
+                return
+            result = conn.combined
+        else:  # SET_PROPERTY
+            if len(params) != 2 or params[0] != "combined":
+                await self._error(conn, rules.WS_ERROR_UNKNOWN_PROPERTY, "Unknown property", rid)
+                return
+            if not isinstance(params[1], bool):
+                await self._error(conn, rules.WS_ERROR_INVALID_VALUE, "Invalid value type: expected Boolean", rid)
+                return
+            conn.combined = params[1]
+            result = None
         await conn.send(orjson.dumps({"result": result, "id": rid}).decode())
+
+    async def _error(self, conn: _Conn, code: int, msg: str, rid: int | None) -> None:
+        self.stats.error_replies += 1
+        await conn.send(orjson.dumps({"error": {"code": code, "msg": msg}, "id": rid}).decode())
 
     # --- REST -----------------------------------------------------------------------------
 
@@ -466,16 +513,28 @@ class ExchangeSimulator:
             return self._bad(-1121, "Invalid symbol.")
         ks, opens = self.candles[key], self._open_times[key]
         now = self.now_ms()
-        hi = bisect.bisect_right(opens, end) if end is not None else len(opens)
-        while hi > 0 and ks[hi - 1].close_time >= now:
-            hi -= 1  # only candles whose close time has passed
+        # Candles that have opened by now: the closed ones and, like Binance, the one still in
+        # progress (its values so far; clients must drop it by its close time).
+        hi = bisect.bisect_right(opens, now if end is None else min(end, now))
         if start is not None:
             lo = bisect.bisect_left(opens, start)
             rows = ks[lo : min(hi, lo + limit)]
         else:
             rows = ks[max(0, hi - limit) : hi]
+        if rows and rows[-1].close_time >= now:
+            rows = [*rows[:-1], self._in_progress(key, rows[-1], now)]
         body = orjson.dumps([kline_to_rest_row(k) for k in rows])
         return web.Response(body=body, content_type="application/json", headers=self._weight_headers())
+
+    def _in_progress(self, key: tuple[str, str], k: Kline, now: int) -> Kline:
+        """Candle ``k`` as it stood at ``now`` (before its close): its last update sent by then,
+        or, before the first one, a candle that has only just opened."""
+        times, states = self._updates.get(key, ([], []))
+        i = bisect.bisect_right(times, now) - 1
+        if i >= 0 and states[i].open_time == k.open_time:
+            return states[i]
+        return replace(k, high=k.open, low=k.open, close=k.open, volume=0.0, quote_volume=0.0, trades=0,
+                       taker_buy_base=0.0, taker_buy_quote=0.0, closed=False)
 
     def _bad(self, code: int, msg: str) -> web.Response:
         return web.json_response({"code": code, "msg": msg}, status=400, headers=self._weight_headers())

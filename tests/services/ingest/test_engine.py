@@ -81,3 +81,17 @@ async def test_duplicates_and_dropped_runs_leave_no_receive_times_behind(redis_u
 
 async def _no_dead_letters(source, raw, reason) -> None:
     raise AssertionError(f"unexpected dead letter: {reason}")
+
+
+async def test_an_exchange_error_reply_is_counted_and_logged_not_dead_lettered(redis_url, caplog):
+    redis = redis_client(redis_url)
+    metrics = RecordingMetrics()
+    engine = IngestEngine(["BTCUSDT"], ["1m"], KlineSink(redis, 1000, 100), _FailingRest(), metrics, _no_dead_letters)
+    try:
+        await engine.on_message(b'{"result":null,"id":1}')
+        await engine.on_message(b'{"error":{"code":4,"msg":"Too many subscriptions"},"id":2}')
+    finally:
+        await redis.aclose()
+    assert metrics.count("ws_messages", "control") == 1
+    assert metrics.count("ws_messages", "error") == 1
+    assert any(r.levelname == "ERROR" and "Too many subscriptions" in r.getMessage() for r in caplog.records)

@@ -29,7 +29,7 @@ async def test_raw_stream_and_subscribe_replies():
             assert {"ETHUSDT", ("reply", None, 7)} <= seen
 
 
-async def test_rest_serves_only_closed_candles_and_limits():
+async def test_rest_includes_the_candle_in_progress_and_limits():
     candles = shipped_candles(10, symbols=("BTCUSDT",))
     (ks,) = candles.values()
     faults = FaultPlan(rest_429_at=[2], retry_after_s=1)
@@ -37,7 +37,10 @@ async def test_rest_serves_only_closed_candles_and_limits():
         q = {"symbol": "BTCUSDT", "interval": "1m", "startTime": ks[0].open_time}
         async with http.get(sim.rest_url + "/api/v3/klines", params=q) as r:
             assert r.status == 200 and r.headers["X-MBX-USED-WEIGHT-1M"] == "2"
-            assert await r.json() == []  # at speed 60 the first candle has not closed yet
+            rows = await r.json()
+        # at speed 60 the first candle has not closed yet: Binance still returns it, as it stands
+        assert [row[0] for row in rows] == [ks[0].open_time]
+        assert rows[0][6] == ks[0].close_time and rows[0][6] >= sim.now_ms()
         async with http.get(sim.rest_url + "/api/v3/klines", params=q) as r:
             assert r.status == 429 and r.headers["Retry-After"] == "1"
         async with http.get(sim.rest_url + "/api/v3/ping") as r:
@@ -47,6 +50,78 @@ async def test_rest_serves_only_closed_candles_and_limits():
             assert r.status == 400
         async with http.get(sim.rest_url + "/api/v3/time") as r:
             assert abs((await r.json())["serverTime"] - sim.now_ms()) < 5_000
+
+
+async def test_rest_open_candle_shows_its_values_so_far_and_ingest_drops_it_by_close_time():
+    """Mid-candle, REST's newest row is the candle in progress (its latest update, not the final
+    candle); ingest's REST client keeps only candles whose close time has passed."""
+    from services.ingest.rest import RestKlines
+
+    candles = shipped_candles(6, symbols=("BTCUSDT",))
+    (ks,) = candles.values()
+    async with ExchangeSimulator(candles, speed=60, updates_per_candle=4) as sim, aiohttp.ClientSession() as http:
+        # wait (on the simulated clock) until candle 3 is past its second update but still open
+        target = ks[3].open_time + 45_000
+        while sim.now_ms() < target:
+            await asyncio.sleep(0.02)
+        q = {"symbol": "BTCUSDT", "interval": "1m", "startTime": ks[0].open_time}
+        async with http.get(sim.rest_url + "/api/v3/klines", params=q) as r:
+            rows = await r.json()
+        rest = RestKlines(sim.rest_url)
+        try:
+            closed = await rest.closed_klines("BTCUSDT", "1m", ks[0].open_time)
+            recent = await rest.recent_closed_klines("BTCUSDT", "1m", 10)
+        finally:
+            await rest.close()
+    assert [row[0] for row in rows] == [k.open_time for k in ks[:4]]
+    open_row = rows[-1]
+    assert open_row[6] == ks[3].close_time
+    assert float(open_row[5]) < ks[3].volume  # volume so far, not the final candle's
+    assert float(open_row[2]) <= ks[3].high and float(open_row[3]) >= ks[3].low
+    assert [k.open_time for k in closed] == [k.open_time for k in ks[:3]]
+    assert [k.open_time for k in recent] == [k.open_time for k in ks[:3]]
+    assert [(k.close, k.volume) for k in closed] == [(k.close, k.volume) for k in ks[:3]]
+
+
+async def test_control_errors_are_answered_as_binance_does():
+    candles = shipped_candles(3, symbols=("BTCUSDT",))
+    async with ExchangeSimulator(candles, speed=1) as sim, aiohttp.ClientSession() as http:
+        async with http.ws_connect(sim.ws_url + "/ws") as ws:
+
+            async def ask(text: str) -> dict:
+                await asyncio.sleep(0.25)  # pacing, not waiting: Binance allows 5 incoming messages/s
+                await ws.send_str(text)
+                return orjson.loads((await ws.receive(timeout=5)).data)
+
+            assert await ask("{not json") == {"error": {"code": 3, "msg": ANY_MSG}, "id": None}
+            reply = await ask('{"method":"SUBSCRIBE","params":["btcusdt@kline_1m"],"id":"x"}')
+            assert reply == {"error": {"code": 2, "msg": "Invalid request: request ID must be an unsigned integer"}, "id": None}
+            reply = await ask('{"method":"SUBSCRIBEE","params":[],"id":4}')
+            assert reply["id"] == 4 and reply["error"]["code"] == 2
+            assert reply["error"]["msg"].startswith("Invalid request: unknown variant `SUBSCRIBEE`, expected one of `SUBSCRIBE`")
+            assert await ask('{"params":[],"id":5}') == {"error": {"code": 2, "msg": "Invalid request: missing field `method`"}, "id": 5}
+            assert await ask('{"method":"GET_PROPERTY","params":["colour"],"id":6}') == {"error": {"code": 0, "msg": "Unknown property"}, "id": 6}
+            assert await ask('{"method":"SET_PROPERTY","params":["combined","yes"],"id":7}') == {
+                "error": {"code": 1, "msg": "Invalid value type: expected Boolean"}, "id": 7}
+            assert await ask('{"method":"SUBSCRIBE","params":["btcusdt@kline_1m"],"id":8}') == {"result": None, "id": 8}
+            assert await ask('{"method":"LIST_SUBSCRIPTIONS","id":9}') == {"result": ["btcusdt@kline_1m"], "id": 9}
+            # past 1024 streams: the error, then the server closes the connection (1008)
+            many = [f"s{i}usdt@kline_1m" for i in range(1024)]
+            reply = await ask(orjson.dumps({"method": "SUBSCRIBE", "params": many, "id": 10}).decode())
+            assert reply == {"error": {"code": 4, "msg": "Too many subscriptions"}, "id": 10}
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1008
+        assert sim.stats.error_replies == 7
+
+
+class _AnyText(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith("Invalid JSON")
+
+    __hash__ = str.__hash__
+
+
+ANY_MSG = _AnyText("Invalid JSON: ...")
 
 
 async def test_client_subscribes_beyond_the_url_and_answers_pings():
