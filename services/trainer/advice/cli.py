@@ -32,16 +32,17 @@ def add_build_arguments(p: argparse.ArgumentParser, *, with_common: bool = True)
                        help=f"minutes of context per item (default {D.DEFAULT_LOOKBACK}, the seed's)")
     p.add_argument("--train-range", default=None, help="advice: START..END of training items, UTC, end excluded")
     p.add_argument("--verify-range", default=None, help="advice: START..END of verification items (after training)")
-    p.add_argument("--threshold", type=float, default=D.DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=float, default=None,
                    help=f"advice: BUY/SELL when the next candle moves this fraction from its open (default "
                         f"{D.DEFAULT_THRESHOLD}, Binance spot's taker fee)")
-    p.add_argument("--seed", type=int, default=D.DEFAULT_SEED, help="advice: seed of the rejected-advice draws")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"advice: seed of the rejected-advice draws (default {D.DEFAULT_SEED})")
     p.add_argument("--overwrite", action="store_true", help="advice: replace an existing dataset folder")
 
 
 def build(
     inputs: Sequence[str], out: str, symbols: Sequence[str] | None, lookback: int | None,
-    train_range: str | None, verify_range: str | None, threshold: float, seed: int, overwrite: bool = False,
+    train_range: str | None, verify_range: str | None, threshold: float | None, seed: int | None, overwrite: bool = False,
 ) -> dict:
     from services.trainer.advice import dataset as D
 
@@ -51,8 +52,8 @@ def build(
         train=D.parse_range(train_range),
         verify=D.parse_range(verify_range),
         lookback=lookback or D.DEFAULT_LOOKBACK,
-        threshold=threshold,
-        seed=seed,
+        threshold=D.DEFAULT_THRESHOLD if threshold is None else threshold,
+        seed=D.DEFAULT_SEED if seed is None else seed,
     )
     return D.build(inputs, out, config, symbols, overwrite=overwrite)
 
@@ -172,8 +173,9 @@ def extend_trainer_commands(build_parser: argparse.ArgumentParser, train_parser:
     def build_with_advice(args: argparse.Namespace) -> None:
         if args.kind == "advice":
             given = {"train_range": args.train_range, "verify_range": args.verify_range, "threshold": args.threshold,
-                     "seed": args.seed, "overwrite": args.overwrite}
-            args.extra = [*args.extra, *(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None)]
+                     "seed": args.seed, "overwrite": args.overwrite or None}
+            # before the user's own --set KEY=VALUE, so those win
+            args.extra = [*(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None), *args.extra]
         build(args)
 
     build_parser.set_defaults(func=build_with_advice)

@@ -21,11 +21,14 @@ def build_advice(spec: BuildSpec) -> dict:
         raise DatasetError(f"the advice dataset reads 1m candles, not {', '.join(spec.intervals)}")
     extra = spec.extra or {}
     try:
+        threshold = float(extra.get("threshold", D.DEFAULT_THRESHOLD))
+        seed = int(extra.get("seed", D.DEFAULT_SEED))
+    except (TypeError, ValueError):
+        raise DatasetError(f"advice: threshold must be a number and seed an integer, got {extra}") from None
+    try:
         return build(
             spec.inputs, str(spec.out), spec.symbols, spec.lookback,
-            extra.get("train_range"), extra.get("verify_range"),
-            float(extra.get("threshold", D.DEFAULT_THRESHOLD)), int(extra.get("seed", D.DEFAULT_SEED)),
-            bool(extra.get("overwrite", False)),
+            extra.get("train_range"), extra.get("verify_range"), threshold, seed, extra.get("overwrite") is True,
         )
     except CliError as exc:
         raise DatasetError(str(exc)) from None

@@ -191,3 +191,24 @@ def test_cli_errors_are_one_line(small_dataset, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"klinebus: error: model file {tmp_path / 'none.gguf'} does not exist"]
+
+
+def test_the_klinebus_commands_reach_the_advice_experiment(tmp_path, tiny_gguf, capsys):
+    from klinebus.cli import main
+
+    from .conftest import BTC_1M
+
+    out = tmp_path / "ds"
+    assert main(["dataset", "build", "--kind", "advice", "--input", str(BTC_1M), "--train-range", "2026-04-15..2026-04-15T02:00",
+                 "--verify-range", "2026-04-15T02:00..2026-04-15T03:00", "--set", "threshold=0.0005", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["threshold"] == 0.0005 and manifest["rows"]["verify"] == 60 - 11
+    capsys.readouterr()
+    assert main(["evaluate", "advice", "--model", str(tiny_gguf), "--dataset", str(out), "--limit", "3",
+                 "--n-threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["train", "--kind", "advice-orpo", "--dataset", str(out), "--out", str(tmp_path / "o")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
