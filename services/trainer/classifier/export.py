@@ -23,7 +23,8 @@ OUTPUTS = ("probabilities", "next_close_scaled")
 # a unit-variance target would be a real difference.
 MAX_ABS_DIFF = 1e-4
 
-__all__ = ["INPUTS", "OUTPUTS", "OPSET", "MAX_ABS_DIFF", "ExportError", "Serving", "export_fusion", "check_fusion"]
+__all__ = ["INPUTS", "OUTPUTS", "OPSET", "MAX_ABS_DIFF", "ExportError", "Serving", "export_fusion", "check_fusion",
+           "onnx_predict"]
 
 
 class Serving(nn.Module):
@@ -65,3 +66,19 @@ def check_fusion(model: nn.Module, path: str | Path, sample: dict[str, torch.Ten
     if not worst <= MAX_ABS_DIFF:
         raise ExportError(f"{path}: onnxruntime differs from torch by {worst:.3g} (> {MAX_ABS_DIFF})")
     return report
+
+
+def onnx_predict(path: str | Path, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exported graph over a dataset, in order: probabilities (n, 3), scaled next close (n,)."""
+    import onnxruntime as ort
+    from torch.utils.data import DataLoader
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs, fcs = [], []
+    for b in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        p, f = sess.run(list(OUTPUTS), {k: b[k].numpy() for k in INPUTS})
+        probs.append(p)
+        fcs.append(f)
+    if not probs:
+        return np.zeros((0, 3), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(probs), np.concatenate(fcs)

@@ -3,9 +3,10 @@
 1. Load the index; fit the next-close scale and the majority class on the train split only.
 2. Build the model (encoders by Hub name, local folder or config) and train it with the
    trainer's loop; model selection (early stopping) sees only the validation split.
-3. Score validation and test beside the baselines (scorecard.py); promote on validation.
-4. Export ONNX, check it against torch with onnxruntime on real test samples, and publish a
-   package (libs/common/model_package.py) with the tokenizer folder and the model card.
+3. Export ONNX and check it against torch with onnxruntime on real test samples.
+4. Score validation and test with the exported graph (what serving runs) beside the baselines
+   (scorecard.py); promote on validation.
+5. Publish a package (libs/common/model_package.py) with the tokenizer folder and the model card.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from libs.common.model_package import (
 )
 from services.trainer.classifier.data import IMAGE_SIZE, MAX_TOKENS, ChartTextDataset
 from services.trainer.classifier.dataset import KIND, load_index, load_manifest
-from services.trainer.classifier.export import INPUTS, check_fusion, export_fusion
+from services.trainer.classifier.export import INPUTS, check_fusion, export_fusion, onnx_predict
 from services.trainer.classifier.labels import CLASS_NAMES, return_scale
 from services.trainer.classifier.model import (
     DEFAULT_TEXT,
@@ -52,7 +53,6 @@ from services.trainer.classifier.train import (
     CombinedLoss,
     Joined,
     batch_sources,
-    predict,
 )
 from services.trainer.loop import EpochLog, FitResult, LoopConfig, fit
 from services.trainer.packaging import PublishTargets, model_card, stage_and_publish
@@ -165,23 +165,23 @@ def train_chart_classifier(
         on_epoch=on_epoch, on_batch=on_batch, should_stop=should_stop,
     )
 
-    cards, matrices = {}, {}
-    train_labels = train["label"].to_numpy(np.int64)
-    for s in ("validation", "test"):
-        probs, fc = predict(model, ds[s], opts.batch_size, opts.device)
-        p = parts[s]
-        cards[s], matrices[s] = split_scorecard(
-            p["label"].to_numpy(np.int64), p["last_label"].to_numpy(np.int64), train_labels,
-            p["close"].to_numpy(np.float64), p["next_close"].to_numpy(np.float64), probs, fc, scale,
-        )
-    promoted, reason = promote(cards["validation"])
-
     model.cpu().eval()
     sample = _collate(ds["test"], EXPORT_CHECK_SAMPLES)
     with tempfile.TemporaryDirectory(prefix="chart-classifier-") as tmp:
         tmp_path = Path(tmp)
         onnx_path = export_fusion(model, sample, tmp_path / "model.onnx")
         check = check_fusion(model, onnx_path, sample)
+        # Scored with the exported graph, what serving runs (the trainer's rule).
+        cards, matrices = {}, {}
+        train_labels = train["label"].to_numpy(np.int64)
+        for s in ("validation", "test"):
+            probs, fc = onnx_predict(onnx_path, ds[s], opts.batch_size)
+            p = parts[s]
+            cards[s], matrices[s] = split_scorecard(
+                p["label"].to_numpy(np.int64), p["last_label"].to_numpy(np.int64), train_labels,
+                p["close"].to_numpy(np.float64), p["next_close"].to_numpy(np.float64), probs, fc, scale,
+            )
+        promoted, reason = promote(cards["validation"])
         tokenizer.save_pretrained(tmp_path / "tokenizer")
         metrics, baselines = flat_metrics(cards)
         step = INTERVAL_MS[interval]

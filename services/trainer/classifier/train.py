@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from services.trainer.classifier.model import HUBER_DELTA, ChartTextFusion
-from services.trainer.loop import pick_device
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask")
 DEFAULT_BATCH_SIZE = 8  # seed 001
@@ -57,18 +56,3 @@ def batch_sources(train_ds: Dataset, val_ds: Dataset, batch_size: int):
     """``train_batches(rng)`` (shuffled by the loop's seeded generator) and ``val_batches()``."""
     return (lambda rng: _batches(train_ds, batch_size, rng.permutation(len(train_ds))),
             lambda: _batches(val_ds, batch_size))
-
-
-def predict(model: ChartTextFusion, ds: Dataset, batch_size: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (n, 3) and the scaled next close (n,) for every sample, in order."""
-    dev = pick_device(device)
-    model.to(dev).eval()
-    probs, fcs = [], []
-    with torch.no_grad():
-        for inputs, _ in _batches(ds, batch_size):
-            logits, forecast = model(*(t.to(dev) for t in inputs))
-            probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-            fcs.append(forecast.float().cpu().numpy())
-    if not probs:
-        return np.zeros((0, 3), np.float32), np.zeros(0, np.float32)
-    return np.concatenate(probs), np.concatenate(fcs)
