@@ -141,24 +141,22 @@ class _Builder:
         return self.add(name, f'"[" {body} "]"' if lo > 0 else f'"[" ({body})? "]"')
 
 
-def _string_bounds(schema: dict[str, Any], where: str) -> tuple[int, int]:
-    hi = schema.get("maxLength")
+def _bounds(schema: dict[str, Any], where: str, kind: str, low: str, high: str) -> tuple[int, int]:
+    hi = schema.get(high)
     if not isinstance(hi, int) or hi < 0:
-        raise SchemaError(f"{where}: a string needs an integer maxLength (answers must be bounded)")
-    lo = schema.get("minLength", 0)
+        raise SchemaError(f"{where}: {kind} needs an integer {high} (answers must be bounded)")
+    lo = schema.get(low, 0)
     if not isinstance(lo, int) or not 0 <= lo <= hi:
-        raise SchemaError(f"{where}: minLength must be an integer in [0, maxLength]")
+        raise SchemaError(f"{where}: {low} must be an integer in [0, {high}]")
     return lo, hi
+
+
+def _string_bounds(schema: dict[str, Any], where: str) -> tuple[int, int]:
+    return _bounds(schema, where, "a string", "minLength", "maxLength")
 
 
 def _array_bounds(schema: dict[str, Any], where: str) -> tuple[int, int]:
-    hi = schema.get("maxItems")
-    if not isinstance(hi, int) or hi < 0:
-        raise SchemaError(f"{where}: an array needs an integer maxItems (answers must be bounded)")
-    lo = schema.get("minItems", 0)
-    if not isinstance(lo, int) or not 0 <= lo <= hi:
-        raise SchemaError(f"{where}: minItems must be an integer in [0, maxItems]")
-    return lo, hi
+    return _bounds(schema, where, "an array", "minItems", "maxItems")
 
 
 DEFAULT_DECIMALS = 2

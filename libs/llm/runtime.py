@@ -115,6 +115,17 @@ class _TimedMtmd:
             self.image_s += time.perf_counter() - started
 
 
+def _quiet_mtmd() -> None:
+    """Send mtmd's own log (a dozen lines per image) through llama-cpp-python's log callback,
+    which prints only errors unless the model is verbose, as llama.cpp's log already is."""
+    import ctypes
+
+    from llama_cpp import _logger, mtmd_cpp
+
+    for setter in (mtmd_cpp.mtmd_log_set, mtmd_cpp.mtmd_helper_log_set):
+        setter(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 def gpu_offload_supported() -> bool:
     import llama_cpp
 
@@ -166,6 +177,7 @@ class LocalModel:
             if self.files.mmproj is not None:
                 from llama_cpp.llama_chat_format import Qwen25VLChatHandler
 
+                _quiet_mtmd()
                 handler = Qwen25VLChatHandler(clip_model_path=str(self.files.mmproj), verbose=self._params["verbose"])
                 self._mtmd = _TimedMtmd(handler._mtmd_cpp, use_gpu=gpu, **self._vision)
                 handler._mtmd_cpp = self._mtmd

@@ -76,10 +76,20 @@ class TinyShape:
     vision_heads: int = 2
     vision_ffn: int = 64
     patch: int = 14
+    vocab_pad: int = 0  # extra unused tokens: the 7B's output layer is 152064 tokens wide
+    f16: bool = False  # half-precision weights (a 7B-shaped pair: ~16 GB instead of ~32 GB)
 
 
-def _rand(rng: np.random.Generator, *shape: int, scale: float = 0.02) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+# Qwen2.5-VL-7B-Instruct's shape (its config.json), for speed measurements with random weights.
+QWEN25VL_7B = TinyShape(
+    hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, context=8192,
+    vision_hidden=1280, vision_layers=32, vision_heads=16, vision_ffn=3420, vocab_pad=152064 - 286, f16=True,
+)
+
+
+def _rand_any(rng: np.random.Generator, *shape: int, scale: float = 0.02, f16: bool = False) -> np.ndarray:
+    out = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+    return out.astype(np.float16) if f16 and len(shape) > 1 else out
 
 
 def write_tiny_qwen25vl(folder: str | Path, shape: TinyShape = TinyShape(), seed: int = 0, name: str = "tiny-qwen25vl") -> TinyPair:
@@ -99,6 +109,12 @@ def write_tiny_qwen25vl(folder: str | Path, shape: TinyShape = TinyShape(), seed
 def _write_text(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name: str) -> None:
     tokens = byte_symbols() + ["".join(m.split(" ")) for m in MERGES] + list(SPECIAL_TOKENS)
     types = [TOKEN_NORMAL] * (len(tokens) - len(SPECIAL_TOKENS)) + [TOKEN_CONTROL] * len(SPECIAL_TOKENS)
+    tokens += [f"<|unused_{i}|>" for i in range(s.vocab_pad)]
+    types += [TOKEN_CONTROL] * s.vocab_pad
+
+    def _rand(rng: np.random.Generator, *shape: int, scale: float = 0.02) -> np.ndarray:
+        return _rand_any(rng, *shape, scale=scale, f16=s.f16)
+
     vocab = len(tokens)
     head_dim = s.hidden // s.heads
     w = gguf.GGUFWriter(str(path), "qwen2vl")
@@ -114,7 +130,7 @@ def _write_text(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name: 
     # M-RoPE sections (temporal, height, width, unused) cover half the head dimension, as in the 7B
     quarter = head_dim // 8
     w.add_rope_dimension_sections([head_dim // 2 - 2 * quarter, quarter, quarter, 0])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if s.f16 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -147,11 +163,14 @@ def _write_text(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name: 
 
 
 def _write_mmproj(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name: str) -> None:
+    def _rand(rng: np.random.Generator, *shape: int, scale: float = 0.02) -> np.ndarray:
+        return _rand_any(rng, *shape, scale=scale, f16=s.f16)
+
     v, ff, p = s.vision_hidden, s.vision_ffn, s.patch
     merged = v * 4  # the merger concatenates 2x2 neighbouring patches
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_name(f"mmproj-{name}")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if s.f16 else gguf.LlamaFileType.ALL_F32)
     w.add_clip_has_vision_encoder(True)
     w.add_clip_projector_type("qwen2.5vl_merger")
     w.add_vision_projection_dim(s.hidden)

@@ -28,16 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tiny-model", help="write a random-weight Qwen2.5-VL-shaped GGUF pair (proves paths, not quality)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--hidden", type=int, default=64, help="text model width (3584 is the 7B's)")
-    p.add_argument("--layers", type=int, default=2, help="text model layers (28 is the 7B's)")
+    p.add_argument("--shape", choices=("tiny", "7b"), default="tiny", help="7b: Qwen2.5-VL-7B's shape in f16 (~16 GB), for speed checks")
     p.set_defaults(func=run_tiny)
 
 
 def run_tiny(args: argparse.Namespace) -> None:
-    from libs.llm.testing import TinyShape, write_tiny_qwen25vl
+    from libs.llm.testing import QWEN25VL_7B, TinyShape, write_tiny_qwen25vl
 
-    shape = TinyShape(hidden=args.hidden, layers=args.layers, heads=max(args.hidden // 128, 4), kv_heads=max(args.hidden // 896, 2), ffn=args.hidden * 2)
-    pair = write_tiny_qwen25vl(args.out, shape)
+    shape = QWEN25VL_7B if args.shape == "7b" else TinyShape()
+    pair = write_tiny_qwen25vl(args.out, shape, name="random-qwen25vl-7b" if args.shape == "7b" else "tiny-qwen25vl")
     print(f"model  {pair.model}\nmmproj {pair.mmproj}")
 
 

@@ -96,6 +96,7 @@ def test_a_broken_mmproj_fails_to_load_in_one_line(tiny_pair, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_pair):
+    pytest.importorskip("uvicorn", reason="the vlm-server extra (llama-cpp-python's server) is not installed")
     with ModelServer(tiny_pair) as s:
         yield s
 

@@ -53,3 +53,45 @@ def chart_event(candles: list[Kline], last: int, uri: str, window: int = 60, sym
 
 def kline_events(candles: list[Kline]) -> list[KlineEvent]:
     return [KlineEvent.from_kline(k, "replay") for k in candles]
+
+
+class ScriptedServer:
+    """An OpenAI-compatible chat-completions server on loopback (a real aiohttp server speaking
+    the protocol) whose answers a test scripts: ``reply(n, body)`` gives the n-th answer's text
+    (n from 1), and may sleep first. ``requests`` keeps every request body."""
+
+    def __init__(self, reply, model: str = "scripted.gguf") -> None:
+        self.reply = reply
+        self.model = model
+        self.requests: list[dict] = []
+        self.url = ""
+        self._runner = None
+
+    async def __aenter__(self) -> "ScriptedServer":
+        from aiohttp import web
+
+        from libs.llm.testing import free_port
+
+        async def chat(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.requests.append(body)
+            text = await self.reply(len(self.requests), body)
+            return web.json_response(
+                {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": {}}
+            )
+
+        async def models(_: web.Request) -> web.Response:
+            return web.json_response({"data": [{"id": self.model}]})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/v1/models", models)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()

@@ -17,7 +17,7 @@ from services.vlm.app import create
 from services.vlm.settings import VlmSettings
 from tests.streams import add_events, read_topic, wait_for_events
 
-from .conftest import chart_event, chart_png, kline_events
+from .conftest import ScriptedServer, chart_event, chart_png, kline_events
 
 
 def metric(name: str, **labels: str) -> float:
@@ -102,6 +102,7 @@ async def _settled(url: str, last_open_time: int) -> list[dict]:
 
 
 async def test_remote_backend_down_then_up_across_a_restart_loses_and_doubles_nothing(redis_url, tmp_path, tiny_pair, candles):
+    pytest.importorskip("uvicorn", reason="the vlm-server extra (llama-cpp-python's server) is not installed")
     png = chart_png(tmp_path / "btc.png", candles[:60])
     await add_events(redis_url, kline_events(candles[:60]))
     port = free_port()
@@ -135,43 +136,28 @@ async def test_remote_backend_down_then_up_across_a_restart_loses_and_doubles_no
 @pytest.mark.parametrize("garbage_then", ["garbage", "valid"])
 async def test_a_refused_answer_is_retried_once_with_the_reason_then_dead_lettered(redis_url, tmp_path, candles, garbage_then):
     """A server that ignores the grammar (an OpenAI-compatible one, over a real socket)."""
-    from aiohttp import web
-
     shown = candles[:60]
     valid = (
         '{"trend":"bullish","confidence":0.7,"support":[%s],"resistance":[%s],"patterns":["hammer"],'
         '"signal":"buy","summary":"ok"}' % (min(k.low for k in shown), max(k.high for k in shown))
     )
     answers = ["Sure! The chart looks bullish.", "garbage again" if garbage_then == "garbage" else valid]
-    requests: list[dict] = []
 
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        requests.append(body)
-        text = answers[min(len(requests) - 1, 1)]
-        return web.json_response({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": {}})
+    async def reply(n: int, _body: dict) -> str:
+        return answers[min(n - 1, 1)]
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "scripted.gguf"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     png = chart_png(tmp_path / "btc.png", shown)
     await add_events(redis_url, kline_events(shown))
-    runtime = create(VlmSettings(data_dir=tmp_path, backend="remote", remote_url=f"http://127.0.0.1:{port}"), redis_url)
-    await runtime.start(http=False)
-    try:
-        await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
-        topic = topics.DEAD_LETTERS if garbage_then == "garbage" else topics.ANALYSES
-        got = await wait_for_events(redis_url, topic, 1, settle=0.3)
-    finally:
-        await runtime.stop()
-        await runner.cleanup()
+    async with ScriptedServer(reply) as server:
+        runtime = create(VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url), redis_url)
+        await runtime.start(http=False)
+        try:
+            await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
+            topic = topics.DEAD_LETTERS if garbage_then == "garbage" else topics.ANALYSES
+            got = await wait_for_events(redis_url, topic, 1, settle=0.3)
+        finally:
+            await runtime.stop()
+    requests = server.requests
     assert len(requests) == 2
     assert "grammar" in requests[0] and requests[0]["max_tokens"] > 0
     retry = requests[1]["messages"][-1]["content"]
@@ -187,43 +173,27 @@ async def test_a_refused_answer_is_retried_once_with_the_reason_then_dead_letter
 async def test_a_model_timeout_is_a_dead_letter_and_the_service_keeps_serving(redis_url, tmp_path, candles):
     """A server slower than the call deadline (real HTTP on loopback): the chart is dead-lettered
     with the reason, and the next chart is still analysed."""
-    from aiohttp import web
-
     shown = candles[:60]
-    valid = (
-        '{"trend":"sideways","confidence":0.5,"support":[],"resistance":[],"patterns":[],"signal":"hold","summary":"flat"}'
-    )
-    calls: list[int] = []
+    valid = '{"trend":"sideways","confidence":0.5,"support":[],"resistance":[],"patterns":[],"signal":"hold","summary":"flat"}'
 
-    async def chat(request: web.Request) -> web.Response:
-        calls.append(1)
-        if len(calls) == 1:
+    async def reply(n: int, _body: dict) -> str:
+        if n == 1:
             await asyncio.sleep(3)  # far past the 0.5 s deadline
-        return web.json_response({"choices": [{"message": {"role": "assistant", "content": valid}, "finish_reason": "stop"}]})
+        return valid
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "slow.gguf"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     png = chart_png(tmp_path / "btc.png", shown)
     sol = [dataclasses.replace(k, symbol="SOLUSDT") for k in shown]
     await add_events(redis_url, kline_events(shown) + kline_events(sol))
-    settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=f"http://127.0.0.1:{port}", call_timeout_s=0.5)
-    runtime = create(settings, redis_url)
-    await runtime.start(http=False)
-    try:
-        await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
-        dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1, settle=0)
-        await add_events(redis_url, [chart_event(sol, 59, f"file://{png}", symbol="SOLUSDT")])
-        analyses = await wait_for_events(redis_url, topics.ANALYSES, 1, settle=0.3)
-    finally:
-        await runtime.stop()
-        await runner.cleanup()
+    async with ScriptedServer(reply) as server:
+        settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url, call_timeout_s=0.5)
+        runtime = create(settings, redis_url)
+        await runtime.start(http=False)
+        try:
+            await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
+            dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1, settle=0)
+            await add_events(redis_url, [chart_event(sol, 59, f"file://{png}", symbol="SOLUSDT")])
+            analyses = await wait_for_events(redis_url, topics.ANALYSES, 1, settle=0.3)
+        finally:
+            await runtime.stop()
     assert "vlm timeout: model server took longer than 0.5s" in dead[0]["reason"]
     assert len(analyses) == 1 and analyses[0]["symbol"] == "SOLUSDT" and analyses[0]["signal"] == "hold"

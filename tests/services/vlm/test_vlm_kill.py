@@ -8,45 +8,31 @@ import signal
 import subprocess
 import sys
 
-from aiohttp import web
-
 from libs.common import topics
-from libs.llm.testing import free_port
 from tests.streams import add_events, read_topic, wait_for_events
 
-from .conftest import chart_event, chart_png, kline_events
+from .conftest import ScriptedServer, chart_event, chart_png, kline_events
 
 VALID = '{"trend":"bearish","confidence":0.25,"support":[],"resistance":[],"patterns":[],"signal":"sell","summary":"down"}'
 
 
 async def test_kill_during_a_model_call_neither_loses_nor_doubles(redis_url, tmp_path, candles):
-    requests: list[int] = []
     arrived = asyncio.Event()
 
-    async def chat(request: web.Request) -> web.Response:
-        requests.append(1)
+    async def reply(n: int, _body: dict) -> str:
         arrived.set()
-        if len(requests) == 1:
+        if n == 1:
             await asyncio.sleep(20)  # the process is killed while it waits for this answer
-        return web.json_response({"choices": [{"message": {"role": "assistant", "content": VALID}, "finish_reason": "stop"}]})
+        return VALID
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "served.gguf"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     shown = candles[:60]
     png = chart_png(tmp_path / "btc.png", shown)
     await add_events(redis_url, kline_events(shown))
+    server = await ScriptedServer(reply, model="served.gguf").__aenter__()
     env = {
         **os.environ,
         "KLINEBUS_REDIS_URL": redis_url, "KLINEBUS_DATA_DIR": str(tmp_path), "KLINEBUS_BACKEND": "remote",
-        "KLINEBUS_REMOTE_URL": f"http://127.0.0.1:{port}", "KLINEBUS_CONSUMER_NAME": "vlm-0",
+        "KLINEBUS_REMOTE_URL": server.url, "KLINEBUS_CONSUMER_NAME": "vlm-0",
         "KLINEBUS_CALL_TIMEOUT_S": "60", "KLINEBUS_LOG_FORMAT": "text",
     }
 
@@ -66,7 +52,7 @@ async def test_kill_during_a_model_call_neither_loses_nor_doubles(redis_url, tmp
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
-        await runner.cleanup()
+        await server.__aexit__()
     assert len(analyses) == 1 and analyses[0]["signal"] == "sell" and analyses[0]["model"] == "served.gguf"
-    assert len(requests) == 2
+    assert len(server.requests) == 2
     assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
