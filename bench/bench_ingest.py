@@ -6,7 +6,14 @@ websocket) and *backfill* (every candle has already closed; ingest starts with s
 it last published the candle before the first one, so all of them come over REST in pages
 of 1000).
 
-    .venv/bin/python bench/bench_ingest.py [--candles 2000] [--symbols 3]
+*Burst* (``--burst 100,500,1000``): N streams close at the same moment (the shipped candles
+under made-up symbols); for the last close of the replay it prints the burst completion time
+(the exchange's send of the closes -> the last of them on klines.v1), candles lost and doubled,
+and how many publish calls carried the burst, beside a raw pipelined XADD of the same N
+payloads in the same run. Initial REST history is off there (it would measure REST, not the
+publish path).
+
+    .venv/bin/python bench/bench_ingest.py [--candles 2000] [--symbols 3] [--burst 100,500]
 """
 
 from __future__ import annotations
@@ -100,6 +107,68 @@ async def backfill_run(url: str, candles, tmp: Path) -> float:
     return total / elapsed
 
 
+async def burst_run(url: str, n: int, tmp: Path, speed: float = 20.0) -> dict:
+    """``n`` streams of 3 candles closing together; figures for the last close."""
+    from dataclasses import replace
+
+    base = list(load_candles(sorted(DATA.glob("*-1m-*.csv.gz")), limit=3).values())
+    candles = {}
+    for i in range(n):
+        src = base[i % len(base)]
+        symbol = f"B{i:04d}{src[0].symbol}"
+        candles[(symbol, "1m")] = [replace(k, symbol=symbol) for k in src]
+    key = topics.stream_key(topics.KLINES)
+    r = redis.Redis.from_url(url)
+    r.delete(key, topics.stream_companion_key(topics.KLINES, LAST_OPEN_TIME))
+    sim = ExchangeSimulator(candles, speed=speed, updates_per_candle=1)
+    await sim.start(replay=False)
+    try:
+        settings = bench_settings(sim, candles, tmp).model_copy(update={"initial_backfill_candles": 0})
+        runtime = create(settings, url)
+        await runtime.start(http=False)
+        while sim.connections < len(runtime.ws_client.chunks):
+            await asyncio.sleep(0.01)
+        sim.begin()
+        last_close = max(ks[-1].close_time for ks in candles.values())
+        while r.xlen(key) < 2 * n:
+            await asyncio.sleep(0.01)
+        calls_before = runtime.engine.sink.calls
+        elapsed = await seconds_until_published(r, key, 3 * n, runtime, time.perf_counter())
+        events = [orjson.loads(f[DATA_FIELD.encode()]) for _, f in r.xrange(key)]
+        calls = runtime.engine.sink.calls - calls_before
+    finally:
+        await sim.stop()
+    r.close()
+    sent = sim.started_wall + (last_close + 1 - sim.start_ms) / (speed * 1000)
+    last = [e for e in events if e["close_time"] == last_close]
+    keys = [(e["symbol"], e["open_time"]) for e in events]
+    return {
+        "streams": n,
+        "burst_s": max(e["ingested_at"] for e in last) / 1000 - sent,
+        "lost": 3 * n - len(set(keys)),
+        "doubled": len(keys) - len(set(keys)),
+        "calls": calls,
+        "waited_s": elapsed,
+    }
+
+
+def xadd_burst(url: str, n: int) -> float:
+    """Seconds for one pipelined call of ``n`` XADDs (the floor a burst of n closes could reach)."""
+    (ks,) = load_candles(sorted(DATA.glob("BTCUSDT-1m-*.csv.gz")), limit=1).values()
+    payloads = [KlineEvent.from_kline(ks[0], "ws").to_json()] * n
+    r = redis.Redis.from_url(url)
+    key = topics.stream_key(topics.KLINES) + ":bench-burst"
+    t0 = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for p in payloads:
+        pipe.xadd(key, {DATA_FIELD: p}, maxlen=1_000_000, approximate=True)
+    pipe.execute()
+    elapsed = time.perf_counter() - t0
+    r.delete(key)
+    r.close()
+    return elapsed
+
+
 def xadd_run(url: str, candles) -> float:
     payloads = [KlineEvent.from_kline(k, "ws").to_json() for ks in candles.values() for k in ks]
     r = redis.Redis.from_url(url)
@@ -122,7 +191,17 @@ def main() -> None:
     ap.add_argument("--candles", type=int, default=2000, help="candles per symbol")
     ap.add_argument("--symbols", type=int, default=3)
     ap.add_argument("--speed", type=float, default=60_000.0, help="simulated s per real s (high = as fast as possible)")
+    ap.add_argument("--burst", default="", help="comma-separated stream counts closing together, e.g. 100,500,1000")
     args = ap.parse_args()
+    if args.burst:
+        with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persistent=False) as server:
+            for n in (int(x) for x in args.burst.split(",")):
+                b = asyncio.run(burst_run(server.url, n, Path(tmp)))
+                raw = xadd_burst(server.url, n)
+                print(f"burst of {n:5d} closes: last on klines.v1 {b['burst_s'] * 1000:7.1f} ms after the exchange sent them"
+                      f" (raw XADD pipeline of {n}: {raw * 1000:6.1f} ms, ratio {b['burst_s'] / raw:5.1f}x);"
+                      f" {b['calls']} publish calls; lost {b['lost']}, doubled {b['doubled']}")
+        return
     paths = sorted(DATA.glob("*-1m-*.csv.gz"))[: args.symbols]
     candles = load_candles(paths, limit=args.candles)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persistent=False) as server:
