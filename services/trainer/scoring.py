@@ -14,7 +14,7 @@ import numpy as np
 from libs.common.klines import INTERVAL_MS
 from libs.common.model_package import MODEL_FILE, ModelPackage, verify_package
 from libs.indicators.batch import compute_frame
-from services.trainer.datasets.sequence import PRICE_NAMES, _valid_anchors
+from services.trainer.datasets.sequence import PRICE_NAMES, valid_anchors
 from services.trainer.evaluation import forecast_scorecard, walk_forward
 from services.trainer.sources import load_series
 
@@ -46,7 +46,7 @@ def score_package(package_dir: str | Path, inputs: list[str], include_seen: bool
         feats = compute_frame(s.frame, meta.features, interval_ms=INTERVAL_MS[interval], allow_gaps=True)[meta.features].to_numpy(np.float64)
         prices = s.frame[list(PRICE_NAMES)].to_numpy(np.float64)
         ot = s.frame["open_time"].to_numpy(np.int64)
-        anchors = _valid_anchors(ot, feats, INTERVAL_MS[interval], L, hmax)
+        anchors = valid_anchors(ot, feats, INTERVAL_MS[interval], L, hmax)
         if not include_seen:
             unseen = ot[anchors - L + 1] > meta.ranges.validation.end
             skipped_seen += int((~unseen).sum())

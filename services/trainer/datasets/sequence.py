@@ -100,7 +100,7 @@ def _skipped_features(features: tuple[str, ...], shortest: int) -> dict[str, str
     }
 
 
-def _valid_anchors(open_time: np.ndarray, feats: np.ndarray, step: int, lookback: int, hmax: int) -> np.ndarray:
+def valid_anchors(open_time: np.ndarray, feats: np.ndarray, step: int, lookback: int, hmax: int) -> np.ndarray:
     n = len(open_time)
     idx = np.arange(n)
     bad_row = ~np.isfinite(feats).all(axis=1)
@@ -149,7 +149,7 @@ def build(spec: BuildSpec) -> dict:
             raise DatasetError(f"{key[0]} {key[1]}: {e}") from None
         ot = frame["open_time"].to_numpy(np.int64)
         prices = frame[list(PRICE_NAMES)].to_numpy(np.float64)
-        anchors = _valid_anchors(ot, feats, step, lookback, hmax)
+        anchors = valid_anchors(ot, feats, step, lookback, hmax)
         per[key] = dict(open_time=ot, features=feats, prices=prices, anchors=anchors)
 
     need = warmup + lookback + hmax
