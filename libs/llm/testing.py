@@ -117,7 +117,7 @@ def _write_text(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name: 
 
     vocab = len(tokens)
     head_dim = s.hidden // s.heads
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w = gguf.GGUFWriter(str(path), "qwen2vl", use_temp_file=s.f16)  # a 7B shape spills to disk, not RAM
     w.add_name(name)
     w.add_context_length(s.context)
     w.add_embedding_length(s.hidden)
@@ -168,7 +168,7 @@ def _write_mmproj(gguf, path: Path, s: TinyShape, rng: np.random.Generator, name
 
     v, ff, p = s.vision_hidden, s.vision_ffn, s.patch
     merged = v * 4  # the merger concatenates 2x2 neighbouring patches
-    w = gguf.GGUFWriter(str(path), "clip")
+    w = gguf.GGUFWriter(str(path), "clip", use_temp_file=s.f16)
     w.add_name(f"mmproj-{name}")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if s.f16 else gguf.LlamaFileType.ALL_F32)
     w.add_clip_has_vision_encoder(True)

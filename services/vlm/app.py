@@ -54,7 +54,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
     runtime = ServiceRuntime(NAME, settings, url, description="Vision-language model chart analyses (Qwen2.5-VL GGUF).")
     bus, metrics = runtime.bus, runtime.metrics
     bus.publisher(topics.ANALYSES, AnalysisEvent)
-    skipped = metrics.counter("skipped_total", "Charts not analysed: superseded by a newer chart, or older than the one waiting", ["why"])
+    skipped = metrics.counter("skipped_total", "Charts not analysed: superseded by a newer chart, older than the one waiting, or of another preset", ["why"])
     outcomes = metrics.counter("analyses_total", "Charts taken to the model, by outcome", ["result"])
     retries = metrics.counter("answer_retries_total", "Answers refused and asked again (with the reason)")
     backend_errors = metrics.counter("backend_errors_total", "Model calls that failed because the model or server was unavailable")
@@ -80,6 +80,9 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
     @bus.competing(topics.CHARTS, description="Charts to analyse; the latest per symbol/interval wins when behind.")
     async def on_chart(event: ChartEvent) -> None:
         metrics.events_in.labels(topics.CHARTS).inc()
+        if event.preset not in settings.presets:
+            skipped.labels("preset").inc()
+            return
         recorded, other = await state["pending"].offer(event.symbol, event.interval, event.open_time, event.to_json())
         if not recorded:
             skipped.labels("stale").inc()

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
-from libs.common.settings import ServiceSettings
+from libs.common.settings import ServiceSettings, parse_csv_list
 from libs.llm.models import DEFAULT_HF_MMPROJ_FILE, DEFAULT_HF_MODEL_FILE, DEFAULT_HF_REPO
 
 
@@ -26,12 +27,20 @@ class VlmSettings(ServiceSettings):
     n_gpu_layers: int = Field(-1, ge=-1, description="Layers offloaded to the GPU when llama.cpp has one; -1: all.")
     n_threads: int = Field(0, ge=0, description="CPU threads for llama.cpp; 0: its default.")
     image_max_tokens: int = Field(512, ge=0, description="Cap on image tokens per chart (0: the model's own limit).")
-    warmup: bool = Field(True, description="Run the vision encoder once at load (allocates its buffers up front).")
+    warmup: bool = Field(
+        False,
+        description="Reserve the vision encoder's buffers at load. llama.cpp sizes that warm-up for its largest "
+        "image (46x46 patches), not for image_max_tokens: on a 7B that over-allocates by far, so it is off.",
+    )
     # --- remote backend -------------------------------------------------------------------------
     remote_url: str = Field("", description="Base URL of the model server, e.g. http://vlm-model:8000.")
     remote_model: str = Field("", description="Model name sent to the server; empty: what GET /v1/models says.")
     remote_api_key: SecretStr | None = Field(None, description="Bearer token for the model server.")
     remote_revision: str = Field("remote", description="Revision reported on analyses.v1 for the served model.")
+    presets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["analysis"],
+        description="Chart presets analysed (comma-separated); charts of others (classifier224 thumbnails) are skipped.",
+    )
     # --- the call ---------------------------------------------------------------------------------
     image_max_side: int = Field(672, ge=56, le=4096, description="Charts are downscaled so no side exceeds this (px).")
     call_timeout_s: float = Field(180.0, gt=0, description="Deadline of one model call (a 7B on 2 CPU cores: 1-2 min).")
@@ -45,6 +54,11 @@ class VlmSettings(ServiceSettings):
     score_flat_bps: float = Field(5.0, ge=0, description="A move smaller than this (basis points) counts as flat (hold/sideways).")
     score_window: int = Field(100, ge=1, description="Scored analyses in each rolling hit rate.")
     score_poll_s: float = Field(5.0, gt=0, description="Seconds between looks for candles that settle pending scores.")
+
+    @field_validator("presets", mode="before")
+    @classmethod
+    def _presets(cls, v: object) -> object:
+        return parse_csv_list(v)
 
     @model_validator(mode="after")
     def _paths_in_pairs(self) -> "VlmSettings":

@@ -140,3 +140,18 @@ def test_gpu_offload_answers(tiny_pair):
         validate(json.loads(answer.text), SCHEMA)
     finally:
         asyncio.run(model.close())
+
+
+def test_an_f16_pair_with_a_wide_vocabulary_loads_and_answers(tmp_path):
+    """The writer's path for 7B-shaped speed checks (f16 weights, padded vocabulary), small."""
+    from libs.llm.testing import TinyShape, write_tiny_qwen25vl
+
+    shape = TinyShape(hidden=128, ffn=256, vision_hidden=64, vision_heads=4, vision_ffn=128, vocab_pad=3000, f16=True)
+    pair = write_tiny_qwen25vl(tmp_path, shape)
+    model = LocalModel(from_paths(pair.model, pair.mmproj), n_ctx=1024, n_threads=1, image_max_tokens=16, warmup=False)
+    model.load()
+    try:
+        answer = asyncio.run(model.chat([image_message("x", png(112, 112))], grammar=GRAMMAR, max_tokens=80, timeout_s=60))
+    finally:
+        asyncio.run(model.close())
+    validate(json.loads(answer.text), SCHEMA)

@@ -97,3 +97,12 @@ async def test_a_service_without_a_model_stops_at_start_in_one_line(redis_url, t
             await r.start(http=False)
         finally:
             await r.stop()
+
+
+def test_presets_setting_reads_a_comma_list(monkeypatch):
+    from libs.common.settings import load_settings
+
+    monkeypatch.setenv("KLINEBUS_PRESETS", "analysis,classifier224")
+    assert load_settings(VlmSettings).presets == ["analysis", "classifier224"]
+    monkeypatch.delenv("KLINEBUS_PRESETS")
+    assert VlmSettings().presets == ["analysis"]

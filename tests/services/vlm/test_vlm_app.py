@@ -51,6 +51,8 @@ async def test_local_backend_analyses_scores_and_dead_letters(redis_url, tmp_pat
         chart_event(candles, 59, f"file://{png}", symbol="ETHUSDT"),  # no ETHUSDT candles on klines.v1
         chart_event(sol, 59, f"file://{tmp_path / 'gone.png'}", symbol="SOLUSDT"),  # its image is missing
     ]
+    thumbnail = chart_event(candles, 59, f"file://{png}").model_copy(update={"preset": "classifier224"})
+    preset_skips = metric("skipped_total", why="preset")
     skipped_before = metric("skipped_total", why="superseded") + metric("skipped_total", why="stale")
     scored_before = metric("scored_total", symbol="BTCUSDT", interval="15m", call="signal", predictor="hold", result="hit") + metric(
         "scored_total", symbol="BTCUSDT", interval="15m", call="signal", predictor="hold", result="miss"
@@ -58,7 +60,7 @@ async def test_local_backend_analyses_scores_and_dead_letters(redis_url, tmp_pat
     runtime = create(local_settings(tmp_path, tiny_pair), redis_url)
     await runtime.start(http=False)
     try:
-        await add_events(redis_url, charts + bad)
+        await add_events(redis_url, [thumbnail] + charts + bad)
         dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 2, settle=0)
         await wait_until(lambda: metric("analyses_total", result="published") >= 1)
         analyses = await _settled(redis_url, candles[59].open_time)
@@ -71,6 +73,7 @@ async def test_local_backend_analyses_scores_and_dead_letters(redis_url, tmp_pat
         await runtime.stop()
     skipped = metric("skipped_total", why="superseded") + metric("skipped_total", why="stale") - skipped_before
     assert len(analyses) + skipped == len(charts)
+    assert metric("skipped_total", why="preset") == preset_skips + 1  # not a chart for the VLM
     assert [a["open_time"] for a in analyses] == sorted({a["open_time"] for a in analyses})  # once each, in order
     last = analyses[-1]
     shown = candles[:60]
