@@ -162,12 +162,14 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
             result = await analyst.analyse(chart, frame, png)
         except BackendUnavailable as exc:
             backend_errors.inc()
+            runtime.health.set("model", False)
             key = (field, open_time)
-            backend_failures[key] = backend_failures.get(key, 0) + 1
-            if backend_failures.pop(key) if backend_failures[key] >= settings.backend_attempts else None:
+            tries = backend_failures.pop(key, 0) + 1
+            if tries >= settings.backend_attempts:
                 await refuse(raw, "backend_down", str(exc))
                 await pending.done(field, open_time)
             else:
+                backend_failures[key] = tries
                 log.warning("vlm backend unavailable, %s %s waits: %s", chart.symbol, chart.interval, exc)
                 await pending.release(field, open_time)
                 await asyncio.sleep(min(settings.model_retry_s, 5.0))
@@ -184,6 +186,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
         except LLMError as exc:
             await refuse(raw, "model_error", str(exc))
         else:
+            runtime.health.set("model", True)
             retries.inc(result.attempts - 1)
             event = analysis_event(
                 chart, frame, result, model=b.model_name, revision=b.revision, backend=b.kind, image_prep_ms=prep_ms
@@ -251,6 +254,8 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
                     await client.hdel(key, f)
                     unscorable.labels("bad_record").inc()
                     continue
+                if time.time() * 1000 < p.target_open_time + INTERVAL_MS[p.interval]:
+                    continue  # the target candle has not closed yet
                 candles = await recent_candles(client, p.symbol, p.interval, 1, before=p.target_open_time + 1)
                 if candles and candles[-1].open_time == p.target_open_time:
                     if await client.hdel(key, f):  # only the replica that removes it scores it

@@ -200,3 +200,30 @@ async def test_a_model_timeout_is_a_dead_letter_and_the_service_keeps_serving(re
             await runtime.stop()
     assert "vlm timeout: model server took longer than 0.5s" in dead[0]["reason"]
     assert len(analyses) == 1 and analyses[0]["symbol"] == "SOLUSDT" and analyses[0]["signal"] == "hold"
+
+
+async def test_a_failing_model_server_is_retried_then_dead_lettered(redis_url, tmp_path, candles):
+    """HTTP 503 from the server: the chart waits and is tried again, then dead-lettered after
+    KLINEBUS_BACKEND_ATTEMPTS tries; readiness says the model is not there meanwhile."""
+    from aiohttp import web
+
+    async def reply(n: int, _body: dict) -> str:
+        raise web.HTTPServiceUnavailable(text="model is loading")
+
+    shown = candles[:60]
+    png = chart_png(tmp_path / "btc.png", shown)
+    await add_events(redis_url, kline_events(shown))
+    async with ScriptedServer(reply) as server:
+        settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url, backend_attempts=2, model_retry_s=0.1)
+        runtime = create(settings, redis_url)
+        await runtime.start(http=False)
+        try:
+            await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
+            dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1, settle=0.3)
+            ready = runtime.health.status()[1]["model"]
+        finally:
+            await runtime.stop()
+    assert len(server.requests) == 2 and len(dead) == 1
+    assert "vlm backend_down: model server answered HTTP 503: model is loading" in dead[0]["reason"]
+    assert ready is False
+    assert await read_topic(redis_url, topics.ANALYSES) == []
