@@ -33,7 +33,10 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
     runtime.bus.publisher(topics.KLINES_LIVE, LiveKlineEvent)
     metrics = IngestMetrics(runtime.metrics)
     redis = redis_client(url)
-    sink = KlineSink(redis, settings.stream_maxlen, settings.live_maxlen, metrics=metrics)
+    sink = KlineSink(
+        redis, settings.stream_maxlen, settings.live_maxlen, metrics=metrics,
+        retention_ms=getattr(settings, "stream_retention_ms", 0),  # the bus's time-based retention, where set
+    )
     engine = IngestEngine(
         settings.symbols,
         settings.intervals,
