@@ -60,3 +60,42 @@ async def test_sink_publishes_a_batch_once_and_in_order(redis_url):
     )
     assert [e["close"] for e in events[4:7]] == [k.close for k in btc[3:6]]
     assert last == {("BTCUSDT", "1m"): btc[2099].open_time, ("ETHUSDT", "1m"): eth[1].open_time}
+
+
+async def test_sink_waits_out_redis_refusing_writes_and_loses_nothing(redis_url):
+    """Redis out of memory under ``noeviction`` refuses every write for a while: the sink says so
+    once, keeps the batch, and publishes it when Redis takes writes again."""
+    import asyncio
+    import time
+
+    from metrics_fake import RecordingMetrics
+
+    (btc,) = shipped_candles(5, symbols=("BTCUSDT",)).values()
+    admin = redis_client(redis_url)
+    redis = redis_client(redis_url)
+    metrics = RecordingMetrics()
+    sink = KlineSink(redis, maxlen=1000, live_maxlen=100, metrics=metrics)
+    saved = await admin.config_get("maxmemory*")
+    try:
+        await sink.publish_closed(btc[:1], "ws")  # the script is loaded and the stream exists
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")  # every write is now refused with OOM
+        publishing = asyncio.create_task(sink.publish_closed(btc[1:], "ws"))
+        deadline = time.monotonic() + 30
+        while metrics.count("publish_stalled") != 1:
+            assert time.monotonic() < deadline and not publishing.done(), publishing
+            await asyncio.sleep(0.02)
+        # nothing got in meanwhile
+        assert [e["open_time"] for e in await read_klines(redis_url, topics.KLINES)] == [btc[0].open_time]
+        await admin.config_set("maxmemory", saved.get("maxmemory", "0"))
+        results = await asyncio.wait_for(publishing, 30)
+    finally:
+        await admin.config_set("maxmemory", saved.get("maxmemory", "0"))
+        await admin.config_set("maxmemory-policy", saved.get("maxmemory-policy", "noeviction"))
+        await sink.close()
+        await redis.aclose()
+        await admin.aclose()
+    assert results == [(True, k.open_time) for k in btc[1:]]
+    assert [e["open_time"] for e in await read_klines(redis_url, topics.KLINES)] == [k.open_time for k in btc]
+    assert metrics.count("publish_stalled") == 0
+    assert sum(v for (name, _), v in metrics.counts.items() if name == "publish_retries") >= 1
