@@ -134,6 +134,10 @@ class _Builder:
         if "items" not in schema:
             raise SchemaError(f"{where}: an array needs 'items'")
         lo, hi = _array_bounds(schema, where)
+        if _no_values(schema["items"]):
+            if lo > 0:
+                raise SchemaError(f"{where}: minItems {lo} but no number fits the items' range")
+            return self.add(name, '"[]"')  # e.g. supports when the last close is the window's low
         item = self.visit(schema["items"], f"{name}-item", f"{where}[]")
         if hi == 0:
             return self.add(name, '"[]"')
@@ -182,6 +186,16 @@ def _scaled_bounds(schema: dict[str, Any], integer: bool) -> tuple[int, int, int
     if len(str(b)) > INT_DIGITS + FRAC_DIGITS:
         raise SchemaError(f"maximum {hi} with {d} decimals needs more than {INT_DIGITS + FRAC_DIGITS} digits")
     return a, b, d
+
+
+def _no_values(schema: dict[str, Any]) -> bool:
+    """A bounded number whose range holds no value at its precision (e.g. 105.37..105.37 in
+    whole numbers)."""
+    t = schema.get("type") if isinstance(schema, dict) else None
+    if t not in ("number", "integer") or "enum" in schema or "const" in schema:
+        return False
+    bounded = _scaled_bounds(schema, t == "integer")
+    return bounded is not None and bounded[0] > bounded[1]
 
 
 def _digit_ranges(lo: int, hi: int) -> list[list[str]]:
@@ -259,6 +273,8 @@ def max_output_chars(schema: dict[str, Any]) -> int:
         return 2 + (len(props) - 1) + sum(len(json.dumps(k)) + 1 + max_output_chars(s) for k, s in props.items())
     if t == "array":
         _, hi = _array_bounds(schema, "$")
+        if _no_values(schema["items"]):
+            return 2
         return 2 + hi * max_output_chars(schema["items"]) + max(hi - 1, 0)
     if t == "string":
         return 2 + 2 * _string_bounds(schema, "$")[1]

@@ -106,3 +106,18 @@ def test_presets_setting_reads_a_comma_list(monkeypatch):
     assert load_settings(VlmSettings).presets == ["analysis", "classifier224"]
     monkeypatch.delenv("KLINEBUS_PRESETS")
     assert VlmSettings().presets == ["analysis"]
+
+
+def test_a_close_at_the_window_low_leaves_no_room_for_supports():
+    """Last close == the window's low: supports can only be [], and the grammar says so."""
+    import json as _json
+
+    from libs.llm.grammar import max_output_chars, schema_to_gbnf
+
+    frame = PriceFrame(low=28292.32, high=28819.71, first_open=28465.0, last_close=28292.32, prev_close=28300.0, candles=60)
+    schema = answer_schema(frame)
+    grammar = schema_to_gbnf(schema)
+    assert 'root-value-support ::= "[]"' in grammar
+    ok = _json.dumps({"trend": "bearish", "confidence": 0.4, "support": [], "resistance": [28500], "patterns": [], "signal": "sell", "summary": "at the low"})
+    assert check_answer(ok, schema).resistance == [28500.0]
+    assert max_output_chars(schema) < max_output_chars(answer_schema(FRAME))
