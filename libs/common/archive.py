@@ -71,6 +71,8 @@ COMPACT_AFTER_PARTS = 8
 READ_ATTEMPTS = 5
 # Parts read in parallel from an object store (one request each).
 READ_THREADS = 8
+# A local temp file older than this is a writer's leftover (killed mid-write): compaction removes it.
+STALE_TMP_S = 3600.0
 # Open-time sets of parts remembered per archive (parts never change, so they never go stale).
 SEEN_CACHE_FILES = 4096
 
@@ -325,7 +327,20 @@ class ParquetArchive:
             with self._seen_lock:
                 self._seen.pop(p.path, None)
         log.debug("compacted %s %s %s: %d parts -> 1 (%d rows)", symbol, interval, month, len(parts), table.num_rows)
+        if self._local:
+            self._remove_stale_tmp(self.folder(symbol, interval))
         return len(parts)
+
+    def _remove_stale_tmp(self, folder: str) -> None:
+        """Temp files of writers killed mid-write (never read; a live writer's are younger)."""
+        cutoff = time.time() - STALE_TMP_S
+        for info in self.fs.ls(folder, detail=True):
+            name = info["name"]
+            if ".parquet.tmp-" in name.rsplit("/", 1)[-1] and float(info.get("mtime", cutoff)) < cutoff:
+                try:
+                    self.fs.rm(name)
+                except FileNotFoundError:
+                    pass
 
     # --- reading -----------------------------------------------------------------------------
 

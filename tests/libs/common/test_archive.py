@@ -161,6 +161,24 @@ def test_writes_add_parts_and_compaction_merges_them(tmp_path):
     assert list(small.read("BTCUSDT", "1m")["open_time"]) == [k.open_time for k in ks]
 
 
+def test_compaction_removes_temp_files_writers_left_when_killed(tmp_path):
+    import os
+    import time
+
+    ks = _month_of_candles(10)
+    archive = ParquetArchive(str(tmp_path / "a"), compact_after=100)
+    archive.write(ks[:5])
+    archive.write(ks[5:])
+    folder = tmp_path / "a" / "BTCUSDT" / "1m"
+    stale, fresh = folder / "2026-03.1.x.parquet.tmp-dead", folder / "2026-03.2.y.parquet.tmp-live"
+    stale.write_bytes(b"half a part")
+    fresh.write_bytes(b"a part being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert archive.compact("BTCUSDT", "1m", "2026-03") == 2
+    assert not stale.exists() and fresh.exists()
+    assert list(archive.read("BTCUSDT", "1m")["open_time"]) == [k.open_time for k in ks]
+
+
 def test_duplicates_across_parts_are_returned_once_newest_copy_wins(tmp_path):
     """Two writers that both miss each other's part (a race) each add the candle: reads return it once."""
     ks = _month_of_candles(4)
