@@ -186,6 +186,7 @@ def _progress_printer(as_json: bool):
 
             bar.update(tasks["epochs"], completed=info["epoch"])
             bar.console.print(epoch_line(EpochLog(**info)))
+            bar.console.file.flush()  # a log file sees each epoch as it ends, not at exit
         else:
             bar.console.print(f"{stage}…")
 
