@@ -72,7 +72,7 @@ class Metrics:
         self.predictions = m.counter("predictions_total", "Forecasts published", ["model"])
         self.skipped = m.counter(
             "skipped_total", "Candles a model gave no forecast for, by reason "
-            "(not_warm, too_few_candles, feature_set_mismatch)", ["model", "reason"])
+            "(not_warm, too_few_candles, gap, feature_set_mismatch)", ["model", "reason"])
         self.mismatches = m.counter(
             "feature_set_mismatches_total", "features.v1 events whose feature set lacks a routed model's inputs",
             ["model", "feature_set"])

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
+from libs.common.klines import interval_ms
 from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
 
 Key = tuple[str, str]
@@ -25,6 +26,7 @@ Key = tuple[str, str]
 NOT_WARM = "not_warm"
 TOO_FEW_CANDLES = "too_few_candles"
 MISMATCH = "feature_set_mismatch"
+GAP = "gap"  # a candle is missing inside the window: the trainer drops such windows too
 
 
 class _Ring:
@@ -137,6 +139,8 @@ class Windows:
         if req.lookback > ring.n:
             return None, last_close, TOO_FEW_CANDLES
         slots = ring.last(req.lookback)
+        if req.lookback > 1 and ring.open_times[slots[-1]] - ring.open_times[slots[0]] != (req.lookback - 1) * interval_ms(key[1]):
+            return None, last_close, GAP
         if not req.feature_set:  # reads the close only
             return ring.closes[slots][:, None].copy(), last_close, ""
         idx = self._column_index(ring.feature_set, req)

@@ -7,7 +7,7 @@ import pytest
 
 from services.inference.alert_rules import AlertEngine, RulesError, load_rules, parse_rules
 from services.inference.scoring import LiveScorer
-from services.inference.windows import MISMATCH, NOT_WARM, TOO_FEW_CANDLES, Request, Windows
+from services.inference.windows import GAP, MISMATCH, NOT_WARM, TOO_FEW_CANDLES, Request, Windows
 from tests.services.inference.models import feature_events, window_of
 
 REQ = Request("skeleton-v1", ("rsi_14", "close"), 3)
@@ -44,6 +44,16 @@ def test_no_window_until_every_candle_in_it_is_warm_and_enough_have_been_seen():
     assert w.window(KEY, REQ)[2] == ""
     # The close-only request (persistence) needs no warm features.
     assert w.window(KEY, Request("", ("close",), 1))[0].tolist() == [[events[21].close]]
+
+
+def test_a_window_across_a_missing_candle_is_refused_until_the_gap_leaves_it():
+    events = feature_events(40)
+    w = Windows(3)
+    for ev in events[:30] + events[31:33]:  # candle 30 never came
+        push(w, ev)
+    assert w.window(KEY, REQ)[2] == GAP  # 29, 31, 32
+    push(w, events[33])
+    np.testing.assert_array_equal(w.window(KEY, REQ)[0], window_of(events, 33, ("rsi_14", "close"), 3))
 
 
 def test_a_stream_of_another_feature_set_is_a_mismatch_unless_it_holds_the_models_inputs():
