@@ -116,7 +116,7 @@ def plan_index(frame: pd.DataFrame, spec: DatasetSpec, warmup: int) -> tuple[pd.
     if spec.start_ms is not None:
         ok &= t[rows] >= spec.start_ms
     if spec.end_ms is not None:
-        ok &= t[rows] < spec.end_ms
+        ok &= t[rows + 1] <= spec.end_ms  # the label candle too lies in the asked range (end inclusive)
     rows = rows[ok][:: spec.stride]
     if len(rows) == 0:
         raise DatasetError(
