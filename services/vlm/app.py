@@ -163,6 +163,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
         except BackendUnavailable as exc:
             backend_errors.inc()
             runtime.health.set("model", False)
+            loaded.set(0)
             key = (field, open_time)
             tries = backend_failures.pop(key, 0) + 1
             if tries >= settings.backend_attempts:
@@ -187,6 +188,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
             await refuse(raw, "model_error", str(exc))
         else:
             runtime.health.set("model", True)
+            loaded.set(1)
             retries.inc(result.attempts - 1)
             event = analysis_event(
                 chart, frame, result, model=b.model_name, revision=b.revision, backend=b.kind, image_prep_ms=prep_ms
@@ -243,10 +245,11 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
 
     @runtime.background
     async def score_loop() -> None:
-        while "client" not in state:
+        while "pending" not in state:
             await asyncio.sleep(0.1)
         client, key = state["client"], state["to_score"]
         while True:
+            state["waiting"] = await state["pending"].count()
             for f, raw in (await client.hgetall(key)).items():
                 try:
                     p = Pending(**orjson.loads(raw))

@@ -119,6 +119,7 @@ async def test_remote_backend_down_then_up_across_a_restart_loses_and_doubles_no
     try:
         await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
         await wait_until(lambda: metric("backend_errors_total") >= errors_before + 2)  # the server is down: it waits
+        await wait_until(lambda: metric("pending_charts") == 1)  # and the chart waits with it
         await wait_until(lambda: first.health.status()[1].get("model") is False)
     finally:
         await first.stop()
