@@ -132,8 +132,9 @@ MARKET_ALERTS = (
     Panel("Alert events by rule and status", "short", (
         ("sum by (rule, status) (increase(klinebus_alerts_received_total[1h])) or vector(0)", "{{rule}} {{status}}"),
     ), description="alerts.v1 as the alerts service consumed it."),
-    Panel("Alerts firing now", "short", (
+    Panel("Alerts firing now; notifications owed by a failing destination", "short", (
         ("max(klinebus_alerts_active)", "active"),
+        ("max(klinebus_alerts_owed)", "owed"),
     ), kind="stat"),
     Panel("Notifications by destination and outcome", "short", (
         ("sum by (sink, outcome) (increase(klinebus_alerts_notifications_total[1h])) or vector(0)", "{{sink}} {{outcome}}"),

@@ -313,7 +313,8 @@ RULES: tuple[Rule, ...] = (
         'sum by (sink, outcome) (increase(klinebus_alerts_notifications_total{outcome!="delivered"}[15m])) > 0',
         "warning", "Alerts to {{ $labels.sink }} were not delivered ({{ $labels.outcome }})",
         "The alerts service's log lines name the destination and its answer; dead_lettered: the webhook URL "
-        "is wrong or revoked (HTTP 4xx), fix the secret; pending: the destination is down.",
+        "is wrong or revoked (HTTP 4xx), fix the secret; pending: the destination is down (klinebus_alerts_owed "
+        "counts what it owes; paid when it is back).",
         cases=(
             Case({'klinebus_alerts_notifications_total{job="alerts",sink="discord",outcome="dead_lettered"}': "0x20"}, "15m"),
             Case({'klinebus_alerts_notifications_total{job="alerts",sink="discord",outcome="dead_lettered"}': "0x10 1x10"}, "15m",

@@ -48,6 +48,7 @@ class AlertsMetrics:
         )
         self.active = m.gauge("active", "Alerts firing (known to this service)")
         self.resend_failures = m.counter("resend_failures_total", "Failed re-sends of active alerts", ["sink"])
+        self.owed = m.gauge("owed", "Notifications a destination still owes (it kept failing); retried every resend_s")
 
 
 def build_sinks(settings: AlertsSettings) -> list[Sink]:

@@ -3,8 +3,10 @@
 Kept in Redis beside ``alerts.v1`` (same cluster slot), so replicas of the service share it and a
 restart forgets nothing: one hash per alert (``...:alert:<fingerprint>``: the alert's document and,
 per destination, the last firing delivered, when chat was last told, whether the resolve went out)
-and a set of the active fingerprints. Re-deliveries are recognised here: an event already delivered
-to a destination is not sent to it again."""
+a set of the active fingerprints, and a set of what a destination still owes (it kept failing: the
+event was acknowledged, the debt is retried every tick, so one destination down never holds up the
+others). Re-deliveries are recognised here: an event already delivered to a destination is not
+sent to it again."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from libs.common.contracts import AlertEvent
 
 RESOLVED_RETENTION_S = 86_400  # a resolved alert's record is kept a day: late re-deliveries stay recognisable
 ACTIVE = topics.stream_companion_key(topics.ALERTS, "active")
-# Expired alerts whose resolve some destination has not acknowledged yet: retried every tick.
-RESOLVING = topics.stream_companion_key(topics.ALERTS, "resolving")
+# (alert, destination) pairs a destination still owes: it failed after every try; retried every tick.
+OWED = topics.stream_companion_key(topics.ALERTS, "owed")
 # A state transition takes milliseconds; a lock older than this belongs to a replica that died.
 LOCK_TTL_MS = 10_000
 LOCK_POLL_S = 0.01
@@ -196,8 +198,11 @@ class AlertBook:
     async def active(self) -> list[str]:
         return sorted(m.decode() for m in await self.client.smembers(ACTIVE))
 
-    async def resolving(self) -> list[str]:
-        return sorted(m.decode() for m in await self.client.smembers(RESOLVING))
+    async def owe(self, fp: str, sink: str) -> None:
+        await self.client.sadd(OWED, f"{fp}|{sink}")
 
-    async def set_resolving(self, fp: str, pending: bool) -> None:
-        await (self.client.sadd(RESOLVING, fp) if pending else self.client.srem(RESOLVING, fp))
+    async def settle(self, fp: str, sink: str) -> None:
+        await self.client.srem(OWED, f"{fp}|{sink}")
+
+    async def owed(self) -> list[tuple[str, str]]:
+        return sorted(tuple(m.decode().split("|", 1)) for m in await self.client.smembers(OWED))  # type: ignore[misc]

@@ -1,6 +1,6 @@
 """Getting one notification to one destination: a rate limit per destination, retries with
 exponential backoff and jitter, a 429's ``retry_after`` honoured, and a verdict: delivered,
-refused for good (dead-letter it), or still failing (leave the event pending for later)."""
+refused for good (dead-letter it), or still failing (the destination owes it; paid later)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class RetryPolicy:
 class Outcome(str, enum.Enum):
     DELIVERED = "delivered"
     DEAD_LETTERED = "dead_lettered"  # refused for good (4xx other than 429/408)
-    PENDING = "pending"  # still failing after every try: the event is left for a later retry
+    PENDING = "pending"  # still failing after every try: owed, paid at a later tick
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 * Chat destinations (Discord, Slack, the generic webhook) hear when an alert starts, again every
   ``repeat_s`` while it lasts, and when it resolves (only if they heard it start).
 * An event already delivered to a destination (a re-delivery, a retry after a crash) is not sent to
-  it again; a destination that refuses it for good gets a dead letter instead; one that keeps
-  failing leaves the event pending (``DeliveryPending``), to be retried when it is reclaimed."""
+  it again; a destination that refuses it for good gets a dead letter instead; one that still fails
+  after every try is recorded as owing it, and ``tick`` tries again every ``resend_s`` until it
+  takes it (the event itself is acknowledged: one destination down never holds up the others)."""
 
 from __future__ import annotations
 
@@ -18,17 +19,34 @@ from typing import Any, Awaitable, Callable, Sequence
 from libs.common.contracts import AlertEvent
 from libs.common.klines import now_ms
 from services.alerts.book import AlertBook, AlertState
-from services.alerts.delivery import Destination, Outcome
-from services.alerts.notification import Chart, Notification, at_least, fingerprint, labels_of
+from services.alerts.delivery import Destination, Outcome, Result
+from services.alerts.notification import SOURCE_LABEL, Chart, Notification, at_least, fingerprint, labels_of
 
 log = logging.getLogger("klinebus.alerts")
 # Alertmanager keeps an alert active until its endsAt; we re-send every resend period with endsAt
 # this many periods ahead (what Prometheus does), so a dead alerts service lets them resolve.
 ENDS_AT_RESENDS = 4
+_OWN_LABELS = {"alertname", "severity", "symbol", "interval", SOURCE_LABEL[0]}
 
 
-class DeliveryPending(RuntimeError):
-    """Some destination still fails after every try: the entry stays pending and is retried."""
+def _context(st: AlertState) -> dict[str, Any]:
+    d = st.doc
+    ctx: dict[str, Any] = {"rule": d["rule"], "fingerprint": st.fingerprint, "status": st.status}
+    for key in ("symbol", "interval", "open_time"):
+        if d.get(key) is not None:
+            ctx[key] = d[key]
+    return ctx
+
+
+def event_of(st: AlertState) -> AlertEvent:
+    """The alert as an ``alerts.v1`` event again (for a dead letter written outside a handler)."""
+    d = st.doc
+    return AlertEvent(
+        rule=d["rule"], severity=d["severity"], symbol=d.get("symbol"), interval=d.get("interval"),
+        open_time=d.get("open_time"), message=d["message"], value=d.get("value"), threshold=d.get("threshold"),
+        labels={k: v for k, v in d["labels"].items() if k not in _OWN_LABELS},
+        fired_at=st.fired_at if st.status == "firing" else (st.resolved_at or st.fired_at), status=st.status,
+    )
 
 
 class Dispatcher:
@@ -68,35 +86,14 @@ class Dispatcher:
             else:
                 st, transition = await self.book.record_resolved(event, labels, fp)
         plan = self._plan(st, transition, event, now)
-        ctx = {"rule": event.rule, "fingerprint": fp, "status": event.status, "transition": transition,
-               **({"symbol": event.symbol} if event.symbol else {}),
-               **({"interval": event.interval} if event.interval else {}),
-               **({"open_time": event.open_time} if event.open_time is not None else {})}
         if not plan:
-            log.debug("alert %s %s: nothing to send (%s)", event.rule, event.status, transition, extra=ctx)
+            log.debug("alert %s %s: nothing to send (%s)", event.rule, event.status, transition, extra=_context(st))
             return []
-        n = self._notification(st, now)
-        if n.is_market and not n.resolved and self._chart and any(d.sink.wants_chart for d, _ in plan):
-            n = n.with_chart(await self._chart(n.symbol, n.interval))  # type: ignore[arg-type]
+        n = await self._with_chart(self._notification(st, now), [d for d, _ in plan])
         results = await asyncio.gather(*(d.deliver(replace(n, repeat=repeat)) for d, repeat in plan))
-        pending, out = [], []
         for (dest, _), result in zip(plan, results):
-            self.metrics.notifications.labels(dest.name, result.outcome.value).inc()
-            out.append((dest.name, result.outcome))
-            if result.outcome is Outcome.PENDING:
-                pending.append(result.reason)
-                continue
-            if result.outcome is Outcome.DEAD_LETTERED:
-                log.error("%s refused alert %s for good: %s", dest.name, event.rule, result.reason,
-                          extra={**ctx, "sink": dest.name})
-                await self._dead_letter(event, result.reason)
-            else:
-                self.metrics.fired_to_delivered.labels(dest.name).observe(max(0.0, (self.clock() - event.fired_at) / 1000))
-                log.info("alert %s %s sent to %s", event.rule, event.status, dest.name, extra={**ctx, "sink": dest.name})
-            await self._mark(st, dest, event.fired_at, now)
-        if pending:
-            raise DeliveryPending("; ".join(pending))
-        return out
+            await self._settle(st, dest, result, event, now)
+        return [(dest.name, result.outcome) for (dest, _), result in zip(plan, results)]
 
     def _plan(self, st: AlertState, transition: str, event: AlertEvent, now: int) -> list[tuple[Destination, bool]]:
         plan: list[tuple[Destination, bool]] = []
@@ -118,12 +115,47 @@ class Dispatcher:
                 plan.append((d, False))
         return plan
 
-    async def _mark(self, st: AlertState, dest: Destination, fired_at: int, now: int) -> None:
+    def _owes(self, st: AlertState, d: Destination) -> bool:
+        """Whether ``d`` has yet to hear what the alert's current state calls for."""
+        if st.status == "firing":
+            if not at_least(st.doc["severity"], d.sink.min_severity):
+                return False
+            return d.name not in st.notified if d.sink.chat else st.sent.get(d.name, -1) < st.fired_at
+        return d.name not in st.resolved_sent and (not d.sink.chat or d.name in st.notified)
+
+    async def _with_chart(self, n: Notification, dests: Sequence[Destination]) -> Notification:
+        if n.is_market and not n.resolved and self._chart and any(d.sink.wants_chart for d in dests):
+            return n.with_chart(await self._chart(n.symbol, n.interval))  # type: ignore[arg-type]
+        return n
+
+    async def _settle(self, st: AlertState, dest: Destination, result: Result, event: AlertEvent | None, now: int) -> None:
+        """Record one destination's outcome: delivered or refused for good (dead letter) settles it;
+        still failing records the debt for the next tick."""
+        ctx = {**_context(st), "sink": dest.name}
+        self.metrics.notifications.labels(dest.name, result.outcome.value).inc()
+        if result.outcome is Outcome.PENDING:
+            log.warning("%s still fails (%s); alert %s %s owed, retried every %.0fs", dest.name, result.reason,
+                        st.doc["rule"], st.status, self.resend_ms / 1000, extra=ctx)
+            await self.book.owe(st.fingerprint, dest.name)
+            return
+        if result.outcome is Outcome.DEAD_LETTERED:
+            log.error("%s refused alert %s for good: %s", dest.name, st.doc["rule"], result.reason, extra=ctx)
+            await self._dead_letter(event or event_of(st), result.reason)
+        else:
+            fired = event.fired_at if event is not None else st.fired_at
+            self.metrics.fired_to_delivered.labels(dest.name).observe(max(0.0, (self.clock() - fired) / 1000))
+            log.info("alert %s %s sent to %s", st.doc["rule"], st.status, dest.name, extra=ctx)
         if st.status == "resolved":
             await self.book.mark(st.fingerprint, dest.name, resolved=True)
+            st.resolved_sent.add(dest.name)
         else:
+            fired_at = event.fired_at if event is not None else st.fired_at
             await self.book.mark(st.fingerprint, dest.name, fired_at=fired_at,
                                  notified_at=now if dest.sink.chat else None)
+            st.sent[dest.name] = fired_at
+            if dest.sink.chat:
+                st.notified[dest.name] = now
+        await self.book.settle(st.fingerprint, dest.name)
 
     def _notification(self, st: AlertState, now: int) -> Notification:
         d = st.doc
@@ -139,14 +171,14 @@ class Dispatcher:
             value=d.get("value"), threshold=d.get("threshold"), generator_url=self.generator_url,
         )
 
-    # --- periodic: re-send active alerts, resolve expired ones ---------------------------------
+    # --- periodic: re-send active alerts, resolve expired ones, pay debts ------------------------
 
     async def tick(self) -> int:
-        """Re-send every active alert to Alertmanager; resolve those past their max age. Returns
-        how many are active."""
+        """Re-send every active alert to Alertmanager; resolve those past their max age; retry what
+        destinations owe. Returns how many alerts are active."""
         now = self.clock()
+        owed = await self.book.owed()  # before this tick adds its own
         active: list[Notification] = []
-        missed = await self.book.resolving()  # before this tick adds its own
         for fp in await self.book.active():
             st = await self.book.load(fp)
             if st is None:
@@ -155,17 +187,10 @@ class Dispatcher:
             if st.status == "firing" and st.expires_at <= now:
                 if await self.book.claim_expired(fp):
                     await self.book.resolve(st, now)
-                    log.info("alert %s not fired again for its max age; resolving it", st.doc["rule"],
-                             extra={"rule": st.doc["rule"], "fingerprint": fp})
-                    await self._send_resolve(st, now)
+                    log.info("alert %s not fired again for its max age; resolving it", st.doc["rule"], extra=_context(st))
+                    await self._deliver_state(st, [d for d in self.destinations if self._owes(st, d)], now)
                 continue
             active.append(self._notification(st, now))
-        for fp in missed:  # expiry resolves a destination has not taken yet
-            st = await self.book.load(fp)
-            if st is None or st.status != "resolved":
-                await self.book.set_resolving(fp, False)
-            else:
-                await self._send_resolve(st, now)
         self.metrics.active.set(len(active))
         for dest in self.destinations:
             if dest.sink.chat or not active:
@@ -174,21 +199,23 @@ class Dispatcher:
             if result.outcome is not Outcome.DELIVERED:
                 self.metrics.resend_failures.labels(dest.name).inc()
                 log.warning("re-sending %d active alerts to %s failed: %s", len(active), dest.name, result.reason)
+        await self._pay(owed, now)
+        self.metrics.owed.set(len(await self.book.owed()))
         return len(active)
 
-    async def _send_resolve(self, st: AlertState, now: int) -> None:
-        """The resolve of an expired alert to every destination that heard it and has not taken
-        the resolve yet; one still failing keeps the alert in the resolving set for the next tick."""
-        n = self._notification(st, now)
-        pending = False
-        for dest in self.destinations:
-            if dest.name in st.resolved_sent or (dest.sink.chat and dest.name not in st.notified):
+    async def _pay(self, owed: list[tuple[str, str]], now: int) -> None:
+        by_name = {d.name: d for d in self.destinations}
+        for fp, sink in owed:
+            dest = by_name.get(sink)
+            st = await self.book.load(fp)
+            if dest is None or st is None or not self._owes(st, dest):
+                await self.book.settle(fp, sink)  # paid meanwhile, expired, or a destination removed
                 continue
-            result = await dest.deliver(n)
-            self.metrics.notifications.labels(dest.name, result.outcome.value).inc()
-            if result.outcome is Outcome.PENDING:
-                pending = True
-                continue
-            await self.book.mark(st.fingerprint, dest.name, resolved=True)
-            st.resolved_sent.add(dest.name)
-        await self.book.set_resolving(st.fingerprint, pending)
+            await self._deliver_state(st, [dest], now)
+
+    async def _deliver_state(self, st: AlertState, dests: Sequence[Destination], now: int) -> None:
+        if not dests:
+            return
+        n = await self._with_chart(self._notification(st, now), dests)
+        for dest in dests:
+            await self._settle(st, dest, await dest.deliver(n), None, now)

@@ -67,12 +67,14 @@ class AlertsSettings(ServiceSettings):
     )
 
     # --- delivery ------------------------------------------------------------------------------
-    attempts: int = Field(6, ge=1, le=50, description="Tries per destination before the event is left pending.")
+    attempts: int = Field(
+        6, ge=1, le=50, description="Tries per destination before it owes the notification (paid every resend_s)."
+    )
     retry_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles each try (with jitter).")
     retry_max_s: float = Field(60.0, gt=0, description="Longest retry delay.")
     max_retry_after_s: float = Field(
-        300.0, gt=0, description="A 429's retry_after longer than this is not waited in place: the event stays "
-        "pending and is retried when reclaimed."
+        300.0, gt=0, description="A 429's retry_after longer than this is not waited in place: the notification "
+        "is owed and paid at a later tick."
     )
     request_timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP request to a destination.")
     alertmanager_per_minute: float = Field(0.0, ge=0, description="Rate limit to each Alertmanager; 0: none.")

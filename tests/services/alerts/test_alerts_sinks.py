@@ -7,13 +7,11 @@ import hashlib
 import hmac
 import logging
 
-import pytest
 from alert_receivers import Answer, Receiver, discord_429, discord_ok, ok, slack_429, slack_error, slack_ok
 from alert_support import T0, Clock, alert, close, harness
 
 from libs.common.contracts import ChartEvent
 from services.alerts.delivery import Outcome, RetryPolicy
-from services.alerts.dispatch import DeliveryPending
 from services.alerts.sinks.alertmanager import AlertmanagerSink
 from services.alerts.sinks.discord import COLORS, DiscordSink
 from services.alerts.sinks.slack import SlackSink
@@ -139,22 +137,25 @@ async def test_webhook_is_alertmanagers_payload_signed_with_the_secret(redis_url
     assert a["annotations"]["summary"] == "BTCUSDT 1m: rsi_14 81.2 overbought"
 
 
-async def test_a_destination_still_failing_leaves_the_event_pending_and_the_others_are_not_sent_twice(redis_url):
+async def test_a_destination_still_failing_owes_the_alert_and_pays_when_it_comes_back(redis_url):
     policy = RetryPolicy(attempts=2, initial_s=0.01, max_s=0.02)
     async with Receiver([slack_ok()], SLACK_PATH) as slack, Receiver([Answer(500, b"down")]) as hook:
         h = await harness(redis_url, [SlackSink("slack", slack.url), WebhookSink("webhook", hook.url)], policy=policy)
         try:
             event = alert()
-            with pytest.raises(DeliveryPending, match="webhook: HTTP 500"):
-                await h.dispatcher.handle(event)
-            assert len(slack.requests) == 1 and len(hook.requests) == 2
-            hook.script = [ok()]
-            hook._served = 0
-            assert await h.dispatcher.handle(event) == [("webhook", Outcome.DELIVERED)]  # the re-delivery
+            assert await h.dispatcher.handle(event) == [("slack", Outcome.DELIVERED), ("webhook", Outcome.PENDING)]
+            assert [sink for _, sink in await h.dispatcher.book.owed()] == ["webhook"]
+            await h.dispatcher.tick()  # still down: still owed
+            assert len(hook.requests) == 4 and [s for _, s in await h.dispatcher.book.owed()] == ["webhook"]
+            hook.script, hook._served = [ok()], 0
+            await h.dispatcher.tick()
+            assert await h.dispatcher.book.owed() == []
+            assert await h.dispatcher.handle(event) == []  # a re-delivery of the event: everyone has it
         finally:
             await close(h)
-    assert len(slack.requests) == 1 and len(hook.requests) == 3
-    assert h.dead_letters == []
+    assert len(slack.requests) == 1 and len(hook.requests) == 5
+    assert hook.requests[-1].json["alerts"][0]["labels"]["alertname"] == "rsi_extreme"
+    assert h.value("owed") == 0 and h.dead_letters == []
 
 
 async def test_chat_hears_start_and_resolve_alertmanager_every_firing(redis_url):
@@ -268,10 +269,10 @@ async def test_an_expiry_resolve_a_destination_missed_is_sent_at_the_next_tick(r
             slack.script, slack._served = [Answer(502, b"bad gateway")], 0
             clock.now += 120_000
             await h.dispatcher.tick()
-            assert await h.dispatcher.book.resolving() != []
+            assert await h.dispatcher.book.owed() != []
             slack.script, slack._served = [slack_ok()], 0
             await h.dispatcher.tick()
-            assert await h.dispatcher.book.resolving() == []
+            assert await h.dispatcher.book.owed() == []
             await h.dispatcher.tick()
         finally:
             await close(h)
