@@ -128,9 +128,12 @@ def create(settings: AlertsSettings, url: str) -> ServiceRuntime:
 
         @runtime.background
         async def watch() -> None:
-            await watcher.prime()
+            primed = False
             while True:
                 try:
+                    if not primed:
+                        await watcher.prime()
+                        primed = True
                     await watcher.poll()
                 except Exception:  # noqa: BLE001 - a Redis hiccup: read again next round
                     log.exception("alerts: reading the watched topics failed")
