@@ -233,6 +233,8 @@ def evaluate(
     finally:
         progress.close()
     card = S.scorecard(items, journal.done, train, int(manifest["seed"]), model.name)
+    if len(items) < len(verify):
+        card["baselines_whole_split"] = S.score_baselines(verify, train, int(manifest["seed"]))
     card.update(
         dataset=str(folder),
         results=str(path),

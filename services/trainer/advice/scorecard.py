@@ -141,11 +141,19 @@ def scorecard(
     seconds = [float(r["seconds"]) for r in recs if r.get("seconds") is not None]
     model["label"] = model_name
     model["seconds_per_item"] = float(np.mean(seconds)) if seconds else None
-    out = {"n": len(done), "model": model, "baselines": {}}
-    for key, b in baselines(done, train, seed).items():
+    return {"n": len(done), "model": model, "baselines": score_baselines(done, train, seed)}
+
+
+def score_baselines(items: pd.DataFrame, train: pd.DataFrame, seed: int) -> dict[str, dict[str, Any]]:
+    """Each baseline's score on ``items`` (they need no model: the whole verify split costs nothing)."""
+    actual = list(items["advice"])
+    actual_change = [float(x) for x in items["open_change"]]
+    symbols = list(items["symbol"])
+    out = {}
+    for key, b in baselines(items, train, seed).items():
         s = score(actual, b["advice"], actual_change, b["change"], symbols)
         s["label"] = b["label"]
-        out["baselines"][key] = s
+        out[key] = s
     return out
 
 
@@ -196,6 +204,12 @@ def render(card: Mapping[str, Any]) -> str:
         lines.append("")
         lines.append("MAE by symbol (quote currency; symbols' price scales differ): "
                      + ", ".join(f"{s} {v:.8g}" for s, v in m["mae_by_symbol"].items()))
+    full = card.get("baselines_whole_split")
+    if full:
+        n = next(iter(full.values()))["n"]
+        lines.append("")
+        lines.append(f"baselines on the whole verify split ({n} items; accuracy [95% CI]): "
+                     + ", ".join(f"{b['label']} {_pct(b['accuracy'])} {_ci(b['accuracy_ci'])}" for b in full.values()))
     if m.get("seconds_per_item") is not None:
         lines.append("")
         lines.append(f"seconds per item: {m['seconds_per_item']:.3f}")

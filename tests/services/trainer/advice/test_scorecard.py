@@ -97,3 +97,20 @@ def test_rendered_card_shows_the_seed_table_and_every_baseline():
     assert "50.0% [18.8, 81.2]" in text
     assert "BUY            2          2        1" in text  # actual, predicted, matches
     assert "seconds per item: 1.000" in text
+
+
+def test_a_sampled_run_also_shows_the_baselines_on_the_whole_split(small_dataset, tmp_path):
+    from services.trainer.advice import evaluate as E
+
+    class Noop:
+        name, fingerprint = "noop.gguf", "noop"
+
+        def answer(self, messages):
+            return '{"predicted_open_change":"0.00000000","advice":"NOOP"}'
+
+    verify = pd.read_parquet(small_dataset / "verify.parquet")
+    card = E.evaluate(Noop(), small_dataset, limit=7, results=tmp_path / "r.jsonl").card
+    whole = card["baselines_whole_split"]
+    assert card["n"] == 7 and whole["majority"]["n"] == len(verify)
+    assert whole["last_minute"]["correct"] == int((verify["advice"] == verify["prev_advice"]).sum())
+    assert "baselines on the whole verify split" in S.render(card)
