@@ -73,7 +73,8 @@ class Journal:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size:
+        # a file without one whole line was cut off while its header was written: start it again
+        if self.path.exists() and b"\n" in self.path.read_bytes():
             self._load()
         else:
             with open(self.path, "w") as fh:

@@ -80,6 +80,13 @@ def test_a_half_written_last_line_is_asked_again(small_dataset, tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
+def test_a_header_cut_off_mid_write_starts_the_file_again(small_dataset, tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"journal": {"journal_ver')
+    result = E.evaluate(Scripted(sell_if_last_change_negative), small_dataset, limit=2, results=path)
+    assert result.answered_now == 2 and len(path.read_text().splitlines()) == 3
+
+
 def test_answers_of_another_model_are_never_mixed_in(small_dataset, tmp_path):
     path = tmp_path / "r.jsonl"
     E.evaluate(Scripted(sell_if_last_change_negative, fingerprint="a"), small_dataset, limit=2, results=path)
