@@ -31,7 +31,7 @@ from services.vlm.analyst import AnalysisRefused, Analyst, analysis_event
 from services.vlm.backend import local_model, remote_model
 from services.vlm.image import UnreadableImage, load_chart_png
 from services.vlm.pending import PendingCharts
-from services.vlm.scoring import CALLS, PREDICTORS, Pending, Scoreboard
+from services.vlm.scoring import Pending, hit_rates, score
 from services.vlm.settings import VlmSettings
 
 SETTINGS = VlmSettings
@@ -71,7 +71,6 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
 
     state: dict[str, Any] = {}
     wake = asyncio.Event()
-    board = Scoreboard(settings.score_window, settings.score_flat_bps)
     backend = remote_model(settings) if settings.backend == "remote" and settings.remote_url else None
     # the chart's deadline (its retry shares it) plus reading candles and image, and publishing
     lease_ms = int(settings.call_timeout_s * 1000 + LEASE_MARGIN_MS)
@@ -262,18 +261,25 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
                 candles = await recent_candles(client, p.symbol, p.interval, 1, before=p.target_open_time + 1)
                 if candles and candles[-1].open_time == p.target_open_time:
                     if await client.hdel(key, f):  # only the replica that removes it scores it
-                        record_score(p, candles[-1].close)
+                        await record_score(p, candles[-1].close)
                 elif time.time() * 1000 > p.target_open_time + SCORE_GIVE_UP_HORIZONS * settings.score_horizon * INTERVAL_MS[p.interval]:
                     if await client.hdel(key, f):
                         unscorable.labels("target_candle_missing").inc()
             await asyncio.sleep(settings.score_poll_s)
 
-    def record_score(p: Pending, exit_close: float) -> None:
-        _, hits = board.score(p, exit_close)
-        for (call, predictor), hit in hits.items():
+    async def record_score(p: Pending, exit_close: float) -> None:
+        # the market's recent scores live in Redis: the rolling rates and the majority baseline
+        # survive restarts and are shared by replicas
+        client = state["client"]
+        key = topics.stream_companion_key(topics.ANALYSES, f"{NAME}:scores:{p.symbol}|{p.interval}")
+        history = [orjson.loads(r) for r in await client.lrange(key, -settings.score_window, -1)]
+        record = score(p, exit_close, history, settings.score_flat_bps)
+        await client.rpush(key, orjson.dumps(record))
+        await client.ltrim(key, -settings.score_window, -1)
+        for name, hit in record["hits"].items():
+            call, predictor = name.split("|")
             scored.labels(p.symbol, p.interval, call, predictor, "hit" if hit else "miss").inc()
-        for call in CALLS:
-            for predictor in PREDICTORS:
-                hit_rate.labels(p.symbol, p.interval, call, predictor).set(board.rate(p.symbol, p.interval, call, predictor))
+        for (call, predictor), rate in hit_rates((history + [record])[-settings.score_window :]).items():
+            hit_rate.labels(p.symbol, p.interval, call, predictor).set(rate)
 
     return runtime

@@ -16,7 +16,7 @@ A VLM that does not beat these is not reading the chart, whatever its summaries 
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 UP, DOWN, FLAT = "up", "down", "flat"
 SIGNAL_CALLS = {"buy": UP, "sell": DOWN, "hold": FLAT}
@@ -50,54 +50,43 @@ class Pending:
     trend: str
 
 
-@dataclass
-class Rolling:
-    window: int
-    hits: deque[bool] = field(default_factory=deque)
+def score(p: Pending, exit_close: float, history: list[dict], flat_bps: float) -> dict:
+    """Score ``p`` against the close of its target candle, given the earlier scores of its
+    market (oldest first; they teach the majority baseline). Returns the record to append:
+    ``{"realised": move, "hits": {"<call>|<predictor>": bool}}``."""
+    seen = Counter(h["realised"] for h in history)
+    majority = max(sorted(seen), key=lambda o: seen[o]) if seen else FLAT
+    last = move(p.prev_close, p.entry_close, flat_bps) if p.prev_close is not None else FLAT
+    baselines = {"hold": FLAT, "last_move": last, "majority": majority}
+    calls = {"signal": {"vlm": SIGNAL_CALLS[p.signal], **baselines}, "trend": {"vlm": TREND_CALLS[p.trend], **baselines}}
+    realised = move(p.entry_close, exit_close, flat_bps)
+    hits = {f"{call}|{predictor}": called == realised for call, by in calls.items() for predictor, called in by.items()}
+    return {"realised": realised, "hits": hits}
 
-    def add(self, hit: bool) -> None:
-        self.hits.append(hit)
-        while len(self.hits) > self.window:
-            self.hits.popleft()
 
-    @property
-    def rate(self) -> float:
-        return sum(self.hits) / len(self.hits) if self.hits else float("nan")
+def hit_rates(history: list[dict]) -> dict[tuple[str, str], float]:
+    """(call, predictor) -> share of hits over ``history`` (the rolling window)."""
+    out = {}
+    for call in CALLS:
+        for predictor in PREDICTORS:
+            marks = [h["hits"][f"{call}|{predictor}"] for h in history if f"{call}|{predictor}" in h["hits"]]
+            out[(call, predictor)] = sum(marks) / len(marks) if marks else float("nan")
+    return out
 
 
 class Scoreboard:
-    """Rolling hit rates per (symbol, interval, call, predictor)."""
+    """Scores kept in memory (the offline scorecard); the service keeps the same records in Redis."""
 
     def __init__(self, window: int, flat_bps: float) -> None:
         self.window = window
         self.flat_bps = flat_bps
-        self._outcomes: dict[tuple[str, str], Counter[str]] = {}
-        self._rolling: dict[tuple[str, str, str, str], Rolling] = {}
-
-    def calls(self, p: Pending) -> dict[str, dict[str, str]]:
-        """The outcome each predictor called, per call kind (before the outcome is known)."""
-        seen = self._outcomes.get((p.symbol, p.interval), Counter())
-        majority = max(sorted(seen), key=lambda o: seen[o]) if seen else FLAT
-        last = move(p.prev_close, p.entry_close, self.flat_bps) if p.prev_close is not None else FLAT
-        baselines = {"hold": FLAT, "last_move": last, "majority": majority}
-        return {
-            "signal": {"vlm": SIGNAL_CALLS[p.signal], **baselines},
-            "trend": {"vlm": TREND_CALLS[p.trend], **baselines},
-        }
+        self._history: dict[tuple[str, str], deque[dict]] = {}
 
     def score(self, p: Pending, exit_close: float) -> tuple[str, dict[tuple[str, str], bool]]:
-        """Score ``p`` against the close of its target candle: (realised move, {(call, predictor): hit})."""
-        realised = move(p.entry_close, exit_close, self.flat_bps)
-        hits = {}
-        for call, by_predictor in self.calls(p).items():
-            for predictor, called in by_predictor.items():
-                hit = called == realised
-                hits[(call, predictor)] = hit
-                key = (p.symbol, p.interval, call, predictor)
-                self._rolling.setdefault(key, Rolling(self.window)).add(hit)
-        self._outcomes.setdefault((p.symbol, p.interval), Counter())[realised] += 1
-        return realised, hits
+        history = self._history.setdefault((p.symbol, p.interval), deque(maxlen=self.window))
+        record = score(p, exit_close, list(history), self.flat_bps)
+        history.append(record)
+        return record["realised"], {tuple(k.split("|")): v for k, v in record["hits"].items()}
 
     def rate(self, symbol: str, interval: str, call: str, predictor: str) -> float:
-        r = self._rolling.get((symbol, interval, call, predictor))
-        return r.rate if r else float("nan")
+        return hit_rates(list(self._history.get((symbol, interval), ())))[(call, predictor)]

@@ -121,3 +121,13 @@ def test_a_close_at_the_window_low_leaves_no_room_for_supports():
     ok = _json.dumps({"trend": "bearish", "confidence": 0.4, "support": [], "resistance": [28500], "patterns": [], "signal": "sell", "summary": "at the low"})
     assert check_answer(ok, schema).resistance == [28500.0]
     assert max_output_chars(schema) < max_output_chars(answer_schema(FRAME))
+
+
+def test_the_majority_baseline_learns_from_the_stored_history():
+    from services.vlm.scoring import hit_rates, score
+
+    history = [{"realised": "down", "hits": {}}] * 3 + [{"realised": "up", "hits": {}}]
+    record = score(pending("hold", "sideways", 100.0, prev=100.0), 99.0, history, flat_bps=5.0)
+    assert record["realised"] == "down"
+    assert record["hits"]["signal|majority"] and record["hits"]["signal|hold"] is False
+    assert hit_rates([record])[("trend", "majority")] == 1.0
