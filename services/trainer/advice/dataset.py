@@ -151,13 +151,13 @@ def load_candles(inputs: Sequence[str | Path], symbols: Sequence[str] | None = N
         raise CliError("no --input given: pass 1m kline files or an archive root")
     for raw in inputs:
         path = Path(raw)
-        if not path.exists():
-            raise CliError(f"{path}: no such file or folder")
-        if path.is_dir():
-            for symbol, frame, source in _from_archive(path, wanted):
+        if "://" in str(raw) or path.is_dir():
+            for symbol, frame, source in _from_archive(str(raw), wanted):
                 parts.setdefault(symbol, []).append(frame)
                 sources.setdefault(symbol, []).append(source)
             continue
+        if not path.exists():
+            raise CliError(f"{path}: no such file or folder")
         try:
             symbol, interval = infer_symbol_interval(path)
         except InvalidKline as exc:
@@ -186,17 +186,23 @@ def load_candles(inputs: Sequence[str | Path], symbols: Sequence[str] | None = N
     return out
 
 
-def _from_archive(root: Path, wanted: set[str] | None) -> Iterable[tuple[str, pd.DataFrame, dict[str, Any]]]:
-    archive = ParquetArchive(str(root))
-    found = sorted(p.name for p in root.iterdir() if (p / INTERVAL).is_dir())
+def _from_archive(root: str, wanted: set[str] | None) -> Iterable[tuple[str, pd.DataFrame, dict[str, Any]]]:
+    """An archive root: a local folder or any fsspec URL (s3://..., memory://...)."""
+    archive = ParquetArchive(root)
+    try:
+        entries = archive.fs.ls(archive.root, detail=False)
+    except FileNotFoundError:
+        raise CliError(f"{root}: no such archive") from None
+    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    found = [n for n in names if archive.fs.isdir(f"{archive.root}/{n}/{INTERVAL}")]
     if not found:
         raise CliError(f"{root}: not a klines archive (no <SYMBOL>/{INTERVAL}/ folders)")
     for symbol in found:
         if wanted is not None and symbol not in wanted:
             continue
-        frame = read_archive(str(root), symbol, INTERVAL)
+        frame = read_archive(root, symbol, INTERVAL)
         months = archive.months(symbol, INTERVAL)
-        yield symbol, frame, {"archive": str(root), "symbol": symbol, "months": months, "rows": len(frame)}
+        yield symbol, frame, {"archive": root, "symbol": symbol, "months": months, "rows": len(frame)}
 
 
 # --- labels and texts ----------------------------------------------------------------------------

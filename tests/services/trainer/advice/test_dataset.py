@@ -223,6 +223,18 @@ def test_archive_input_gives_the_same_rows_as_the_file(tmp_path):
         pd.testing.assert_frame_equal(a, b)
 
 
+def test_an_fsspec_archive_url_is_read_too(tmp_path):
+    from libs.common.archive import ParquetArchive
+    from libs.common.klines import read_kline_csv
+
+    url = f"memory://advice-{tmp_path.name}"
+    ParquetArchive(url).write(read_kline_csv(BTC_1M))
+    manifest = D.build([url], tmp_path / "ds", _config())
+    assert manifest["symbols"] == ["BTCUSDT"] and manifest["per_symbol"]["BTCUSDT"]["sources"][0]["archive"] == url
+    with pytest.raises(CliError, match="no such archive"):
+        D.build([f"memory://nothing-{tmp_path.name}"], tmp_path / "ds2", _config())
+
+
 def test_orpo_export_is_conversational_preference_pairs(small_dataset):
     table = pq.read_table(small_dataset / "orpo" / "train.parquet").to_pylist()
     train = pd.read_parquet(small_dataset / "train.parquet")
