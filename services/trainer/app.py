@@ -81,6 +81,8 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
         last = {"t": 0.0}
 
         def progress(stage: str, info: dict) -> None:
+            if stop.is_set():  # the service is stopping; its loop and client may be gone
+                return
             now = time.monotonic()
             if stage == "batch" and now - last["t"] < PROGRESS_EVERY_S:
                 return

@@ -80,3 +80,41 @@ async def test_request_to_published_model_and_refusals(redis_url, tmp_path, caps
     # nothing half-written: one dataset folder per accepted job, no staging folders anywhere
     assert sorted(p.name for p in (tmp_path / "trainer").iterdir()) == ["job-1"]
     assert not [p for p in (tmp_path / "reg").rglob(".staging-*")]
+
+
+async def test_a_restart_mid_job_publishes_one_whole_model(redis_url, tmp_path):
+    """Stop the service while it trains: nothing is published; after a restart the job runs again
+    and exactly one complete package and one models.v1 event come out."""
+    import asyncio
+    import time
+
+    ParquetArchive(str(tmp_path / "archive")).write(read_kline_csv(BTC_15M))
+    common = dict(data_dir=tmp_path, archive_url=str(tmp_path / "archive"), registry_url=str(tmp_path / "reg"),
+                  device="cpu", consumer_name="trainer-0", reclaim_idle_ms=60_000)
+    first = create(TrainerSettings(**common, max_epochs=1000, max_batches_per_epoch=1), redis_url)
+    await first.start(http=False)
+    client = redis_client(redis_url)
+    try:
+        await add_events(redis_url, [_request("job-r")])
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (await client.hget(progress_key("job-r"), "stage")) in (b"epoch", b"batch"):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the job never started training")
+    finally:
+        await first.stop()
+    await asyncio.sleep(1.0)  # the worker thread notices the stop at its next batch
+    assert await client.xlen(topics.stream_key(topics.MODELS)) == 0
+    assert not list(tmp_path.glob("reg/**/klinebus.json"))  # no package, not even a staged one
+    second = create(TrainerSettings(**common, max_epochs=1, max_batches_per_epoch=2), redis_url)
+    await second.start(http=False)
+    try:
+        (model,) = await wait_for_events(redis_url, topics.MODELS, 1, timeout=240, settle=1.0)
+    finally:
+        await second.stop()
+        await client.aclose()
+    reg = Registry(str(tmp_path / "reg"))
+    assert reg.versions(model["model"]) == ["1"]
+    reg.verify(model["model"], "1", expected_sha256=model["sha256"])
