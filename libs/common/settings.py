@@ -54,6 +54,24 @@ class ServiceSettings(BaseSettings):
     reclaim_idle_ms: int = Field(
         60_000, gt=0, description="Entries pending this long on a dead consumer are reclaimed (XAUTOCLAIM)."
     )
+    stream_retention_ms: int = Field(
+        0,
+        ge=0,
+        description="Time-based retention beside the entry cap: when > 0, candle-keyed publishes also trim "
+        "their stream with XTRIM MINID ~ (now - this), so a stream holds at most stream_maxlen entries and "
+        "at most this much time. 0: the entry cap only.",
+    )
+    owner_lease_ms: int = Field(
+        5_000,
+        ge=500,
+        description="Ordered groups (candle topics) have one owner replica, by a Redis lease of this length "
+        "renewed at a third of it; a standby replica takes over within about this long of the owner's death.",
+    )
+    stale_consumer_ms: int = Field(
+        3_600_000,
+        gt=0,
+        description="A consumer idle this long with nothing pending is removed from its group (XGROUP DELCONSUMER).",
+    )
 
     @field_validator("redis_url")
     @classmethod

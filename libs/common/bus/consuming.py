@@ -116,12 +116,14 @@ class BatchProcessor:
         handed to the handler."""
         ids = [i.decode() if isinstance(i, bytes) else i for i, _ in entries]
         raws = [fields.get(DATA_FIELD_B) if fields else None for _, fields in entries]
-        gone = [i for i, (_, fields) in enumerate(entries) if fields is None]
+        # A pending entry the stream no longer holds comes back without fields (redis-py: {}); a
+        # real entry always has one.
+        gone = [i for i, (_, fields) in enumerate(entries) if not fields]
         if gone:
             self._trimmed([ids[i] for i in gone])
         events, bad = self.sub.decoder.many(raws)
         for i in bad:
-            if entries[i][1] is not None:  # a trimmed entry has nothing to dead-letter
+            if entries[i][1]:  # a trimmed entry has nothing to dead-letter
                 await self.dead_letter(raws[i], bad[i])
         good = [i for i in range(len(entries)) if i not in bad] if bad else range(len(entries))
         evs = [events[i] for i in good]

@@ -112,6 +112,10 @@ async def ensure_group(client: aioredis.Redis, topic: str, group: str) -> str | 
     """Create ``group`` on ``topic`` if it does not exist: at the position this service last
     acknowledged, or at the start of the stream when it never acknowledged anything. Returns the
     id it was created at, or None when it already existed."""
+    key = topics.stream_key(topic)
+    # A read first: XGROUP CREATE is refused under OOM even when the group exists.
+    if await client.exists(key) and any(_s(g["name"]) == group for g in await client.xinfo_groups(key)):
+        return None
     position = await recorded_position(client, topic, group)
     start = position or "0"
     try:

@@ -76,6 +76,7 @@ class OrderedConsumer:
             except Exception as exc:  # noqa: BLE001
                 if classify(exc) != INFRASTRUCTURE:
                     raise
+                self.settled.set()  # start() need not wait for Redis to come back
                 await self._stall.wait(exc, "taking the ownership lease")
                 continue
             await asyncio.sleep(self.lease.ttl_ms / 3000)
