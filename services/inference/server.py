@@ -123,7 +123,8 @@ class Inference:
         self.alerts = AlertEngine(rules)
         self.dead_letter = dead_letter
         self.batchers: dict[str, MicroBatcher] = {}
-        self.out_predictions = Outbox("predictions", publish_predictions)
+        self._publish_predictions = publish_predictions
+        self.out_predictions = Outbox("predictions", self._published)
         self.out_scores = Outbox("scores", publish_scores)
         self.out_alerts = Outbox("alerts", publish_alerts)
         self._mismatch_logged: set[tuple[str, str]] = set()
@@ -154,6 +155,12 @@ class Inference:
             await b.stop()
         for out in (self.out_predictions, self.out_scores, self.out_alerts):
             await out.stop()
+
+    async def _published(self, events: Sequence[PredictionEvent], *key: str) -> None:
+        await self._publish_predictions(events, *key)
+        now = now_ms()
+        for e in events:  # measured once the forecast is on the stream
+            self.m.close_to_publish.labels(e.model).observe(max(0.0, (now - e.open_time - interval_ms(e.interval)) / 1000.0))
 
     # --- models -------------------------------------------------------------------------------
 
@@ -281,7 +288,6 @@ class Inference:
         )
         self.out_predictions.put(event, spec.name)
         self.m.predictions.labels(spec.name).inc()
-        self.m.close_to_publish.labels(spec.name).observe(max(0.0, lag_ms / 1000.0))
         self.m.last_prediction.labels(spec.name).set(now / 1000.0)
         if close is None:
             return
