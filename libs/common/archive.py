@@ -71,6 +71,8 @@ COMPACT_AFTER_PARTS = 8
 READ_ATTEMPTS = 5
 # Parts read in parallel from an object store (one request each).
 READ_THREADS = 8
+# Object stores whose PUT makes an object visible only once complete: parts are written in place.
+ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 # A local temp file older than this is a writer's leftover (killed mid-write): compaction removes it.
 STALE_TMP_S = 3600.0
 # Open-time sets of parts remembered per archive (parts never change, so they never go stale).
@@ -193,6 +195,7 @@ class ParquetArchive:
         self.root = self.root.rstrip("/")
         self.compact_after = compact_after
         self._local = "file" in _protocols(self.fs)
+        self._atomic_put = bool(set(_protocols(self.fs)) & ATOMIC_PUT_PROTOCOLS)
         # open_times of each part this archive has read (parts are immutable)
         self._seen: OrderedDict[str, np.ndarray] = OrderedDict()
         self._seen_lock = threading.Lock()  # the archiver writes from worker threads
@@ -267,15 +270,16 @@ class ParquetArchive:
         token = token or uuid.uuid4().hex[:16]
         path = f"{self.folder(symbol, interval)}/{month}.{seq:020d}.{token}.parquet"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if self._local:
-            # a rename is atomic on one disk: a reader never sees half a part
+        if self._atomic_put:
+            with self.fs.open(path, "wb") as fh:  # an object store PUT is all or nothing
+                pq.write_table(table, fh, compression="zstd")
+        else:
+            # Written beside its name, then renamed (atomic on one disk), so a reader never sees
+            # half a part; other filesystems show a file while it is written (fsspec's memory://).
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with self.fs.open(tmp, "wb") as fh:
                 pq.write_table(table, fh, compression="zstd")
             self.fs.mv(tmp, path)
-        else:
-            with self.fs.open(path, "wb") as fh:  # an object store PUT is all or nothing
-                pq.write_table(table, fh, compression="zstd")
         self._remember(path, table.column("open_time").to_numpy())
         return Part(month, seq, token, path)
 

@@ -50,6 +50,38 @@ def test_any_fsspec_url(tmp_path):
     assert list(read_archive("memory://klinebus-test", "ETHUSDT", "1m")["open_time"]) == [k.open_time for k in ks]
 
 
+def test_object_store_path_parts_in_parallel_and_compaction(tmp_path):
+    """A remote filesystem's code path (a month's parts fetched in parallel; parts renamed into
+    place where the store shows a file while it is written) on fsspec's in-memory store, with
+    writer threads racing and compacting."""
+    import threading
+
+    (ks,) = shipped_candles(60, symbols=("ETHUSDT",)).values()
+    root = "memory://klinebus-parts"
+    errors: list[BaseException] = []
+
+    def write(share) -> None:
+        try:
+            archive = ParquetArchive(root, compact_after=4)
+            for j in range(0, len(share), 4):
+                archive.write(share[j : j + 4])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(ks[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    archive = ParquetArchive(root)
+    assert not archive._local
+    assert list(archive.read("ETHUSDT", "1m")["open_time"]) == [k.open_time for k in ks]
+    archive.compact_all()
+    assert len(archive.files("ETHUSDT", "1m")) == 1
+    assert list(archive.read("ETHUSDT", "1m")["close"]) == [k.close for k in ks]
+
+
 # --- append-only parts, concurrent writers, compaction -------------------------------------------
 
 import multiprocessing as mp  # noqa: E402
