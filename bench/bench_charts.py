@@ -25,12 +25,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from libs.common.klines import read_kline_frame  # noqa: E402
-from services.charts.fast import FastRenderer  # noqa: E402
-from services.charts.figure import build_figure  # noqa: E402
-from services.charts.indicators import window_from_frame  # noqa: E402
-from services.charts.pool import RenderPool  # noqa: E402
-from services.charts.presets import ANALYSIS  # noqa: E402
-from services.charts.window import check_window  # noqa: E402
+from libs.charting.fast import FastRenderer  # noqa: E402
+from libs.charting.figure import build_figure  # noqa: E402
+from libs.charting.indicators import window_from_frame  # noqa: E402
+from libs.charting.pool import RenderPool  # noqa: E402
+from libs.charting.presets import ANALYSIS  # noqa: E402
+from libs.charting.window import check_window  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "klines" / "BTCUSDT-15m-2023-04-01-head3000.csv.gz"
 

@@ -28,10 +28,10 @@ from libs.common.stream_history import recent_candles
 from services.charts.cadence import Cadence, ChartJob
 from services.charts.events import chart_event
 from services.charts.history import CandleHistory
-from services.charts.indicators import WARMUP
-from services.charts.pool import RenderPool
-from services.charts.presets import ChartPreset, get_preset
-from services.charts.window import ChartInputError, ChartWindow, check_window
+from libs.charting.indicators import WARMUP
+from libs.charting.pool import RenderPool
+from libs.charting.presets import ChartPreset, get_preset
+from libs.charting.window import ChartInputError, ChartWindow, check_window
 
 SETTINGS = ChartsSettings
 log = logging.getLogger("klinebus.charts")

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _preset(args: argparse.Namespace):
-    from services.charts.presets import get_preset
+    from libs.charting.presets import get_preset
 
     return get_preset(args.preset).sized(args.window, args.width, args.height)
 
@@ -52,10 +52,10 @@ def _symbol_interval(args: argparse.Namespace) -> tuple[str, str]:
 
 def run_render(args: argparse.Namespace) -> None:
     from libs.common.errors import CliError
-    from services.charts.fast import FastRenderer
-    from services.charts.figure import render_plain
-    from services.charts.indicators import window_from_frame
-    from services.charts.window import ChartInputError, check_window
+    from libs.charting.fast import FastRenderer
+    from libs.charting.figure import render_plain
+    from libs.charting.indicators import window_from_frame
+    from libs.charting.window import ChartInputError, check_window
 
     try:
         preset = _preset(args)
@@ -75,7 +75,7 @@ def run_render(args: argparse.Namespace) -> None:
 def run_dataset(args: argparse.Namespace) -> None:
     from libs.common.errors import CliError
     from services.charts.dataset import build_dataset
-    from services.charts.window import ChartInputError
+    from libs.charting.window import ChartInputError
 
     try:
         preset = _preset(args)

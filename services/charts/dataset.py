@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from libs.common.klines import infer_symbol_interval, read_kline_frame
-from services.charts.indicators import LOOKBACK, window_from_frame
-from services.charts.pool import RenderPool
-from services.charts.presets import ChartPreset
-from services.charts.window import ChartInputError
+from libs.charting.indicators import LOOKBACK, window_from_frame
+from libs.charting.pool import RenderPool
+from libs.charting.presets import ChartPreset
+from libs.charting.window import ChartInputError
 
 INDEX_COLUMNS = ("image", "symbol", "interval", "first_open_time", "last_open_time", "last_close", "next_close")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from libs.common.contracts import ChartEvent
-from services.charts.presets import ENGULFING, HAMMER, ChartPreset
-from services.charts.scales import pattern_marks
-from services.charts.window import ChartWindow
+from libs.charting.presets import ENGULFING, HAMMER, ChartPreset
+from libs.charting.scales import pattern_marks
+from libs.charting.window import ChartWindow
 
 
 def chart_event(w: ChartWindow, preset: ChartPreset, uri: str, rendered_at: int) -> ChartEvent:

@@ -8,9 +8,9 @@ from typing import Iterable
 import numpy as np
 
 from libs.common.klines import Kline
-from services.charts.indicators import window_with_indicators
-from services.charts.presets import ChartPreset
-from services.charts.window import ChartInputError, ChartWindow
+from libs.charting.indicators import window_with_indicators
+from libs.charting.presets import ChartPreset
+from libs.charting.window import ChartInputError, ChartWindow
 
 
 class CandleHistory:

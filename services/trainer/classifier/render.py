@@ -1,11 +1,9 @@
 """The chart renderer the dataset uses: the charts service's fast renderer, ``classifier224`` preset.
 
 The trainer may not import ``services.charts`` (no service imports another service), so the
-renderer is reached through ``libs.charting``, the lib the self-contained rendering modules of
-``services/charts`` (window, presets, scales, figure, fast, glyph_cache, png, indicators, pool)
-move to; docs/chart-classifier.md ("Renderer") says what moves. ``make_renderer`` takes those
-three pieces explicitly, so a caller that can reach them elsewhere (a test, the composition
-root) builds the very same renderer.
+renderer is reached through ``libs.charting``, the lib that holds the charts service's rendering
+code. ``make_renderer`` takes its three pieces explicitly, so a caller can build the very same
+renderer from them (as the tests do).
 """
 
 from __future__ import annotations
@@ -69,7 +67,6 @@ def default_renderer(window: int) -> ChartRenderer:
         from libs.charting.pool import RenderPool
     except ModuleNotFoundError as exc:
         raise CliError(
-            f"chart rendering for the trainer needs libs.charting ({exc.name} is missing): the charts "
-            "service's renderer has not moved to a lib yet (docs/chart-classifier.md, 'Renderer')"
+            f"chart rendering needs the package {exc.name!r}: pip install 'klinebus[trainer]'"
         ) from None
     return make_renderer(window, presets, window_from_frame, RenderPool)

@@ -7,9 +7,9 @@ import pytest
 
 from services.charts.artifacts import ArtifactStore
 from services.charts.events import chart_event
-from services.charts.fast import FastRenderer
-from services.charts.presets import ANALYSIS, CLASSIFIER224
-from services.charts.window import check_window
+from libs.charting.fast import FastRenderer
+from libs.charting.presets import ANALYSIS, CLASSIFIER224
+from libs.charting.window import check_window
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DAY_MS = 86_400_000

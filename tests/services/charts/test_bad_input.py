@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.charts.fast import FastRenderer
-from services.charts.figure import render_plain
-from services.charts.indicators import window_with_indicators
-from services.charts.presets import ANALYSIS, get_preset
-from services.charts.window import ChartInputError, check_window, make_window
+from libs.charting.fast import FastRenderer
+from libs.charting.figure import render_plain
+from libs.charting.indicators import window_with_indicators
+from libs.charting.presets import ANALYSIS, get_preset
+from libs.charting.window import ChartInputError, check_window, make_window
 
-from .conftest import pixels, rms
+from tests.libs.charting.conftest import pixels, rms
 
 
 def _replace(w, **arrays):

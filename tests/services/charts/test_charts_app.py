@@ -13,7 +13,7 @@ from services.charts.app import create
 
 from tests.streams import add_events, wait_for_events
 
-from .conftest import DATA, pixels
+from tests.libs.charting.conftest import DATA, pixels
 
 
 async def _wait(url: str, topic: str, n: int, timeout: float = 60) -> list[dict]:

@@ -21,7 +21,7 @@ from services.charts.artifacts import ArtifactStore
 
 from tests.streams import add_events, read_topic, wait_for_events
 
-from .conftest import DATA
+from tests.libs.charting.conftest import DATA
 
 
 def _metric(name: str, **labels: str) -> float:

@@ -4,9 +4,9 @@ import csv
 
 from klinebus.cli import main
 from services.charts.dataset import build_dataset
-from services.charts.presets import CLASSIFIER224
+from libs.charting.presets import CLASSIFIER224
 
-from .conftest import DATA, pixels
+from tests.libs.charting.conftest import DATA, pixels
 
 
 def test_dataset_windows_index_and_labels(tmp_path, frame):

@@ -8,7 +8,7 @@ from libs.common.klines import read_kline_csv
 from services.charts.history import CandleHistory
 
 
-from .conftest import DATA
+from tests.libs.charting.conftest import DATA
 
 
 def test_merge_puts_older_candles_before_the_live_ones():

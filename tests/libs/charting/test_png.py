@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.charts.png import encode_png
+from libs.charting.png import encode_png
 
 
 def _decoded(png: bytes) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from services.charts.window import ChartInputError
+from libs.charting.window import ChartInputError
 
 # Indicator names as the features service publishes them (services/features).
 SMA = "sma_20"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.charts.fast import FastRenderer
-from services.charts.figure import render_plain
-from services.charts.pool import RenderPool
-from services.charts.presets import ANALYSIS, CLASSIFIER224
-from services.charts.window import check_window
+from libs.charting.fast import FastRenderer
+from libs.charting.figure import render_plain
+from libs.charting.pool import RenderPool
+from libs.charting.presets import ANALYSIS, CLASSIFIER224
+from libs.charting.window import check_window
 
-from .conftest import rms
+from tests.libs.charting.conftest import rms
 
 SAME_PICTURE_RMS = 0.5  # grey levels; measured 0.0 (pixel-identical) when written
 

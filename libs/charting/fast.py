@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.collections import Collection, LineCollection, PolyCollection
 from matplotlib.path import Path
 
-from services.charts import glyph_cache
-from services.charts.figure import (
+from libs.charting import glyph_cache
+from libs.charting.figure import (
     Handles,
     build_figure,
     chart_legend,
@@ -25,9 +25,9 @@ from services.charts.figure import (
     title_text,
     volume_label,
 )
-from services.charts.presets import ENGULFING, HAMMER, MACD, MACD_HIST, MACD_SIGNAL, RSI, ChartPreset
-from services.charts.scales import limits, pattern_marks
-from services.charts.window import ChartWindow, check_window, make_window
+from libs.charting.presets import ENGULFING, HAMMER, MACD, MACD_HIST, MACD_SIGNAL, RSI, ChartPreset
+from libs.charting.scales import limits, pattern_marks
+from libs.charting.window import ChartWindow, check_window, make_window
 
 TEMPLATE_START_MS = 1_700_000_000_000
 # Axis._update_ticks keeps a tick whose position is within this share of the view's span

@@ -8,12 +8,12 @@ import pytest
 import talib
 from matplotlib.colors import to_rgb
 
-from services.charts.fast import FastRenderer
-from services.charts.figure import RSI_GUIDES, build_figure, render_plain
-from services.charts.presets import ANALYSIS, CLASSIFIER224
-from services.charts.window import check_window
+from libs.charting.fast import FastRenderer
+from libs.charting.figure import RSI_GUIDES, build_figure, render_plain
+from libs.charting.presets import ANALYSIS, CLASSIFIER224
+from libs.charting.window import check_window
 
-from .conftest import REFERENCE, pixels, rms
+from tests.libs.charting.conftest import REFERENCE, pixels, rms
 
 REFERENCE_RMS = 3.0  # grey levels; absorbs FreeType/Agg anti-aliasing drift between builds
 

@@ -1,7 +1,7 @@
 """Build a chart with plain ``mplfinance.plot`` (the reference look) and save it as PNG.
 
 This is the plain path: a new figure per chart. The fast path
-(``services.charts.fast``) builds one figure here and then only swaps data,
+(``libs.charting.fast``) builds one figure here and then only swaps data,
 so everything about the look lives in this module.
 """
 
@@ -29,10 +29,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import FixedLocator, MaxNLocator  # noqa: E402
 
-from services.charts.png import encode_png  # noqa: E402
-from services.charts.presets import EMA, MACD, MACD_HIST, MACD_SIGNAL, RSI, SMA, ChartPreset  # noqa: E402
-from services.charts.scales import PATTERN_NAMES, Limits, PatternMarks, limits, pattern_marks  # noqa: E402
-from services.charts.window import ChartWindow  # noqa: E402
+from libs.charting.png import encode_png  # noqa: E402
+from libs.charting.presets import EMA, MACD, MACD_HIST, MACD_SIGNAL, RSI, SMA, ChartPreset  # noqa: E402
+from libs.charting.scales import PATTERN_NAMES, Limits, PatternMarks, limits, pattern_marks  # noqa: E402
+from libs.charting.window import ChartWindow  # noqa: E402
 
 # mplfinance's binance style asks for font weights DejaVu lacks; matplotlib substitutes the nearest
 # weight and logs a warning per text on every figure, which would flood the service log.

@@ -12,9 +12,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Iterable, Iterator
 
-from services.charts.fast import FastRenderer
-from services.charts.presets import ChartPreset
-from services.charts.window import ChartWindow
+from libs.charting.fast import FastRenderer
+from libs.charting.presets import ChartPreset
+from libs.charting.window import ChartWindow
 
 _renderers: dict[ChartPreset, FastRenderer] = {}
 

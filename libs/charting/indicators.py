@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.charts.presets import ANALYSIS, ChartPreset
-from services.charts.window import ChartInputError, ChartWindow, make_window
+from libs.charting.presets import ANALYSIS, ChartPreset
+from libs.charting.window import ChartInputError, ChartWindow, make_window
 from libs.indicators.batch import compute_batch
 from libs.indicators.catalog import FEATURES
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.charts.presets import ENGULFING, HAMMER, MACD, MACD_HIST, MACD_SIGNAL, ChartPreset
-from services.charts.window import ChartWindow
+from libs.charting.presets import ENGULFING, HAMMER, MACD, MACD_HIST, MACD_SIGNAL, ChartPreset
+from libs.charting.window import ChartWindow
 
 # Share of the price range left (below, above) the candles and their markers. On a chart with
 # text the band above holds the one-row legend (lines and pattern glyphs), so it never covers a
