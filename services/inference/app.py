@@ -183,13 +183,16 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             except (KeyError, TypeError):
                 continue
 
-    @bus.ordered(topics.FEATURES, FeaturesEvent,
-                 description="Forecast with every model serving the candle's (symbol, interval); score earlier forecasts.")
-    async def on_features(event: FeaturesEvent, entry_id: str) -> None:
-        metrics.events_in.labels(topics.FEATURES).inc()
+    @bus.ordered_batch(topics.FEATURES, FeaturesEvent,
+                       description="Forecast with every model serving the candle's (symbol, interval); score earlier forecasts.")
+    async def on_features(events: list[FeaturesEvent], entry_ids: list[str]) -> None:
+        # Hands windows to the models' micro-batchers and returns: a batch of closes from many
+        # symbols becomes one session call per model, whatever size the bus delivers.
+        metrics.events_in.labels(topics.FEATURES).inc(len(events))
         with metrics.handle_seconds.labels(topics.FEATURES).time():
-            if not engine.on_features(event):
-                metrics.duplicates.labels(topics.FEATURES).inc()
+            repeated = sum(not engine.on_features(ev) for ev in events)
+        if repeated:
+            metrics.duplicates.labels(topics.FEATURES).inc(repeated)
 
     @bus.ordered(topics.MODELS, ModelPublished,
                  description="Verify, load and warm an announced model package, then swap it in between two candles.")
