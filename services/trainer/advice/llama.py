@@ -100,6 +100,7 @@ class LlamaAdviceModel:
         try:
             served = self._loop.run_until_complete(backend.describe())
         except BackendUnavailable as exc:
+            self.close()
             raise CliError(str(exc)) from None
         self.name = backend.model_name
         # a server names what it serves; that name is all we can know of its weights

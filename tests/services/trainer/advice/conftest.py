@@ -29,8 +29,14 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """libs/llm's tiny random-weight Qwen2.5-VL-shaped text model (its mmproj is not used)."""
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory):
+    """libs/llm's tiny random-weight Qwen2.5-VL-shaped GGUF pair."""
     from libs.llm.testing import write_tiny_qwen25vl
 
-    return write_tiny_qwen25vl(tmp_path_factory.mktemp("tiny-gguf")).model
+    return write_tiny_qwen25vl(tmp_path_factory.mktemp("tiny-gguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_pair) -> Path:
+    """Its text model alone (the advice prompt has no image)."""
+    return tiny_pair.model

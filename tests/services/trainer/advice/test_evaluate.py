@@ -219,3 +219,20 @@ def test_the_klinebus_commands_reach_the_advice_experiment(tmp_path, tiny_gguf, 
     if not torch.cuda.is_available():
         assert main(["train", "--kind", "advice-orpo", "--dataset", str(out), "--out", str(tmp_path / "o")]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_an_openai_compatible_server_answers_under_the_grammar(small_dataset, tiny_pair, tmp_path, capsys):
+    pytest.importorskip("uvicorn", reason="llama-cpp-python's server extra is not installed")
+    from libs.llm.testing import ModelServer
+
+    from services.trainer.advice.cli import main
+
+    with ModelServer(tiny_pair, n_ctx=4096) as server:  # the byte-level 3-shot prompt is ~2.6k tokens
+        assert main(["evaluate", "--server", server.url, "--dataset", str(small_dataset), "--limit", "3",
+                     "--results", str(tmp_path / "remote.jsonl"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["n"] == 3 and card["model"]["invalid"] == 0
+    assert card["model"]["label"] == tiny_pair.model.name  # the name the server reports
+    port_now_closed = server.url
+    assert main(["evaluate", "--server", port_now_closed, "--dataset", str(small_dataset)]) == 2
+    assert "unreachable" in capsys.readouterr().err
