@@ -214,6 +214,8 @@ def test_the_klinebus_commands_reach_the_advice_experiment(tmp_path, tiny_gguf, 
     assert main(["evaluate", "advice", "--model", str(tiny_gguf), "--dataset", str(out), "--limit", "3",
                  "--n-threads", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert main(["train", "--dataset", str(out), "--registry", str(tmp_path / "reg")]) == 2  # not an ONNX kind
+    assert "klinebus train --kind advice-orpo" in capsys.readouterr().err
     import torch
 
     if not torch.cuda.is_available():
@@ -236,3 +238,17 @@ def test_an_openai_compatible_server_answers_under_the_grammar(small_dataset, ti
     port_now_closed = server.url
     assert main(["evaluate", "--server", port_now_closed, "--dataset", str(small_dataset)]) == 2
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_the_standalone_dataset_command(tmp_path, capsys):
+    from services.trainer.advice.cli import main
+
+    from .conftest import BTC_1M
+
+    assert main(["dataset-build", "--input", str(BTC_1M), "--train-range", "2026-04-15..2026-04-15T01:00",
+                 "--verify-range", "2026-04-15T01:00..2026-04-15T02:00", "--out", str(tmp_path / "ds")]) == 0
+    assert "no trade counts in the source of BTCUSDT" in capsys.readouterr().out
+    assert main(["dataset-build", "--input", str(BTC_1M), "--train-range", "2026-04-15..2026-04-15T01:00",
+                 "--out", str(tmp_path / "ds2")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "klinebus: error: the advice dataset needs --train-range and --verify-range (START..END, UTC, end excluded)")
