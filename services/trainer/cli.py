@@ -75,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-batches", type=int, default=None, help="batches per epoch (smoke runs)")
     t.add_argument("--device", default=None, help="auto, cpu, cuda (default KLINEBUS_DEVICE or auto)")
     t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default KLINEBUS_TORCH_THREADS, 1; 0: all)")
     t.add_argument("--name", default=None, help="model name (default <kind>-<SYMBOL>-<interval>)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=_cmd_train)
@@ -237,6 +238,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         max_batches=args.max_batches, patience=args.patience, batch_size=args.batch_size, name=args.name,
         folds=settings.walk_forward_folds, hub_repo_id=settings.hf_repo_id or None, hub_token=settings.hf_token or None,
         hub_endpoint=settings.hf_endpoint or None,
+        threads=(settings.torch_threads if args.threads is None else args.threads) or None,
     )
     cb, bar = _progress_printer(args.json)
     try:

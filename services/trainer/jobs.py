@@ -57,6 +57,7 @@ class TrainOptions:
     hub_token: str | None = None
     hub_endpoint: str | None = None
     should_stop: Callable[[], bool] | None = None
+    threads: int | None = 1
 
 
 @dataclass
@@ -138,7 +139,7 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
     cfg = LoopConfig(
         epochs=options.epochs or seed_cfg["epochs"], lr=seed_cfg["lr"], patience=options.patience or seed_cfg["patience"],
         lr_factor=seed_cfg["lr_factor"], lr_patience=seed_cfg["lr_patience"], seed=options.seed, device=options.device,
-        max_batches=options.max_batches,
+        max_batches=options.max_batches, threads=options.threads,
     )
     torch.manual_seed(cfg.seed)
     core = build_core(kind, len(ds.features), H, T)

@@ -43,6 +43,10 @@ class LoopConfig:
     amp: bool | None = None  # None: on for CUDA, off on CPU
     max_batches: int | None = None  # per epoch; for smoke runs and tests
     grad_clip: float | None = 1.0
+    # CPU intra-op threads (None: leave torch's setting). Small recurrent batches gain little from
+    # more, and on a shared machine OpenMP threads waiting on each other made a 2-thread LSTM step
+    # 35x slower than a 1-thread one: the forecasters' jobs ask for 1 (TrainOptions.threads).
+    threads: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +128,8 @@ def fit(
     """Train ``model`` in place; on return it holds the weights of its best validation epoch."""
     seed_everything(config.seed)
     device = pick_device(config.device)
+    if config.threads and device.type == "cpu":
+        torch.set_num_threads(config.threads)
     amp = config.amp if config.amp is not None else device.type == "cuda"
     model.to(device)
     loss_fn.to(device)

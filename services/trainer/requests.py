@@ -72,7 +72,7 @@ def run_request(
             raise ImpossibleRequest(str(e)) from None
     options = TrainOptions(
         registry=settings.registry_root(), epochs=settings.max_epochs or None, device=settings.device,
-        max_batches=settings.max_batches_per_epoch or None,
+        max_batches=settings.max_batches_per_epoch or None, threads=settings.torch_threads or None,
         seed=settings.seed, folds=settings.walk_forward_folds, hub_repo_id=settings.hf_repo_id or None,
         hub_token=settings.hf_token or None, hub_endpoint=settings.hf_endpoint or None, should_stop=should_stop,
     )

@@ -19,6 +19,7 @@ class TrainerSettings(ServiceSettings):
         "default <data_dir>/trainer."
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    torch_threads: int = Field(1, ge=0, description="CPU threads per training job; 0: torch's default (every core).")
     max_epochs: int = Field(0, ge=0, description="Caps every job's epochs; 0 keeps each seed's own (100, 150).")
     max_batches_per_epoch: int = Field(0, ge=0, description="Caps batches per epoch (smoke runs, demos); 0: all.")
     seed: int = Field(0, description="Seed of weights, batch order and sampling; the same seed trains the same model.")
