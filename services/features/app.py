@@ -27,7 +27,7 @@ from services.features.settings import FeaturesSettings
 from libs.common.stream_history import recent_candles
 from services.features import checkpoint
 from libs.indicators.kernels import ST_DUPLICATE, ST_INVALID, ST_OK
-from libs.indicators.streaming import SnapshotMismatch, StreamingEngine
+from libs.indicators.streaming import PARALLEL_MIN_ROWS, SnapshotMismatch, StreamingEngine
 
 SETTINGS = FeaturesSettings
 log = logging.getLogger("klinebus.features")
@@ -69,6 +69,17 @@ WARMUP_RETRY_S = 0.5
 REPLAY_CHUNK = 1000
 
 
+def _compile(feature_set: str, gap_policy: str) -> None:
+    engine = StreamingEngine(feature_set, gap_policy=gap_policy)  # type: ignore[arg-type]
+    n = 2 * PARALLEL_MIN_ROWS  # both the one-lane and the two-lane paths
+    keys = [(f"C{i % PARALLEL_MIN_ROWS}", "1m") for i in range(n)]
+    open_time = np.array([(i // PARALLEL_MIN_ROWS) * 60_000 for i in range(n)], dtype=np.int64)
+    price = np.full(n, 100.0)
+    engine.update_many(keys, open_time, price, price + 1, price - 1, price, price)
+    two = np.array([0, 60_000], dtype=np.int64)
+    engine.warmup(("WARMUP", "1m"), two, price[:2], price[:2] + 1, price[:2] - 1, price[:2], price[:2])
+
+
 def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     runtime = ServiceRuntime(
         "features", settings, url, description="Indicators and candlestick patterns for every closed candle."
@@ -96,6 +107,12 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         await checkpoint.save(client, engine.snapshot(), state["last_entry"])
         state["since_checkpoint"] = 0
         state["checkpointed_at"] = time.monotonic()
+
+    @runtime.on_startup
+    async def compile_kernels() -> None:
+        """Compile (or load from numba's cache) the kernels before consuming: done inside the
+        first batch it blocked the event loop for seconds, long enough to lose the ownership lease."""
+        await asyncio.to_thread(_compile, settings.feature_set, settings.gap_policy)
 
     @bus.on_owner
     async def restore_state() -> None:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from libs.common import topics
 from libs.common.bus.framing import Decoder, payload_of
+from libs.common.bus.groups import recorded_position
 from libs.common.contracts import KlineEvent
 
 log = logging.getLogger("klinebus.features.checkpoint")
@@ -66,12 +67,17 @@ async def entries_after(
     decode were dead-lettered when first delivered and are skipped."""
     stream = topics.stream_key(topics.KLINES)
     groups = {g["name"].decode(): g for g in await client.xinfo_groups(stream)} if await client.exists(stream) else {}
-    if group not in groups:
+    # The group may be gone (deleted, a failover without it): the position the service last
+    # acknowledged, kept beside the stream, still says how far its published events go.
+    bounds = [p for p in (await recorded_position(client, topics.KLINES, group),) if p]
+    if group in groups:
+        bounds.append(groups[group]["last-delivered-id"].decode())
+    if not bounds:
         return
-    last_delivered = groups[group]["last-delivered-id"].decode()
+    last_delivered = max(bounds, key=id_key)
     pending: set[str] = set()
     start = "-"
-    while True:
+    while group in groups:
         rows = await client.xpending_range(stream, group, min=start, max="+", count=REPLAY_BATCH)
         pending.update(p["message_id"].decode() for p in rows)
         if len(rows) < REPLAY_BATCH:

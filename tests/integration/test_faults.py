@@ -10,7 +10,8 @@ consumer, Redis killed and restarted from its AOF, a second features replica bes
 After the faults, once both consumers have drained and acknowledged everything: every output
 stream holds exactly one event per closed candle, in order; features values equal the batch
 computation over the same candles; nothing is pending. The fast variant runs a few faults once;
-the slow one many, at random points, and prints its figures.
+the slow one 30 (five of each kind) at random points (``KLINEBUS_FAULT_SEED``), and prints its
+figures.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "data" / "klines"
 FEATURE_SET = "skeleton-v1"
 DRAIN_TIMEOUT_S = 120.0
+SLOW_FAULTS = 30  # a multiple of the six kinds
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -66,7 +68,7 @@ class Service:
             "KLINEBUS_CONSUMER_NAME": consumer,
             "KLINEBUS_HTTP_PORT": "0",
             "KLINEBUS_HTTP_HOST": "127.0.0.1",
-            "KLINEBUS_OWNER_LEASE_MS": "1000",
+            "KLINEBUS_OWNER_LEASE_MS": "2000",
             "KLINEBUS_LOG_FORMAT": "text",
             **env,
         }
@@ -309,8 +311,8 @@ async def test_faults_on_real_processes_lose_and_double_nothing(tmp_path):
 async def slow_plan(faults: Faults, features: Service, inference: Service, services, producer, tmp, env) -> None:
     rng = random.Random(int(os.environ.get("KLINEBUS_FAULT_SEED", "7")))
     total = len(producer.rows)
-    points = sorted(rng.sample(range(total // 20, total * 9 // 10), 12))
-    kinds = ["kill_features", "kill_inference", "oom", "group", "redis", "replica"] * 2
+    points = sorted(rng.sample(range(total // 20, total * 9 // 10), SLOW_FAULTS))
+    kinds = ["kill_features", "kill_inference", "oom", "group", "redis", "replica"] * (SLOW_FAULTS // 6)
     rng.shuffle(kinds)
     second: Service | None = None
     replicas = 1
@@ -342,7 +344,7 @@ async def slow_plan(faults: Faults, features: Service, inference: Service, servi
 
 @pytest.mark.slow
 async def test_many_faults_at_random_points_lose_and_double_nothing(tmp_path):
-    figures = await run_scenario(tmp_path, ("BTCUSDT", "ETHUSDT", "SOLUSDT"), 600, slow_plan)
+    figures = await run_scenario(tmp_path, ("BTCUSDT", "ETHUSDT", "SOLUSDT"), 1500, slow_plan)
     print("fault test (slow):", ", ".join(f"{k} {v}" for k, v in figures.items()))
     assert figures["lost"] == 0 and figures["doubled"] == 0
 

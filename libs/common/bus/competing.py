@@ -19,7 +19,8 @@ class CompetingConsumer:
     def __init__(self, proc: BatchProcessor, reclaim_idle_ms: int) -> None:
         self.proc = proc
         self.reclaim_idle_ms = reclaim_idle_ms
-        self.recovered = True
+        self.name = f"{proc.service}:{proc.sub.topic}"
+        self.topics = [proc.sub.topic]
 
     async def run(self) -> None:
         # Our own pending entries (a restart under the same name) first, then new ones.

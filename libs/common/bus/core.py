@@ -26,7 +26,7 @@ from libs.common.bus.framing import PlainJSONFormat, is_cluster_url, plain_url, 
 from libs.common.bus.groups import OwnerLease, ensure_group, remove_stale_consumers
 from libs.common.bus.guard import OncePerCandle
 from libs.common.bus.monitor import BusMetrics, GroupSampler
-from libs.common.bus.ordered import OrderedConsumer
+from libs.common.bus.ordered import OrderedOwner
 from libs.common.contracts import DeadLetter, Event
 from libs.common.telemetry import ServiceMetrics
 
@@ -78,7 +78,7 @@ class Bus:
         self.publisher(topics.DEAD_LETTERS, DeadLetter)
         self._client = redis_client(url, timeouts=True)  # guards, dead letters, admin (connects lazily)
         self.dead_letters = DeadLetters(service, self._client, dead_letter_maxlen, self.metrics)
-        self._consumers: list[OrderedConsumer | CompetingConsumer] = []
+        self._consumers: list[OrderedOwner | CompetingConsumer] = []
         self._clients: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.fatal: str | None = None
@@ -119,7 +119,7 @@ class Bus:
         """Ordered consumer (candle topics): decorate ``handler(event: model, entry_id: str)``.
 
         Entries reach the handler in stream order, one at a time (read in batches of
-        ``max_records``, acknowledged once per batch). One replica owns the group (a lease);
+        ``max_records``, acknowledged once per batch). One replica owns the service's ordered groups (a lease);
         others wait as hot standbys. Failures: see ``libs.common.bus.failures``."""
         return self._ordered(topic, model, EVENT, description, max_records)
 
@@ -225,32 +225,35 @@ class Bus:
         once every ordered consumer owns its group and has handled what was left pending, or
         waits as a standby."""
         await self.ensure_groups()
+        ordered: list[BatchProcessor] = []
         for sub in self.subscriptions:
             client = redis_client(self.url, timeouts=True)  # its own: a blocking read holds a connection
             self._clients.append(client)
             proc = BatchProcessor(self.service, self.consumer, sub, client, self.dead_letters, self.metrics,
                                   self.bus_metrics)
             if sub.ordered:
-                lease = OwnerLease(client, sub.topic, self.service, self.consumer, self.owner_lease_ms)
-                consumer: Any = OrderedConsumer(proc, lease, self._on_owner,
-                                                self.bus_metrics.owner.labels(self.service, sub.topic))
+                ordered.append(proc)
             else:
-                consumer = CompetingConsumer(proc, self.reclaim_idle_ms)
-            self._consumers.append(consumer)
+                self._consumers.append(CompetingConsumer(proc, self.reclaim_idle_ms))
+        if ordered:
+            topics_ = [p.sub.topic for p in ordered]
+            lease = OwnerLease(self._client, self.service, topics_, self.consumer, self.owner_lease_ms)
+            gauges = [self.bus_metrics.owner.labels(self.service, t) for t in topics_]
+            self._consumers.insert(0, OrderedOwner(self.service, ordered, lease, self._on_owner, gauges))
         # faststream starts only the publishers: the subscriptions it knows are for the document.
         for sub in self._doc_subscribers:
             self.broker._subscribers.discard(sub)
         await self.broker.start()
         self.running = True
         for consumer in self._consumers:
-            self._tasks.append(asyncio.create_task(self._supervise(consumer), name=f"{self.service}:{consumer.proc.sub.topic}"))
+            self._tasks.append(asyncio.create_task(self._supervise(consumer), name=consumer.name))
         if self.subscriptions:
             self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.service}:bus-monitor"))
         await self._settled()
 
     async def _settled(self) -> None:
         for consumer, task in zip(self._consumers, self._tasks):
-            if not isinstance(consumer, OrderedConsumer):
+            if not isinstance(consumer, OrderedOwner):
                 continue
             settled = asyncio.ensure_future(consumer.settled.wait())
             await asyncio.wait([settled, task], return_when=asyncio.FIRST_COMPLETED)
@@ -259,27 +262,30 @@ class Bus:
                 raise RuntimeError(f"{self.service}: {self.fatal}")
 
     async def _supervise(self, consumer: Any) -> None:
-        up = self.bus_metrics.up.labels(self.service, consumer.proc.sub.topic)
-        up.set(1)
+        ups = [self.bus_metrics.up.labels(self.service, t) for t in consumer.topics]
+        for up in ups:
+            up.set(1)
         try:
             await consumer.run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead consumer must fail /healthz loudly
-            self.fatal = f"consumer of {consumer.proc.sub.topic} died: {type(exc).__name__}: {exc}"
+            self.fatal = f"consumer of {', '.join(consumer.topics)} died: {type(exc).__name__}: {exc}"
             log.exception("%s: %s", self.service, self.fatal)
             if self.on_fatal is not None:
                 self.on_fatal(self.fatal)
         finally:
-            up.set(0)
+            for up in ups:
+                up.set(0)
 
     async def _monitor(self) -> None:
-        samplers = [(GroupSampler(self.bus_metrics, sub.topic, self.service), c) for sub, c in zip(self.subscriptions, self._consumers)]
+        owner = next((c for c in self._consumers if isinstance(c, OrderedOwner)), None)
+        samplers = [(GroupSampler(self.bus_metrics, sub.topic, self.service), sub.ordered) for sub in self.subscriptions]
         while True:
-            for sampler, consumer in samplers:
+            for sampler, is_ordered in samplers:
                 try:
                     await sampler.sample(self._client)
-                    if not isinstance(consumer, OrderedConsumer) or consumer.owner:
+                    if not is_ordered or (owner is not None and owner.owner):
                         removed = await remove_stale_consumers(
                             self._client, sampler.topic, self.service, self.consumer, self.stale_consumer_ms
                         )
@@ -300,7 +306,7 @@ class Bus:
         return self.alive()
 
     def owns_all(self) -> bool:
-        return all(c.owner for c in self._consumers if isinstance(c, OrderedConsumer))
+        return all(c.owner for c in self._consumers if isinstance(c, OrderedOwner))
 
     async def stop(self) -> None:
         self.running = False
@@ -311,7 +317,7 @@ class Bus:
                 await task
         self._tasks.clear()
         for consumer in self._consumers:
-            if isinstance(consumer, OrderedConsumer):
+            if isinstance(consumer, OrderedOwner):
                 await consumer.release()
         self._consumers.clear()
         await self.broker.stop()

@@ -6,11 +6,13 @@ the position kept outside the group, the ownership lease of ordered groups, stal
   the XACK). If the group vanishes (Redis restarted without its data, a failover to a replica
   without the group, a deleted stream or group), it is recreated at that position, not at the
   start of the stream and not at its end.
-* **Ownership.** An ordered group has one active owner: a lease ``klinebus:{topic}:owner:<group>``
-  taken with ``SET NX PX``, renewed at a third of its life, released on a clean stop. A second
-  replica waits as a hot standby and takes over within one lease time of the owner's death. The
-  lease is fenced: the acknowledgement script refuses a holder whose token is no longer the
-  lease's value, and the holder stops handing entries out once its lease may have expired.
+* **Ownership.** A service's ordered groups have one active owner replica: a lease
+  ``klinebus:owner:<group>`` taken with ``SET NX PX``, renewed at a third of its life, released on
+  a clean stop. A second replica waits as a hot standby and takes over within one lease time of
+  the owner's death. The lease is fenced: each ordered topic has a fence key
+  ``klinebus:{topic}:owner:<group>`` (its stream's slot) holding the owner's token, written by a
+  new owner first thing; the acknowledgement script refuses any other token, and the holder stops
+  handing entries out once its lease may have expired.
 """
 
 from __future__ import annotations
@@ -127,18 +129,44 @@ async def ensure_group(client: aioredis.Redis, topic: str, group: str) -> str | 
     return start
 
 
-class OwnerLease:
-    """``SET NX PX`` lease with a fencing token; see the module docstring."""
+# KEYS[1] a fence key; ARGV[1] our token, ARGV[2] ttl, ARGV[3] '1' to take it over. Written by the
+# lease holder after each acquisition and renewal; a renewal refuses to overwrite another holder's
+# token (a newer owner's) and only extends its own (PEXPIRE: allowed while Redis refuses writes
+# for lack of memory, so an OOM episode does not cost the owner its lease).
+_FENCE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if cur and ARGV[3] == '0' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
-    def __init__(self, client: aioredis.Redis, topic: str, group: str, consumer: str, ttl_ms: int) -> None:
+
+def service_lease_key(group: str) -> str:
+    return f"{topics.KEY_PREFIX}:owner:{group}"
+
+
+class OwnerLease:
+    """One owner for all of a service's ordered groups: ``SET NX PX`` on the service's lease key,
+    renewed at a third of its life, plus a fence key per ordered topic (in that topic's cluster
+    slot) holding the same token, which the acknowledgement script checks. A replica whose lease
+    was taken can no longer acknowledge: the new owner overwrote the fence keys first thing."""
+
+    def __init__(self, client: aioredis.Redis, group: str, topics_: list[str], consumer: str, ttl_ms: int) -> None:
         self.client = client
-        self.key = lease_key(topic, group)
+        self.key = service_lease_key(group)
+        self.fences = [lease_key(t, group) for t in topics_]
         self.consumer = consumer
         self.ttl_ms = ttl_ms
         self.token: str | None = None
         self.valid_until = 0.0
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._fence = client.register_script(_FENCE)
 
     def held(self) -> bool:
         return self.token is not None and time.monotonic() < self.valid_until
@@ -150,10 +178,12 @@ class OwnerLease:
     async def try_acquire(self) -> bool:
         token = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
         t0 = time.monotonic()
-        if await self.client.set(self.key, token, nx=True, px=self.ttl_ms):
-            self.token, self.valid_until = token, self._deadline(t0)
-            return True
-        return False
+        if not await self.client.set(self.key, token, nx=True, px=self.ttl_ms):
+            return False
+        for fence in self.fences:  # take every group over from a previous owner, zombie or not
+            await self._fence(keys=[fence], args=[token, self.ttl_ms * 2, "1"])
+        self.token, self.valid_until = token, self._deadline(t0)
+        return True
 
     async def renew(self) -> bool:
         """Extend the lease; False when it is no longer ours (another replica took it)."""
@@ -161,6 +191,10 @@ class OwnerLease:
             return False
         t0 = time.monotonic()
         if await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]):
+            for fence in self.fences:
+                if not await self._fence(keys=[fence], args=[self.token, self.ttl_ms * 2, "0"]):
+                    self.token = None
+                    return False
             self.valid_until = self._deadline(t0)
             return True
         self.token = None
@@ -170,6 +204,8 @@ class OwnerLease:
         token, self.token = self.token, None
         if token is not None:
             await self._release(keys=[self.key], args=[token])
+            for fence in self.fences:
+                await self._release(keys=[fence], args=[token])
 
     async def holder(self) -> str | None:
         raw = await self.client.get(self.key)

@@ -1,11 +1,12 @@
 """Ordered consumption (candle topics): one owner per group, entries in stream order, never past
 an entry that was neither handled nor dead-lettered.
 
-A consumer first takes the group's lease (``groups.OwnerLease``); without it, it waits as a hot
-standby, trying again every third of the lease time. Once it owns the group it runs the
-service's ``on_owner`` hooks (restore state), then ``recover``: every entry pending in the group
-(a dead owner's, or its own from before a restart) is claimed and handled oldest first, then new
-entries are read in batches. A batch is acknowledged only after every entry in it was handled or
+A service's ordered groups are owned together: the replica first takes the service's lease
+(``groups.OwnerLease``); without it, it waits as a hot standby, trying again every third of the
+lease time. Once it owns them it runs the service's ``on_owner`` hooks once (restore state), then
+``recover`` per group: every entry pending in the group (a dead owner's, or its own from before
+a restart) is claimed and handled oldest first, then new entries are read in batches, one loop
+per group. A batch is acknowledged only after every entry in it was handled or
 dead-lettered; a failure is retried in place (``consuming.BatchProcessor``), so nothing behind
 it is handled first. A renewal that finds the lease taken, or a lease that may have expired
 while Redis was unreachable, stops the consumer before its next batch and sends it back to
@@ -28,30 +29,33 @@ log = logging.getLogger("klinebus.bus")
 Hook = Callable[[], Awaitable[Any]]
 
 
-class OrderedConsumer:
-    def __init__(self, proc: BatchProcessor, lease: OwnerLease, on_owner: list[Hook], gauge_owner) -> None:
-        self.proc = proc
+class OrderedOwner:
+    """The service's ordered consumers under one ownership lease."""
+
+    def __init__(self, service: str, procs: list[BatchProcessor], lease: OwnerLease, on_owner: list[Hook],
+                 gauges: list[Any]) -> None:
+        self.service = service
+        self.procs = procs
         self.lease = lease
         self.on_owner = on_owner
-        self.gauge_owner = gauge_owner
+        self.gauges = gauges
         self.owner = False
-        self.recovered = asyncio.Event()  # set once this replica owns the group and has recovered
+        self.recovered = asyncio.Event()  # set once this replica owns the groups and has recovered
         self.settled = asyncio.Event()  # set once it has recovered, or knows it is a standby
-        self.proc.fence = self.lease.held
-        self._stall = Stall(f"{proc.service}:{proc.sub.topic}:lease")
-
-    @property
-    def who(self) -> str:
-        return f"{self.proc.service}:{self.proc.sub.topic}"
+        for proc in procs:
+            proc.fence = self.lease.held
+        self._stall = Stall(f"{service}:lease")
+        self.name = f"{service}:ordered"
+        self.topics = [p.sub.topic for p in procs]
 
     async def run(self) -> None:
         while True:
             await self._acquire()
-            renew = asyncio.create_task(self._renew_loop(), name=f"{self.who}:lease")
+            renew = asyncio.create_task(self._renew_loop(), name=f"{self.name}:lease")
             try:
                 await self._own()
             except LeaseLost as exc:
-                log.error("%s: lost ownership (%s); back to standby", self.who, exc)
+                log.error("%s: lost ownership (%s); back to standby", self.name, exc)
             finally:
                 renew.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -68,7 +72,7 @@ class OrderedConsumer:
                     break
                 if not announced:
                     holder = await self.lease.holder()
-                    log.info("%s: %s owns the group; waiting as a hot standby", self.who, holder)
+                    log.info("%s: %s owns %s; waiting as a hot standby", self.name, holder, ", ".join(self.topics))
                     announced = True
                     self.settled.set()
             except asyncio.CancelledError:
@@ -80,59 +84,75 @@ class OrderedConsumer:
                 await self._stall.wait(exc, "taking the ownership lease")
                 continue
             await asyncio.sleep(self.lease.ttl_ms / 3000)
-        self.proc.token = self.lease.token or ""
+        for proc in self.procs:
+            proc.token = self.lease.token or ""
         self._set_owner(True)
-        log.info("%s: %s owns the group now", self.who, self.proc.consumer)
+        log.info("%s: %s owns %s now", self.name, self.lease.consumer, ", ".join(self.topics))
 
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease.ttl_ms / 3000)
             try:
                 if not await self.lease.renew():
-                    log.error("%s: the ownership lease was taken by another replica", self.who)
+                    log.error("%s: the ownership lease expired or was taken by another replica", self.name)
                     return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a renewal that fails is retried; the fence stops us in time
-                log.warning("%s: renewing the ownership lease failed: %s", self.who, exc)
+                log.warning("%s: renewing the ownership lease failed: %s", self.name, exc)
 
     async def _own(self) -> None:
         for hook in self.on_owner:
             await hook()
-        await self.recover()
+        for proc in self.procs:
+            await self.recover(proc)
         self.recovered.set()
         self.settled.set()
+        loops = [asyncio.create_task(self._live(proc), name=f"{self.service}:{proc.sub.topic}") for proc in self.procs]
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # LeaseLost, or a consumer's death
+        finally:
+            for task in loops:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                    await task
+
+    async def _live(self, proc: BatchProcessor) -> None:
         while True:
             if not self.lease.held():
                 raise LeaseLost("the lease expired or was taken")
-            entries = await self.proc.read(">", BLOCK_MS)
+            entries = await proc.read(">", BLOCK_MS)
             if entries:
-                await self.proc.process(entries)
+                await proc.process(entries)
 
-    async def recover(self) -> int:
+    async def recover(self, proc: BatchProcessor) -> int:
         """Claim every entry pending in the group (whoever held it: we own the group) and handle
         them oldest first. Returns how many were handled."""
         while True:
             try:
-                await self.proc.claim_pending(0)
+                await proc.claim_pending(0)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 if "NOGROUP" in str(exc):
-                    await self.proc.recreate_group()
+                    await proc.recreate_group()
                     continue
                 if classify(exc) != INFRASTRUCTURE:
                     raise
-                await self.proc.stall.wait(exc, "claiming pending entries")
-        n = await self.proc.drain_own_pending()
+                await proc.stall.wait(exc, "claiming pending entries")
+        n = await proc.drain_own_pending()
         if n:
-            log.info("%s: handled %d entries left pending before the start", self.who, n)
+            log.info("%s: handled %d entries of %s left pending before the start", self.service, n, proc.sub.topic)
         return n
 
     def _set_owner(self, owner: bool) -> None:
         self.owner = owner
-        self.gauge_owner.set(1 if owner else 0)
+        for gauge in self.gauges:
+            gauge.set(1 if owner else 0)
 
     async def release(self) -> None:
         with contextlib.suppress(Exception):

@@ -186,7 +186,7 @@ async def test_a_replica_whose_lease_was_taken_stops_consuming(redis_url, client
     await bus.start()
     try:
         assert bus.owns_all()
-        lease = topics.stream_companion_key(topics.KLINES, "owner:features")
+        lease = "klinebus:owner:features"
         await client.set(lease, "b:someone-else", px=60_000)  # another replica holds it now
         await until(lambda: _async(not bus.owns_all()))
         await add(client, 0, 5)
