@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,SOLUSDT", help="symbols from data/klines (comma-separated)")
     p.add_argument("--data-dir", default=None, help="where outputs go (default: a fresh folder under var/demo)")
     p.add_argument("--plain", action="store_true", help="print progress lines instead of the live table")
+    p.add_argument("--train-epochs", type=int, default=3, help="epochs of the demo's forecaster (default 3)")
+    p.add_argument("--no-model", action="store_true", help="skip training: serve persistence only")
+    p.add_argument("--no-vlm", action="store_true", help="skip the vision-language model")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("asyncapi", help="write (or --check) docs/asyncapi.yaml from the service apps")

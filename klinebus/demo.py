@@ -5,6 +5,11 @@ It starts an embedded redis-server, the exchange simulator replaying
 this process (each with its own broker, consumer group and telemetry port),
 then shows the live pipeline in a table until the replay is done or Ctrl-C.
 The table is read from Redis itself, as any outside subscriber would.
+
+Before the replay it trains a forecaster on the archived history (the trainer's
+real code path) and writes a tiny VLM (klinebus/demo_models.py), so inference
+serves a trained ONNX model beside persistence and the vlm service reads the
+charts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rich.text import Text
 
 from libs.common import topics
 from klinebus.cli import app_module
+from klinebus.demo_models import DemoModels, train_forecaster, write_vlm
 from libs.common.errors import CliError
 from libs.common.klines import Kline, read_kline_csv
 from klinebus.pipeline import start_runtimes, stop_runtimes
@@ -38,20 +44,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data" / "klines"
 DEMO_INTERVAL = "1m"
 CHART_EVERY_S = 3.0
-# Candles archived before the replay starts: more than the longest warm-up (SMA/EMA 200).
-ARCHIVED_HISTORY = 300
+# Every shipped candle before the replayed ones is archived before the replay starts (features warm
+# up from it; the demo's model trains on it); at least this many: the longest warm-up (SMA/EMA 200).
+MIN_HISTORY = 300
 # Shown in the table when warmed up, in this order.
 SHOWN_INDICATORS = ("rsi_14", "ema_20", "macd_hist", "bb_pctb", "atr_14")
-STAGES = (topics.KLINES, topics.FEATURES, topics.PREDICTIONS, topics.CHARTS, topics.DEAD_LETTERS)
+STAGES = (
+    topics.KLINES, topics.FEATURES, topics.PREDICTIONS, topics.SCORES, topics.CHARTS, topics.ANALYSES,
+    topics.ALERTS, topics.DEAD_LETTERS,
+)
 # Services the demo runs when their code is built, in start order (consumers before producers).
-DEMO_SERVICES = ("archive", "inference", "charts", "features", "ingest")
+DEMO_SERVICES = ("archive", "inference", "vlm", "charts", "features", "ingest")
 
 
 def load_shipped(
-    symbols: list[str], candles: int, history: int = 0
+    symbols: list[str], candles: int, min_history: int = 0
 ) -> tuple[dict[tuple[str, str], list[Kline]], dict[tuple[str, str], list[Kline]]]:
-    """The first ``history`` shipped candles of each symbol (already archived when the demo starts)
-    and the ``candles`` after them (replayed live)."""
+    """Each symbol's shipped candles before its last ``candles`` (already archived when the demo
+    starts; at least ``min_history``) and those last ``candles`` (replayed live)."""
     past, live = {}, {}
     for symbol in symbols:
         files = sorted(SHIPPED.glob(f"{symbol}-{DEMO_INTERVAL}-*.csv.gz"))
@@ -59,10 +69,13 @@ def load_shipped(
             available = sorted({p.name.split("-")[0] for p in SHIPPED.glob("*.csv.gz")})
             raise CliError(f"no shipped candles for {symbol}; available: {', '.join(available)}")
         klines = read_kline_csv(files[0], symbol, DEMO_INTERVAL)
-        if len(klines) < history + 1:
-            raise CliError(f"{files[0].name} has {len(klines)} candles; the demo needs more than {history}")
-        past[(symbol, DEMO_INTERVAL)] = klines[:history]
-        live[(symbol, DEMO_INTERVAL)] = klines[history : history + candles]
+        if len(klines) < min_history + candles:
+            raise CliError(
+                f"{files[0].name} has {len(klines)} candles; --candles {candles} leaves fewer than the "
+                f"{min_history} the demo archives first"
+            )
+        past[(symbol, DEMO_INTERVAL)] = klines[: len(klines) - candles]
+        live[(symbol, DEMO_INTERVAL)] = klines[len(klines) - candles :]
     return past, live
 
 
@@ -76,6 +89,10 @@ class Board:
     last_close: dict[str, float] = field(default_factory=dict)
     indicators: dict[str, dict[str, float]] = field(default_factory=dict)
     prediction: dict[str, tuple[float, int]] = field(default_factory=dict)
+    model_prediction: dict[str, tuple[float, str]] = field(default_factory=dict)
+    model_score: dict[str, float] = field(default_factory=dict)
+    analysis: dict[str, str] = field(default_factory=dict)
+    last_alert: str = ""
     predictions_per_symbol: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     last_dead_letter: str = ""
@@ -94,7 +111,10 @@ class Board:
         t.add_column("last close", justify="right")
         for name in SHOWN_INDICATORS:
             t.add_column(name, justify="right")
-        t.add_column("next close (model)", justify="right")
+        t.add_column("next close (persistence)", justify="right")
+        t.add_column("next close (trained model)", justify="right")
+        t.add_column("model MAE / persistence", justify="right")
+        t.add_column("vlm reading", justify="left")
         t.add_column("predictions", justify="right")
         for s in self.symbols:
             ind = self.indicators.get(s, {})
@@ -104,6 +124,9 @@ class Board:
                 _num(self.last_close.get(s)),
                 *(_num(ind.get(n)) for n in SHOWN_INDICATORS),
                 f"{pred[0]:,.4f}" if pred else "-",
+                _model_cell(self.model_prediction.get(s)),
+                f"{self.model_score[s]:.3f}" if s in self.model_score else "-",
+                self.analysis.get(s, "-"),
                 f"{self.predictions_per_symbol[s]}/{self.expected}",
             )
         stages = Table(title="events per stage (Redis stream lengths)", show_header=True)
@@ -119,9 +142,18 @@ class Board:
         parts: list[Any] = [t, stages, footer]
         if self.last_chart:
             parts.append(Text(f"last chart: {self.last_chart}", style="cyan"))
+        if self.last_alert:
+            parts.append(Text(f"last alert: {self.last_alert}", style="magenta"))
         if self.last_dead_letter:
             parts.append(Text(f"last dead letter: {self.last_dead_letter}", style="yellow"))
         return Group(*parts)
+
+
+def _model_cell(pred: tuple[float, str] | None) -> str:
+    if pred is None:
+        return "-"
+    value, role = pred
+    return f"{_num(value)}{' (shadow)' if role == 'shadow' else ''}"
 
 
 def _num(v: float | None) -> str:
@@ -134,7 +166,11 @@ async def watch(url: str, board: Board, stop: asyncio.Event) -> None:
     """Follow the streams with plain XREAD (no consumer group: the demo only looks)."""
     client = aioredis.Redis.from_url(url)
     last_ids = {
-        topics.stream_key(t): "0-0" for t in (topics.FEATURES, topics.PREDICTIONS, topics.CHARTS, topics.DEAD_LETTERS)
+        topics.stream_key(t): "0-0"
+        for t in (
+            topics.FEATURES, topics.PREDICTIONS, topics.SCORES, topics.CHARTS, topics.ANALYSES, topics.ALERTS,
+            topics.DEAD_LETTERS,
+        )
     }
     try:
         while not stop.is_set():
@@ -157,10 +193,20 @@ def _absorb(board: Board, key: str, event: dict[str, Any]) -> None:
         board.indicators[event["symbol"]] = event["values"]
     elif key == topics.stream_key(topics.PREDICTIONS):
         s = event["symbol"]
+        if event["model"] != "persistence":
+            board.model_prediction[s] = (event["predicted"]["close"], event.get("role", "primary"))
+            return
         board.prediction[s] = (event["predicted"]["close"], event["target_open_time"])
         board.predictions_per_symbol[s] += 1
         if event.get("kline_ingested_at"):
             board.latencies_ms.append(event["predicted_at"] - event["kline_ingested_at"])
+    elif key == topics.stream_key(topics.SCORES):
+        if event["model"] != "persistence" and event.get("mae_ratio") is not None and event["horizon"] == 1:
+            board.model_score[event["symbol"]] = event["mae_ratio"]
+    elif key == topics.stream_key(topics.ANALYSES):
+        board.analysis[event["symbol"]] = f"{event['trend']}/{event.get('signal') or '-'}"
+    elif key == topics.stream_key(topics.ALERTS):
+        board.last_alert = f"[{event['severity']}] {event['rule']}: {event['message']}"
     elif key == topics.stream_key(topics.CHARTS):
         board.last_chart = f"{event['symbol']} {event['interval']} {event['window']} candles -> {event['uri']}"
     elif key == topics.stream_key(topics.DEAD_LETTERS):
@@ -229,13 +275,23 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
     from services.ingest.simulator import ExchangeSimulator
 
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
-    past, candles = load_shipped(symbols, args.candles, ARCHIVED_HISTORY)
+    past, candles = load_shipped(symbols, args.candles, MIN_HISTORY)
     # As on a deployment that has been running: history sits in the archive, so features start warm.
     archive = ParquetArchive(str(data_dir / "archive"))
     for klines in past.values():
         archive.write(klines)
     board = Board(expected=min(len(v) for v in candles.values()), symbols=symbols)
     services = built_demo_services()
+    models = DemoModels()
+    if not args.no_model:
+        # Off the event loop: training takes a few tens of seconds of CPU.
+        models.registry, models.forecaster = await asyncio.to_thread(
+            train_forecaster, data_dir / "archive", data_dir, symbols, DEMO_INTERVAL, args.train_epochs, console
+        )
+    if "vlm" in services and not args.no_vlm:
+        models.vlm_model, models.vlm_mmproj = write_vlm(data_dir, console)
+    elif "vlm" in services:
+        services.remove("vlm")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -273,6 +329,13 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
                     # The replay runs ~600x real time: a chart every few seconds is every half hour
                     # of market time, as the 10-minute default is on a live 1m market.
                     "charts": dict(cadence_s=CHART_EVERY_S),
+                    # An unpromoted demo model is still served, as role=shadow, so it can be watched.
+                    "inference": dict(serve_unpromoted=True) if models.registry else {},
+                    # Small images and one thread: the tiny model answers in about a second.
+                    "vlm": dict(
+                        model_path=str(models.vlm_model), mmproj_path=str(models.vlm_mmproj),
+                        image_max_side=448, image_max_tokens=128, n_threads=1,
+                    ),
                 },
                 consumer="demo",
             )
@@ -317,8 +380,11 @@ def run_demo(args: argparse.Namespace) -> None:
         console.print(f"demo stopped before it ran; everything it started is stopped ({data_dir})")
         raise KeyboardInterrupt from None
     console.print()
-    console.print(f"[bold]done[/bold]: {sum(board.predictions_per_symbol.values())} predictions from "
-                  f"{board.counts.get(topics.KLINES, 0)} closed candles; "
+    persistence = sum(board.predictions_per_symbol.values())
+    console.print(f"[bold]done[/bold]: {board.counts.get(topics.KLINES, 0)} closed candles -> {persistence} persistence "
+                  f"and {board.counts.get(topics.PREDICTIONS, 0) - persistence} trained-model forecasts, "
+                  f"{board.counts.get(topics.SCORES, 0)} live scores, {board.counts.get(topics.CHARTS, 0)} charts, "
+                  f"{board.counts.get(topics.ANALYSES, 0)} VLM analyses; "
                   f"{board.counts.get(topics.DEAD_LETTERS, 0)} dead letters.")
     console.print(f"outputs in {data_dir}:")
     for sub, what in (
