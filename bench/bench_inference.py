@@ -182,6 +182,9 @@ async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
         url = server.url
         settings = InferenceSettings(data_dir=Path(data), redis_url=url, consumer_name="bench", model_dir=str(registry),
                                      log_level="WARNING")
+        # Built before the service starts: it shares this event loop, and seconds of event building
+        # would starve its lease renewals.
+        hist = [burst_events(meta, symbols, i) for i in range(meta.lookback + bursts)]
         rt = app.create(settings, url)
         await rt.start(http=False)
         client = redis_client(url)
@@ -189,10 +192,11 @@ async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
         _, frame = features_rows(meta.lookback + 200)
         try:
             lat, whole = [], []
-            hist = [burst_events(meta, symbols, i) for i in range(meta.lookback + bursts)]
             for i in range(meta.lookback + bursts):
                 events = [ev.model_copy(update={"open_time": int(frame.iloc[i]["open_time"])}) for ev in hist[i]]
                 start_len = await client.xlen(key_p)
+                newest = await client.xrevrange(key_p, count=1)
+                after = "(" + newest[0][0].decode() if newest else "-"
                 pipe = client.pipeline(transaction=False)
                 for ev in events:
                     pipe.xadd(key_f, {DATA_FIELD: ev.to_json()})
@@ -203,8 +207,9 @@ async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
                     await asyncio.sleep(0.002)
                 if i < meta.lookback:
                     continue
-                entries = await client.xrange(key_p, min="-", max="+", count=None)
-                times = [int(e[0].decode().split("-")[0]) - t0 for e in entries[start_len:]
+                # Only this burst's entries: reading the whole stream would stall the service's loop.
+                entries = await client.xrange(key_p, min=after, max="+")
+                times = [int(e[0].decode().split("-")[0]) - t0 for e in entries
                          if b'"bench-unified"' in e[1][DATA_FIELD.encode()]]
                 lat += times
                 whole.append(max(times))
@@ -222,6 +227,7 @@ def main() -> None:
     ap.add_argument("--symbols", type=int, default=1000)
     ap.add_argument("--bursts", type=int, default=5)
     ap.add_argument("--skip-service", action="store_true")
+    ap.add_argument("--only-service", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -229,8 +235,9 @@ def main() -> None:
         published = train_package(root)
         print(f"package {published.meta.name}@{published.version} trained and exported by the trainer's code "
               f"in {time.perf_counter() - t:.0f} s")
-        bench_session(published, args.symbols)
-        asyncio.run(bench_engine(published, args.symbols, args.bursts))
+        if not args.only_service:
+            bench_session(published, args.symbols)
+            asyncio.run(bench_engine(published, args.symbols, args.bursts))
         if not args.skip_service:
             asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts))
 
