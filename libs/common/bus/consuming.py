@@ -82,7 +82,8 @@ def model_of(handler: Callable[..., Any]) -> type:
 
 
 class Stopped(Exception):
-    """The consumer was asked to stop while waiting."""
+    """The bus is stopping: the consumer loop ends between batches (cancelling a blocked redis-py
+    read can leave its connection's clean-up waiting forever, so reads are not cancelled)."""
 
 
 class BatchProcessor:
@@ -106,6 +107,7 @@ class BatchProcessor:
         self.stall = Stall(f"{service}:{sub.topic}", lambda reason: bus_metrics.stalled.labels(service, sub.topic, reason))
         self.token = ""  # the lease token of an ordered owner; '' for competing groups
         self.fence: Callable[[], bool] = lambda: True  # False: our lease may be gone, stop
+        self.stopping: asyncio.Event | None = None  # set by Bus.stop
         self._consumed = bus_metrics.consumed.labels(service, sub.topic)
         self._retries = metrics.retries.labels(sub.topic)
 
@@ -207,12 +209,17 @@ class BatchProcessor:
                 await self.stall.wait(exc, "writing a dead letter")
 
     async def ack(self, ids: list[str]) -> None:
+        await self.redis("acknowledging", lambda: self.acker.ack(ids, self.token))
+
+    async def redis(self, doing: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one Redis call until it succeeds: a lost group is recreated, infrastructure
+        failures are waited out; anything else (a bad command: our bug) is raised."""
         while True:
             try:
-                await self.acker.ack(ids, self.token)
+                result = await call()
                 if self.stall.stalled:
                     self.stall.clear()
-                return
+                return result
             except (asyncio.CancelledError, LeaseLost):
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -221,7 +228,9 @@ class BatchProcessor:
                     continue
                 if classify(exc) != INFRASTRUCTURE:
                     raise
-                await self.stall.wait(exc, "acknowledging")
+                await self.stall.wait(exc, doing)
+                if not self.fence():
+                    raise LeaseLost(f"{self.service}: lease on {self.sub.topic} expired while {doing}") from None
 
     async def recreate_group(self) -> None:
         """The group vanished under us: recreate it where this service last acknowledged."""
@@ -244,26 +253,13 @@ class BatchProcessor:
 
     async def read(self, start: str, block: int | None) -> list[tuple[Any, Any]]:
         """One XREADGROUP (``>`` for new entries, an id for this consumer's pending ones);
-        infrastructure failures and a lost group are waited out / repaired here."""
-        while True:
-            try:
-                reply = await self.client.xreadgroup(
-                    self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
-                )
-                if self.stall.stalled:
-                    self.stall.clear()
-                return reply[0][1] if reply else []
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if "NOGROUP" in str(exc):
-                    await self.recreate_group()
-                    continue
-                if classify(exc) != INFRASTRUCTURE:
-                    raise
-                await self.stall.wait(exc, "reading")
-                if not self.fence():
-                    raise LeaseLost(f"{self.service}: lease on {self.sub.topic} expired while reading") from None
+        infrastructure failures and a lost group are waited out / repaired (``redis``)."""
+        if self.stopping is not None and self.stopping.is_set():
+            raise Stopped
+        reply = await self.redis("reading", lambda: self.client.xreadgroup(
+            self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
+        ))
+        return reply[0][1] if reply else []
 
     async def claim_pending(self, min_idle_ms: int) -> int:
         """Move entries pending on other consumers for at least ``min_idle_ms`` to this one

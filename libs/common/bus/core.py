@@ -20,8 +20,20 @@ from faststream.redis.annotations import RedisBatchStreamMessage, RedisStreamMes
 
 from libs.common import topics
 from libs.common.bus.competing import CompetingConsumer
-from libs.common.bus.consuming import BATCH, EVENT, LIST, PLAIN, READ_BATCH, BatchProcessor, Subscription, model_of
+from libs.common.bus.consuming import (
+    BATCH,
+    BLOCK_MS,
+    EVENT,
+    LIST,
+    PLAIN,
+    READ_BATCH,
+    BatchProcessor,
+    Stopped,
+    Subscription,
+    model_of,
+)
 from libs.common.bus.deadletters import DeadLetters
+from libs.common.bus.failures import INFRASTRUCTURE, Stall, classify
 from libs.common.bus.framing import PlainJSONFormat, is_cluster_url, plain_url, redis_client
 from libs.common.bus.groups import OwnerLease, ensure_group, remove_stale_consumers
 from libs.common.bus.guard import OncePerCandle
@@ -38,6 +50,7 @@ Hook = Callable[[], Awaitable[Any]]
 OWNER_LEASE_MS = 5_000
 MONITOR_INTERVAL_S = 15.0
 STALE_CONSUMER_MS = 3_600_000
+STOP_GRACE_S = 2.0
 
 
 class Bus:
@@ -81,6 +94,7 @@ class Bus:
         self._consumers: list[OrderedOwner | CompetingConsumer] = []
         self._clients: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
         self.fatal: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self.running = False
@@ -223,14 +237,16 @@ class Bus:
     async def start(self) -> None:
         """Create groups, start the publishers and one consumer task per subscription. Returns
         once every ordered consumer owns its group and has handled what was left pending, or
-        waits as a standby."""
-        await self.ensure_groups()
+        waits as a standby. Redis down or refusing writes at start is waited out (one line, the
+        stalled gauge), not a crash loop."""
+        await self._waiting_out("creating consumer groups", self.ensure_groups)
         ordered: list[BatchProcessor] = []
         for sub in self.subscriptions:
             client = redis_client(self.url, timeouts=True)  # its own: a blocking read holds a connection
             self._clients.append(client)
             proc = BatchProcessor(self.service, self.consumer, sub, client, self.dead_letters, self.metrics,
                                   self.bus_metrics)
+            proc.stopping = self._stopping
             if sub.ordered:
                 ordered.append(proc)
             else:
@@ -243,13 +259,25 @@ class Bus:
         # faststream starts only the publishers: the subscriptions it knows are for the document.
         for sub in self._doc_subscribers:
             self.broker._subscribers.discard(sub)
-        await self.broker.start()
+        await self._waiting_out("connecting the publishers", self.broker.start)
         self.running = True
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(self._supervise(consumer), name=consumer.name))
         if self.subscriptions:
             self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.service}:bus-monitor"))
         await self._settled()
+
+    async def _waiting_out(self, doing: str, call: Hook) -> None:
+        stall = Stall(f"{self.service}:start", lambda reason: self.bus_metrics.stalled.labels(self.service, "*", reason))
+        while True:
+            try:
+                await call()
+                stall.clear()
+                return
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) != INFRASTRUCTURE:
+                    raise
+                await stall.wait(exc, doing)
 
     async def _settled(self) -> None:
         for consumer, task in zip(self._consumers, self._tasks):
@@ -267,6 +295,8 @@ class Bus:
             up.set(1)
         try:
             await consumer.run()
+        except Stopped:
+            pass
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead consumer must fail /healthz loudly
@@ -281,7 +311,8 @@ class Bus:
     async def _monitor(self) -> None:
         owner = next((c for c in self._consumers if isinstance(c, OrderedOwner)), None)
         samplers = [(GroupSampler(self.bus_metrics, sub.topic, self.service), sub.ordered) for sub in self.subscriptions]
-        while True:
+        stopping = self._stopping
+        while not stopping.is_set():
             for sampler, is_ordered in samplers:
                 try:
                     await sampler.sample(self._client)
@@ -295,7 +326,8 @@ class Bus:
                     raise
                 except Exception as exc:  # noqa: BLE001 - monitoring must not take the service down
                     log.debug("%s: sampling %s failed: %s", self.service, sampler.topic, exc)
-            await asyncio.sleep(self.monitor_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.monitor_interval_s)
 
     def alive(self) -> bool:
         """Every consumer task runs (for /healthz and /readyz)."""
@@ -310,12 +342,22 @@ class Bus:
 
     async def stop(self) -> None:
         self.running = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._stopping.set()
+        if self._tasks:
+            # Consumers finish the batch in hand and end before their next read (at most one
+            # BLOCK_MS away); only what still runs after that is cancelled.
+            _, left = await asyncio.wait(self._tasks, timeout=BLOCK_MS / 1000 + STOP_GRACE_S)
+            for task in left:
+                task.cancel()
+            if left:
+                _, stuck = await asyncio.wait(left, timeout=STOP_GRACE_S)
+                for client in self._clients:  # a read that ignores its cancellation: cut its socket
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.connection_pool.disconnect(), STOP_GRACE_S)
+                if stuck:
+                    await asyncio.wait(stuck, timeout=STOP_GRACE_S)
         self._tasks.clear()
+        self._stopping = asyncio.Event()
         for consumer in self._consumers:
             if isinstance(consumer, OrderedOwner):
                 await consumer.release()

@@ -20,7 +20,7 @@ import contextlib
 import logging
 from typing import Any, Awaitable, Callable
 
-from libs.common.bus.consuming import BLOCK_MS, BatchProcessor
+from libs.common.bus.consuming import BLOCK_MS, BatchProcessor, Stopped
 from libs.common.bus.failures import INFRASTRUCTURE, Stall, classify
 from libs.common.bus.groups import LeaseLost, OwnerLease
 
@@ -66,6 +66,8 @@ class OrderedOwner:
     async def _acquire(self) -> None:
         announced = False
         while True:
+            if self.procs[0].stopping is not None and self.procs[0].stopping.is_set():
+                raise Stopped
             try:
                 if await self.lease.try_acquire():
                     self._stall.clear()
@@ -102,8 +104,20 @@ class OrderedOwner:
                 log.warning("%s: renewing the ownership lease failed: %s", self.name, exc)
 
     async def _own(self) -> None:
-        for hook in self.on_owner:
-            await hook()
+        for hook in self.on_owner:  # must be idempotent: re-run whole after an infrastructure failure
+            while True:
+                try:
+                    await hook()
+                    self._stall.clear()
+                    break
+                except (asyncio.CancelledError, LeaseLost):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if classify(exc) != INFRASTRUCTURE:
+                        raise
+                    await self._stall.wait(exc, f"running {getattr(hook, '__name__', 'an on_owner hook')}")
+                    if not self.lease.held():
+                        raise LeaseLost("the lease expired while taking over") from None
         for proc in self.procs:
             await self.recover(proc)
         self.recovered.set()
@@ -131,19 +145,7 @@ class OrderedOwner:
     async def recover(self, proc: BatchProcessor) -> int:
         """Claim every entry pending in the group (whoever held it: we own the group) and handle
         them oldest first. Returns how many were handled."""
-        while True:
-            try:
-                await proc.claim_pending(0)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                if "NOGROUP" in str(exc):
-                    await proc.recreate_group()
-                    continue
-                if classify(exc) != INFRASTRUCTURE:
-                    raise
-                await proc.stall.wait(exc, "claiming pending entries")
+        await proc.redis("claiming pending entries", lambda: proc.claim_pending(0))
         n = await proc.drain_own_pending()
         if n:
             log.info("%s: handled %d entries of %s left pending before the start", self.service, n, proc.sub.topic)
