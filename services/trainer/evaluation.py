@@ -13,7 +13,8 @@ moves; next-candle range error. Baselines:
 Classifiers (``classification_scorecard``): accuracy and macro F1 beside the majority class.
 
 ``promotion`` is the rule: promoted only if the model's MAE (or, for classifiers, accuracy) beats
-persistence's (majority class's) on the validation slice. ``walk_forward`` scores consecutive folds
+persistence's (majority class's) on the validation slice; forecasters of the close must also beat
+persistence on the next close's MAE. ``walk_forward`` scores consecutive folds
 of the test slice one after another.
 """
 
@@ -162,13 +163,19 @@ def walk_forward(order_key: np.ndarray, folds: int, score) -> list[dict]:
 
 
 def promotion(card: dict[str, dict[str, float]], metric: str = "mae", baseline: str = "persistence",
-              lower_is_better: bool = True, split: str = "validation") -> tuple[bool, str]:
-    """Promoted only if the model beats the baseline on ``metric``; the reason says by how much."""
-    m, b = card["model"][metric], card[baseline][metric]
-    if not (math.isfinite(m) and math.isfinite(b)):
-        return False, f"{split} {metric} is not finite (model {m}, {baseline} {b}); not promoted"
-    wins = m < b if lower_is_better else m > b
-    rel = (m / b - 1) * 100 if b else float("nan")
-    verdict = "beats" if wins else "does not beat"
-    tail = "promoted" if wins else "stored, not promoted"
-    return wins, f"{split} {metric} {m:.6g} {verdict} {baseline} {b:.6g} ({rel:+.2f} %); {tail}"
+              lower_is_better: bool = True, split: str = "validation", also: Sequence[str] = ()) -> tuple[bool, str]:
+    """Promoted only if the model beats the baseline on ``metric`` and on every metric in ``also``
+    (the forecasters add ``close@1_mae``: a model that wins on average through its high/low heads but
+    loses on the next close has not beaten persistence where it matters). The reason says by how much."""
+    parts, wins = [], True
+    for name in (metric, *also):
+        m, b = card["model"].get(name, float("nan")), card[baseline].get(name, float("nan"))
+        if not (math.isfinite(m) and math.isfinite(b)):
+            wins = False
+            parts.append(f"{split} {name} is not finite (model {m}, {baseline} {b})")
+            continue
+        ok = m < b if lower_is_better else m > b
+        wins = wins and ok
+        rel = (m / b - 1) * 100 if b else float("nan")
+        parts.append(f"{split} {name} {m:.6g} {'beats' if ok else 'does not beat'} {baseline} {b:.6g} ({rel:+.2f} %)")
+    return wins, "; ".join(parts) + ("; promoted" if wins else "; stored, not promoted")

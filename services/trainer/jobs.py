@@ -186,8 +186,9 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
         val_pred, test_pred = onnx_predict(onnx_path, val, L), onnx_predict(onnx_path, test, L)
         val_card, test_card = card(val, val_pred), card(test, test_pred)
         folds = walk_forward(test.anchor_time, options.folds, lambda idx: card(test, test_pred, idx))
-        promoted, reason = promotion(val_card, split="validation")
-        test_verdict = promotion(test_card, split="test")[1].replace("; promoted", "").replace("; stored, not promoted", "")
+        also = [f"close@{ds.horizons[0]}_mae"] if "close" in ds.targets and len(ds.targets) > 1 else []
+        promoted, reason = promotion(val_card, split="validation", also=also)
+        test_verdict = promotion(test_card, split="test", also=also)[1].replace("; promoted", "").replace("; stored, not promoted", "")
         reason = f"{reason}. On the later test slice: {test_verdict}."
 
         r = m["ranges"]

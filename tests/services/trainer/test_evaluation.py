@@ -65,6 +65,10 @@ def test_promotion_rule_and_reason():
     assert not ok and "does not beat" in why and "not promoted" in why
     ok, _ = promotion({"model": {"mae": float("nan")}, "persistence": {"mae": 2.0}})
     assert not ok
+    # better on average (its high/low heads) but worse on the next close: not promoted
+    card = {"model": {"mae": 50.0, "close@1_mae": 78.2}, "persistence": {"mae": 57.6, "close@1_mae": 78.0}}
+    ok, why = promotion(card, also=["close@1_mae"])
+    assert not ok and "validation mae 50 beats" in why and "close@1_mae 78.2 does not beat" in why
     ok, _ = promotion({"model": {"accuracy": 0.6}, "majority_class": {"accuracy": 0.5}}, "accuracy",
                       "majority_class", lower_is_better=False)
     assert ok

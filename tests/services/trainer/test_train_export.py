@@ -30,7 +30,8 @@ def test_package_is_complete_and_verified(trained_bilstm):
     assert meta.config["loop"]["epochs"] == 2 and meta.config["batch_size"] == 32
     # the promotion decision follows the rule, whatever the numbers
     val = meta.evaluation["validation"]
-    assert meta.promoted == (val["model"]["mae"] < val["persistence"]["mae"])
+    assert meta.promoted == (val["model"]["mae"] < val["persistence"]["mae"]
+                             and val["model"]["close@1_mae"] < val["persistence"]["close@1_mae"])
     assert ("does not beat" in meta.promotion_reason) == (not meta.promoted)
     assert result.export_check["max_rel_diff"] <= 1e-4 and result.export_check["samples"] == 64
 
