@@ -128,7 +128,7 @@ async def bench_engine(published, n: int, bursts: int) -> None:
     async def nothing(*a, **k):
         return None
 
-    eng = Inference(Config(max_batch=1024, max_wait_ms=2), ServiceMetrics("inference", CollectorRegistry()), sink, nothing,
+    eng = Inference(Config(max_batch=64, max_wait_ms=2), ServiceMetrics("inference", CollectorRegistry()), sink, nothing,
                     nothing, nothing)
     spec = spec_from_package(mp.verify_package(published.uri), published.uri)
     spec = type(spec)(**{**spec.__dict__, "pairs": None})  # serve every benchmark symbol
@@ -159,7 +159,7 @@ async def bench_engine(published, n: int, bursts: int) -> None:
           f"whole burst p50 {pct(whole, 50) * 1e3:.1f} ms")
 
 
-async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
+async def bench_service(published, registry: Path, n: int, bursts: int, threads: int = 1, max_batch: int = 64) -> None:
     from libs.common import topics
     from libs.common.bus import DATA_FIELD, redis_client
     from libs.common.redis_server import EmbeddedRedis
@@ -181,7 +181,7 @@ async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
     with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data) / "redis", persistent=False) as server:
         url = server.url
         settings = InferenceSettings(data_dir=Path(data), redis_url=url, consumer_name="bench", model_dir=str(registry),
-                                     log_level="WARNING")
+                                     log_level="WARNING", session_threads=threads, max_batch=max_batch)
         # Built before the service starts: it shares this event loop, and seconds of event building
         # would starve its lease renewals.
         hist = [burst_events(meta, symbols, i) for i in range(meta.lookback + bursts)]
@@ -216,7 +216,7 @@ async def bench_service(published, registry: Path, n: int, bursts: int) -> None:
         finally:
             await client.aclose()
             await rt.stop()
-    print(f"service on an embedded Redis, {n} symbols closing together, {bursts} bursts "
+    print(f"service on an embedded Redis ({threads} session thread(s), max_batch {max_batch}), {n} symbols closing together, {bursts} bursts "
           f"(XADD of the features -> the forecast's entry on predictions.v1, bus edge included):")
     print(f"  per candle p50 {pct(lat, 50):.0f} ms  p99 {pct(lat, 99):.0f} ms  max {max(lat):.0f} ms; "
           f"whole burst p50 {pct(whole, 50):.0f} ms")
@@ -228,6 +228,8 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, default=5)
     ap.add_argument("--skip-service", action="store_true")
     ap.add_argument("--only-service", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="KLINEBUS_SESSION_THREADS for the service run")
+    ap.add_argument("--max-batch", type=int, default=64, help="KLINEBUS_MAX_BATCH for the service run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -239,7 +241,7 @@ def main() -> None:
             bench_session(published, args.symbols)
             asyncio.run(bench_engine(published, args.symbols, args.bursts))
         if not args.skip_service:
-            asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts))
+            asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts, args.threads, args.max_batch))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ DeadLetter = Callable[[str, Any, str], Awaitable[None]]
 
 @dataclass
 class Config:
-    max_batch: int = 256
+    max_batch: int = 64
     max_wait_ms: float = 2.0
     session_threads: int = 1
     score_window: int = 100
