@@ -27,26 +27,21 @@ from libs.common import topics
 
 log = logging.getLogger("klinebus.bus")
 
-# KEYS[1] stream, KEYS[2] position key, KEYS[3] lease key; ARGV[1] fencing token ('' when the
-# group has no lease), ARGV[2] group, ARGV[3..] ids. Returns the XACK count, or -1 when the
-# caller's lease is gone (nothing acknowledged).
+# KEYS[1] stream, KEYS[2] position key, KEYS[3] fence key; ARGV[1] fencing token ('' when the
+# group has no lease), ARGV[2] group, ARGV[3..] ids in ascending order (as XREADGROUP returns
+# them: the last is the highest). Returns the XACK count, or -1 when the caller's lease is gone
+# (nothing acknowledged). The position never moves back (a competing reclaim acks older ids).
 _ACK = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return -1
 end
 local n = redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
-local top = ARGV[3]
+local top = ARGV[#ARGV]
 local tm, ts = string.match(top, '(%d+)-(%d+)')
-tm, ts = tonumber(tm), tonumber(ts)
-for i = 4, #ARGV do
-  local m, s = string.match(ARGV[i], '(%d+)-(%d+)')
-  m, s = tonumber(m), tonumber(s)
-  if m > tm or (m == tm and s > ts) then top, tm, ts = ARGV[i], m, s end
-end
 local cur = redis.call('GET', KEYS[2])
 if cur then
   local cm, cs = string.match(cur, '(%d+)-(%d+)')
-  cm, cs = tonumber(cm), tonumber(cs)
+  cm, cs, tm, ts = tonumber(cm), tonumber(cs), tonumber(tm), tonumber(ts)
   if cm > tm or (cm == tm and cs >= ts) then return n end
 end
 redis.call('SET', KEYS[2], top)
