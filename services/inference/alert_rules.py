@@ -217,6 +217,7 @@ class _State:
     active: bool = False
     fired_at: int | None = None  # open_time of the last firing
     seen_at: int | None = None  # open_time last evaluated: one decision per candle
+    fired_message: str = ""  # what fired, for the resolve's message (labels stay the identity)
 
 
 class AlertEngine:
@@ -239,10 +240,12 @@ class AlertEngine:
             if rule.cooldown_candles and st.fired_at is not None:
                 if open_time - st.fired_at <= rule.cooldown_candles * interval_ms:
                     return None
-            st.active, st.fired_at = True, open_time
+            st.active, st.fired_at, st.fired_message = True, open_time, message
             return Firing(rule, "firing", symbol, interval, open_time, message, value, threshold, labels)
         if not condition and st.active:
             st.active = False
+            if st.fired_message:
+                message = f"{message} (fired: {st.fired_message})"
             return Firing(rule, "resolved", symbol, interval, open_time, f"resolved: {message}", value, threshold, labels)
         return None
 
@@ -283,6 +286,8 @@ class AlertEngine:
                     continue
                 found = {p: values[p] for p in rule.features if values.get(p)}
                 names = ", ".join(f"{p} ({'bullish' if v > 0 else 'bearish'})" for p, v in found.items())
+                # The patterns found go in the message only: labels are the alert's identity and must be
+                # the same on the firing and on its resolve (when no pattern is found any more).
                 msg = f"{symbol} {interval}: {names or 'no pattern'} on the candle that opened at {open_time}"
                 value = next(iter(found.values()), 0.0)
                 f = self._step(rule, symbol, interval, "pattern", open_time, interval_ms, bool(found), msg, value, None, {})

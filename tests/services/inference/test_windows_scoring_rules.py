@@ -178,3 +178,20 @@ def test_predicted_move_alerts_respect_their_cooldown_and_model_behind_fires_on_
     assert eng.on_features("ETHUSDT", "15m", 0, M15, {"cdl_engulfing": 100.0}) == []
     (p,) = eng.on_features("BTCUSDT", "15m", 0, M15, {"cdl_engulfing": -100.0})
     assert "bearish" in p.message
+
+
+def test_a_pattern_alert_resolves_with_the_labels_it_fired_with_and_the_patterns_in_its_message():
+    """Labels are the alert's identity (Alertmanager matches the resolve to the firing by them): the
+    patterns found belong in the message, and the resolve still says which pattern had fired."""
+    eng = AlertEngine(parse_rules({"rules": [
+        {"name": "candles", "kind": "pattern", "features": ["cdl_engulfing", "cdl_hammer"], "severity": "warning"},
+    ]}))
+    (fired,) = eng.on_features("BTCUSDT", "15m", 0, M15, {"cdl_engulfing": 100.0, "cdl_hammer": 0.0})
+    (resolved,) = eng.on_features("BTCUSDT", "15m", M15, M15, {"cdl_engulfing": 0.0, "cdl_hammer": 0.0})
+    assert (fired.status, resolved.status) == ("firing", "resolved")
+    assert fired.labels == resolved.labels == {"rule": "candles", "kind": "pattern"}
+    assert "cdl_engulfing (bullish)" in fired.message
+    assert resolved.message.startswith("resolved: ") and "cdl_engulfing (bullish)" in resolved.message
+    # Another pattern on a later candle is the same alert again (same labels), its message names it.
+    (again,) = eng.on_features("BTCUSDT", "15m", 2 * M15, M15, {"cdl_engulfing": 0.0, "cdl_hammer": -100.0})
+    assert again.labels == fired.labels and "cdl_hammer (bearish)" in again.message
