@@ -7,7 +7,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from libs.common import bus as bus_module
 from libs.common.bus import failures
 from libs.common import topics
 from libs.common.bus import DATA_FIELD, Bus
