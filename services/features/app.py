@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from libs.common import topics
-from libs.common.archive import read_archive
+from libs.common.archive import is_permanent, read_archive
 from libs.common.bus import redis_client
 from libs.common.contracts import FeaturesEvent, KlineEvent
 from libs.common.klines import InvalidKline
@@ -149,7 +149,8 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             try:
                 return await history(symbol, interval, before)
             except Exception as exc:  # noqa: BLE001 - bounded: the key warms up live after the last try
-                if attempt == WARMUP_ATTEMPTS:
+                # A permanent error (an object-store 403, a corrupt file) will not heal by waiting.
+                if attempt == WARMUP_ATTEMPTS or is_permanent(exc):
                     raise
                 log.warning("%s %s: reading history failed (%s); retrying", symbol, interval, exc)
                 await asyncio.sleep(WARMUP_RETRY_S * attempt)

@@ -85,3 +85,25 @@ async def test_a_history_source_that_keeps_failing_is_given_up_and_the_key_warms
     assert [e["warm"] for e in got] == [False] * 19 + [True] * 11  # warmed up live
     assert failures._value.get() - before == 1
     assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
+
+
+@pytest.mark.parametrize("error, tries", [(PermissionError("403 Forbidden"), 1), (ConnectionError("reset by peer"), 3)])
+async def test_a_permanent_history_error_is_not_retried_a_transient_one_is(redis_url, tmp_path, monkeypatch, error, tries):
+    monkeypatch.setattr(features_app, "WARMUP_RETRY_S", 0.01)
+    calls = []
+
+    def failing_read(*args, **kwargs):
+        calls.append(args[1:3])
+        raise error
+
+    monkeypatch.setattr(features_app, "read_archive", failing_read)
+    ks = candles(25)
+    runtime = build_runtime("features", redis_url, tmp_path, feature_set=SET)
+    await runtime.start(http=False)
+    try:
+        await add_events(redis_url, [KlineEvent.from_kline(k) for k in ks])
+        got = await wait_for_events(redis_url, topics.FEATURES, 25)
+    finally:
+        await runtime.stop()
+    assert [e["open_time"] for e in got] == [k.open_time for k in ks]  # warmed up live, nothing lost
+    assert calls == [("BTCUSDT", "15m")] * tries
