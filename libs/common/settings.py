@@ -7,6 +7,7 @@ what it got and what it wants; secrets come only from the environment.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -131,7 +132,12 @@ def _is_secret(cls: type[BaseSettings], field: str) -> bool:
 
 
 def parse_csv_list(v: object) -> object:
-    """Accept ``A,B,C`` from an environment variable as well as a JSON list."""
-    if isinstance(v, str) and not v.strip().startswith("["):
+    """Accept ``A,B,C`` from an environment variable as well as a JSON list (``["A", "B"]``).
+
+    Fields using it are declared ``Annotated[list[str], NoDecode]`` so pydantic-settings hands the
+    raw string over instead of JSON-decoding it first (which fails on a bare comma list)."""
+    if isinstance(v, str):
+        if v.strip().startswith("["):
+            return json.loads(v)  # a malformed list is a ValueError: one line naming the variable
         return [p.strip() for p in v.split(",") if p.strip()]
     return v

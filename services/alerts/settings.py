@@ -4,7 +4,6 @@ tokens are part of the path), so they are secrets: read only from the environmen
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
@@ -105,8 +104,6 @@ class AlertsSettings(ServiceSettings):
     @field_validator("alertmanager_urls", "watch_topics", mode="before")
     @classmethod
     def _csv(cls, v: object) -> object:
-        if isinstance(v, str) and v.strip().startswith("["):
-            v = json.loads(v)
         return parse_csv_list(v)
 
     @field_validator("alertmanager_urls")

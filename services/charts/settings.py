@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -31,8 +30,6 @@ class ChartsSettings(ServiceSettings):
     @field_validator("symbols", mode="before")
     @classmethod
     def _symbols(cls, v: object) -> object:
-        if isinstance(v, str) and v.strip().startswith("["):
-            v = json.loads(v)
         v = parse_csv_list(v)
         if isinstance(v, list):
             return list(dict.fromkeys(str(s).strip().upper() for s in v if str(s).strip()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -69,8 +68,6 @@ class IngestSettings(ServiceSettings):
     @field_validator("symbols", "intervals", mode="before")
     @classmethod
     def _csv(cls, v: object) -> object:
-        if isinstance(v, str) and v.strip().startswith("["):
-            return json.loads(v)
         return parse_csv_list(v)
 
     @field_validator("symbols")

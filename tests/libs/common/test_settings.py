@@ -50,3 +50,20 @@ def test_service_fails_fast_with_one_line_on_a_wrong_setting(tmp_path):
         "klinebus: error: invalid setting KLINEBUS_REDIS_URL: must be a URL with scheme "
         "redis/rediss/unix/redis+cluster/rediss+cluster, got 'nonsense'"
     ]
+
+
+@pytest.mark.parametrize("raw, want", [("BTCUSDT, ethusdt", ["BTCUSDT", "ETHUSDT"]), ('["BTCUSDT", "ethusdt"]', ["BTCUSDT", "ETHUSDT"])])
+def test_list_settings_take_a_comma_list_or_a_json_list(monkeypatch, raw, want):
+    from services.ingest.settings import IngestSettings
+
+    monkeypatch.setenv("KLINEBUS_SYMBOLS", raw)
+    assert load_settings(IngestSettings).symbols == want
+
+
+def test_a_malformed_json_list_is_one_line_naming_the_variable(monkeypatch):
+    from services.ingest.settings import IngestSettings
+
+    monkeypatch.setenv("KLINEBUS_SYMBOLS", '["BTCUSDT", ')
+    with pytest.raises(SettingsError) as err:
+        load_settings(IngestSettings)
+    assert str(err.value).startswith("invalid setting KLINEBUS_SYMBOLS:") and "\n" not in str(err.value)
