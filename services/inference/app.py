@@ -15,6 +15,7 @@ from libs.common.service import ServiceRuntime
 from libs.common.settings import SettingsError
 from services.inference import history
 from services.inference.alert_rules import RulesError, load_rules
+from services.inference.backfill import Backfill
 from services.inference.baseline import ensure_persistence_model, persistence_spec
 from services.inference.package import NotServable, PackageError, load_package, registry_packages
 from services.inference.server import Config, Inference, ServedModel, load_model
@@ -50,6 +51,12 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
                settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
         metrics, predictions.publish_many, scores.publish_many, alerts.publish_many, bus.dead_letter, rules,
+    )
+    backfill = Backfill(
+        engine, settings.archive_url or str(Path(settings.data_dir) / "archive"),
+        lambda: history.last_published(client, topics.PREDICTIONS),
+        metrics.counter("archive_window_candles_total", "Window rows computed from the klines archive", ["interval"]),
+        metrics.counter("archive_window_failures_total", "Streams whose archive could not fill their window", ["interval"]),
     )
     state = {"ready": False, "models_upto": "0-0", "lock": asyncio.Lock(), "scores_restored": False}
     runtime.health.set("model", lambda: state["ready"])
@@ -139,7 +146,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             await sync_models()
             upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
             if upper is not None:
-                per_key = await read_windows(upper)
+                per_key = backfill.take_stored(await read_windows(upper))
                 rebuilt = engine.rebuild(per_key, await history.last_published(client, topics.PREDICTIONS))
                 log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
             if not state["scores_restored"]:
@@ -190,7 +197,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         # symbols becomes one session call per model, whatever size the bus delivers.
         metrics.events_in.labels(topics.FEATURES).inc(len(events))
         with metrics.handle_seconds.labels(topics.FEATURES).time():
-            repeated = sum(not engine.on_features(ev) for ev in events)
+            repeated = sum(not engine.on_features(ev) for ev in events if not backfill.take(ev))
         if repeated:
             metrics.duplicates.labels(topics.FEATURES).inc(repeated)
 
@@ -225,6 +232,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
 
     @runtime.on_shutdown
     async def drain() -> None:
+        await backfill.drain(settings.drain_timeout_s)
         if not await engine.drain(settings.drain_timeout_s):
             log.warning("stopped with forecasts still queued; they are made again at the next start")
         await engine.stop()

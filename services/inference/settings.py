@@ -44,6 +44,12 @@ class InferenceSettings(ServiceSettings):
         200_000, ge=0, description="Most entries read back per topic at start to rebuild windows, scores and "
         "alert state (features.v1, predictions.v1, scores.v1, alerts.v1)."
     )
+    archive_url: str = Field(
+        "", description="Klines Parquet archive root (folder or fsspec URL), shared with ingest and features; "
+        "default <data_dir>/archive. A stream whose features.v1 history is shorter than its models' lookback "
+        "gets its window's older rows computed from it (the shared indicator library, from the archive's "
+        "first candle), so a first deployment forecasts from its first live candle.",
+    )
     drain_timeout_s: float = Field(10.0, ge=0, description="At stop, how long queued forecasts may take to publish.")
 
     @field_validator("alert_rules")

@@ -85,6 +85,11 @@ class Windows:
             return None
         return int(ring.open_times[(ring.head - 1) % ring.capacity])
 
+    def held(self, key: Key) -> int:
+        """Rows the stream holds now (0 for a stream not seen)."""
+        ring = self._rings.get(key)
+        return ring.n if ring is not None else 0
+
     def drop(self, key: Key) -> None:
         self._rings.pop(key, None)
 
