@@ -7,7 +7,6 @@ vision model's mean and std happens inside the model (and the ONNX graph).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -17,35 +16,8 @@ from torch.utils.data import Dataset
 
 from services.trainer.classifier.labels import scale_target
 
-MAX_TOKENS = 64  # the seed's text is ~42 BERT word pieces; room for long volumes and prices
-IMAGE_SIZE = 224
-
-
-class ChartImageError(ValueError):
-    """A chart that cannot be fed to the model (corrupt, wrong size); one line."""
-
-
-def load_chart(source: str | Path | bytes, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A PNG (path or bytes) -> ``uint8`` (size, size, 3); ``ChartImageError`` if it cannot be."""
-    from PIL import Image, UnidentifiedImageError
-
-    where = "chart" if isinstance(source, (bytes, bytearray)) else str(source)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise ChartImageError(f"{where}: no such chart image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ChartImageError(f"{where}: not a readable image ({type(exc).__name__})") from None
-    if rgb.size != (size, size):
-        raise ChartImageError(f"{where}: chart is {rgb.size[0]}x{rgb.size[1]} px, the model takes {size}x{size}")
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TOKENS) -> dict[str, np.ndarray]:
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+# Decoding, the size check and tokenisation are shared with serving (libs.charting.classifier_input).
+from libs.charting.classifier_input import IMAGE_SIZE, MAX_TOKENS, ChartImageError, load_chart, tokenize  # noqa: E402,F401
 
 
 class ChartTextDataset(Dataset):
