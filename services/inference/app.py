@@ -10,12 +10,13 @@ from pathlib import Path
 
 from libs.common import topics
 from libs.common.bus import redis_client
-from libs.common.contracts import AlertEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
+from libs.common.contracts import AlertEvent, ChartEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings import SettingsError
 from services.inference import history
 from services.inference.alert_rules import RulesError, load_rules
 from services.inference.backfill import Backfill
+from services.inference.charts import ChartServing
 from services.inference.baseline import ensure_persistence_model, persistence_spec
 from services.inference.package import NotServable, PackageError, load_package, registry_packages
 from services.inference.server import Config, Inference, ServedModel, load_model
@@ -58,6 +59,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         metrics.counter("archive_window_candles_total", "Window rows computed from the klines archive", ["interval"]),
         metrics.counter("archive_window_failures_total", "Streams whose archive could not fill their window", ["interval"]),
     )
+    charts = ChartServing(engine, client, predictions.publish_many, bus.dead_letter, metrics, settings.session_threads)
     state = {"ready": False, "models_upto": "0-0", "lock": asyncio.Lock(), "scores_restored": False}
     runtime.health.set("model", lambda: state["ready"])
 
@@ -95,6 +97,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         each name wins); models already serving that version stay as they are."""
         current = {s.name: s for s in await asyncio.to_thread(
             registry_packages, model_dir, not settings.serve_unpromoted)}
+        chart_specs = await charts.registry(model_dir, not settings.serve_unpromoted)
         announced: dict[str, ModelPublished] = {}
         newest = None
         async for eid, doc in history.scan_back(client, topics.MODELS):
@@ -112,10 +115,15 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                     current[name] = await asyncio.to_thread(load_package, ev.uri, ev.sha256, cache_dir)
                 except NotServable:
                     current.pop(name, None)
+                    chart_specs.pop(name, None)
+                    chart = await charts.fetch(ev, cache_dir)  # None: not a chart classifier either
+                    if chart is not None:
+                        chart_specs[name] = chart
                 except PackageError as exc:
                     engine.m.load_failures.labels(name).inc()
                     log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
                     current.pop(name, None)
+                    chart_specs.pop(name, None)
         for spec in current.values():
             serving = engine.router.get(spec.name)
             if serving is not None and serving.spec.version == spec.version and serving.spec.sha256 == spec.sha256:
@@ -125,6 +133,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             except PackageError as exc:
                 engine.m.load_failures.labels(spec.name).inc()
                 log.error("cannot serve %s: %s", spec.label, exc)
+        await charts.sync(chart_specs.values())
         if newest is not None and history.id_key(newest) > history.id_key(state["models_upto"]):
             state["models_upto"] = newest
 
@@ -219,6 +228,8 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                 raise PackageError(f"the package at {event.uri} is {spec.label}, not {event.model}@{event.version}")
             model = await load(spec)
         except NotServable as exc:
+            if await charts.on_model(event, cache_dir):
+                return
             log.info("%s@%s is not served here: %s", event.model, event.version, exc)
             return
         except PackageError as exc:
@@ -229,6 +240,13 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             await bus.dead_letter(topics.MODELS, event.to_json(), reason)
             return
         await serve(model)
+
+    @bus.ordered(topics.CHARTS, ChartEvent,
+                 description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) with class "
+                 "probabilities and the next close.")
+    async def on_chart(event: ChartEvent, entry_id: str) -> None:
+        metrics.events_in.labels(topics.CHARTS).inc()
+        await charts.on_chart(event)
 
     @runtime.on_shutdown
     async def drain() -> None:
