@@ -6,6 +6,9 @@ port, exactly as when it runs alone under ``klinebus run``.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,6 +45,23 @@ async def start_runtimes(
     return runtimes
 
 
-async def stop_runtimes(runtimes: Sequence[ServiceRuntime]) -> None:
+log = logging.getLogger("klinebus.pipeline")
+
+# A service that has not stopped after this long is reported with the stack of every task and left
+# behind, so one stuck part cannot keep the demo (or a test) from ending.
+STOP_DEADLINE_S = 60.0
+
+
+async def stop_runtimes(runtimes: Sequence[ServiceRuntime], deadline_s: float = STOP_DEADLINE_S) -> None:
     for runtime in reversed(runtimes):
-        await runtime.stop()
+        try:
+            await asyncio.wait_for(runtime.stop(), deadline_s)
+        except asyncio.TimeoutError:
+            log.error("%s did not stop within %.0fs; its tasks:\n%s", runtime.name, deadline_s, _task_stacks())
+
+
+def _task_stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=out)
+    return out.getvalue()
