@@ -55,7 +55,6 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
     )
     backfill = Backfill(
         engine, settings.archive_url or str(Path(settings.data_dir) / "archive"),
-        lambda: history.last_published(client, topics.PREDICTIONS),
         metrics.counter("archive_window_candles_total", "Window rows computed from the klines archive", ["interval"]),
         metrics.counter("archive_window_failures_total", "Streams whose archive could not fill their window", ["interval"]),
     )
@@ -155,7 +154,7 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             await sync_models()
             upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
             if upper is not None:
-                per_key = backfill.take_stored(await read_windows(upper))
+                per_key = await read_windows(upper)
                 rebuilt = engine.rebuild(per_key, await history.last_published(client, topics.PREDICTIONS))
                 log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
             if not state["scores_restored"]:

@@ -14,8 +14,11 @@ stream's live events wait in a buffer meanwhile (other streams are not held), th
 the engine in order. An archive that cannot be read is one error line and a counted failure:
 that stream warms up live, as before.
 
-Domain code: no bus. ``Backfill`` is given the engine, an archive root and how to read the
-once-per-candle guard's floors.
+After a restart the windows come back from features.v1 first; a stream still short of its
+models' lookback is filled the same way at its first live candle (archive rows go in front of
+the rows it holds, ``Windows.refill``).
+
+Domain code: no bus. ``Backfill`` is given the engine and an archive root.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from libs.common.archive import read_archive
 from libs.common.contracts import FeaturesEvent
@@ -62,7 +65,6 @@ def archive_rows(root: str, symbol: str, interval: str, feature_set: str, before
 
 @dataclass
 class _Pending:
-    replay: list[FeaturesEvent] = field(default_factory=list)  # stored events (a restart): floors apply
     live: list[FeaturesEvent] = field(default_factory=list)  # delivered while the archive is read
     task: asyncio.Task | None = None
 
@@ -71,11 +73,9 @@ class Backfill:
     """Per stream, once per process: fill the window's older rows from the archive before the
     stream's events reach the engine."""
 
-    def __init__(self, engine: Any, root: str, floors: Callable[[], Awaitable[dict[str, int]]],
-                 filled: Any = None, failed: Any = None) -> None:
+    def __init__(self, engine: Any, root: str, filled: Any = None, failed: Any = None) -> None:
         self.engine = engine
         self.root = root
-        self.floors = floors
         self.filled, self.failed = filled, failed  # counters labelled by interval (optional)
         self.pending: dict[Key, _Pending] = {}
         self.tried: set[Key] = set()
@@ -99,32 +99,13 @@ class Backfill:
         self._start(key, _Pending(live=[ev]))
         return True
 
-    def take_stored(self, per_key: dict[Key, list[FeaturesEvent]]) -> dict[Key, list[FeaturesEvent]]:
-        """At ownership: streams whose stored events are fewer than their models need are filled
-        from the archive first (their stored events then replay through the engine with the
-        floors); returns the streams left for the engine's own rebuild."""
-        rest = {}
-        for key, evs in per_key.items():
-            if key in self.pending:
-                continue
-            if key in self.tried or not evs or not evs[-1].feature_set:
-                rest[key] = evs
-                continue
-            need = max((m.spec.lookback for m in self.engine.router.route(*key) if m.spec.feature_set), default=0)
-            if len(evs) >= need:
-                rest[key] = evs
-                continue
-            self.engine.windows.drop(key)
-            self._start(key, _Pending(replay=list(evs)))
-        return rest
-
     def _start(self, key: Key, p: _Pending) -> None:
         self.pending[key] = p
         p.task = asyncio.get_running_loop().create_task(self._run(key), name=f"backfill-{key[0]}-{key[1]}")
 
     async def _run(self, key: Key) -> None:
         p = self.pending[key]
-        first = (p.replay or p.live)[0]
+        first = p.live[0]
         rows: list[Row] = []
         async with self._limit:
             try:
@@ -135,13 +116,6 @@ class Backfill:
                     self.failed.labels(key[1]).inc()
                 log.error("%s %s: windows not filled from the archive at %s (%s: %s); warming up live",
                           key[0], key[1], self.root, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        floors: dict[str, int] = {}
-        if p.replay:
-            try:
-                floors = await self.floors()
-            except Exception as exc:  # noqa: BLE001 - Redis away: the stored candles only fill the window
-                log.error("%s %s: cannot read which candles were answered (%s); stored candles not forecast",
-                          key[0], key[1], exc)
         # From here to the end nothing awaits: the stream's events reach the engine in order, and
         # events delivered meanwhile are still buffered in ``p.live``.
         self.pending.pop(key, None)
@@ -152,8 +126,6 @@ class Backfill:
                 self.filled.labels(key[1]).inc(len(rows))
             log.info("%s %s: window filled with %d candles from the archive (up to %d)",
                      key[0], key[1], len(rows), rows[-1][0])
-        if p.replay:
-            self.engine.replay(p.replay, floors)
         for ev in p.live:
             self.engine.on_features(ev)
 

@@ -92,3 +92,36 @@ async def test_the_first_live_candle_of_a_first_deployment_is_answered_from_the_
         built.expected(window_of(eth, eth_from, FEATURES, LOOKBACK))[0], rel=1e-6)
     assert metric("archive_window_candles_total", interval="15m") >= LOOKBACK
     assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
+
+
+async def test_after_a_restart_a_stream_short_of_its_lookback_is_filled_from_the_archive(redis_url, tmp_path):
+    """The first run had no archive (the stream warmed up live and saw 3 candles, too few for a
+    forecast); the restarted service has one: the 3 stored candles come back from features.v1,
+    the archive's go in front of them, and the next live candle is answered as an uninterrupted
+    service with the whole history would have."""
+    built = publish(tmp_path / "reg", tmp_path, "arch", seed=6, features=FEATURES, lookback=LOOKBACK)
+    events = feature_events(ARCHIVED + 5)
+    first = runtime(redis_url, tmp_path, archive_url=str(tmp_path / "empty"))
+    await first.start(http=False)
+    try:
+        await add_events(redis_url, events[ARCHIVED:ARCHIVED + 3])
+
+        async def seen() -> bool:
+            return metric("skipped_total", model="arch", reason="too_few_candles") >= skipped + 3
+
+        skipped = metric("skipped_total", model="arch", reason="too_few_candles")
+        await poll(seen)
+    finally:
+        await first.stop()
+    archive(tmp_path / "archive", "BTCUSDT", ARCHIVED)
+    second = runtime(redis_url, tmp_path)
+    await second.start(http=False)
+    try:
+        await add_events(redis_url, events[ARCHIVED + 3:])
+        await poll(lambda: count_of(redis_url, "arch", 2))
+        got = await forecasts(redis_url, "arch")
+    finally:
+        await second.stop()
+    assert [e["open_time"] for e in got] == [ev.open_time for ev in events[ARCHIVED + 3:]]
+    for e, i in zip(got, range(ARCHIVED + 3, ARCHIVED + 5)):
+        assert e["predicted"]["close"] == pytest.approx(built.expected(window_of(events, i, FEATURES, LOOKBACK))[0], rel=1e-6)
