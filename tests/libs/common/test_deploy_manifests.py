@@ -1,13 +1,19 @@
 """The deployment files agree with the code: every service they run exists, probes hit real
 endpoints, and every KLINEBUS_ variable they set is a real setting."""
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from klinebus.cli import SERVICES, app_module
 
 ROOT = Path(__file__).resolve().parents[3]
+# Services the manifests deploy (k8s/base and compose.yaml).
+DEPLOYED = {"ingest", "archive", "features", "charts", "inference", "alerts", "trainer", "vlm"}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -16,20 +22,26 @@ def _docs(path: Path) -> list[dict]:
 
 def _setting_names() -> set[str]:
     names = set()
-    for service in ("ingest", "features", "charts", "inference", "archive", "alerts"):
+    for service in sorted(DEPLOYED):
         names |= {f"KLINEBUS_{f.upper()}" for f in app_module(service).SETTINGS.model_fields}
     return names
 
 
 def test_kubernetes_deployments_run_real_services_with_real_probes():
     deployments = [d for p in (ROOT / "k8s" / "base").glob("*.yaml") for d in _docs(p) if d.get("kind") == "Deployment"]
-    assert {d["metadata"]["name"] for d in deployments} == {"ingest", "archive", "features", "charts", "inference", "alerts"}
+    assert {d["metadata"]["name"] for d in deployments} == DEPLOYED
     for d in deployments:
         (container,) = d["spec"]["template"]["spec"]["containers"]
         assert container["args"][0] == "run" and container["args"][1] in SERVICES
         app_module(container["args"][1])  # the service is built
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        # variables set on the container are settings of the service it runs
+        fields = {f"KLINEBUS_{f.upper()}" for f in app_module(container["args"][1]).SETTINGS.model_fields}
+        unknown = {e["name"] for e in container.get("env", [])} - fields
+        assert not unknown, f"{d['metadata']['name']} sets {sorted(unknown)}, which it does not read"
+        # secrets are optional: a pod without its Secret still starts
+        assert all(s["secretRef"].get("optional") for s in container["envFrom"] if "secretRef" in s)
 
 
 def test_configured_variables_are_settings_the_services_read():
@@ -40,6 +52,7 @@ def test_configured_variables_are_settings_the_services_read():
             literals += [lit.split("=", 1)[0] for lit in gen.get("literals", [])]
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     literals += list(compose["x-klinebus"]["environment"])
+    literals += [k for s in compose["services"].values() if isinstance(s.get("environment"), dict) for k in s["environment"]]
     unknown = sorted(set(literals) - known)
     assert not unknown, f"set in k8s/compose but read by no service: {unknown}"
 
@@ -47,7 +60,7 @@ def test_configured_variables_are_settings_the_services_read():
 def test_compose_runs_every_built_service():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     run = {s["command"][1] for s in compose["services"].values() if s.get("command", [""])[0] == "run"}
-    assert run == {"ingest", "archive", "features", "charts", "inference", "alerts"}
+    assert run == DEPLOYED
 
 
 def _exported_metric_names() -> set[str]:
@@ -110,5 +123,68 @@ def test_every_service_accepts_the_values_the_manifests_set(monkeypatch):
             monkeypatch.delenv(key)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        for service in ("ingest", "archive", "features", "charts", "inference", "alerts"):
+        for service in sorted(DEPLOYED):
             load_settings(app_module(service).SETTINGS)  # raises one line on a bad value
+
+
+def _gpu_patches() -> dict[str, dict]:
+    kustomization = yaml.safe_load((ROOT / "k8s" / "overlays" / "gpu" / "kustomization.yaml").read_text())
+    return {p["target"]["name"]: yaml.safe_load(p["patch"]) for p in kustomization["patches"]}
+
+
+def test_gpu_overlay_gives_trainer_and_vlm_one_gpu_each():
+    patches = _gpu_patches()
+    assert set(patches) == {"trainer", "vlm"}
+    for name, patch in patches.items():
+        spec = patch["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["name"] == name  # strategic merge matches the base container by name
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["nodeSelector"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        fields = {f"KLINEBUS_{f.upper()}" for f in app_module(name).SETTINGS.model_fields}
+        assert {e["name"] for e in container.get("env", [])} <= fields
+    assert {"name": "KLINEBUS_DEVICE", "value": "cuda"} in patches["trainer"]["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def _overlays() -> list[Path]:
+    return [ROOT / "k8s" / "base"] + sorted(p.parent for p in (ROOT / "k8s" / "overlays").glob("*/kustomization.yaml"))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("folder", _overlays(), ids=lambda p: p.name)
+def test_each_overlay_renders_and_every_pod_loads_its_settings(folder, monkeypatch):
+    """kubectl kustomize renders the folder; each Deployment's environment as rendered (the
+    ConfigMap plus its own env values) is accepted by the settings of the service it runs."""
+    from libs.common.settings import load_settings
+
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    config = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    if folder.name != "monitoring":  # monitoring renders the base too, plus its rules and monitors
+        assert DEPLOYED <= set(deployments)
+    for name, d in deployments.items():
+        spec = d["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                env.update(config[source["configMapRef"]["name"]])  # the generated (hashed) name resolves
+        env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        for key in [k for k in os.environ if k.startswith("KLINEBUS_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        load_settings(app_module(container["args"][1]).SETTINGS)
+        if folder.name == "gpu" and name in ("trainer", "vlm"):
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert container["resources"]["limits"]["memory"]  # merged into, not replaced
+            assert spec["tolerations"] and spec["nodeSelector"]
+        else:
+            assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+    if folder.name == "gpu":
+        trainer = deployments["trainer"]["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "KLINEBUS_DEVICE", "value": "cuda"} in trainer["env"]
+        assert {"name": "KLINEBUS_TORCH_THREADS", "value": "1"} in trainer["env"]  # base env kept
