@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.common.archive import read_archive
+from libs.common.archive import is_permanent, read_archive
 from libs.common.contracts import FeaturesEvent
 from libs.common.klines import interval_ms
 from libs.indicators.batch import OHLCV, compute_frame
@@ -41,6 +41,10 @@ Key = tuple[str, str]
 Row = tuple[int, float, str, dict[str, float]]
 # Streams read from the archive at once (files or object storage; each read is one thread).
 CONCURRENCY = 4
+# A transient read error (network, throttling) is tried again this many times in all; a permanent
+# one (corrupt file, 403: libs.common.archive.is_permanent) is given up at once.
+ATTEMPTS = 3
+RETRY_S = 0.5
 
 
 def archive_rows(root: str, symbol: str, interval: str, feature_set: str, before: int, keep: int) -> list[Row]:
@@ -108,14 +112,20 @@ class Backfill:
         first = p.live[0]
         rows: list[Row] = []
         async with self._limit:
-            try:
-                rows = await asyncio.to_thread(archive_rows, self.root, key[0], key[1], first.feature_set,
-                                               first.open_time, self.engine.windows.capacity)
-            except Exception as exc:  # noqa: BLE001 - the stream warms up live instead; said once
-                if self.failed is not None:
-                    self.failed.labels(key[1]).inc()
-                log.error("%s %s: windows not filled from the archive at %s (%s: %s); warming up live",
-                          key[0], key[1], self.root, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    rows = await asyncio.to_thread(archive_rows, self.root, key[0], key[1], first.feature_set,
+                                                   first.open_time, self.engine.windows.capacity)
+                    break
+                except Exception as exc:  # noqa: BLE001 - the stream warms up live instead; said once
+                    if attempt < ATTEMPTS and not is_permanent(exc):
+                        await asyncio.sleep(RETRY_S * attempt)
+                        continue
+                    if self.failed is not None:
+                        self.failed.labels(key[1]).inc()
+                    log.error("%s %s: windows not filled from the archive at %s (%s: %s); warming up live",
+                              key[0], key[1], self.root, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    break
         # From here to the end nothing awaits: the stream's events reach the engine in order, and
         # events delivered meanwhile are still buffered in ``p.live``.
         self.pending.pop(key, None)
