@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 from libs.common import topics
@@ -50,6 +51,9 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
     running = metrics.gauge("jobs_running", "Jobs running now (0 or 1 per replica)")
     stop = threading.Event()
     state: dict = {}
+    # One job thread per replica; shutdown waits for it, so a stopped service has really stopped
+    # (a job thread left running could still publish after its replacement started).
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-job")
 
     def client():
         if "client" not in state:
@@ -103,7 +107,7 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
         running.set(1)
         log.info("trainer: job %s (%s %s %s) started", req.request_id, req.model_kind, req.symbols, req.intervals)
         try:
-            result = await asyncio.to_thread(run_request, req, settings, progress, stop.is_set)
+            result = await loop.run_in_executor(worker, run_request, req, settings, progress, stop.is_set)
         except ImpossibleRequest as exc:
             jobs.labels(req.model_kind, "impossible").inc()
             log.warning("trainer: request %s refused: %s", req.request_id, exc)
@@ -129,6 +133,8 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
     @runtime.on_shutdown
     async def close() -> None:
         stop.set()
+        # The job thread sees the stop at its next batch, or before publishing.
+        await asyncio.to_thread(worker.shutdown, True)
         if "client" in state:
             await state["client"].aclose()
 

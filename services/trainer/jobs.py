@@ -229,6 +229,10 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
             evaluation=dict(validation=val_card, test=test_card, folds=folds, export_check=check),
         )
         scorecards = dict(validation=val_card, test=test_card, folds=folds)
+        if options.should_stop is not None and options.should_stop():
+            # Stopped after training (during evaluation or export): a stopped job publishes nothing;
+            # the request stays pending and a restart runs it whole.
+            raise JobInterrupted("stopped before publishing; nothing published")
         say("publish", {})
         published, hub = stage_and_publish(
             meta, onnx_path, lambda meta: model_card(meta, scorecards),
