@@ -65,17 +65,37 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
     async def load(spec) -> ServedModel:
         return await asyncio.to_thread(load_model, spec, settings.session_threads)
 
-    async def read_windows(upper: str) -> dict[tuple[str, str], list[FeaturesEvent]]:
-        """The last events of every stream on features.v1 up to ``upper``, oldest first."""
-        need = engine.windows.capacity + 64  # the window, plus room for candles left unpublished
+    async def read_windows(upper: str, floors: dict[str, int] | None = None) -> dict[tuple[str, str], list[FeaturesEvent]]:
+        """The last events of every stream on features.v1 up to ``upper``, oldest first: the
+        window, plus room for candles left unpublished; with ``floors`` (the once-per-candle
+        guard), back to a full window before the oldest candle a model serving the stream has not
+        answered, however many a crash left unanswered."""
+        cap = engine.windows.capacity
+        need = cap + 64
         per_key: dict[tuple[str, str], list[FeaturesEvent]] = {}
+        done: set[tuple[str, str]] = set()
+        lowest: dict[tuple[str, str], int | None] = {}
         async for _, doc in history.scan_back(client, topics.FEATURES, upper, settings.restore_scan_entries):
-            got = per_key.setdefault((doc.get("symbol"), doc.get("interval")), [])  # type: ignore[arg-type]
+            key = (doc.get("symbol"), doc.get("interval"))
+            if key in done:
+                continue
+            try:
+                ev = FeaturesEvent.model_validate(doc)
+            except ValueError:
+                continue  # dead-lettered when it was first consumed
+            got = per_key.setdefault(key, [])  # type: ignore[arg-type]
+            got.append(ev)
             if len(got) < need:
-                try:
-                    got.append(FeaturesEvent.model_validate(doc))
-                except ValueError:
-                    continue  # dead-lettered when it was first consumed
+                continue
+            if floors is not None:
+                if key not in lowest:
+                    marks = [floors.get(f"{ev.symbol}|{ev.interval}|{m.spec.name}") for m in engine.router.route(*key)]
+                    known = [t for t in marks if t is not None]
+                    lowest[key] = min(known) if known else None
+                low = lowest[key]
+                if low is not None and sum(e.open_time <= low for e in got[-cap:]) < cap:
+                    continue  # not yet a full window at or before the last answered candle
+            done.add(key)  # type: ignore[arg-type]
         return {k: v[::-1] for k, v in per_key.items()}
 
     async def serve(model: ServedModel) -> None:
@@ -154,8 +174,9 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             await sync_models()
             upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
             if upper is not None:
-                per_key = await read_windows(upper)
-                rebuilt = engine.rebuild(per_key, await history.last_published(client, topics.PREDICTIONS))
+                floors = await history.last_published(client, topics.PREDICTIONS)
+                per_key = await read_windows(upper, floors)
+                rebuilt = engine.rebuild(per_key, floors)
                 log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
             if not state["scores_restored"]:
                 await restore_scores()

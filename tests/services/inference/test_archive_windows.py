@@ -103,13 +103,13 @@ async def test_after_a_restart_a_stream_short_of_its_lookback_is_filled_from_the
     events = feature_events(ARCHIVED + 5)
     first = runtime(redis_url, tmp_path, archive_url=str(tmp_path / "empty"))
     await first.start(http=False)
+    skipped = metric("skipped_total", model="arch", reason="too_few_candles")
     try:
         await add_events(redis_url, events[ARCHIVED:ARCHIVED + 3])
 
         async def seen() -> bool:
             return metric("skipped_total", model="arch", reason="too_few_candles") >= skipped + 3
 
-        skipped = metric("skipped_total", model="arch", reason="too_few_candles")
         await poll(seen)
     finally:
         await first.stop()
