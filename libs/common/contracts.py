@@ -95,7 +95,7 @@ class KlineEvent(CandleKeyed):
         # The same rules ingest applies, so a hand-made or foreign producer cannot put an
         # impossible candle on klines.v1 for the archive and features to swallow.
         try:
-            validate_kline(self.to_kline())
+            validate_kline(self)  # reads the same attributes a Kline has
         except InvalidKline as exc:
             raise ValueError(exc.reason) from None
         return self

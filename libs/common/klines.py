@@ -113,15 +113,49 @@ class Kline:
 
 
 def validate_kline(k: Kline) -> Kline:
-    """Return ``k`` if it can be a real candle, else raise ``InvalidKline``."""
+    """Return ``k`` if it can be a real candle, else raise ``InvalidKline``.
+
+    Reads attributes only, so any object shaped like a ``Kline`` (``KlineEvent``) is checked in
+    place. Every event on klines.v1 passes here once per consumer, so the usual case is one
+    chained comparison; the reason is worked out only for a candle that fails it.
+    """
+    span = INTERVAL_MS.get(k.interval)
+    o, h, lo, c = k.open, k.high, k.low, k.close
+    # NaN fails every comparison and inf fails ``< _INF``, so finite positive prices pass only.
+    if (
+        span is not None
+        and 0 < lo <= o <= h < _INF
+        and lo <= c <= h
+        and 0 <= k.volume < _INF
+        and 0 <= k.quote_volume < _INF
+        and 0 <= k.taker_buy_base < _INF
+        and 0 <= k.taker_buy_quote < _INF
+        and k.trades >= 0
+        and 0 <= k.open_time
+        and k.close_time - k.open_time == span - 1
+        and k.open_time <= now_ms() + span + FUTURE_SLACK_MS
+        and k.symbol
+        and k.symbol.isalnum()
+        and k.symbol == k.symbol.upper()
+    ):
+        return k
+    raise InvalidKline(_why_invalid(k))
+
+
+_INF = math.inf
+
+
+def _why_invalid(k: Kline) -> str:
+    """The first rule ``k`` breaks, in one line (checked in the order an operator reads them)."""
     where = f"{k.symbol} {k.interval} open_time={k.open_time}"
     if not k.symbol or k.symbol != k.symbol.upper() or not k.symbol.isalnum():
-        raise InvalidKline(f"{where}: symbol must be upper-case alphanumeric, got {k.symbol!r}")
-    interval_ms(k.interval)
+        return f"{where}: symbol must be upper-case alphanumeric, got {k.symbol!r}"
+    if k.interval not in INTERVAL_MS:
+        return f"unknown interval {k.interval!r}; Binance intervals are {', '.join(INTERVAL_MS)}"
     prices = {"open": k.open, "high": k.high, "low": k.low, "close": k.close}
     for name, value in prices.items():
         if not math.isfinite(value) or value <= 0:
-            raise InvalidKline(f"{where}: {name} must be a positive finite price, got {value!r}")
+            return f"{where}: {name} must be a positive finite price, got {value!r}"
     for name, value in (
         ("volume", k.volume),
         ("quote_volume", k.quote_volume),
@@ -129,29 +163,23 @@ def validate_kline(k: Kline) -> Kline:
         ("taker_buy_quote", k.taker_buy_quote),
     ):
         if not math.isfinite(value) or value < 0:
-            raise InvalidKline(f"{where}: {name} must be finite and >= 0, got {value!r}")
+            return f"{where}: {name} must be finite and >= 0, got {value!r}"
     if k.trades < 0:
-        raise InvalidKline(f"{where}: trades must be >= 0, got {k.trades}")
+        return f"{where}: trades must be >= 0, got {k.trades}"
     if k.high < k.low:
-        raise InvalidKline(f"{where}: high {k.high} < low {k.low}")
+        return f"{where}: high {k.high} < low {k.low}"
     if k.high < max(k.open, k.close) or k.low > min(k.open, k.close):
-        raise InvalidKline(
-            f"{where}: open/close outside [low, high] (o={k.open} h={k.high} l={k.low} c={k.close})"
-        )
+        return f"{where}: open/close outside [low, high] (o={k.open} h={k.high} l={k.low} c={k.close})"
     if k.open_time < 0:
-        raise InvalidKline(f"{where}: open_time must be >= 0")
+        return f"{where}: open_time must be >= 0"
     if k.close_time <= k.open_time:
-        raise InvalidKline(f"{where}: close_time {k.close_time} <= open_time {k.open_time}")
-    span = interval_ms(k.interval)
+        return f"{where}: close_time {k.close_time} <= open_time {k.open_time}"
+    span = INTERVAL_MS[k.interval]
     # Binance's close_time is open_time + interval - 1 ms. open_time itself need not sit on the
     # interval grid: after the 2018-02-08 outage Binance served 1h candles opening off the hour.
     if k.close_time - k.open_time != span - 1:
-        raise InvalidKline(
-            f"{where}: close_time - open_time is {k.close_time - k.open_time} ms, a {k.interval} candle spans {span - 1}"
-        )
-    if k.open_time > now_ms() + span + FUTURE_SLACK_MS:
-        raise InvalidKline(f"{where}: open_time is in the future")
-    return k
+        return f"{where}: close_time - open_time is {k.close_time - k.open_time} ms, a {k.interval} candle spans {span - 1}"
+    return f"{where}: open_time is in the future"
 
 
 def _ms(value: Any) -> int:

@@ -172,3 +172,64 @@ def test_a_combined_stream_must_carry_its_own_symbol_and_interval():
     fixed["k"]["l"] = "0.0005"
     with pytest.raises(InvalidKline, match="stream 'btcusdt@kline_1m' carries a BNBBTC 1m kline"):
         parse_ws_kline({"stream": "btcusdt@kline_1m", "data": fixed})
+
+
+def _breaks_a_rule(k: Kline, now: int) -> bool:
+    """The candle rules spelled one by one, independently of validate_kline's fast path."""
+    import math
+
+    prices = (k.open, k.high, k.low, k.close)
+    amounts = (k.volume, k.quote_volume, k.taker_buy_base, k.taker_buy_quote)
+    span = {"1m": 60_000, "1h": 3_600_000}.get(k.interval)
+    return (
+        span is None
+        or not k.symbol or not k.symbol.isalnum() or k.symbol != k.symbol.upper()
+        or any(not math.isfinite(p) or p <= 0 for p in prices)
+        or any(not math.isfinite(a) or a < 0 for a in amounts)
+        or k.trades < 0
+        or k.high < max(k.open, k.close, k.low)
+        or k.low > min(k.open, k.close)
+        or k.open_time < 0
+        or k.close_time - k.open_time != span - 1
+        or k.open_time > now + span + 5 * 60_000
+    )
+
+
+def test_the_fast_candle_check_accepts_exactly_the_candles_that_break_no_rule():
+    """validate_kline's one-comparison path against the rules written out one by one, over
+    candles built from edge values (NaN, inf, zero, negative, swapped high/low, off-span, future)."""
+    import random
+
+    from libs.common.klines import now_ms, validate_kline
+
+    rng = random.Random(7)
+    nan, inf = float("nan"), float("inf")
+    price = [1.0, 2.0, 3.0, 0.0, -1.0, nan, inf]
+    amount = [0.0, 5.0, -0.5, nan, inf]
+    now = now_ms()
+    accepted = refused = 0
+    for _ in range(20_000):
+        # A real candle with each field swapped for an edge value now and then.
+        def pick(good, edges):
+            return rng.choice(edges) if rng.random() < 0.12 else good
+
+        interval = pick("1m", ["1h", "7m"])
+        span = {"1m": 60_000, "1h": 3_600_000}.get(interval, 420_000)
+        open_time = pick(now - 3_600_000, [0, -60_000, now, now + 10 * span + 3_600_000])
+        k = Kline(
+            symbol=pick("BTCUSDT", ["btcusdt", "BTC-USDT", ""]), interval=interval,
+            open_time=open_time, close_time=open_time + pick(span - 1, [span, 0, 59_999]),
+            open=pick(2.0, price), high=pick(3.0, price), low=pick(1.0, price), close=pick(2.5, price),
+            volume=pick(5.0, amount), quote_volume=pick(5.0, amount), trades=pick(3, [0, -1]),
+            taker_buy_base=pick(1.0, amount), taker_buy_quote=pick(1.0, amount),
+        )
+        try:
+            validate_kline(k)
+            ok = True
+        except InvalidKline as exc:
+            ok = False
+            assert exc.reason, k
+        assert ok == (not _breaks_a_rule(k, now)), k
+        accepted += ok
+        refused += not ok
+    assert accepted > 100 and refused > 100  # both sides were exercised
