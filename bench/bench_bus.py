@@ -65,7 +65,10 @@ def fresh_group(url: str, group: str) -> None:
     for g in r.xinfo_groups(KEY):
         r.xgroup_destroy(KEY, g["name"])
     r.xgroup_create(KEY, group, id="0")
+    # Everything a previous case left: its outputs, and the position kept beside the stream (a
+    # group recreated at 0 would otherwise take the earlier case's entries as acknowledged).
     r.delete(*r.keys("klinebus:{features.v1}*") or ["-"])
+    r.delete(*r.keys("klinebus:{klines.v1}:*") or ["-"])
     r.close()
 
 

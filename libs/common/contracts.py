@@ -10,7 +10,8 @@ Times are integer milliseconds since the epoch, UTC, as Binance sends them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +38,19 @@ class Event(BaseModel):
 
     schema_version: int = 1
 
+    # True when every field is a JSON scalar, or a list/dict of them: the attributes then
+    # serialise as they are, ~4x faster than model_dump (every event is serialised once per
+    # publish, and a batch of 1000 is published at once). Worked out per class at definition.
+    _native_json: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._native_json = all(_json_native(f.annotation) for f in cls.model_fields.values())
+
     def to_json(self) -> bytes:
+        if self._native_json:
+            return orjson.dumps(self.__dict__)
         return orjson.dumps(self.model_dump(mode="json"))
 
     @classmethod
@@ -48,6 +61,21 @@ class Event(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
             raise InvalidEvent(f"{cls.__name__}: {where}: {first.get('msg')}") from None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_native(annotation: Any) -> bool:
+    """A type whose values orjson writes exactly as pydantic's JSON mode does."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return annotation in _SCALARS
+    if origin is Literal:
+        return all(isinstance(v, _SCALARS) for v in get_args(annotation))
+    if origin in (Union, UnionType, list, dict):
+        return all(_json_native(a) for a in get_args(annotation))
+    return False
 
 
 class CandleKeyed(Event):

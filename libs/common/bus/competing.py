@@ -25,15 +25,17 @@ class CompetingConsumer:
     async def run(self) -> None:
         # Our own pending entries (a restart under the same name) first, then new ones.
         await self.proc.drain_own_pending()
-        next_reclaim = time.monotonic() + self.reclaim_idle_ms / 4000
-        block = min(BLOCK_MS, max(self.reclaim_idle_ms // 4, 10))
-        while True:
-            entries = await self.proc.read(">", block)
-            if entries:
-                await self.proc.process(entries)
+        every_s = self.reclaim_idle_ms / 4000
+        next_reclaim = time.monotonic() + every_s
+
+        async def reclaim_when_due() -> None:
+            nonlocal next_reclaim
             if time.monotonic() >= next_reclaim:
                 await self.reclaim()
-                next_reclaim = time.monotonic() + self.reclaim_idle_ms / 4000
+                next_reclaim = time.monotonic() + every_s
+
+        await self.proc.pump(min(BLOCK_MS, max(self.reclaim_idle_ms // 4, 10)), reclaim_when_due,
+                             lambda: time.monotonic() < next_reclaim)
 
     async def reclaim(self) -> int:
         try:

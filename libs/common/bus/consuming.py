@@ -11,6 +11,7 @@ pydantic call, one handler call (batch handlers) and one XACK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import typing
@@ -72,6 +73,33 @@ class Subscription:
             await self.handler(events[0])
 
 
+def entries_of_reply(response: Any, **_options: Any) -> list[tuple[bytes, list | None]]:
+    """XREADGROUP's reply as ``[(entry_id, [field, value, ...] | None), ...]``.
+
+    redis-py's own parser builds a dict per entry (~1.3 us each, a third of a raw read); the
+    consumer only needs ``__data__``, usually the first field. ``None`` fields: a pending entry
+    the stream no longer holds (trimmed). Shapes: RESP2 ``[[stream, [[id, fields], ...]]]``,
+    RESP3 ``{stream: [[id, fields], ...]}``.
+    """
+    if not response:
+        return []
+    out: list[tuple[bytes, list | None]] = []
+    for entries in response.values() if isinstance(response, dict) else (e for _, e in response):
+        out += entries
+    return out
+
+
+def payload_of_fields(fields: list | None) -> bytes | None:
+    if not fields:
+        return None
+    if fields[0] == DATA_FIELD_B:
+        return fields[1]
+    for i in range(2, len(fields) - 1, 2):
+        if fields[i] == DATA_FIELD_B:
+            return fields[i + 1]
+    return None
+
+
 def model_of(handler: Callable[..., Any]) -> type:
     """The payload model of a faststream-style handler: its first parameter's annotation."""
     hints = typing.get_type_hints(handler)
@@ -110,14 +138,16 @@ class BatchProcessor:
         self.stopping: asyncio.Event | None = None  # set by Bus.stop
         self._consumed = bus_metrics.consumed.labels(service, sub.topic)
         self._retries = metrics.retries.labels(sub.topic)
+        # This client is the subscription's own: only its reads go through this parser.
+        client.set_response_callback("XREADGROUP", entries_of_reply)
 
     # --- a batch -----------------------------------------------------------------------
 
     async def process(self, entries: list[tuple[Any, Any]]) -> int:
-        """Handle entries read from the group, then acknowledge them all. Returns how many were
-        handed to the handler."""
+        """Handle entries read from the group (``entries_of_reply``), then acknowledge them all.
+        Returns how many were handed to the handler."""
         ids = [i.decode() if isinstance(i, bytes) else i for i, _ in entries]
-        raws = [fields.get(DATA_FIELD_B) if fields else None for _, fields in entries]
+        raws = [payload_of_fields(fields) for _, fields in entries]
         # A pending entry the stream no longer holds comes back without fields (redis-py: {}); a
         # real entry always has one.
         gone = [i for i, (_, fields) in enumerate(entries) if not fields]
@@ -249,6 +279,36 @@ class BatchProcessor:
             log.error("%s: consumer group on %s was gone (NOGROUP); recreated at %s, the last position "
                       "it acknowledged", self.service, self.sub.topic, at)
 
+    # --- the live loop -------------------------------------------------------------------
+
+    async def pump(self, block: int, between: Callable[[], Awaitable[None]], may_read_ahead: Callable[[], bool]) -> None:
+        """Read, handle and acknowledge new entries until stopped. ``between`` runs after every
+        batch (a lease check, a reclaim round).
+
+        When a read returns a full batch there is a backlog: the next batch is requested before
+        this one is handled, so Redis builds the next reply on its core while this one is
+        decoded and handled on ours. Order is unchanged: batches are still handled one after the
+        other, and an entry read ahead is pending on this consumer, so a crash or a lost lease
+        leaves it to recovery like any other. ``between`` waits while a read-ahead is in flight
+        (the handler's own fence still checks the lease before every call); ``may_read_ahead``
+        False (a reclaim is due: it reads this consumer's pending entries itself, and would hand
+        a read-ahead batch over twice) lets it run after the next batch."""
+        entries = await self.read(">", block)
+        while True:
+            ahead: asyncio.Future | None = None
+            if len(entries) >= self.sub.max_records and may_read_ahead():
+                ahead = asyncio.ensure_future(self.read(">", None))
+            try:
+                if entries:
+                    await self.process(entries)
+                if ahead is None:  # with a read-ahead in flight, the next batch comes first
+                    await between()
+            except BaseException:
+                if ahead is not None:
+                    await _settle(ahead)
+                raise
+            entries = await ahead if ahead is not None else await self.read(">", block)
+
     # --- reads -------------------------------------------------------------------------
 
     async def read(self, start: str, block: int | None) -> list[tuple[Any, Any]]:
@@ -259,7 +319,7 @@ class BatchProcessor:
         reply = await self.redis("reading", lambda: self.client.xreadgroup(
             self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
         ))
-        return reply[0][1] if reply else []
+        return reply  # entries_of_reply
 
     async def claim_pending(self, min_idle_ms: int) -> int:
         """Move entries pending on other consumers for at least ``min_idle_ms`` to this one
@@ -291,6 +351,13 @@ class BatchProcessor:
             await self.process(entries)
             n += len(entries)
             after = _s(entries[-1][0])
+
+
+async def _settle(fut: asyncio.Future) -> None:
+    """Let a read-ahead finish (reads are not cancelled, see ``Stopped``); what it read stays
+    pending on this consumer for recovery."""
+    with contextlib.suppress(BaseException):
+        await fut
 
 
 def _s(v: Any) -> str:

@@ -135,12 +135,12 @@ class OrderedOwner:
                     await task
 
     async def _live(self, proc: BatchProcessor) -> None:
-        while True:
+        async def lease_held() -> None:
             if not self.lease.held():
                 raise LeaseLost("the lease expired or was taken")
-            entries = await proc.read(">", BLOCK_MS)
-            if entries:
-                await proc.process(entries)
+
+        await lease_held()
+        await proc.pump(BLOCK_MS, lease_held, lambda: True)
 
     async def recover(self, proc: BatchProcessor) -> int:
         """Claim every entry pending in the group (whoever held it: we own the group) and handle

@@ -59,3 +59,28 @@ def test_no_topic_accepts_nan_values():
     with pytest.raises(Exception, match="finite"):
         FeaturesEvent(symbol="BTCUSDT", interval="1m", open_time=0, close=1.0, feature_set="x",
                       values={"rsi_14": float("nan")}, warm=True)
+
+
+def test_the_fast_json_path_writes_what_pydantic_json_mode_writes():
+    """Events whose fields are JSON scalars (or lists/dicts of them) serialise their attributes
+    directly; the bytes must equal pydantic's JSON mode, field order included."""
+    import orjson
+
+    from libs.common.contracts import AlertEvent, AnalysisEvent, ModelPublished, PredictionEvent
+
+    events = [
+        KlineEvent(symbol="BTCUSDT", interval="1m", open_time=0, close_time=59_999, open=1, high=2, low=1,
+                   close=1, volume=0, trades=3, source="rest"),
+        FeaturesEvent(symbol="BTCUSDT", interval="1h", open_time=3_600_000, close=2.5, feature_set="all-v1",
+                      values={"rsi_14": 55, "ema_20": 1.25}, warm=True),
+        PredictionEvent(symbol="ETHUSDT", interval="1m", open_time=60_000, model="m", model_version="3",
+                        target_open_time=120_000, predicted={"close": 2}, last_close=1.0, horizons=[1, 2],
+                        path=[2, 2.5], probabilities={"up": 0.25}, role="shadow"),
+        AnalysisEvent(symbol="ETHUSDT", interval="1h", open_time=0, chart_uri="file:///c.png", model="vlm",
+                      trend="bullish", confidence=0.5, support=[1, 2.5], patterns=["doji"], timings_ms={"total": 3}),
+        AlertEvent(rule="r", severity="warning", message="m", value=None, labels={"a": "b"}),
+    ]
+    for event in events:
+        assert type(event)._native_json, type(event).__name__
+        assert event.to_json() == orjson.dumps(event.model_dump(mode="json")), type(event).__name__
+    assert not ModelPublished._native_json  # tuple fields: pydantic writes them its own way
