@@ -259,7 +259,10 @@ async def test_a_bug_in_one_event_of_a_batch_dead_letters_only_that_event(redis_
 
 async def test_stale_consumers_are_removed(redis_url, client):
     await client.xgroup_create(KEY, "features", id="0", mkstream=True)
-    await client.xreadgroup("features", "ghost", {KEY: ">"}, count=1)  # exists, holds nothing
+    await add(client, 0, 1)  # on Redis 6.2 a read that returns nothing creates no consumer
+    ((_, [(entry_id, _)]),) = await client.xreadgroup("features", "ghost", {KEY: ">"}, count=1)
+    await client.xack(KEY, "features", entry_id)
+    assert "ghost" in {c["name"].decode() for c in await client.xinfo_consumers(KEY, "features")}  # exists, holds nothing
     bus = Bus("features", redis_url, consumer="c", stale_consumer_ms=1, monitor_interval_s=0.05)
 
     @bus.ordered(topics.KLINES, KlineEvent)
