@@ -19,6 +19,7 @@ from libs.common.service import ServiceRuntime
 from libs.common.settings import ServiceSettings
 
 KEY = topics.stream_key(topics.KLINES)
+BATCH = 5
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -28,15 +29,29 @@ def kline(i: int) -> KlineEvent:
                       open=100.0, high=101.0, low=99.0, close=100.5, volume=3.0)
 
 
-def service(redis_url: str, seen: list[int]) -> ServiceRuntime:
+def service(redis_url: str, seen: list[int], gate: asyncio.Event | None = None) -> ServiceRuntime:
     runtime = ServiceRuntime("probed", ServiceSettings(http_host="127.0.0.1", http_port=0, consumer_name="c"),
                              redis_url)
 
-    @runtime.bus.ordered(topics.KLINES, KlineEvent)
+    @runtime.bus.ordered(topics.KLINES, KlineEvent, max_records=BATCH)
     async def handle(event: KlineEvent, entry_id: str) -> None:
+        if gate is not None:
+            await gate.wait()
         seen.append(event.open_time // 60_000)
 
     return runtime
+
+
+async def scrape(runtime: ServiceRuntime) -> dict[str, float]:
+    """This service's group samples on /metrics, by metric name."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{runtime.http_port}/metrics") as reply:
+            text = await reply.text()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("klinebus_bus_group_") and 'group="probed"' in line and 'topic="klines.v1"' in line:
+            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 async def probes(runtime: ServiceRuntime) -> tuple[int, int]:
@@ -99,5 +114,38 @@ async def test_a_consumer_that_dies_fails_healthz(redis_url):
         await until(healthz_fails)
         assert (await probes(runtime))[1] == 503
     finally:
+        await runtime.stop()
+        await client.aclose()
+
+
+async def test_lag_and_pending_of_a_stuck_consumer_are_on_metrics(redis_url):
+    """A consumer stuck on its first batch: what it has not been handed (lag) and what it holds
+    unacknowledged (pending) are exported for the alert rules, while it is stuck."""
+    seen: list[int] = []
+    gate = asyncio.Event()
+    runtime = service(redis_url, seen, gate)
+    runtime.bus.monitor_interval_s = 0.1  # sample often (15 s in a service)
+    client = aioredis.Redis.from_url(redis_url)
+    for i in range(30):
+        await client.xadd(KEY, {DATA_FIELD: kline(i).to_json()})
+    await runtime.start()
+    try:
+        async def sampled():
+            got = await scrape(runtime)
+            return got.get("klinebus_bus_group_pending_entries", 0) >= BATCH and \
+                got.get("klinebus_bus_group_lag_entries", 0) >= 30 - 2 * BATCH  # a batch may be read ahead
+        await until(sampled)
+        got = await scrape(runtime)
+        assert got["klinebus_bus_group_lag_entries"] + got["klinebus_bus_group_pending_entries"] == 30
+        assert got["klinebus_bus_group_oldest_pending_seconds"] >= 0
+        gate.set()
+
+        async def drained():
+            got = await scrape(runtime)
+            return len(seen) == 30 and got.get("klinebus_bus_group_lag_entries") == 0 \
+                and got.get("klinebus_bus_group_pending_entries") == 0
+        await until(drained)
+    finally:
+        gate.set()
         await runtime.stop()
         await client.aclose()
