@@ -1,7 +1,9 @@
 """Drain rate of klines.v1 through the bus edge, beside a raw redis-py loop measured in the same run.
 
 Each case drains the same pre-filled stream (N events over S symbols, 1m candles) through a fresh
-consumer group on one embedded redis-server and prints events/s and the ratio to the raw loop:
+consumer group on one embedded redis-server and prints events/s, the ratio to the raw loop, and
+the consumer's CPU time per event (steadier than the rate on a shared machine: the rate also
+waits on redis-server, which shares the cores):
 
 * raw:            XREADGROUP COUNT 1000 + one XACK per batch, hiredis, no decoding (the ceiling)
 * raw+pydantic:   the same, validating every entry with KlineEvent.model_validate_json
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import redis
 import redis.asyncio as aioredis
 
@@ -35,6 +38,7 @@ from libs.common import topics  # noqa: E402
 from libs.common.bus import DATA_FIELD, Bus  # noqa: E402
 from libs.common.contracts import KlineEvent  # noqa: E402
 from libs.common.redis_server import EmbeddedRedis  # noqa: E402
+from libs.common.service import settle_heap  # noqa: E402
 
 KEY = topics.stream_key(topics.KLINES)
 MINUTE = 60_000
@@ -76,6 +80,7 @@ async def raw_loop(url: str, events: int, validate: bool) -> float:
     fresh_group(url, "raw")
     client = aioredis.Redis.from_url(url)
     done = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     while done < events:
         reply = await client.xreadgroup("raw", "c", {KEY: ">"}, count=RAW_COUNT, block=1000)
@@ -87,8 +92,9 @@ async def raw_loop(url: str, events: int, validate: bool) -> float:
             await client.xack(KEY, "raw", *[e[0] for e in entries])
         done += len(entries)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     await client.aclose()
-    return done / dt
+    return done / dt, cpu / done * 1e6
 
 
 async def wait_drained(url: str, group: str, events: int, timeout: float = 600.0) -> None:
@@ -106,28 +112,34 @@ async def wait_drained(url: str, group: str, events: int, timeout: float = 600.0
         await client.aclose()
 
 
-_ids: list[bytes] = []
+# The recorded entry ids as one int64 each (ms << 20 | seq): a list of 100,000s of tuples would
+# be walked by every full garbage collection of the process under test and slow it down.
+_ids = np.zeros(0, dtype=np.int64)
+
+
+def _id_int(ms: int, seq: int) -> int:
+    return (ms << 20) | seq
 
 
 def _id_seq(last_delivered: bytes) -> int:
     """How many entries a last-delivered id covers (ids were recorded after prefill)."""
-    import bisect
-
-    return bisect.bisect_right(_ids, tuple(int(x) for x in last_delivered.split(b"-")))
+    ms, seq = (int(x) for x in last_delivered.split(b"-"))
+    return int(np.searchsorted(_ids, _id_int(ms, seq), side="right"))
 
 
 def record_ids(url: str, events: int) -> None:
     r = redis.Redis.from_url(url)
     global _ids
-    _ids = []
+    ids: list[int] = []
     start = "-"
     while True:
         batch = r.xrange(KEY, min=start, count=10_000)
-        _ids += [tuple(int(x) for x in e[0].split(b"-")) for e in batch]
+        ids += [_id_int(*(int(x) for x in e[0].split(b"-"))) for e in batch]
         if len(batch) < 10_000:
             break
         start = "(" + batch[-1][0].decode()
     r.close()
+    _ids = np.array(ids, dtype=np.int64)
 
 
 async def bus_case(url: str, events: int, batch: bool) -> float:
@@ -142,13 +154,17 @@ async def bus_case(url: str, events: int, batch: bool) -> float:
         async def handle(event, entry_id) -> None:
             return None
 
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     await _start(consumer)
+    settle_heap()
     try:
         await wait_drained(url, "features", events)
     finally:
+        dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         await _stop(consumer)
-    return events / (time.perf_counter() - t0)
+    return events / dt, cpu / events * 1e6
 
 
 async def _start(bus: Bus) -> None:
@@ -180,6 +196,7 @@ async def features_case(url: str, events: int, feature_set: str, tmp: Path) -> t
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     await runtime.start(http=False)
+    settle_heap()  # as ServiceRuntime.run_forever does for `klinebus run`
     try:
         await wait_drained(url, "features", events)
     finally:
@@ -230,14 +247,17 @@ async def main() -> None:
         prefill(url, args.events, args.symbols)
         record_ids(url, args.events)
         rows: list[tuple[str, float, str]] = []
-        raw = await raw_loop(url, args.events, validate=False)
-        rows.append(("raw redis-py (XREADGROUP 1000 + XACK/batch)", raw, ""))
-        rows.append(("raw + pydantic validate each", await raw_loop(url, args.events, validate=True), ""))
+        raw, cpu_us = await raw_loop(url, args.events, validate=False)
+        rows.append(("raw redis-py (XREADGROUP 1000 + XACK/batch)", raw, f"{cpu_us:.1f} us CPU/event"))
+        rate, cpu_us = await raw_loop(url, args.events, validate=True)
+        rows.append(("raw + pydantic validate each", rate, f"{cpu_us:.1f} us CPU/event"))
         if slow != args.events:
             drained_prefix(url, args.events, args.symbols, slow)
-        rows.append(("bus.ordered, empty handler", await bus_case(url, slow, batch=False), ""))
+        rate, cpu_us = await bus_case(url, slow, batch=False)
+        rows.append(("bus.ordered, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
         if hasattr(Bus, "ordered_batch"):
-            rows.append(("bus.ordered_batch, empty handler", await bus_case(url, slow, batch=True), ""))
+            rate, cpu_us = await bus_case(url, slow, batch=True)
+            rows.append(("bus.ordered_batch, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
         for fs in ("skeleton-v1", "all-v1"):
             rate, cpu_us = await features_case(url, slow, fs, Path(tmp))
             rows.append((f"features service ({fs}), publishes incl.", rate, f"{cpu_us:.1f} us CPU/event"))

@@ -10,6 +10,7 @@ Times are integer milliseconds since the epoch, UTC, as Binance sends them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -163,6 +164,36 @@ class FeaturesEvent(CandleKeyed):
     )
     kline_ingested_at: Millis | None = Field(None, description="Carried from the kline, for latency.")
     computed_at: Millis = Field(default_factory=now_ms)
+
+    @classmethod
+    def prepared(
+        cls, symbol: str, interval: str, open_time: int, close: float, feature_set: str,
+        values: dict[str, float], warm: bool, kline_ingested_at: int | None, computed_at: int,
+    ) -> "Prepared":
+        """The event's JSON written directly, for the features service's hot path (1000 events a
+        batch; building and validating a model with 49 values cost ~4 us of ~24 per event).
+        The caller vouches for the types and for finite values (it checks a batch's values at
+        once); the bytes equal ``FeaturesEvent(...).to_json()`` (tested)."""
+        payload = orjson.dumps({
+            "schema_version": 1, "symbol": symbol, "interval": interval, "open_time": open_time,
+            "close": close, "feature_set": feature_set, "values": values, "warm": warm,
+            "kline_ingested_at": kline_ingested_at, "computed_at": computed_at,
+        })
+        return Prepared(symbol, interval, open_time, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A candle-keyed event already serialised by its producer: what a publisher needs of it
+    (its identity for the once-per-candle guard, and its bytes)."""
+
+    symbol: str
+    interval: str
+    open_time: int
+    payload: bytes
+
+    def to_json(self) -> bytes:
+        return self.payload
 
 
 class ChartRequest(Event):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from typing import Any, Awaitable, Callable
@@ -29,6 +30,16 @@ Hook = Callable[[], Awaitable[Any]]
 
 class ServiceFailed(RuntimeError):
     """The service stopped because a part of it died; the process exits non-zero."""
+
+
+def settle_heap() -> None:
+    """Move everything alive once a service has started (modules, numba and pydantic machinery:
+    ~200,000 objects in features) out of the garbage collector's sight. Without it every full
+    collection walks them all again: the features service spent ~40% of its time per event there
+    (bench/bench_bus.py: 23 -> 14 us CPU per event). What is frozen is never freed, so only the
+    start-up heap is frozen, after collecting what start-up left behind."""
+    gc.collect()
+    gc.freeze()
 
 
 class ServiceRuntime:
@@ -143,6 +154,7 @@ class ServiceRuntime:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await self.start()
+        settle_heap()
         try:
             await stop.wait()
         finally:

@@ -20,8 +20,8 @@ import numpy as np
 from libs.common import topics
 from libs.common.archive import is_permanent, read_archive
 from libs.common.bus import redis_client
-from libs.common.contracts import FeaturesEvent, KlineEvent
-from libs.common.klines import InvalidKline
+from libs.common.contracts import FeaturesEvent, KlineEvent, Prepared
+from libs.common.klines import InvalidKline, now_ms
 from libs.common.service import ServiceRuntime
 from services.features.settings import FeaturesSettings
 from libs.common.stream_history import recent_candles
@@ -194,7 +194,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         if first:
             await asyncio.gather(*(_warm_one(k, t) for k, t in first.items()))
 
-    async def _apply(events) -> tuple[list[FeaturesEvent | None], list[tuple[int, str]]]:
+    async def _apply(events) -> tuple[list[Prepared | None], list[tuple[int, str]]]:
         """Apply candles to the state, in order. Returns the event to publish per candle (None for
         a duplicate or an invalid one) and the invalid ones with their reasons."""
         await _warm_new_keys(events)
@@ -203,9 +203,17 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         # One conversion for the batch (float64 holds ms timestamps exactly up to 2**53).
         cols = np.array([(e.open_time, e.open, e.high, e.low, e.close, e.volume) for e in events], dtype=np.float64).T
         result = engine.update_many(keys, cols[0].astype(np.int64), cols[1], cols[2], cols[3], cols[4], cols[5])
-        fresh: list[FeaturesEvent | None] = [None] * n
+        fresh: list[Prepared | None] = [None] * n
         invalid: list[tuple[int, str]] = []
+        names = result.names
         status = result.status.tolist()
+        warm_rows = result.status == ST_OK
+        if not np.isfinite(result.values[warm_rows]).all():  # the contract: never NaN (checked per batch)
+            bad = [names[j] for j in np.where(~np.isfinite(result.values[warm_rows]).all(axis=0))[0]]
+            raise ValueError(f"indicator engine returned non-finite values for {', '.join(bad)}")
+        rows = result.values.tolist()  # one conversion, not one per event
+        feature_set_id = engine.feature_set.id
+        computed_at = now_ms()
         for i, e in enumerate(events):
             st = status[i]
             if st == ST_INVALID:
@@ -221,16 +229,10 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                     "%s %s: candle %d opened %d ms late (an exchange outage, or ingest could not backfill)",
                     e.symbol, e.interval, e.open_time, gap,
                 )
-            values = dict(zip(result.names, result.values[i].tolist())) if st == ST_OK else {}
-            fresh[i] = FeaturesEvent(
-                symbol=e.symbol,
-                interval=e.interval,
-                open_time=e.open_time,
-                close=e.close,
-                feature_set=engine.feature_set.id,
-                values=values,
-                warm=st == ST_OK,
-                kline_ingested_at=e.ingested_at,
+            values = dict(zip(names, rows[i])) if st == ST_OK else {}
+            fresh[i] = FeaturesEvent.prepared(
+                e.symbol, e.interval, e.open_time, e.close, feature_set_id, values, st == ST_OK, e.ingested_at,
+                computed_at,
             )
         return fresh, invalid
 

@@ -24,26 +24,39 @@ from libs.common.telemetry import ServiceMetrics
 LAST_OPEN_TIME = "last-open-time"
 
 # KEYS[1] stream, KEYS[2] last-open-time hash; ARGV: maxlen, data field, minid ('' for none), then
-# (field, open_time, payload) per event, applied in order; returns one {appended, last} per event.
+# (field, open_time, payload) per event, applied in order. Returns {flags, lasts}: flags holds '1'
+# (appended) or '0' (refused) per event, lasts the stored open_time for each refused one, in order
+# (an appended event's last is its own open_time). Compact because a batch is 1000 events: a
+# reply of 1000 pairs cost more to parse than the appends.
 _PUBLISH_ONCE_MANY = """
-local out = {}
+local flags = {}
+local lasts = {}
 local appended = false
 for i = 4, #ARGV, 3 do
   local last = redis.call('HGET', KEYS[2], ARGV[i])
   if last and tonumber(last) >= tonumber(ARGV[i + 1]) then
-    out[#out + 1] = {0, tonumber(last)}
+    flags[#flags + 1] = '0'
+    lasts[#lasts + 1] = tonumber(last)
   else
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i + 2])
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    out[#out + 1] = {1, tonumber(ARGV[i + 1])}
+    flags[#flags + 1] = '1'
     appended = true
   end
 end
 if appended and ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end
-return out
+return {table.concat(flags), lasts}
 """
+
+
+def _replies(events: Sequence[Any], reply: Any) -> list[tuple[bool, int]]:
+    flags, lasts = reply
+    if isinstance(flags, str):  # a client made with decode_responses
+        flags = flags.encode()
+    refused = iter(lasts)
+    return [(True, e.open_time) if f == 49 else (False, int(next(refused))) for e, f in zip(events, flags)]  # 49: b'1'
 
 
 def candle_field(symbol: str, interval: str, *more: str) -> str:
@@ -92,11 +105,11 @@ class OncePerCandle:
         return appended, last
 
     async def _append(self, field: str, event: Any) -> tuple[bool, int]:
-        ((appended, last),) = await self._script_many(
+        reply = await self._script_many(
             keys=[self.stream, self.last_key],
             args=[self.maxlen, DATA_FIELD, self._minid(), field, event.open_time, event.to_json()],
         )
-        return bool(appended), int(last)
+        return _replies([event], reply)[0]
 
     async def retry_last(self, symbol: str, interval: str, open_time: int, *key_more: str) -> bool:
         """For a handler whose state took a candle before its publish failed: when the candle at
@@ -116,8 +129,7 @@ class OncePerCandle:
         args: list[Any] = [self.maxlen, DATA_FIELD, self._minid()]
         for e in events:
             args += (candle_field(e.symbol, e.interval, *key_more), e.open_time, e.to_json())
-        replies = await self._script_many(keys=[self.stream, self.last_key], args=args)
-        out = [(bool(appended), int(last)) for appended, last in replies]
+        out = _replies(events, await self._script_many(keys=[self.stream, self.last_key], args=args))
         self._count(sum(a for a, _ in out), len(out))
         return out
 

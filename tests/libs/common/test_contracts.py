@@ -84,3 +84,15 @@ def test_the_fast_json_path_writes_what_pydantic_json_mode_writes():
         assert type(event)._native_json, type(event).__name__
         assert event.to_json() == orjson.dumps(event.model_dump(mode="json")), type(event).__name__
     assert not ModelPublished._native_json  # tuple fields: pydantic writes them its own way
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_prepared_features_events_are_byte_for_byte_the_model_s_json(warm):
+    values = {"rsi_14": 55.5, "ema_20": 1.25} if warm else {}
+    fields = dict(symbol="BTCUSDT", interval="1h", open_time=3_600_000, close=2.5, feature_set="all-v1",
+                  values=values, warm=warm, kline_ingested_at=None if warm else 17, computed_at=99)
+    prepared = FeaturesEvent.prepared(**fields)
+    model = FeaturesEvent(**fields)
+    assert prepared.to_json() == model.to_json()
+    assert (prepared.symbol, prepared.interval, prepared.open_time) == (model.symbol, model.interval, model.open_time)
+    assert FeaturesEvent.from_json(prepared.to_json()) == model
