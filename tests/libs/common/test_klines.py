@@ -233,3 +233,15 @@ def test_the_fast_candle_check_accepts_exactly_the_candles_that_break_no_rule():
         accepted += ok
         refused += not ok
     assert accepted > 100 and refused > 100  # both sides were exercised
+
+
+def test_to_dict_holds_every_field_as_dataclasses_asdict_does():
+    import dataclasses
+
+    k = Kline("BTCUSDT", "1m", 1_776_211_200_000, 1_776_211_259_999, 74_000.1, 74_100.2, 73_900.3, 74_050.4,
+              12.5, 925_000.1, 1234, 6.1, 451_000.2, False)
+    d = k.to_dict()
+    assert d == dataclasses.asdict(k)
+    assert list(d) == [f.name for f in dataclasses.fields(Kline)]
+    d["close"] = 0.0  # a fresh dict: the candle itself is untouched
+    assert k.close == 74_050.4
