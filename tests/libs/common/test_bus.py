@@ -184,3 +184,41 @@ async def test_competing_batch_dead_letters_one_bad_entry_and_keeps_its_batch(re
     finally:
         await consumer.stop()
         await client.aclose()
+
+
+async def test_a_competing_reader_ahead_of_a_reclaim_hands_every_entry_over_once(redis_url):
+    """A backlog makes the consumer read the next batch before handling this one; a reclaim of a
+    dead replica's entries reads this consumer's pending entries too. Neither may hand an entry
+    over twice, nor skip one."""
+    client = aioredis.Redis.from_url(redis_url)
+    key = topics.stream_key(topics.KLINES)
+    try:
+        await client.xgroup_create(key, "archive", id="0", mkstream=True)
+        for i in range(40):  # a dead replica read these and never acknowledged them
+            await client.xadd(key, {"__data__": kline_event(i * 60_000, "DEADUSDT").to_json()})
+        await client.xreadgroup("archive", "dead", {key: ">"}, count=40)
+        for i in range(600):  # and a backlog behind them
+            await client.xadd(key, {"__data__": kline_event(i * 60_000).to_json()})
+        seen: list[tuple[str, int]] = []
+        consumer = Bus("archive", redis_url, consumer="live", reclaim_idle_ms=200)
+
+        @consumer.competing_batch(topics.KLINES, KlineEvent, max_records=7)
+        async def handle(events) -> None:
+            seen.extend((e.symbol, e.open_time) for e in events)
+            await asyncio.sleep(0.005)  # slow enough that reclaims fall due while the backlog drains
+
+        await consumer.start()
+        try:
+            async def done():
+                pending = await client.xpending(key, "archive")
+                return len(seen) >= 640 and pending["pending"] == 0
+            await wait_for(done, timeout=30)
+        finally:
+            await consumer.stop()
+        assert len(seen) == len(set(seen)) == 640
+        assert sorted(t for s, t in seen if s == "BTCUSDT") == [i * 60_000 for i in range(600)]
+        # The reclaim was not starved by the backlog (the handler's pauses make draining it take
+        # ~0.5 s; a reclaim falls due every 50 ms once the dead replica's entries are 200 ms idle).
+        assert seen.index(("DEADUSDT", 0)) < len(seen) - 100
+    finally:
+        await client.aclose()
