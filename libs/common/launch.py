@@ -8,9 +8,27 @@ service never imports the composition root.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from types import ModuleType
 from typing import Callable, NoReturn
+
+
+# Python's cyclic collector walks every tracked object in a full collection, and a service's heap
+# after start (modules, pydantic schemas, per-stream state) is large; a burst of thousands of
+# candles allocates enough short-lived objects for ~100 young collections and a full one. Measured
+# on ingest with 4,000 streams closing together: 100-160 ms of GC in a burst of ~280 ms CPU, ~10 ms
+# with the startup heap frozen (kept, never walked again) and young objects collected every
+# 50,000 allocations instead of Python's 700.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def settle_heap() -> None:
+    """Freeze what start-up built and collect young objects less often (a service process only:
+    frozen objects are never freed, which a long test process starting many runtimes should not do)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def run_app(module: ModuleType) -> None:
@@ -23,6 +41,7 @@ def run_app(module: ModuleType) -> None:
     setup_logging(settings.log_level, settings.log_format)
     with redis_url_for(settings) as url:
         runtime = module.create(settings, url)
+        settle_heap()
         asyncio.run(runtime.run_forever())
 
 
