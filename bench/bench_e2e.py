@@ -25,7 +25,7 @@ Every service runs with its default settings, except where the harness must poin
 ``KLINEBUS_INITIAL_BACKFILL_CANDLES=0`` for ingest, since a first deployment's REST history is
 bound by Binance's request weight (2 per stream against the default 3,000-per-minute budget:
 4,000 new streams wait ~3 minutes for it), which is not what this measures; ``--set`` puts it
-back. ``--profile DIR`` records py-spy flame graphs of ingest, features and inference during
+back. ``--profile DIR`` records py-spy collapsed stacks (flamegraph.pl input) of ingest, features and inference during
 the measured bursts (needs py-spy beside the interpreter).
 """
 
@@ -166,7 +166,7 @@ def pct(values: list[float], q: float) -> float:
 def spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "py-spy"
     return subprocess.Popen([str(exe), "record", "-p", str(pid), "-d", str(max(1, math.ceil(seconds))), "-r", "100",
-                             "-o", str(out), "-f", "speedscope", "--nonblocking"],
+                             "-o", str(out), "-f", "raw", "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -209,7 +209,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 def profile_later() -> None:
                     time.sleep(max(0.0, args.warmup * args.every))
                     for svc in SERVICES:
-                        spies.append(spy(procs[svc].pid, Path(args.profile) / f"{svc}-{n}.json",
+                        spies.append(spy(procs[svc].pid, Path(args.profile) / f"{svc}-{n}.txt",
                                          (args.bursts + 1) * args.every + 5))
                 threading.Thread(target=profile_later, daemon=True).start()
             line = sim.stdout.readline()
@@ -329,7 +329,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="candles before the measured ones (new keys, first reads)")
     ap.add_argument("--bursts", type=int, default=4, help="measured candles")
     ap.add_argument("--set", action="append", default=[], metavar="KLINEBUS_X=V", help="a setting for every service")
-    ap.add_argument("--profile", default="", help="folder for py-spy speedscope profiles of the measured bursts")
+    ap.add_argument("--profile", default="", help="folder for py-spy profiles (collapsed stacks) of the measured bursts")
     args = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.profile:
