@@ -20,6 +20,7 @@ import numpy as np
 from libs.common import topics
 from libs.common.archive import is_permanent, read_archive
 from libs.common.bus import redis_client
+from libs.common.bus.failures import INFRASTRUCTURE, Stall, classify
 from libs.common.contracts import FeaturesEvent, KlineEvent, Prepared
 from libs.common.klines import InvalidKline, now_ms
 from libs.common.service import ServiceRuntime
@@ -102,9 +103,26 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     runtime.health.set("state_restored", lambda: state["restored"] or not bus.owns_all())
     cold: set[tuple[str, str]] = set()  # keys whose warm-up was given up: they warm up live
     limit = asyncio.Semaphore(WARMUP_CONCURRENCY)
+    # Keys warming up off the hot path: their candles wait here, in stream order, while every
+    # other key goes on; a warmed key's candles are applied and published by ``release_warmed``.
+    # They are acknowledged on arrival, so the checkpoint never passes the oldest one waiting
+    # (``_checkpoint_entry``): after a crash the replay applies and publishes them.
+    held: dict[tuple[str, str], list[tuple[str, KlineEvent]]] = {}
+    warming: dict[tuple[str, str], asyncio.Task] = {}
+    warmed_keys: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    # One writer of the engine and the guard at a time: a batch, a release or a restore.
+    engine_lock = asyncio.Lock()
+    metrics.gauge("keys_warming", "(symbol, interval) streams whose candles wait for their warm-up").set_function(
+        lambda: len(held))
+
+    def _checkpoint_entry() -> str:
+        if not held:
+            return state["last_entry"]
+        oldest = min((waiting[0][0] for waiting in held.values()), key=checkpoint.id_key)
+        return min(state["last_entry"], checkpoint.just_before(oldest), key=checkpoint.id_key)
 
     async def write_checkpoint() -> None:
-        await checkpoint.save(client, engine.snapshot(), state["last_entry"])
+        await checkpoint.save(client, engine.snapshot(), _checkpoint_entry())
         state["since_checkpoint"] = 0
         state["checkpointed_at"] = time.monotonic()
 
@@ -118,9 +136,20 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     async def restore_state() -> None:
         """Runs when this replica becomes the owner (at start, or a standby taking over): the
         snapshot, then every entry after it up to what the group was handed, in stream order."""
+        async with engine_lock:
+            await _restore()
+
+    async def _restore() -> None:
         state["restored"] = False
-        for key in engine.keys():  # a standby taking over: whatever it held is stale
+        for task in warming.values():  # a standby taking over: whatever it held is stale
+            task.cancel()
+        warming.clear()
+        held.clear()
+        while not warmed_keys.empty():
+            warmed_keys.get_nowait()
+        for key in engine.keys():
             engine.reset(key)
+        waiting = await checkpoint.load_waiting(client)
         state["last_entry"] = "0-0"
         saved = await checkpoint.load(client)
         if saved is not None:
@@ -129,16 +158,23 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                 state["last_entry"] = saved.entry_id
             except SnapshotMismatch as exc:
                 log.warning("discarding indicator checkpoint (%s); rebuilding from history", exc)
+        if waiting:  # the checkpoint never passes them; this holds for one written by an older build
+            oldest = min(waiting.values(), key=checkpoint.id_key)
+            state["last_entry"] = min(state["last_entry"], checkpoint.just_before(oldest), key=checkpoint.id_key)
         replayed = republished = 0
         async for chunk in checkpoint.entries_after(client, bus.service, state["last_entry"], REPLAY_CHUNK):
             events = [e for _, e, _ in chunk]
             fresh, _ = await _apply(events)
             # A pending entry may or may not have been published before the restart: publish it
-            # (the guard refuses it if it was); an acknowledged one was, so it only feeds the state.
-            unsure = [ev for ev, (_, _, pending) in zip(fresh, chunk) if ev is not None and pending]
-            republished += await out.publish_all(unsure)
+            # (the guard refuses it if it was); so is an acknowledged one whose key was waiting
+            # for its warm-up. Any other acknowledged one was published: it only feeds the state.
+            republished += await out.publish_all([
+                ev for ev, (_, e, pending) in zip(fresh, chunk)
+                if ev is not None and (pending or (e.symbol, e.interval) in waiting)
+            ])
             state["last_entry"] = chunk[-1][0]
             replayed += len(chunk)
+        await checkpoint.release_waiting(client, list(waiting))
         log.info("indicator state restored: %d keys, %d candles replayed, %d published on the way",
                  len(engine.keys()), replayed, republished)
         state["restored"] = True
@@ -236,22 +272,100 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
             )
         return fresh, invalid
 
+    async def _apply_batch(events: list[KlineEvent]) -> tuple[list[Prepared], list[tuple[bytes, str]]]:
+        """Apply candles; returns the events to publish and the dead letters to write."""
+        if not events:
+            return [], []
+        fresh, invalid = await _apply(events)
+        publish = [e for e in fresh if e is not None]
+        duplicates = len(events) - len(publish) - len(invalid)
+        if duplicates:
+            metrics.duplicates.labels(topics.KLINES).inc(duplicates)
+        return publish, [(events[i].to_json(), reason) for i, reason in invalid]
+
+    async def _send(publish: list[Prepared], letters: list[tuple[bytes, str]]) -> None:
+        # Publish first: a failed call keeps its events in the guard's outbox, and the retry of
+        # the batch (whose candles are duplicates for the state by then) sends them first. The
+        # letters are written after, and removed from the list as they are written.
+        await out.publish_all(publish)
+        while letters:
+            await bus.dead_letter(topics.KLINES, *letters[0])
+            letters.pop(0)
+
+    async def _hold_new_keys(events: list[KlineEvent], entry_ids: list[str]) -> list[KlineEvent]:
+        """Candles of keys warming up (or seen for the first time: their warm-up starts now)
+        wait in ``held``; the others are returned, to be applied at once. New keys are recorded
+        in Redis before the batch is acknowledged, so a restart knows to publish them."""
+        if history is None:
+            return events
+        ready = []
+        new: dict[tuple[str, str], str] = {}
+        for e, entry_id in zip(events, entry_ids):
+            key = (e.symbol, e.interval)
+            waiting = held.get(key)
+            if waiting is not None:
+                waiting.append((entry_id, e))
+            elif key not in cold and engine.last_open_time(key) is None:
+                held[key] = [(entry_id, e)]
+                new[key] = entry_id
+            else:
+                ready.append(e)
+        if new:
+            await checkpoint.record_waiting(client, new)
+            for key, entry_id in new.items():
+                warming[key] = asyncio.create_task(_warm_in_background(key, held[key][0][1].open_time),
+                                                   name=f"warm {key}")
+        return ready
+
+    async def _warm_in_background(key: tuple[str, str], before: int) -> None:
+        await _warm_one(key, before)
+        if engine.last_open_time(key) is None:
+            cold.add(key)  # no history to warm from: it warms up live, never read again
+        await warmed_keys.put(key)
+
+    @runtime.background
+    async def release_warmed() -> None:
+        """Applies and publishes the candles that waited for their keys' warm-up, every key
+        warmed since the last round in one batch. Redis trouble is waited out here (the candles
+        are acknowledged already); anything else fails the service, and the restart's replay
+        publishes them (the checkpoint stops before them)."""
+        stall = Stall("features:warm-up release")
+        while True:
+            keys = [await warmed_keys.get()]
+            while not warmed_keys.empty():
+                keys.append(warmed_keys.get_nowait())
+            async with engine_lock:
+                publish, letters = await _apply_batch([e for key in keys if key in held for _, e in held[key]])
+                while True:
+                    try:
+                        await _send(publish, letters)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - classified
+                        if classify(exc) != INFRASTRUCTURE:
+                            raise
+                        await stall.wait(exc, "publishing warmed-up keys")
+                        publish = []  # the guard's outbox holds them
+                while True:
+                    try:
+                        await checkpoint.release_waiting(client, keys)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - classified
+                        if classify(exc) != INFRASTRUCTURE:
+                            raise
+                        await stall.wait(exc, "recording warmed-up keys")
+                stall.clear()
+                for key in keys:
+                    held.pop(key, None)
+                    warming.pop(key, None)
+
     @bus.ordered_batch(topics.KLINES, KlineEvent, description="Compute the feature set for every closed candle.")
     async def on_klines(events: list[KlineEvent], entry_ids: list[str]) -> None:
         metrics.events_in.labels(topics.KLINES).inc(len(events))
-        state["in_flight"] = True
-        with metrics.handle_seconds.labels(topics.KLINES).time():
-            fresh, invalid = await _apply(events)
-            for i, reason in invalid:
-                await bus.dead_letter(topics.KLINES, events[i].to_json(), reason)
-            publish = [e for e in fresh if e is not None]
-            duplicates = len(events) - len(publish) - len(invalid)
-            if duplicates:
-                metrics.duplicates.labels(topics.KLINES).inc(duplicates)
-            # After a failed publish the batch comes back: its candles are duplicates for the
-            # state by then, and the events the failed call held go out first.
-            await out.publish_all(publish)
-        state["in_flight"] = False
+        async with engine_lock:
+            state["in_flight"] = True
+            with metrics.handle_seconds.labels(topics.KLINES).time():
+                await _send(*await _apply_batch(await _hold_new_keys(events, entry_ids)))
+            state["in_flight"] = False
         state["last_entry"] = max(state["last_entry"], entry_ids[-1], key=checkpoint.id_key)
         state["since_checkpoint"] += len(events)
         if time.monotonic() - state["checkpointed_at"] >= settings.checkpoint_every_s:
@@ -259,6 +373,8 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
 
     @runtime.on_shutdown
     async def final_checkpoint() -> None:
+        for task in warming.values():  # their candles wait for the replay after the restart
+            task.cancel()
         # Only the owner, and not while a batch is applied but not yet published: the previous
         # checkpoint plus the replay rebuilds the state without it, and it is handled again.
         if state["restored"] and state["since_checkpoint"] and not state["in_flight"]:

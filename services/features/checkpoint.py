@@ -50,9 +50,41 @@ async def save(client: aioredis.Redis, snapshot: bytes, entry_id: str) -> None:
     await client.hset(_key(), mapping={"snapshot": snapshot, "entry_id": entry_id})
 
 
+def _waiting_key() -> str:
+    return topics.stream_companion_key(topics.FEATURES, "warming")
+
+
+async def record_waiting(client: aioredis.Redis, keys: dict[tuple[str, str], str]) -> None:
+    """Keys whose candles wait for their warm-up, with the first waiting entry id. Their entries
+    are acknowledged while they wait; a restart replays and publishes them (``load_waiting``)."""
+    await client.hset(_waiting_key(), mapping={f"{s}|{i}": entry for (s, i), entry in keys.items()})
+
+
+async def load_waiting(client: aioredis.Redis) -> dict[tuple[str, str], str]:
+    raw = await client.hgetall(_waiting_key())
+    out = {}
+    for field, entry in raw.items():
+        symbol, interval = field.decode().split("|")
+        out[(symbol, interval)] = entry.decode()
+    return out
+
+
+async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]]) -> None:
+    if keys:
+        await client.hdel(_waiting_key(), *(f"{s}|{i}" for s, i in keys))
+
+
 def id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def just_before(entry_id: str) -> str:
+    """The greatest possible entry id below ``entry_id`` (a replay "after" it starts at it)."""
+    ms, seq = id_key(entry_id)
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
 async def entries_after(
