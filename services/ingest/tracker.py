@@ -90,6 +90,8 @@ class StreamTracker:
         self._dropped = dropped or (lambda k: None)
         self._retry = Backoff(retry_initial_s, retry_max_s)
         self._held: list[Kline] = []  # closed candles not yet published (ascending open_time)
+        self._reported_held = 0  # this stream's part of the held_candles gauge (a sum over streams)
+        self._published = {source: metrics.published.labels(source) for source in ("ws", "rest")}
 
     # --- inputs (called by the websocket side; never block) ------------------------------
 
@@ -149,6 +151,21 @@ class StreamTracker:
         until it is published, so a failure at any step (the initial backfill, a gap backfill, the
         publish itself, even the very first publish of a new stream) loses nothing: the retry
         starts again from the first unpublished candle."""
+        try:
+            await self._publish_held(ks)
+        finally:
+            self._report_held()
+
+    def _report_held(self) -> None:
+        """This stream's candles still held after a run (its publish failed) into the gauge shared
+        by every stream, as a change: streams add up instead of the last writer's count standing
+        for all of them, and a close published at once (held only while it is sent) writes nothing."""
+        held = len(self._held)
+        if held != self._reported_held:
+            self.metrics.held_candles.inc(held - self._reported_held)
+            self._reported_held = held
+
+    async def _publish_held(self, ks: list[Kline]) -> None:
         if ks:
             merged = {k.open_time: k for k in self._held}
             for k in ks:
@@ -158,7 +175,6 @@ class StreamTracker:
                 else:
                     merged[k.open_time] = k
             self._held = [merged[t] for t in sorted(merged)]
-        self.metrics.held_candles.set(len(self._held))
         while self._held:
             k = self._held[0]
             if self._needs_initial:
@@ -176,7 +192,6 @@ class StreamTracker:
                 n += 1
             await self._emit(self._held[:n], "ws")
             del self._held[:n]
-            self.metrics.held_candles.set(len(self._held))
 
     async def _emit(self, ks: Sequence[Kline], source: str) -> int:
         """Publish ``ks`` (ascending open_time); returns how many were appended."""
@@ -187,7 +202,7 @@ class StreamTracker:
             if appended:
                 appended_count += 1
             self.last = last if self.last is None else max(self.last, last)
-        self.metrics.published.labels(source).inc(appended_count)
+        (self._published.get(source) or self.metrics.published.labels(source)).inc(appended_count)
         if appended_count < len(ks):
             self.metrics.duplicates.labels("klines.v1").inc(len(ks) - appended_count)
         return appended_count

@@ -124,3 +124,35 @@ async def test_a_failed_first_publish_after_the_initial_backfill_retries_the_who
     tracker.closed(live)
     await _run_until(tracker, lambda: len(publish.published) == 6)
     assert publish.published == [(k.open_time, "rest") for k in ks[6:11]] + [(live.open_time, "ws")]
+
+
+async def test_held_candles_add_up_over_streams_and_clear_once_published():
+    """held_candles is one gauge for every stream: a stream that published fine used to set it to
+    its own 0 while another still held candles after a failed publish, hiding them from the alert."""
+    (btc,) = shipped_candles(2, symbols=("BTCUSDT",)).values()
+    (eth,) = shipped_candles(2, symbols=("ETHUSDT",)).values()
+    metrics = RecordingMetrics()
+
+    async def no_rest(*a, **kw):
+        raise AssertionError("no REST wanted")
+
+    async def nothing_new(*a, **kw):  # the catch-up below finds no candle beyond the held ones
+        return []
+
+    failing = _FlakyPublish(failures=10**6)  # Redis refuses this stream's publishes for now
+    held = StreamTracker("BTCUSDT", "1m", None, failing, nothing_new, metrics, retry_initial_s=60, retry_max_s=60)
+    fine = _FlakyPublish(failures=0)
+    healthy = StreamTracker("ETHUSDT", "1m", None, fine, no_rest, metrics)
+    held.closed(btc[0])
+    held.closed(btc[1])
+    await _run_until(held, lambda: failing.calls >= 1 and metrics.count("held_candles") == 2)
+    assert metrics.count("held_candles") == 2
+    healthy.closed(eth[0])
+    healthy.closed(eth[1])
+    await _run_until(healthy, lambda: len(fine.published) == 2)
+    assert metrics.count("held_candles") == 2  # the other stream's candles are still waiting
+    failing.failures = 0  # Redis takes writes again: the retry publishes them
+    held.catch_up("retry")
+    await _run_until(held, lambda: len(failing.published) == 2)
+    assert failing.published == [(k.open_time, "ws") for k in btc]
+    assert metrics.count("held_candles") == 0
