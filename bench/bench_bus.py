@@ -38,7 +38,7 @@ from libs.common import topics  # noqa: E402
 from libs.common.bus import DATA_FIELD, Bus  # noqa: E402
 from libs.common.contracts import KlineEvent  # noqa: E402
 from libs.common.redis_server import EmbeddedRedis  # noqa: E402
-from libs.common.service import settle_heap  # noqa: E402
+from libs.common.launch import settle_heap  # noqa: E402
 
 KEY = topics.stream_key(topics.KLINES)
 MINUTE = 60_000
@@ -196,7 +196,7 @@ async def features_case(url: str, events: int, feature_set: str, tmp: Path) -> t
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     await runtime.start(http=False)
-    settle_heap()  # as ServiceRuntime.run_forever does for `klinebus run`
+    settle_heap()  # as `klinebus run` does once a service has started (libs/common/launch.py)
     try:
         await wait_drained(url, "features", events)
     finally:

@@ -41,8 +41,8 @@ def run_app(module: ModuleType) -> None:
     setup_logging(settings.log_level, settings.log_format)
     with redis_url_for(settings) as url:
         runtime = module.create(settings, url)
-        settle_heap()
-        asyncio.run(runtime.run_forever())
+        # After start: what start-up built (compiled kernels, restored state) is frozen too.
+        asyncio.run(runtime.run_forever(on_started=settle_heap))
 
 
 def exit_status(fn: Callable[[], None]) -> int:

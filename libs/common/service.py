@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from typing import Any, Awaitable, Callable
@@ -30,16 +29,6 @@ Hook = Callable[[], Awaitable[Any]]
 
 class ServiceFailed(RuntimeError):
     """The service stopped because a part of it died; the process exits non-zero."""
-
-
-def settle_heap() -> None:
-    """Move everything alive once a service has started (modules, numba and pydantic machinery:
-    ~200,000 objects in features) out of the garbage collector's sight. Without it every full
-    collection walks them all again: the features service spent ~40% of its time per event there
-    (bench/bench_bus.py: 23 -> 14 us CPU per event). What is frozen is never freed, so only the
-    start-up heap is frozen, after collecting what start-up left behind."""
-    gc.collect()
-    gc.freeze()
 
 
 class ServiceRuntime:
@@ -123,11 +112,6 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         self.health.set("broker", False)
-        # A consumer that died (or a group that could not be recreated) fails /healthz, and under
-        # `klinebus run` ends the process non-zero so the orchestrator restarts it.
-        self.bus.on_fatal = self._bus_failed
-        self.health.set_live("bus", lambda: self.bus.fatal is None)
-        self.health.set("bus", self.bus.ready)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -145,8 +129,9 @@ class ServiceRuntime:
             self._http = None
         log.info("%s stopped", self.name)
 
-    async def run_forever(self, stop: asyncio.Event | None = None) -> None:
-        """Start, then run until SIGTERM/SIGINT (or ``stop`` is set), then stop cleanly."""
+    async def run_forever(self, stop: asyncio.Event | None = None, on_started: Callable[[], None] | None = None) -> None:
+        """Start, then run until SIGTERM/SIGINT (or ``stop`` is set), then stop cleanly.
+        ``on_started`` runs once the service has started (``launch`` settles the heap there)."""
         stop = stop or asyncio.Event()
         self._stop_event = stop
         loop = asyncio.get_running_loop()
@@ -154,7 +139,8 @@ class ServiceRuntime:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await self.start()
-        settle_heap()
+        if on_started is not None:
+            on_started()
         try:
             await stop.wait()
         finally:
