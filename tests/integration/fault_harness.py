@@ -265,26 +265,34 @@ class Pipeline:
     archivers, on one redis-server."""
 
     def __init__(self, server: EmbeddedRedis, folder: Path, *, ingest: SimFeed | None, features: int = 1,
-                 archivers: int = 0) -> None:
+                 inference: bool = True, archivers: int = 0, reclaim_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         self.server, self.folder = server, folder
         url = server.url
         self.features_env = {"KLINEBUS_FEATURE_SET": FEATURE_SET, "KLINEBUS_WARMUP_SOURCE": "none",
                              "KLINEBUS_CHECKPOINT_EVERY_S": "0.5"}
         self.features = [Service("features", url, folder, f"features-{i + 1}", **self.features_env)
                          for i in range(features)]
-        self.inference = Service("inference", url, folder, "inference-1")
+        self.inference = Service("inference", url, folder, "inference-1") if inference else None
         self.archive_root = folder / "archive"
         self.archivers = [
             Service("archive", url, folder, f"archive-{i + 1}", KLINEBUS_ARCHIVE_URL=str(self.archive_root),
-                    KLINEBUS_RECLAIM_IDLE_MS=str(RECLAIM_IDLE_MS))
+                    KLINEBUS_RECLAIM_IDLE_MS=str(reclaim_idle_ms))
             for i in range(archivers)
         ]
         self.ingest = Service("ingest", url, folder, "ingest-1", **ingest.ingest_env()) if ingest else None
         self.replicas = features
 
+    def groups(self) -> list[tuple[str, str]]:
+        """(topic, group) of every consumer group in the pipeline."""
+        out = [(topics.KLINES, "features")] if self.features else []
+        out += [(topics.FEATURES, "inference")] if self.inference else []
+        out += [(topics.KLINES, "archive")] if self.archivers else []
+        return out
+
     @property
     def services(self) -> list[Service]:
-        return [*self.features, self.inference, *self.archivers, *([self.ingest] if self.ingest else [])]
+        return [*self.features, *([self.inference] if self.inference else []), *self.archivers,
+                *([self.ingest] if self.ingest else [])]
 
     async def client(self):
         return aioredis.Redis.from_url(self.server.url, socket_timeout=5)
@@ -294,10 +302,8 @@ class Pipeline:
             svc.start()
         c = await self.client()
         try:
-            await wait_until(lambda: group_started(c, topics.KLINES, "features"), START_TIMEOUT_S, "features started", self.services)
-            await wait_until(lambda: group_started(c, topics.FEATURES, "inference"), START_TIMEOUT_S, "inference started", self.services)
-            if self.archivers:
-                await wait_until(lambda: group_started(c, topics.KLINES, "archive"), START_TIMEOUT_S, "archive started", self.services)
+            for topic, group in self.groups():
+                await wait_until(lambda: group_started(c, topic, group), START_TIMEOUT_S, f"{group} started", self.services)
             for svc in self.features:
                 await self.settled(svc)
         finally:
@@ -334,11 +340,9 @@ class Pipeline:
         c = await self.client()
 
         async def all_drained() -> bool:
-            groups = [(topics.KLINES, "features"), (topics.FEATURES, "inference")]
-            groups += [(topics.KLINES, "archive")] if self.archivers else []
             return (await c.xlen(topics.stream_key(topics.KLINES)) >= expected
-                    and await c.xlen(topics.stream_key(topics.FEATURES)) >= expected
-                    and all([await drained(c, t, g) for t, g in groups]))
+                    and (not self.features or await c.xlen(topics.stream_key(topics.FEATURES)) >= expected)
+                    and all([await drained(c, t, g) for t, g in self.groups()]))
 
         try:
             await wait_until(all_drained, DRAIN_TIMEOUT_S, "drained and acknowledged", self.services)
@@ -498,42 +502,80 @@ class Faults:
     async def _nothing_pending(c, topic: str, group: str, consumer: str) -> bool:
         return await pending_of(c, topic, group, consumer) == 0
 
-    async def pause_archiver(self, tries: int = 5) -> int:
+    async def _pause_holding(self, c, tries: int = 10) -> tuple[Service, list[bytes]]:
+        """SIGSTOP an archiver inside its blocking read, so the candles Redis hands it while it is
+        stopped are ones it cannot have archived: (it, the ids it holds)."""
+        key = topics.stream_key(topics.KLINES)
+        for attempt in range(tries):
+            svc = self.p.archivers[attempt % len(self.p.archivers)]
+            svc.pause()
+            held: list[list[bytes]] = [[]]
+
+            async def holds() -> bool:
+                rows = await c.xpending_range(key, "archive", min="-", max="+", count=10_000, consumername=svc.consumer)
+                held[0] = [r["message_id"] for r in rows]
+                return bool(held[0])
+
+            # Stopped with entries pending, it may have archived them already (stopped before its
+            # XACK); stopped between acknowledging and reading, it is handed nothing: resume, retry.
+            if not await holds():
+                try:
+                    await wait_until(holds, 3, "the paused archiver is handed entries")
+                    return svc, held[0]
+                except AssertionError:
+                    pass
+            svc.resume()
+            await asyncio.sleep(0.1 * (attempt + 1))  # let it run a moment before the next try
+        raise AssertionError(f"no archiver was handed entries while paused in its read ({tries} tries)")
+
+    async def pause_archiver(self) -> int:
         """SIGSTOP an archiver holding pending entries, past the reclaim idle time: the other
         replica must reclaim and archive them while it is stopped; then SIGCONT (it finishes its
         stale batch: archived once all the same). Returns how many entries were reclaimed."""
         assert len(self.p.archivers) >= 2, "a competing pause needs a second archiver"
         c = await self.client()
         try:
-            for attempt in range(tries):
-                svc = self.p.archivers[attempt % len(self.p.archivers)]
-                svc.pause()
-                held: list[int] = [0]
+            svc, held = await self._pause_holding(c)
+            self.injected["archiver paused past the reclaim time"] += 1
+            await wait_until(lambda: self._nothing_pending(c, topics.KLINES, "archive", svc.consumer),
+                             EFFECT_TIMEOUT_S, f"{svc}'s {len(held)} pending entries reclaimed", self.p.services)
+            svc.resume()
+            return len(held)
+        finally:
+            await c.aclose()
 
-                async def holds() -> bool:
-                    held[0] = await pending_of(c, topics.KLINES, "archive", svc.consumer)
-                    return held[0] > 0
+    async def archiver_dies_holding_entries_and_group_deleted(self) -> int:
+        """An archiver dies while it holds entries another replica has since acknowledged past;
+        the group is deleted (as by a failover to a replica without it) before anyone reclaims
+        them; the archiver restarts. The recreated group must still hand those entries out.
+        Returns how many entries the dead archiver held."""
+        assert len(self.p.archivers) >= 2, "needs a second archiver acknowledging past the first"
+        c = await self.client()
+        try:
+            svc, held = await self._pause_holding(c)
+            newest = max(held, key=_id)
 
-                try:
-                    # Stopped inside a blocking read, it is handed the next candles; stopped
-                    # between acknowledging and reading, it holds nothing: resume and try again.
-                    await wait_until(holds, 3, "the paused archiver holds entries")
-                except AssertionError:
-                    svc.resume()
-                    await asyncio.sleep(0.2 * (attempt + 1))  # let it run a moment before the next try
-                    continue
-                self.injected["archiver paused past the reclaim time"] += 1
-                await wait_until(lambda: self._nothing_pending(c, topics.KLINES, "archive", svc.consumer),
-                                 EFFECT_TIMEOUT_S, f"{svc}'s {held[0]} pending entries reclaimed", self.p.services)
-                svc.resume()
-                return held[0]
-            raise AssertionError(f"no archiver held pending entries when paused ({tries} tries)")
+            async def acknowledged_past() -> bool:
+                # entries newer than the held ones were handed out, and all of them acknowledged
+                key = topics.stream_key(topics.KLINES)
+                group = next(g for g in await c.xinfo_groups(key) if g["name"] == b"archive")
+                newer = await c.xpending_range(key, "archive", min=f"({newest.decode()}", max="+", count=1)
+                return _id(group["last-delivered-id"]) > _id(newest) and not newer
+
+            await wait_until(acknowledged_past, EFFECT_TIMEOUT_S, "the other archiver acknowledging past them",
+                             self.p.services)
+            svc.kill()
+            self.kills[svc.service] += 1
+            await c.xgroup_destroy(topics.stream_key(topics.KLINES), "archive")
+            self.injected["archiver killed holding entries, group deleted"] += 1
+            svc.start()
+            return len(held)
         finally:
             await c.aclose()
 
 
-def verify(url: str, candles: dict[str, list[Kline]], klines: list[dict] | None, features: list[dict],
-           predictions: list[dict], archive: ParquetArchive | None = None) -> dict[str, int]:
+def verify(url: str, candles: dict[str, list[Kline]], klines: list[dict] | None, features: list[dict] | None,
+           predictions: list[dict] | None, archive: ParquetArchive | None = None) -> dict[str, int]:
     """Exactly one event per candle per stream, in order; values equal to the candles (klines,
     archive) and to the batch computation (features)."""
     figures = {"events checked": 0, "lost": 0, "doubled": 0}
@@ -554,21 +596,23 @@ def verify(url: str, candles: dict[str, list[Kline]], klines: list[dict] | None,
             for e in got_k:
                 k = by_time[e["open_time"]]
                 assert all(e[f] == getattr(k, f) for f in KLINE_FIELDS), (symbol, e, k)
-        got_f = [e for e in features if e["symbol"] == symbol]
-        count("features.v1", symbol, expected, [e["open_time"] for e in got_f])
-        cols = [np.array([getattr(k, f) for k in ks]) for f in KLINE_FIELDS]
-        ref = compute_batch(*cols, names=names)
-        for i, e in enumerate(got_f):
-            if e["warm"]:
-                for name in names:
-                    assert e["values"][name] == pytest.approx(ref[name][i], rel=1e-9, abs=1e-9), (symbol, i, name)
-        by_model: dict[str, list[int]] = {}
-        for p in predictions:
-            if p["symbol"] == symbol:
-                by_model.setdefault(p["model"], []).append(p["open_time"])
-        assert by_model, f"no predictions for {symbol}"
-        for model, ts in by_model.items():
-            count(f"predictions.v1 {model}", symbol, expected, ts)
+        if features is not None:
+            got_f = [e for e in features if e["symbol"] == symbol]
+            count("features.v1", symbol, expected, [e["open_time"] for e in got_f])
+            cols = [np.array([getattr(k, f) for k in ks]) for f in KLINE_FIELDS]
+            ref = compute_batch(*cols, names=names)
+            for i, e in enumerate(got_f):
+                if e["warm"]:
+                    for name in names:
+                        assert e["values"][name] == pytest.approx(ref[name][i], rel=1e-9, abs=1e-9), (symbol, i, name)
+        if predictions is not None:
+            by_model: dict[str, list[int]] = {}
+            for p in predictions:
+                if p["symbol"] == symbol:
+                    by_model.setdefault(p["model"], []).append(p["open_time"])
+            assert by_model, f"no predictions for {symbol}"
+            for model, ts in by_model.items():
+                count(f"predictions.v1 {model}", symbol, expected, ts)
         if archive is not None:
             frame = archive.read(symbol, INTERVAL)
             count("archive", symbol, expected, frame["open_time"].tolist())
@@ -578,7 +622,8 @@ def verify(url: str, candles: dict[str, list[Kline]], klines: list[dict] | None,
 
 
 async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *, feed: str = "producer",
-                       speed: float = 600.0, features: int = 1, archivers: int = 0) -> dict:
+                       speed: float = 600.0, features: int = 1, inference: bool = True, archivers: int = 0,
+                       reclaim_idle_ms: int = RECLAIM_IDLE_MS, step_s: float = 0.02) -> dict:
     """Start the pipeline, feed the candles while ``plan(faults, pipeline, feed)`` injects faults,
     wait until everything is drained and acknowledged, check the outputs; the figures."""
     total = sum(len(ks) for ks in candles.values())
@@ -587,11 +632,12 @@ async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *,
         sim = SimFeed(candles, speed) if feed == "ingest" else None
         if sim is not None:
             await sim.sim.start(replay=False)
-        pipeline = Pipeline(server, tmp_path, ingest=sim, features=features, archivers=archivers)
+        pipeline = Pipeline(server, tmp_path, ingest=sim, features=features, inference=inference,
+                            archivers=archivers, reclaim_idle_ms=reclaim_idle_ms)
         faults = Faults(pipeline)
         try:
             await pipeline.start()
-            source = sim if sim is not None else Producer(url, candles, per_step=len(candles), step_s=0.02)
+            source = sim if sim is not None else Producer(url, candles, per_step=len(candles), step_s=step_s)
             feeding = asyncio.create_task(source.run())
             try:
                 await plan(faults, pipeline, source)
@@ -600,8 +646,8 @@ async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *,
                 feeding.cancel()
             await pipeline.drain(total)
             klines = await read_topic(url, topics.KLINES)
-            feats = await read_topic(url, topics.FEATURES)
-            preds = await read_topic(url, topics.PREDICTIONS)
+            feats = await read_topic(url, topics.FEATURES) if features else None
+            preds = await read_topic(url, topics.PREDICTIONS) if inference else None
         finally:
             pipeline.stop()
             if sim is not None:

@@ -118,3 +118,18 @@ async def test_many_faults_at_random_points_lose_and_double_nothing(tmp_path):
     print(report("slow, simulator -> ingest", figures))
     assert figures["lost"] == 0 and figures["doubled"] == 0
     assert sum(figures["faults injected"].values()) >= len(KINDS) * SLOW_ROUNDS
+
+
+async def archive_group_plan(faults, p, source) -> None:
+    await at(source, 0.3, p.services)
+    held = await faults.archiver_dies_holding_entries_and_group_deleted()
+    assert held > 0
+
+
+async def test_a_deleted_archive_group_keeps_what_a_dead_archiver_held(tmp_path):
+    # No reclaim within the test (60 s idle): only the recreated group can hand the entries out
+    # again. A candle every 0.1 s: the archivers wait in their reads most of the time.
+    figures = await run_scenario(tmp_path, shipped(("BTCUSDT", "ETHUSDT"), 150), archive_group_plan, features=0,
+                                 inference=False, archivers=2, reclaim_idle_ms=60_000, step_s=0.1)
+    print(report("archive group deleted", figures))
+    assert figures["lost"] == 0 and figures["doubled"] == 0
