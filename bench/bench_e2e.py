@@ -251,10 +251,10 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 except subprocess.TimeoutExpired:
                     p.kill()
             r.close()
-    return summarize(n, got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models)
+    return summarize(n, got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models, done["stats"])
 
 
-def summarize(n, got, closes, open_times, measured, cpu, rss, wall, models) -> dict:
+def summarize(n, got, closes, open_times, measured, cpu, rss, wall, models, sim_stats) -> dict:
     symbols = set(symbols_for(n))
     want = {(s, t) for s in symbols for t in open_times}
     entry: dict[str, dict] = {}
@@ -279,7 +279,7 @@ def summarize(n, got, closes, open_times, measured, cpu, rss, wall, models) -> d
         entry[topic] = seen
     m = set(measured)
     stage: dict[str, list[float]] = {"close->kl": [], "kl->ft": [], "ft->pr": []}
-    completion, send_span = [], []
+    completion, send_span, after_send = [], [], []
     for (s, t), ms in entry[topics.KLINES].items():
         if t in m:
             stage["close->kl"].append(ms - closes[t][0] * 1000)
@@ -293,8 +293,11 @@ def summarize(n, got, closes, open_times, measured, cpu, rss, wall, models) -> d
         if preds:
             completion.append(max(preds) / 1000 - closes[t][0])
         send_span.append(closes[t][1] - closes[t][0])
+        kls = [ms for (s, tt), ms in entry[topics.KLINES].items() if tt == t]
+        if kls:
+            after_send.append(max(kls) / 1000 - closes[t][1])
     return {"n": n, "lost": lost, "doubled": doubled, "stage": stage, "completion": completion,
-            "send_span": send_span, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
+            "send_span": send_span, "after_send": after_send, "sim": sim_stats, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
 
 
 def _groups(r: redis.Redis, topic: str) -> list[dict]:
@@ -306,9 +309,9 @@ def _groups(r: redis.Redis, topic: str) -> list[dict]:
 
 def print_header() -> None:
     print(f"{'symbols':>7} | {'lost kl/ft/pr':>13} {'dbl kl/ft/pr':>12} | {'close->kl ms':>12} {'kl->ft ms':>12} "
-          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'sim send s':>10}")
+          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'sim send ms':>11} {'last sent->kl ms':>16}")
     print(f"{'':>7} | {'':>13} {'':>12} | {'p50/p99':>12} {'p50/p99':>12} {'p50/p99':>12} | {'p50 / max':>18} "
-          f"{'':>6} | {'p50':>10}")
+          f"{'':>6} | {'p50':>11} {'p50':>16}")
 
 
 def print_row(res: dict) -> None:
@@ -319,7 +322,7 @@ def print_row(res: dict) -> None:
     goal = f"<={GOALS[res['n']]:g}" if res["n"] in GOALS else "-"
     comp = res["completion"]
     print(f"{res['n']:>7} | {lost:>13} {dbl:>12} | {lat} | {pct(comp, 50):>8.3f} / {max(comp, default=math.nan):<7.3f} "
-          f"{goal:>6} | {pct(res['send_span'], 50):>10.3f}", flush=True)
+          f"{goal:>6} | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f}", flush=True)
 
 
 def main() -> None:
@@ -351,6 +354,10 @@ def main() -> None:
     for res in results:
         print(f"{res['n']:>7} | {'':>17}" + " ".join(f"{res['cpu'][k]:>9.2f}" for k in PROCS) + f" | {'':>13}"
               + " ".join(f"{res['rss'][k]:>9.0f}" for k in PROCS))
+    for res in results:
+        sim = res["sim"]
+        print(f"{res['n']:>7} symbols: simulator sent {sim['messages_sent']:,} messages over "
+              f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; run {res['wall']:.0f} s")
     print(f"(models on predictions.v1: {', '.join(results[0]['models']) if results else '-'}; CPU over the measured "
           f"bursts, one candle period each, in-progress updates included; the simulator's send of a burst's "
           f"closes is part of close->kl)")
