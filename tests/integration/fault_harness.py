@@ -340,8 +340,11 @@ class Pipeline:
         c = await self.client()
 
         async def all_drained() -> bool:
+            # Inference acknowledges a batch once its windows are queued for the models and
+            # publishes the forecasts after: predictions.v1 is counted too (one model: persistence).
             return (await c.xlen(topics.stream_key(topics.KLINES)) >= expected
                     and (not self.features or await c.xlen(topics.stream_key(topics.FEATURES)) >= expected)
+                    and (not self.inference or await c.xlen(topics.stream_key(topics.PREDICTIONS)) >= expected)
                     and all([await drained(c, t, g) for t, g in self.groups()]))
 
         try:
@@ -352,6 +355,19 @@ class Pipeline:
     def stop(self) -> None:
         for svc in self.services:
             svc.stop()
+
+    async def stop_all(self, timeout: float = 30.0) -> None:
+        """SIGTERM every process at once and wait for them on the event loop (the simulator in
+        this process keeps answering ingest meanwhile); what has not exited in time is killed."""
+        running = [s for s in self.services if s.alive()]
+        for svc in running:
+            if svc.paused:
+                svc.resume()
+            svc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(s.alive() for s in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.stop()
 
 
 class Faults:
@@ -645,6 +661,9 @@ async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *,
             finally:
                 feeding.cancel()
             await pipeline.drain(total)
+            # Read once every process has stopped (SIGTERM: queues drained): the final outputs,
+            # to which nothing can be added any more.
+            await pipeline.stop_all()
             klines = await read_topic(url, topics.KLINES)
             feats = await read_topic(url, topics.FEATURES) if features else None
             preds = await read_topic(url, topics.PREDICTIONS) if inference else None

@@ -65,6 +65,7 @@ async def ingest_plan(faults, p, source) -> None:
     await faults.sigkill_and_restart(p.ingest)
 
 
+@pytest.mark.slow  # ~35 s: five processes and a 24 s replay
 async def test_ingest_archiver_killed_redis_read_only_consumers_paused_lose_and_double_nothing(tmp_path):
     figures = await run_scenario(tmp_path, shipped(("BTCUSDT", "ETHUSDT"), 240), ingest_plan, feed="ingest",
                                  speed=600, features=2, archivers=2)
