@@ -173,7 +173,8 @@ def spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
 def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
     candles = args.warmup + args.bursts
     folder = tmp / f"n{n}"
-    updates = max(0, round(args.every / 2))  # Binance: a kline update per stream every 2 s
+    # Binance: a kline update per stream every 2 s, so every/2 per candle keeps its real-time rate
+    updates = max(0, round(args.every / 2)) if args.updates < 0 else args.updates
     with EmbeddedRedis(folder / "redis", persistent=False) as server:
         url = server.url
         r = redis.Redis.from_url(url)
@@ -331,6 +332,8 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=5.0, help="real seconds per 1m candle (the accelerated clock)")
     ap.add_argument("--warmup", type=int, default=3, help="candles before the measured ones (new keys, first reads)")
     ap.add_argument("--bursts", type=int, default=4, help="measured candles")
+    ap.add_argument("--updates", type=int, default=-1,
+                    help="in-progress updates per candle and stream (default: Binance's one per 2 s of real time)")
     ap.add_argument("--set", action="append", default=[], metavar="KLINEBUS_X=V", help="a setting for every service")
     ap.add_argument("--profile", default="", help="folder for py-spy profiles (collapsed stacks) of the measured bursts")
     args = ap.parse_args()
@@ -339,7 +342,8 @@ def main() -> None:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     results = []
     print(f"simulator -> ingest -> features -> inference, separate processes, one redis-server; 1m candles, "
-          f"one every {args.every:g} s; {args.warmup} warm-up + {args.bursts} measured bursts per size; "
+          f"one every {args.every:g} s ({args.updates if args.updates >= 0 else round(args.every / 2)} in-progress "
+          f"updates each); {args.warmup} warm-up + {args.bursts} measured bursts per size; "
           f"settings: defaults + {HARNESS_ENV | overrides}; cpus {len(os.sched_getaffinity(0))}")
     print_header()
     with tempfile.TemporaryDirectory() as tmp:
