@@ -2,6 +2,6 @@
 
 from services.ingest.simulator.faults import FaultPlan
 from services.ingest.simulator.server import ExchangeSimulator, SimulatorStats
-from services.ingest.simulator.data import load_candles
+from services.ingest.simulator.data import load_candles, many_streams
 
-__all__ = ["ExchangeSimulator", "FaultPlan", "SimulatorStats", "load_candles"]
+__all__ = ["ExchangeSimulator", "FaultPlan", "SimulatorStats", "load_candles", "many_streams"]

@@ -8,9 +8,8 @@ retried it, so its candles never reached klines.v1.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from services.ingest.app import create
+from services.ingest.simulator import many_streams
 
 from ingest_support import (
     begin_when_connected, expected_by_stream, ingest_settings, keys_by_stream, running, shipped_candles, simulator,
@@ -21,19 +20,8 @@ STREAMS = 500
 CANDLES = 3
 
 
-def many_streams(n: int, candles: int) -> dict:
-    """``n`` streams of real 1m candles (the shipped ones under made-up symbols), all closing together."""
-    base = list(shipped_candles(candles).values())
-    out = {}
-    for i in range(n):
-        src = base[i % len(base)]
-        symbol = f"S{i:03d}{src[0].symbol}"
-        out[(symbol, "1m")] = [replace(k, symbol=symbol) for k in src]
-    return out
-
-
 async def test_500_streams_closing_together_each_candle_exactly_once(redis_url, tmp_path):
-    candles = many_streams(STREAMS, CANDLES)
+    candles = many_streams(shipped_candles(CANDLES), STREAMS)
     async with simulator(candles, speed=30, updates_per_candle=1) as sim:
         # default settings: no max_connections in the URL, the default initial backfill and pool
         runtime = create(ingest_settings(sim, tmp_path), redis_url)

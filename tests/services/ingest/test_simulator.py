@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import orjson
 
-from services.ingest.simulator import ExchangeSimulator, FaultPlan
+from services.ingest.simulator import ExchangeSimulator, FaultPlan, many_streams
 from services.ingest.wsclient import BinanceStreamClient
 
 from ingest_support import shipped_candles
@@ -201,3 +201,15 @@ def test_replay_is_deterministic_per_seed():
     candles = shipped_candles(50, symbols=("BTCUSDT",))
     assert build_tape(candles, 3, seed=1) == build_tape(candles, 3, seed=1)
     assert build_tape(candles, 3, seed=1) != build_tape(candles, 3, seed=2)
+
+
+def test_many_streams_renames_real_candles_so_every_stream_closes_together():
+    base = shipped_candles(4)  # BTCUSDT, ETHUSDT, SOLUSDT
+    out = many_streams(base, 7)
+    assert len(out) == 7 and len({s for s, _ in out}) == 7
+    sources = list(base.values())
+    for i, ((symbol, interval), ks) in enumerate(out.items()):
+        src = sources[i % 3]
+        assert symbol.startswith(f"S{i:05d}") and symbol.endswith(src[0].symbol) and symbol.isalnum()
+        assert interval == "1m" and all(k.symbol == symbol for k in ks)
+        assert [(k.open_time, k.open, k.close, k.volume) for k in ks] == [(k.open_time, k.open, k.close, k.volume) for k in src]
