@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from libs.common import topics  # noqa: E402
 from libs.common.bus import DATA_FIELD  # noqa: E402
 from libs.common.redis_server import EmbeddedRedis  # noqa: E402
-from e2e_simulator import symbols_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -191,7 +190,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 raise RuntimeError(f"the simulator did not start; see {folder / 'simulator.log'}")
             open_times = hello["open_times"]
             env = {"KLINEBUS_BINANCE_WS_URL": hello["ws_url"], "KLINEBUS_BINANCE_REST_URL": hello["rest_url"],
-                   "KLINEBUS_SYMBOLS": ",".join(symbols_for(n)), "KLINEBUS_INTERVALS": "1m", **HARNESS_ENV, **overrides}
+                   "KLINEBUS_SYMBOLS": ",".join(hello["symbols"]), "KLINEBUS_INTERVALS": "1m", **HARNESS_ENV, **overrides}
             for svc in ("features", "inference", "ingest"):
                 procs[svc] = start(svc, url, folder / svc, env)
             # consumers first, so the first candle is read live as every later one
@@ -252,11 +251,12 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 except subprocess.TimeoutExpired:
                     p.kill()
             r.close()
-    return summarize(n, got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models, done["stats"])
+    return summarize(hello["symbols"], got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models,
+                     done["stats"])
 
 
-def summarize(n, got, closes, open_times, measured, cpu, rss, wall, models, sim_stats) -> dict:
-    symbols = set(symbols_for(n))
+def summarize(symbols, got, closes, open_times, measured, cpu, rss, wall, models, sim_stats) -> dict:
+    n = len(symbols)
     want = {(s, t) for s in symbols for t in open_times}
     entry: dict[str, dict] = {}
     lost, doubled = {}, {}

@@ -6,7 +6,7 @@ clock (one candle every ``--every`` real seconds) over the real Binance websocke
 and REST on loopback (services/ingest/simulator).
 
 Protocol with the parent, one JSON object per line:
-- stdout ``{"ws_url", "rest_url", "open_times", "pid"}`` once the server listens;
+- stdout ``{"ws_url", "rest_url", "open_times", "pid", "symbols"}`` once the server listens;
 - stdin ``begin``: the replay starts once every stream has been subscribed (ingest connected);
 - stdout ``{"closes": {open_time: [first_sent, last_sent]}, "stats": {...}}`` when the replay
   is done: wall-clock times (time.time()) at which the simulator began sending a candle's
@@ -25,7 +25,6 @@ import asyncio
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -33,28 +32,11 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from libs.common.klines import ws_stream_name  # noqa: E402
-from services.ingest.simulator import ExchangeSimulator, load_candles  # noqa: E402
+from services.ingest.simulator import ExchangeSimulator, load_candles, many_streams  # noqa: E402
 from services.ingest.simulator.tape import TapeEvent  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "klines"
 MINUTE_S = 60.0
-
-
-def many_streams(n: int, candles: int) -> dict:
-    """``n`` streams of real 1m candles (the shipped ones under made-up symbols), closing together."""
-    base = list(load_candles(sorted(DATA.glob("*-1m-*.csv.gz")), limit=candles).values())
-    out = {}
-    for i in range(n):
-        src = base[i % len(base)]
-        symbol = f"S{i:05d}{src[0].symbol}"
-        out[(symbol, "1m")] = [replace(k, symbol=symbol) for k in src]
-    return out
-
-
-def symbols_for(n: int) -> list[str]:
-    """The symbols ``many_streams(n, ...)`` uses, in the same order (the parent passes them to ingest)."""
-    names = sorted(p.name.split("-")[0] for p in DATA.glob("*-1m-*.csv.gz"))
-    return [f"S{i:05d}{names[i % len(names)]}" for i in range(n)]
 
 
 class TimedSimulator(ExchangeSimulator):
@@ -84,8 +66,7 @@ async def main() -> None:
     ap.add_argument("--every", type=float, required=True, help="real seconds per 1m candle")
     ap.add_argument("--updates", type=int, required=True, help="in-progress updates per candle and stream")
     args = ap.parse_args()
-    candles = many_streams(args.symbols, args.candles)
-    assert [s for s, _ in candles] == symbols_for(args.symbols)
+    candles = many_streams(load_candles(sorted(DATA.glob("*-1m-*.csv.gz")), limit=args.candles), args.symbols)
     sim = TimedSimulator(candles, speed=MINUTE_S / args.every, updates_per_candle=args.updates)
     await sim.start(replay=False)
     loop = asyncio.get_running_loop()
@@ -97,7 +78,8 @@ async def main() -> None:
         sys.stdout.flush()
 
     open_times = sorted({k.open_time for ks in candles.values() for k in ks})
-    say({"ws_url": sim.ws_url, "rest_url": sim.rest_url, "open_times": open_times, "pid": os.getpid()})
+    say({"ws_url": sim.ws_url, "rest_url": sim.rest_url, "open_times": open_times, "pid": os.getpid(),
+         "symbols": [s for s, _ in candles]})
     streams = {ws_stream_name(s, i) for s, i in candles}
     try:
         while (line := (await reader.readline()).decode().strip()) not in ("", "stop"):
