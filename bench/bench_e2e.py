@@ -13,20 +13,22 @@ real-time rate of in-progress updates in between. Per burst size it prints:
 - per-stage p50/p99 over the measured bursts: the exchange's close (the moment the simulator
   began sending a candle's closing messages) -> the klines.v1 append, klines.v1 -> features.v1,
   features.v1 -> predictions.v1 (the stream entry ids' times, all on this machine's clock), and
-  the burst completion time: close -> the burst's last prediction;
+  the burst completion time: close -> the burst's last prediction; beside them the simulator's
+  own time to send a burst's closes, ingest's lag after the last one sent, and the first burst's
+  completion (every key new to every service: warm-up, first windows);
 - CPU seconds per burst (one candle period, in-progress updates included) and peak RSS
   (VmHWM) per process: simulator, ingest, features, inference, redis-server.
 
     .venv/bin/python bench/bench_e2e.py [--symbols 100,1000,4000] [--every 5] [--warmup 3] [--bursts 4]
-        [--set KLINEBUS_FEATURE_SET=skeleton-v1 ...] [--profile DIR]
+        [--updates N] [--set KLINEBUS_FEATURE_SET=skeleton-v1 ...] [--profile DIR]
 
 Every service runs with its default settings, except where the harness must point it
 (Redis URL, data folder, simulator URLs, the symbol list, the 1m interval) and one:
 ``KLINEBUS_INITIAL_BACKFILL_CANDLES=0`` for ingest, since a first deployment's REST history is
 bound by Binance's request weight (2 per stream against the default 3,000-per-minute budget:
 4,000 new streams wait ~3 minutes for it), which is not what this measures; ``--set`` puts it
-back. ``--profile DIR`` records py-spy collapsed stacks (flamegraph.pl input) of ingest, features and inference during
-the measured bursts (needs py-spy beside the interpreter).
+back. ``--profile DIR`` records py-spy collapsed stacks (flamegraph.pl input) of ingest,
+features and inference during the measured bursts (needs py-spy beside the interpreter).
 """
 
 from __future__ import annotations
@@ -289,16 +291,20 @@ def summarize(symbols, got, closes, open_times, measured, cpu, rss, wall, models
     for (s, t, _model), ms in entry[topics.PREDICTIONS].items():
         if t in m and (s, t) in entry[topics.FEATURES]:
             stage["ft->pr"].append(ms - entry[topics.FEATURES][(s, t)])
-    for t in measured:
+    def finished(t: int) -> float:
         preds = [ms for (s, tt, _), ms in entry[topics.PREDICTIONS].items() if tt == t]
-        if preds:
-            completion.append(max(preds) / 1000 - closes[t][0])
+        return max(preds) / 1000 - closes[t][0] if preds else math.nan
+
+    first = finished(open_times[0])  # every key new to every service
+    for t in measured:
+        if not math.isnan(done := finished(t)):
+            completion.append(done)
         send_span.append(closes[t][1] - closes[t][0])
         kls = [ms for (s, tt), ms in entry[topics.KLINES].items() if tt == t]
         if kls:
             after_send.append(max(kls) / 1000 - closes[t][1])
     return {"n": n, "lost": lost, "doubled": doubled, "stage": stage, "completion": completion,
-            "send_span": send_span, "after_send": after_send, "sim": sim_stats, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
+            "send_span": send_span, "after_send": after_send, "first": first, "sim": sim_stats, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
 
 
 def _groups(r: redis.Redis, topic: str) -> list[dict]:
@@ -310,9 +316,9 @@ def _groups(r: redis.Redis, topic: str) -> list[dict]:
 
 def print_header() -> None:
     print(f"{'symbols':>7} | {'lost kl/ft/pr':>13} {'dbl kl/ft/pr':>12} | {'close->kl ms':>12} {'kl->ft ms':>12} "
-          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'sim send ms':>11} {'last sent->kl ms':>16}")
+          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'sim send ms':>11} {'last sent->kl ms':>16} {'first burst s':>13}")
     print(f"{'':>7} | {'':>13} {'':>12} | {'p50/p99':>12} {'p50/p99':>12} {'p50/p99':>12} | {'p50 / max':>18} "
-          f"{'':>6} | {'p50':>11} {'p50':>16}")
+          f"{'':>6} | {'p50':>11} {'p50':>16} {'(new keys)':>13}")
 
 
 def print_row(res: dict) -> None:
@@ -323,7 +329,8 @@ def print_row(res: dict) -> None:
     goal = f"<={GOALS[res['n']]:g}" if res["n"] in GOALS else "-"
     comp = res["completion"]
     print(f"{res['n']:>7} | {lost:>13} {dbl:>12} | {lat} | {pct(comp, 50):>8.3f} / {max(comp, default=math.nan):<7.3f} "
-          f"{goal:>6} | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f}", flush=True)
+          f"{goal:>6} | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f} "
+          f"{res['first']:>13.3f}", flush=True)
 
 
 def main() -> None:
