@@ -226,6 +226,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                     return False
                 return drained(r)
             wait_until(complete, 120, "drained pipeline", procs, fail=False)
+            drained_at = time.time()
             sampler.stopped.set()
             sampler.join()
             for p in spies:
@@ -253,8 +254,10 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 except subprocess.TimeoutExpired:
                     p.kill()
             r.close()
-    return summarize(hello["symbols"], got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models,
-                     done["stats"])
+    res = summarize(hello["symbols"], got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models,
+                    done["stats"])
+    res["drain_s"] = drained_at - closes[open_times[-1]][1]
+    return res
 
 
 def summarize(symbols, got, closes, open_times, measured, cpu, rss, wall, models, sim_stats) -> dict:
@@ -280,17 +283,21 @@ def summarize(symbols, got, closes, open_times, measured, cpu, rss, wall, models
         lost[topic] = len(expect - set(seen))
         doubled[topic] = dbl + len(set(seen) - expect)  # an event for a candle that never closed is extra too
         entry[topic] = seen
-    m = set(measured)
-    stage: dict[str, list[float]] = {"close->kl": [], "kl->ft": [], "ft->pr": []}
+    def stages(wanted: set[int]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"close->kl": [], "kl->ft": [], "ft->pr": []}
+        for (s, t), ms in entry[topics.KLINES].items():
+            if t in wanted:
+                out["close->kl"].append(ms - closes[t][0] * 1000)
+                if (s, t) in entry[topics.FEATURES]:
+                    out["kl->ft"].append(entry[topics.FEATURES][(s, t)] - ms)
+        for (s, t, _model), ms in entry[topics.PREDICTIONS].items():
+            if t in wanted and (s, t) in entry[topics.FEATURES]:
+                out["ft->pr"].append(ms - entry[topics.FEATURES][(s, t)])
+        return out
+
+    stage = stages(set(measured))
+    first_stages = {k: max(v, default=math.nan) for k, v in stages({open_times[0]}).items()}
     completion, send_span, after_send = [], [], []
-    for (s, t), ms in entry[topics.KLINES].items():
-        if t in m:
-            stage["close->kl"].append(ms - closes[t][0] * 1000)
-            if (s, t) in entry[topics.FEATURES]:
-                stage["kl->ft"].append(entry[topics.FEATURES][(s, t)] - ms)
-    for (s, t, _model), ms in entry[topics.PREDICTIONS].items():
-        if t in m and (s, t) in entry[topics.FEATURES]:
-            stage["ft->pr"].append(ms - entry[topics.FEATURES][(s, t)])
     def finished(t: int) -> float:
         preds = [ms for (s, tt, _), ms in entry[topics.PREDICTIONS].items() if tt == t]
         return max(preds) / 1000 - closes[t][0] if preds else math.nan
@@ -304,7 +311,7 @@ def summarize(symbols, got, closes, open_times, measured, cpu, rss, wall, models
         if kls:
             after_send.append(max(kls) / 1000 - closes[t][1])
     return {"n": n, "lost": lost, "doubled": doubled, "stage": stage, "completion": completion,
-            "send_span": send_span, "after_send": after_send, "first": first, "sim": sim_stats, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
+            "send_span": send_span, "after_send": after_send, "first": first, "first_stages": first_stages, "sim": sim_stats, "cpu": cpu, "rss": rss, "models": sorted(models), "wall": wall}
 
 
 def _groups(r: redis.Redis, topic: str) -> list[dict]:
@@ -368,7 +375,9 @@ def main() -> None:
     for res in results:
         sim = res["sim"]
         print(f"{res['n']:>7} symbols: simulator sent {sim['messages_sent']:,} messages over "
-              f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; run {res['wall']:.0f} s")
+              f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; every group drained and "
+              f"acknowledged {res['drain_s']:.1f} s after the last close; run {res['wall']:.0f} s; first burst, slowest "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items()))
     print(f"(models on predictions.v1: {', '.join(results[0]['models']) if results else '-'}; CPU over the measured "
           f"bursts, one candle period each, in-progress updates included; the simulator's send of a burst's "
           f"closes is part of close->kl)")
