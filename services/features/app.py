@@ -243,9 +243,9 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         invalid: list[tuple[int, str]] = []
         names = result.names
         status = result.status.tolist()
-        warm_rows = result.status == ST_OK
-        if not np.isfinite(result.values[warm_rows]).all():  # the contract: never NaN (checked per batch)
-            bad = [names[j] for j in np.where(~np.isfinite(result.values[warm_rows]).all(axis=0))[0]]
+        finite = np.isfinite(result.values[result.status == ST_OK])
+        if not finite.all():  # the contract: never NaN (checked per batch, not per value)
+            bad = [names[j] for j in np.flatnonzero(~finite.all(axis=0))]
             raise ValueError(f"indicator engine returned non-finite values for {', '.join(bad)}")
         rows = result.values.tolist()  # one conversion, not one per event
         feature_set_id = engine.feature_set.id
