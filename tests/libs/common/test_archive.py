@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from libs.common.archive import ParquetArchive, read_archive
+from libs.common.archive import SCHEMA, ParquetArchive, read_archive
 from libs.common.klines import read_kline_csv
 
 SHIPPED = Path(__file__).resolve().parents[3] / "data" / "klines"
@@ -42,6 +42,15 @@ def test_write_partitions_by_month_and_is_idempotent(tmp_path):
     window = read_archive(str(tmp_path / "a"), "BTCUSDT", "1m", start=ks[1].open_time, end=ks[3].open_time)
     assert list(window["open_time"]) == [k.open_time for k in ks[1:4]]
     assert read_archive(str(tmp_path / "a"), "ETHUSDT", "1m").empty
+
+
+def test_a_stream_with_nothing_archived_reads_as_an_empty_frame_of_the_archive_schema(tmp_path):
+    a = read_archive(str(tmp_path / "a"), "ETHUSDT", "1m")
+    assert a.empty and list(a.columns) == SCHEMA.names
+    assert [str(t) for t in a.dtypes] == [str(t) for t in SCHEMA.empty_table().to_pandas().dtypes]
+    a["extra"] = 1.0  # a caller changing its frame does not change the next caller's
+    b = read_archive(str(tmp_path / "a"), "SOLUSDT", "1m")
+    assert b.empty and list(b.columns) == SCHEMA.names
 
 
 def test_any_fsspec_url(tmp_path):
