@@ -141,6 +141,13 @@ class Service:
     def tail(self) -> str:
         return self.log()[-3000:]
 
+    def says_it_owns(self, topic: str) -> bool:
+        """This run of the process took ownership of ``topic`` and has not lost it since (its own
+        log: the lease names only the consumer, which a restarted process shares with the dead
+        one whose lease has not expired yet)."""
+        text = self.log()
+        return text.rfind(f" owns {topic} now") > text.rfind("lost ownership")
+
 
 class Producer:
     """An ingest stand-in: publishes the candles in time order, a few per step, through the
@@ -314,7 +321,7 @@ class Pipeline:
         c = await self.client()
         try:
             async def ready() -> bool:
-                return await lease_holder(c, "features") == svc.consumer or "hot standby" in svc.log()
+                return svc.says_it_owns(topics.KLINES) or "hot standby" in svc.log()
 
             await wait_until(ready, START_TIMEOUT_S, f"{svc} owner or standby", self.services)
         finally:
@@ -325,12 +332,18 @@ class Pipeline:
         try:
             holder: list[str | None] = [None]
 
+            def owner(holder: str | None) -> Service | None:
+                return next((s for s in self.features if s.consumer == holder and s.alive() and not s.paused
+                             and s.says_it_owns(topics.KLINES)), None)
+
             async def owned() -> bool:
                 holder[0] = await lease_holder(c, "features")
-                return any(s.consumer == holder[0] and s.alive() and not s.paused for s in self.features)
+                return owner(holder[0]) is not None
 
             await wait_until(owned, EFFECT_TIMEOUT_S, "a live features owner", self.services)
-            return next(s for s in self.features if s.consumer == holder[0])
+            found = owner(holder[0])
+            assert found is not None
+            return found
         finally:
             await c.aclose()
 

@@ -75,7 +75,7 @@ async def test_ingest_archiver_killed_redis_read_only_consumers_paused_lose_and_
 
 
 KINDS = ("kill ingest", "kill archive", "kill features", "kill inference", "oom", "read-only", "group", "redis",
-         "replica", "pause features", "pause archive")
+         "replica", "pause features", "pause archive", "archiver dies, group deleted")
 
 
 async def slow_plan(faults, p, source) -> None:
@@ -110,6 +110,8 @@ async def slow_plan(faults, p, source) -> None:
             await faults.pause_features_owner()
         elif kind == "pause archive":
             await faults.pause_archiver()
+        elif kind == "archiver dies, group deleted":
+            await faults.archiver_dies_holding_entries_and_group_deleted()
 
 
 @pytest.mark.slow
