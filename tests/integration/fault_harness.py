@@ -524,6 +524,10 @@ class Faults:
             owner.resume()
             await wait_until(lambda: now(owner.log().count("lost ownership") > lost_before), EFFECT_TIMEOUT_S,
                              f"{owner} resumed and noticed it lost ownership", self.p.services)
+            # Fenced: it took no new entries after the takeover (the new owner would never see
+            # entries pending on another consumer while it runs).
+            stuck = await pending_of(c, topics.KLINES, "features", owner.consumer)
+            assert stuck == 0, f"{owner} took {stuck} entries of klines.v1 after losing its lease"
         finally:
             await c.aclose()
 
