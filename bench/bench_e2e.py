@@ -257,6 +257,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
     res = summarize(hello["symbols"], got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models,
                     done["stats"])
     res["drain_s"] = drained_at - closes[open_times[-1]][1]
+    res["log_lines"] = {svc: sum(1 for _ in open(folder / svc / "run.log", "rb")) for svc in SERVICES}
     return res
 
 
@@ -377,7 +378,8 @@ def main() -> None:
         print(f"{res['n']:>7} symbols: simulator sent {sim['messages_sent']:,} messages over "
               f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; every group drained and "
               f"acknowledged {res['drain_s']:.1f} s after the last close; run {res['wall']:.0f} s; first burst, slowest "
-              + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items()))
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items())
+              + "; log lines " + ", ".join(f"{k} {v}" for k, v in res["log_lines"].items()))
     print(f"(models on predictions.v1: {', '.join(results[0]['models']) if results else '-'}; CPU over the measured "
           f"bursts, one candle period each, in-progress updates included; the simulator's send of a burst's "
           f"closes is part of close->kl)")
