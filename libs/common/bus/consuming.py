@@ -316,6 +316,10 @@ class BatchProcessor:
         infrastructure failures and a lost group are waited out / repaired (``redis``)."""
         if self.stopping is not None and self.stopping.is_set():
             raise Stopped
+        # An ordered consumer whose lease may be gone must not take new entries: they would be
+        # pending on it, where the new owner never looks (a read-ahead after a pause, say).
+        if not self.fence():
+            raise LeaseLost(f"{self.service}: lease on {self.sub.topic} expired before reading")
         reply = await self.redis("reading", lambda: self.client.xreadgroup(
             self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
         ))

@@ -140,7 +140,10 @@ class OrderedOwner:
                 raise LeaseLost("the lease expired or was taken")
 
         await lease_held()
-        await proc.pump(BLOCK_MS, lease_held, lambda: True)
+        # A blocked read outlives a pause of this process on the server's side: entries arriving
+        # then are delivered to this consumer. Blocking for well under the lease means such a
+        # read has ended before a standby can take over, so nothing lands on a deposed owner.
+        await proc.pump(min(BLOCK_MS, self.lease.ttl_ms // 4), lease_held, lambda: True)
 
     async def recover(self, proc: BatchProcessor) -> int:
         """Claim every entry pending in the group (whoever held it: we own the group) and handle

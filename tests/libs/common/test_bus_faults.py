@@ -199,6 +199,36 @@ async def test_a_replica_whose_lease_was_taken_stops_consuming(redis_url, client
         await bus.stop()
 
 
+async def test_an_owner_whose_lease_may_be_gone_takes_no_new_entries(redis_url, client):
+    """A deposed owner must not read: what it read would be pending on it, where the new owner
+    never looks (a read-ahead issued right after a long pause, before the handler's fence)."""
+    from libs.common.bus.consuming import BatchProcessor
+    from libs.common.bus.framing import redis_client
+    from libs.common.bus.groups import LeaseLost
+
+    bus = Bus("features", redis_url, consumer="a")
+
+    @bus.ordered_batch(topics.KLINES, KlineEvent, max_records=5)
+    async def handle(events, ids) -> None:
+        pass
+
+    await bus.ensure_groups()
+    await add(client, 0, 10)
+    reader = redis_client(redis_url, timeouts=True)
+    proc = BatchProcessor("features", "a", bus.subscriptions[0], reader, bus.dead_letters, bus.metrics,
+                          bus.bus_metrics)
+    try:
+        proc.fence = lambda: False  # by its own clock its lease may have expired (a pause)
+        with pytest.raises(LeaseLost):
+            await proc.read(">", None)
+        (group,) = await client.xinfo_groups(KEY)
+        assert group["pending"] == 0 and group["last-delivered-id"] == b"0-0"
+        proc.fence = lambda: True  # the same read by an owner in good standing
+        assert len(await proc.read(">", None)) == 5
+    finally:
+        await reader.aclose()
+
+
 async def test_pending_entries_trimmed_before_they_were_handled_are_counted(redis_url, client):
     await client.xgroup_create(KEY, "features", id="0", mkstream=True)
     await add(client, 0, 10)
