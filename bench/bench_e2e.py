@@ -379,7 +379,8 @@ def main() -> None:
               f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; every group drained and "
               f"acknowledged {res['drain_s']:.1f} s after the last close; run {res['wall']:.0f} s; first burst, slowest "
               + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items())
-              + "; log lines " + ", ".join(f"{k} {v}" for k, v in res["log_lines"].items()))
+              + "; log lines " + ", ".join(f"{k} {v}" for k, v in res["log_lines"].items())
+              + "; bursts (s) " + " ".join(f"{c:.2f}" for c in res["completion"]))
     print(f"(models on predictions.v1: {', '.join(results[0]['models']) if results else '-'}; CPU over the measured "
           f"bursts, one candle period each, in-progress updates included; the simulator's send of a burst's "
           f"closes is part of close->kl)")
