@@ -16,6 +16,8 @@ real-time rate of in-progress updates in between. Per burst size it prints:
   the burst completion time: close -> the burst's last prediction; beside them the simulator's
   own time to send a burst's closes, ingest's lag after the last one sent, and the first burst's
   completion (every key new to every service: warm-up, first windows);
+- the reference measured in the same run: the Redis floor, redis-py appending one burst's own
+  klines, features and predictions payloads in three pipelined calls, and completion over it;
 - CPU seconds per burst (one candle period, in-progress updates included) and peak RSS
   (VmHWM) per process: simulator, ingest, features, inference, redis-server.
 
@@ -160,6 +162,25 @@ def _tail(p: subprocess.Popen) -> str:
     return log.read_text(errors="replace")[-3000:] if log and log.exists() else "(no log)"
 
 
+def redis_floor(r: redis.Redis, got: dict, open_time: int, repeats: int = 3) -> float:
+    """The reference, in the same run on the same redis-server: seconds for redis-py to append one
+    burst's klines.v1, features.v1 and predictions.v1 payloads (the run's own) to scratch streams
+    in three pipelined calls, one after the other as the stages are; the best of ``repeats``."""
+    bodies = [[orjson.dumps(e) for _, e in got[t] if e["open_time"] == open_time] for t in TOPICS]
+    best = math.inf
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        for topic, payloads in zip(TOPICS, bodies):
+            pipe = r.pipeline(transaction=False)
+            for body in payloads:
+                pipe.xadd(f"bench:floor:{i}:{topic}", {DATA_FIELD: body})
+            pipe.execute()
+        best = min(best, time.perf_counter() - t0)
+    for i in range(repeats):
+        r.delete(*(f"bench:floor:{i}:{topic}" for topic in TOPICS))
+    return best
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -238,6 +259,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
             c0, c1 = sampler.at(w0), sampler.at(w1)
             cpu = {k: (c1[k] - c0[k]) / args.bursts for k in pids}
             got = {t: read_all(r, t) for t in TOPICS}
+            floor = redis_floor(r, got, open_times[-1])
         finally:
             if sim.poll() is None:
                 try:
@@ -257,6 +279,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
     res = summarize(hello["symbols"], got, closes, open_times, measured, cpu, rss, time.time() - t_begin, models,
                     done["stats"])
     res["drain_s"] = drained_at - closes[open_times[-1]][1]
+    res["floor"] = floor
     res["log_lines"] = {svc: sum(1 for _ in open(folder / svc / "run.log", "rb")) for svc in SERVICES}
     return res
 
@@ -324,9 +347,9 @@ def _groups(r: redis.Redis, topic: str) -> list[dict]:
 
 def print_header() -> None:
     print(f"{'symbols':>7} | {'lost kl/ft/pr':>13} {'dbl kl/ft/pr':>12} | {'close->kl ms':>12} {'kl->ft ms':>12} "
-          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'sim send ms':>11} {'last sent->kl ms':>16} {'first burst s':>13}")
+          f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'x floor':>7} | {'sim send ms':>11} {'last sent->kl ms':>16} {'first burst s':>13}")
     print(f"{'':>7} | {'':>13} {'':>12} | {'p50/p99':>12} {'p50/p99':>12} {'p50/p99':>12} | {'p50 / max':>18} "
-          f"{'':>6} | {'p50':>11} {'p50':>16} {'(new keys)':>13}")
+          f"{'':>6} {'(p50)':>7} | {'p50':>11} {'p50':>16} {'(new keys)':>13}")
 
 
 def print_row(res: dict) -> None:
@@ -337,7 +360,7 @@ def print_row(res: dict) -> None:
     goal = f"<={GOALS[res['n']]:g}" if res["n"] in GOALS else "-"
     comp = res["completion"]
     print(f"{res['n']:>7} | {lost:>13} {dbl:>12} | {lat} | {pct(comp, 50):>8.3f} / {max(comp, default=math.nan):<7.3f} "
-          f"{goal:>6} | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f} "
+          f"{goal:>6} {pct(comp, 50) / res['floor']:>6.1f}x | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f} "
           f"{res['first']:>13.3f}", flush=True)
 
 
@@ -368,6 +391,9 @@ def main() -> None:
             print_row(res)
     print("goals (issue 9, reference only): close -> last prediction <= 0.25 s at 1,000 symbols, <= 1 s at 4,000; "
           "nothing lost or doubled at any size")
+    print("x floor: close -> last prediction over the Redis floor measured in the same run (redis-py appending the "
+          "burst's own klines, features and predictions in three pipelined calls: " + ", ".join(
+              f"{r['n']}: {1000 * r['floor']:.0f} ms" for r in results) + ")")
     print(f"\n{'symbols':>7} | CPU s per burst: " + " ".join(f"{k:>9}" for k in PROCS) + " | peak RSS MiB: "
           + " ".join(f"{k:>9}" for k in PROCS))
     for res in results:
