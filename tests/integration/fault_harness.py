@@ -57,6 +57,7 @@ DRAIN_TIMEOUT_S = 180.0
 LEASE_MS = 2000  # ordered groups' ownership lease: a paused owner loses it after this long
 RECLAIM_IDLE_MS = 2000  # archivers reclaim entries pending this long on a silent replica
 KLINE_FIELDS = ("open", "high", "low", "close", "volume")
+TASKDUMP = Path(__file__).resolve().parent / "taskdump"
 
 
 def shipped(symbols: tuple[str, ...], n: int) -> dict[str, list[Kline]]:
@@ -84,6 +85,8 @@ class Service:
             "KLINEBUS_HTTP_HOST": "127.0.0.1",
             "KLINEBUS_OWNER_LEASE_MS": str(LEASE_MS),
             "KLINEBUS_LOG_FORMAT": "text",
+            # SIGUSR1 dumps every asyncio task's stack into the log (taskdump/sitecustomize.py)
+            "PYTHONPATH": os.pathsep.join(p for p in (str(TASKDUMP), os.environ.get("PYTHONPATH", "")) if p),
             **env,
         }
         self.proc: subprocess.Popen | None = None
@@ -140,6 +143,21 @@ class Service:
 
     def tail(self) -> str:
         return self.log()[-3000:]
+
+    async def task_stacks(self, timeout: float = 5.0) -> str:
+        """Where each of its asyncio tasks waits now (SIGUSR1, see taskdump/), for a failure
+        message; '' when the process is gone or does not answer in time."""
+        if not self.alive() or self.paused:
+            return ""
+        before = len(self.log())
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()[before:]
+            if "--- end of tasks" in text:
+                return text
+            await asyncio.sleep(0.1)
+        return ""
 
     def says_it_owns(self, topic: str) -> bool:
         """This run of the process took ownership of ``topic`` and has not lost it since (its own
@@ -340,7 +358,15 @@ class Pipeline:
                 holder[0] = await lease_holder(c, "features")
                 return owner(holder[0]) is not None
 
-            await wait_until(owned, EFFECT_TIMEOUT_S, "a live features owner", self.services)
+            try:
+                await wait_until(owned, EFFECT_TIMEOUT_S, "a live features owner", self.services)
+            except AssertionError as exc:
+                lease = await c.get(service_lease_key("features"))
+                ttl = await c.pttl(service_lease_key("features"))
+                states = ", ".join(f"{s}: alive {s.alive()} paused {s.paused} says it owns {s.says_it_owns(topics.KLINES)}"
+                                   for s in self.features)
+                stacks = "\n".join([f"--- {s} tasks\n{await s.task_stacks()}" for s in self.features])
+                raise AssertionError(f"lease {lease!r} pttl {ttl} ms; {states}\n{stacks}\n{exc}") from None
             found = owner(holder[0])
             assert found is not None
             return found
@@ -530,6 +556,20 @@ class Faults:
             assert stuck == 0, f"{owner} took {stuck} entries of klines.v1 after losing its lease"
         finally:
             await c.aclose()
+
+    async def stutter_features(self, rng, times: int = 5) -> None:
+        """Features replicas stopped and continued at random, for random lengths around the lease
+        time (a VM's steal time, a long GC pause): stops land anywhere, in a takeover's restore
+        and recovery too."""
+        if len(self.p.features) < 2:
+            await self.add_features_replica()
+        for _ in range(times):
+            svc = rng.choice([s for s in self.p.features if s.alive()])
+            svc.pause()
+            await asyncio.sleep(rng.uniform(0.5, 2.6))  # the stop's length, not a wait for an effect
+            svc.resume()
+            await asyncio.sleep(rng.uniform(0.0, 0.05))
+        self.injected["features replicas stuttering"] += 1
 
     @staticmethod
     async def _nothing_pending(c, topic: str, group: str, consumer: str) -> bool:

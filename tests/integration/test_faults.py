@@ -8,8 +8,10 @@ restarted); Redis refusing writes (``maxmemory`` 1, ``noeviction``) and read-onl
 a master that never answers, then ``REPLICAOF NO ONE``) for seconds; the features group deleted
 under its consumer; Redis killed and restarted from its AOF; a second features replica beside the
 first (then the owner killed: the standby takes over); the features owner paused (SIGSTOP) past
-its lease while the standby takes over, then resumed (it must be fenced off); an archiver paused
-past the reclaim time while the other reclaims its entries, then resumed.
+its lease while the standby takes over, then resumed (it must be fenced off); features replicas
+stopped and continued at random around the lease time; an archiver paused past the reclaim time
+while the other reclaims its entries, then resumed; an archiver killed holding entries another
+replica acknowledged past, with the group deleted before it restarts.
 
 After the faults, once every consumer has drained and acknowledged everything: klines.v1,
 features.v1, predictions.v1 and the archive hold exactly one event (row) per closed candle, in
@@ -75,7 +77,7 @@ async def test_ingest_archiver_killed_redis_read_only_consumers_paused_lose_and_
 
 
 KINDS = ("kill ingest", "kill archive", "kill features", "kill inference", "oom", "read-only", "group", "redis",
-         "replica", "pause features", "pause archive", "archiver dies, group deleted")
+         "replica", "pause features", "pause archive", "archiver dies, group deleted", "stutter")
 
 
 async def slow_plan(faults, p, source) -> None:
@@ -112,6 +114,8 @@ async def slow_plan(faults, p, source) -> None:
             await faults.pause_archiver()
         elif kind == "archiver dies, group deleted":
             await faults.archiver_dies_holding_entries_and_group_deleted()
+        elif kind == "stutter":
+            await faults.stutter_features(rng)
 
 
 @pytest.mark.slow
