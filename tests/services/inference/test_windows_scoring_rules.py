@@ -31,6 +31,18 @@ def test_windows_hold_the_last_lookback_vectors_in_the_models_column_order():
     np.testing.assert_array_equal(w.window(KEY, REQ)[0], win)
 
 
+def test_values_land_in_the_feature_set_s_column_order_whatever_the_payload_s_key_order():
+    """A payload is a JSON object: its key order is the producer's. A value missing from it (a
+    stream not yet warm for that indicator) is NaN, so no window includes it."""
+    w = Windows(1)
+    req = Request("skeleton-v1", ("rsi_14", "close", "sma_20"), 1)
+    w.push("BTCUSDT", "15m", 0, 10.0, "skeleton-v1", {"sma_20": 3.0, "rsi_14": 1.0, "ema_20": 4.0, "close": 2.0})
+    assert w.window(KEY, req)[0].tolist() == [[1.0, 2.0, 3.0]]
+    w.push("BTCUSDT", "15m", M15, 10.0, "skeleton-v1", {"sma_20": 3.5, "close": 2.5, "ema_20": 4.5, "volume": 9.0})
+    assert w.window(KEY, req)[2] == NOT_WARM  # rsi_14 missing, though four values came
+    assert w.window(KEY, Request("skeleton-v1", ("close", "sma_20"), 1))[0].tolist() == [[2.5, 3.5]]
+
+
 def test_no_window_until_every_candle_in_it_is_warm_and_enough_have_been_seen():
     events = feature_events(25)
     w = Windows(3)
