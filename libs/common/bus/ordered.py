@@ -51,12 +51,19 @@ class OrderedOwner:
     async def run(self) -> None:
         while True:
             await self._acquire()
-            renew = asyncio.create_task(self._renew_loop(), name=f"{self.name}:lease")
+            owning = asyncio.Event()
+            owning.set()
+            renew = asyncio.create_task(self._renew_loop(owning), name=f"{self.name}:lease")
             try:
                 await self._own()
             except LeaseLost as exc:
                 log.error("%s: lost ownership (%s); back to standby", self.name, exc)
             finally:
+                # The loop also stops by itself: redis-py 8.1 sometimes loses a cancellation that
+                # lands inside a command (tests/integration/test_faults.py, replicas stuttering),
+                # and a renewal loop that outlives its owner keeps the lease forever, so no
+                # replica consumes.
+                owning.clear()
                 renew.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await renew
@@ -91,9 +98,11 @@ class OrderedOwner:
         self._set_owner(True)
         log.info("%s: %s owns %s now", self.name, self.lease.consumer, ", ".join(self.topics))
 
-    async def _renew_loop(self) -> None:
-        while True:
+    async def _renew_loop(self, owning: asyncio.Event) -> None:
+        while owning.is_set():
             await asyncio.sleep(self.lease.ttl_ms / 3000)
+            if not owning.is_set():
+                return
             try:
                 if not await self.lease.renew():
                     log.error("%s: the ownership lease expired or was taken by another replica", self.name)
