@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from libs.common import topics
 from libs.common.bus import failures
 from libs.common.bus.deadletters import DeadLetters
 from libs.common.bus.failures import BAD_INPUT, BUG, INFRASTRUCTURE, Stall, classify, last_line
 from libs.common.bus.framing import DATA_FIELD_B, Decoder, one_line
-from libs.common.bus.groups import Acker, LeaseLost, ensure_group
+from libs.common.bus.groups import Acker, LeaseLost, ensure_group, lease_key
 from libs.common.bus.monitor import BusMetrics
 from libs.common.telemetry import ServiceMetrics
 
@@ -89,6 +90,36 @@ def entries_of_reply(response: Any, **_options: Any) -> list[tuple[bytes, list |
     return out
 
 
+# The cluster client's form of an owner's fenced read (the standalone one is a WATCH transaction,
+# ``BatchProcessor._owner_read``: converting 1000 entries to Lua tables and back costs Redis
+# ~4 ms a batch, 3x the read itself). KEYS[1] stream, KEYS[2] the group's fence key; ARGV: token ('' for a group without a lease),
+# group, consumer, count, start id. Returns -1 when the token is not the fence's (a deposed owner:
+# nothing is handed over), {1, entries} (``[[id, [field, value, ...] | nil], ...]``: nil for a
+# pending entry the stream no longer holds), or {0, the group's last delivered id} when there is
+# nothing to read. The fence is checked where the entries are handed over, in one step: a read a
+# deposed owner sent before a pause or a partition and that reaches Redis after a takeover finds
+# the new owner's token and takes nothing.
+_FENCED_READ = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[5])
+if r then
+  return {1, r[1][2]}
+end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last = nil, nil
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == ARGV[2] then
+    return {0, last}
+  end
+end
+return {0, '0-0'}
+"""
+
+
 def payload_of_fields(fields: list | None) -> bytes | None:
     if not fields:
         return None
@@ -140,11 +171,15 @@ class BatchProcessor:
         self._retries = metrics.retries.labels(sub.topic)
         # This client is the subscription's own: only its reads go through this parser.
         client.set_response_callback("XREADGROUP", entries_of_reply)
+        self._read_script = client.register_script(_FENCED_READ)
+        self._fence_key = lease_key(sub.topic, service)
+        self._cluster = not isinstance(client, aioredis.Redis)
 
     # --- a batch -----------------------------------------------------------------------
 
     async def process(self, entries: list[tuple[Any, Any]]) -> int:
-        """Handle entries read from the group (``entries_of_reply``), then acknowledge them all.
+        """Handle entries read from the group (``read``: ``(id, [field, value, ...] | None)``), then
+        acknowledge them all.
         Returns how many were handed to the handler."""
         ids = [i.decode() if isinstance(i, bytes) else i for i, _ in entries]
         raws = [payload_of_fields(fields) for _, fields in entries]
@@ -312,18 +347,66 @@ class BatchProcessor:
     # --- reads -------------------------------------------------------------------------
 
     async def read(self, start: str, block: int | None) -> list[tuple[Any, Any]]:
-        """One XREADGROUP (``>`` for new entries, an id for this consumer's pending ones);
-        infrastructure failures and a lost group are waited out / repaired (``redis``)."""
+        """Entries of the group for this consumer (``>``: new ones; an id: its pending ones after
+        it). Infrastructure failures and a lost group are waited out / repaired (``redis``).
+
+        A competing consumer reads with a plain (blocking) XREADGROUP. An ordered owner's reads
+        are fenced where the entries are handed over (``_owner_read``): a read a deposed owner
+        sent before a pause or a partition, reaching Redis after a standby took over, takes
+        nothing. With nothing new it waits, with a plain XREAD that hands nothing over, for an
+        entry after the last one the group delivered, then reads once more."""
+        self._check_running()
+        if not self.token:
+            return await self.redis("reading", lambda: self.client.xreadgroup(
+                self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
+            ))
+        entries, last = await self._owner_read(start)
+        if entries or not block or start != ">":
+            return entries
+        await self.redis("waiting for entries", lambda: self.client.xread({self.sub.key: last}, count=1, block=block))
+        self._check_running()
+        return (await self._owner_read(start))[0]
+
+    def _check_running(self) -> None:
         if self.stopping is not None and self.stopping.is_set():
             raise Stopped
-        # An ordered consumer whose lease may be gone must not take new entries: they would be
-        # pending on it, where the new owner never looks (a read-ahead after a pause, say).
+        # Our own clock first: a lease that may be gone is not used (Redis has the last word).
         if not self.fence():
             raise LeaseLost(f"{self.service}: lease on {self.sub.topic} expired before reading")
-        reply = await self.redis("reading", lambda: self.client.xreadgroup(
-            self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
-        ))
-        return reply  # entries_of_reply
+
+    async def _owner_read(self, start: str) -> tuple[list, str]:
+        """``(entries, "")``, or ``([], the group's last delivered id)``; LeaseLost when the fence
+        holds another owner's token."""
+        if self._cluster:
+            reply = await self.redis("reading", lambda: self._read_script(
+                keys=[self.sub.key, self._fence_key], args=[self.token, self.service, self.consumer,
+                                                            self.sub.max_records, start]))
+            if reply == -1:
+                raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
+            found, body = reply
+            return (body, "") if found else ([], _s(body))
+        return await self.redis("reading", lambda: self._watched_read(start))
+
+    async def _watched_read(self, start: str) -> tuple[list, str]:
+        # WATCH the fence, check it, then XREADGROUP in MULTI/EXEC: a new owner writing its token
+        # in between makes EXEC hand nothing over (WatchError). Our own renewal touches the fence
+        # too (its expiry), so a WatchError means "look again", not "lost".
+        while True:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._fence_key)
+                if _s(await pipe.get(self._fence_key)) != self.token:
+                    raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
+                pipe.multi()
+                pipe.xreadgroup(self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records)
+                try:
+                    (entries,) = await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        if entries:
+            return entries, ""
+        groups = await self.client.xinfo_groups(self.sub.key)
+        return [], next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == self.service), "0-0")
 
     async def claim_pending(self, min_idle_ms: int) -> int:
         """Move entries pending on other consumers for at least ``min_idle_ms`` to this one

@@ -74,8 +74,19 @@ def classify(exc: BaseException) -> str:
     return BUG
 
 
+_KIND_BY_TYPE = (
+    (rex.OutOfMemoryError, "oom"), (rex.ReadOnlyError, "readonly"), (rex.BusyLoadingError, "loading"),
+    (rex.ClusterDownError, "clusterdown"), (rex.TryAgainError, "tryagain"), (rex.MasterDownError, "masterdown"),
+)
+
+
 def reason_kind(exc: BaseException) -> str:
     """A bounded label for the stalled gauge: the error's kind, not its details."""
+    # By type first: inside a transaction redis-py rewords the server's error ("Command # 1 (...)
+    # of pipeline caused error: command not allowed when used memory > 'maxmemory'").
+    for kind, word in _KIND_BY_TYPE:
+        if isinstance(exc, kind):
+            return word
     text = str(exc)
     for word in ("OOM", "READONLY", "LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "NOGROUP", "BUSY"):
         if word in text:
