@@ -580,12 +580,19 @@ class Faults:
         stopped are ones it cannot have archived: (it, the ids it holds)."""
         key = topics.stream_key(topics.KLINES)
         for attempt in range(tries):
+            # a group deleted by an earlier fault is recreated on the archivers' next read
+            await wait_until(lambda: group_started(c, topics.KLINES, "archive"), EFFECT_TIMEOUT_S,
+                             "the archive group (re)created", self.p.services)
             svc = self.p.archivers[attempt % len(self.p.archivers)]
             svc.pause()
             held: list[list[bytes]] = [[]]
 
             async def holds() -> bool:
-                rows = await c.xpending_range(key, "archive", min="-", max="+", count=10_000, consumername=svc.consumer)
+                try:
+                    rows = await c.xpending_range(key, "archive", min="-", max="+", count=10_000,
+                                                  consumername=svc.consumer)
+                except rex.ResponseError:  # NOGROUP: deleted, not recreated yet (the archiver is stopped)
+                    return False
                 held[0] = [r["message_id"] for r in rows]
                 return bool(held[0])
 
