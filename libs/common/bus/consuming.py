@@ -173,6 +173,8 @@ class BatchProcessor:
         client.set_response_callback("XREADGROUP", entries_of_reply)
         self._read_script = client.register_script(_FENCED_READ)
         self._fence_key = lease_key(sub.topic, service)
+        self._seen = "0-0"  # the highest entry id a read returned to this consumer
+        self._unsure = False  # a read of new entries whose reply never came (see ``read``)
         self._cluster = not isinstance(client, aioredis.Redis)
 
     # --- a batch -----------------------------------------------------------------------
@@ -354,18 +356,53 @@ class BatchProcessor:
         are fenced where the entries are handed over (``_owner_read``): a read a deposed owner
         sent before a pause or a partition, reaching Redis after a standby took over, takes
         nothing. With nothing new it waits, with a plain XREAD that hands nothing over, for an
-        entry after the last one the group delivered, then reads once more."""
+        entry after the last one the group delivered, then reads once more.
+
+        A read of new entries whose reply never came (Redis killed after running it, a
+        connection cut) may have handed entries over: they are pending on this consumer but
+        were never seen. Until a read of new entries has returned, the next one first reads this
+        consumer's pending entries after the last id it saw, which are exactly those (and older
+        than anything new, so order holds)."""
         self._check_running()
         if not self.token:
-            return await self.redis("reading", lambda: self.client.xreadgroup(
-                self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
-            ))
-        entries, last = await self._owner_read(start)
+            return await self.redis("reading", lambda: self._read_once(start, block, self._plain_read))
+        entries, last = await self.redis("reading", lambda: self._read_once(start, None, self._owner_read))
         if entries or not block or start != ">":
             return entries
         await self.redis("waiting for entries", lambda: self.client.xread({self.sub.key: last}, count=1, block=block))
         self._check_running()
-        return (await self._owner_read(start))[0]
+        return (await self.redis("reading", lambda: self._read_once(start, None, self._owner_read)))[0]
+
+    async def _read_once(self, start: str, block: int | None, how: Callable[..., Awaitable[Any]]) -> Any:
+        while True:
+            try:
+                if start == ">" and self._unsure:
+                    reply = await how(self._seen, None)
+                    if _entries(reply):
+                        self._note(reply)
+                        return reply
+                    self._unsure = False
+                self._unsure = start == ">"  # until this read's reply is in: it may hand entries over
+                reply = await how(start, block)
+                self._unsure = False
+                self._note(reply)
+                return reply
+            except WatchError:
+                # The fence key was touched (our own renewal), or the connection dropped while
+                # watching (redis-py reports that as a WatchError too): look again.
+                continue
+
+    def _note(self, reply: Any) -> None:
+        entries = _entries(reply)
+        if entries:
+            last = _s(entries[-1][0])
+            if _id_key(last) > _id_key(self._seen):
+                self._seen = last
+
+    async def _plain_read(self, start: str, block: int | None) -> list:
+        return await self.client.xreadgroup(
+            self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
+        )
 
     def _check_running(self) -> None:
         if self.stopping is not None and self.stopping.is_set():
@@ -374,35 +411,30 @@ class BatchProcessor:
         if not self.fence():
             raise LeaseLost(f"{self.service}: lease on {self.sub.topic} expired before reading")
 
-    async def _owner_read(self, start: str) -> tuple[list, str]:
+    async def _owner_read(self, start: str, _block: None = None) -> tuple[list, str]:
         """``(entries, "")``, or ``([], the group's last delivered id)``; LeaseLost when the fence
         holds another owner's token."""
         if self._cluster:
-            reply = await self.redis("reading", lambda: self._read_script(
+            reply = await self._read_script(
                 keys=[self.sub.key, self._fence_key], args=[self.token, self.service, self.consumer,
-                                                            self.sub.max_records, start]))
+                                                            self.sub.max_records, start])
             if reply == -1:
                 raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
             found, body = reply
             return (body, "") if found else ([], _s(body))
-        return await self.redis("reading", lambda: self._watched_read(start))
+        return await self._watched_read(start)
 
     async def _watched_read(self, start: str) -> tuple[list, str]:
         # WATCH the fence, check it, then XREADGROUP in MULTI/EXEC: a new owner writing its token
-        # in between makes EXEC hand nothing over (WatchError). Our own renewal touches the fence
-        # too (its expiry), so a WatchError means "look again", not "lost".
-        while True:
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(self._fence_key)
-                if _s(await pipe.get(self._fence_key)) != self.token:
-                    raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
-                pipe.multi()
-                pipe.xreadgroup(self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records)
-                try:
-                    (entries,) = await pipe.execute()
-                    break
-                except WatchError:
-                    continue
+        # in between makes EXEC hand nothing over (WatchError, which ``_read_once`` answers by
+        # looking again: our own renewals touch the fence too, its expiry).
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self._fence_key)
+            if _s(await pipe.get(self._fence_key)) != self.token:
+                raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
+            pipe.multi()
+            pipe.xreadgroup(self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records)
+            (entries,) = await pipe.execute()
         if entries:
             return entries, ""
         groups = await self.client.xinfo_groups(self.sub.key)
@@ -438,6 +470,16 @@ class BatchProcessor:
             await self.process(entries)
             n += len(entries)
             after = _s(entries[-1][0])
+
+
+def _entries(reply: Any) -> list:
+    """The entries of a read's reply: a list (plain reads) or ``(entries, last)`` (owner reads)."""
+    return reply[0] if isinstance(reply, tuple) else reply
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 async def _settle(fut: asyncio.Future) -> None:

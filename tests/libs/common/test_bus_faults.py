@@ -282,6 +282,91 @@ async def test_an_owner_s_own_lease_renewals_never_depose_it(redis_url, client, 
     assert "lost ownership" not in caplog.text
 
 
+class LosingProxy:
+    """A TCP proxy to Redis on loopback that, once armed, lets one read of new entries
+    (``XREADGROUP ... >``) run on the server and cuts the connection before its reply comes
+    back: the entries are handed over, the consumer never sees them."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.dropped = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, c_reader, c_writer) -> None:
+        s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        swallow = asyncio.Event()  # the next reply is the armed read's: drop it and cut
+
+        async def upstream() -> None:
+            while data := await c_reader.read(65536):
+                if self.armed and b"XREADGROUP" in data and b"\r\n>\r\n" in data:
+                    self.armed = False
+                    swallow.set()
+                s_writer.write(data)
+                await s_writer.drain()
+
+        async def downstream() -> None:
+            while data := await s_reader.read(65536):
+                if swallow.is_set():
+                    self.dropped += 1
+                    return
+                c_writer.write(data)
+                await c_writer.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            t.cancel()
+        for w in (c_writer, s_writer):
+            w.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_read_whose_reply_was_lost_skips_nothing(redis_url, client, ordered):
+    """Redis runs a read of new entries, hands them to the consumer and the reply never
+    arrives (Redis killed after writing it to its AOF, a cut connection): the consumer must
+    still handle them, in order, before anything newer (the fault test's seed 11 lost 3
+    candles from features.v1 this way)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = LosingProxy(port)
+    url = await proxy.start()
+    seen: list[int] = []
+    bus = Bus("features", url, consumer="a")
+
+    async def note(events) -> None:
+        seen.extend(e.open_time // 60_000 for e in events)
+        if len(seen) == 10:
+            proxy.armed = True  # the next read of new entries loses its reply
+
+    if ordered:
+        @bus.ordered_batch(topics.KLINES, KlineEvent, max_records=10)
+        async def handle(events, ids) -> None:
+            await note(events)
+    else:
+        @bus.competing_batch(topics.KLINES, KlineEvent, max_records=10)
+        async def handle_list(events) -> None:
+            await note(events)
+
+    await add(client, 0, 40)
+    await bus.start()
+    try:
+        await until(lambda: _drained(client))
+        await until(lambda: _async(len(seen) >= 40))
+    finally:
+        await bus.stop()
+        await proxy.stop()
+    assert proxy.dropped == 1
+    assert seen == list(range(40))
+
+
 async def test_pending_entries_trimmed_before_they_were_handled_are_counted(redis_url, client):
     await client.xgroup_create(KEY, "features", id="0", mkstream=True)
     await add(client, 0, 10)
