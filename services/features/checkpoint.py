@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus.framing import Decoder, payload_of
+from libs.common.bus.framing import Decoder, entry_id_key, payload_of
 from libs.common.bus.groups import recorded_position
 from libs.common.contracts import KlineEvent
 
@@ -74,9 +74,7 @@ async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]]) -
         await client.hdel(_waiting_key(), *(f"{s}|{i}" for s, i in keys))
 
 
-def id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+id_key = entry_id_key
 
 
 def just_before(entry_id: str) -> str:

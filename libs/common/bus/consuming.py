@@ -25,7 +25,7 @@ from libs.common import topics
 from libs.common.bus import failures
 from libs.common.bus.deadletters import DeadLetters
 from libs.common.bus.failures import BAD_INPUT, BUG, INFRASTRUCTURE, Stall, classify, last_line
-from libs.common.bus.framing import DATA_FIELD_B, Decoder, one_line
+from libs.common.bus.framing import DATA_FIELD_B, Decoder, entry_id_key, one_line
 from libs.common.bus.groups import Acker, LeaseLost, ensure_group, lease_key
 from libs.common.bus.monitor import BusMetrics
 from libs.common.telemetry import ServiceMetrics
@@ -396,7 +396,7 @@ class BatchProcessor:
         entries = _entries(reply)
         if entries:
             last = _s(entries[-1][0])
-            if _id_key(last) > _id_key(self._seen):
+            if entry_id_key(last) > entry_id_key(self._seen):
                 self._seen = last
 
     async def _plain_read(self, start: str, block: int | None) -> list:
@@ -475,11 +475,6 @@ class BatchProcessor:
 def _entries(reply: Any) -> list:
     """The entries of a read's reply: a list (plain reads) or ``(entries, last)`` (owner reads)."""
     return reply[0] if isinstance(reply, tuple) else reply
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def _settle(fut: asyncio.Future) -> None:

@@ -162,6 +162,12 @@ class Decoder:
         return events, bad
 
 
+def entry_id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def payload_of(fields: dict | None) -> bytes | None:
     return (fields or {}).get(DATA_FIELD_B)
 
