@@ -25,7 +25,7 @@ from libs.common import topics
 from libs.common.bus import failures
 from libs.common.bus.deadletters import DeadLetters
 from libs.common.bus.failures import BAD_INPUT, BUG, INFRASTRUCTURE, Stall, classify, last_line
-from libs.common.bus.framing import DATA_FIELD_B, Decoder, entry_id_key, one_line
+from libs.common.bus.framing import Decoder, entry_id_key, one_line, payload_of_fields
 from libs.common.bus.groups import Acker, LeaseLost, ensure_group, lease_key
 from libs.common.bus.monitor import BusMetrics
 from libs.common.telemetry import ServiceMetrics
@@ -92,8 +92,8 @@ def entries_of_reply(response: Any, **_options: Any) -> list[tuple[bytes, list |
 
 # The cluster client's form of an owner's fenced read (the standalone one is a WATCH transaction,
 # ``BatchProcessor._owner_read``: converting 1000 entries to Lua tables and back costs Redis
-# ~4 ms a batch, 3x the read itself). KEYS[1] stream, KEYS[2] the group's fence key; ARGV: token ('' for a group without a lease),
-# group, consumer, count, start id. Returns -1 when the token is not the fence's (a deposed owner:
+# ~4 ms a batch, 3x the read itself). KEYS[1] stream, KEYS[2] the group's fence key; ARGV:
+# token, group, consumer, count, start id. Returns -1 when the token is not the fence's (a deposed owner:
 # nothing is handed over), {1, entries} (``[[id, [field, value, ...] | nil], ...]``: nil for a
 # pending entry the stream no longer holds), or {0, the group's last delivered id} when there is
 # nothing to read. The fence is checked where the entries are handed over, in one step: a read a
@@ -118,17 +118,6 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return {0, '0-0'}
 """
-
-
-def payload_of_fields(fields: list | None) -> bytes | None:
-    if not fields:
-        return None
-    if fields[0] == DATA_FIELD_B:
-        return fields[1]
-    for i in range(2, len(fields) - 1, 2):
-        if fields[i] == DATA_FIELD_B:
-            return fields[i + 1]
-    return None
 
 
 def model_of(handler: Callable[..., Any]) -> type:
@@ -180,13 +169,12 @@ class BatchProcessor:
     # --- a batch -----------------------------------------------------------------------
 
     async def process(self, entries: list[tuple[Any, Any]]) -> int:
-        """Handle entries read from the group (``read``: ``(id, [field, value, ...] | None)``), then
-        acknowledge them all.
-        Returns how many were handed to the handler."""
+        """Handle entries read from the group (``read``: ``(id, [field, value, ...] | None)``),
+        then acknowledge them all. Returns how many were handed to the handler."""
         ids = [i.decode() if isinstance(i, bytes) else i for i, _ in entries]
         raws = [payload_of_fields(fields) for _, fields in entries]
-        # A pending entry the stream no longer holds comes back without fields (redis-py: {}); a
-        # real entry always has one.
+        # A pending entry the stream no longer holds comes back without fields (None); a real
+        # entry always has one.
         gone = [i for i, (_, fields) in enumerate(entries) if not fields]
         if gone:
             self._trimmed([ids[i] for i in gone])

@@ -169,7 +169,21 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
 
 
 def payload_of(fields: dict | None) -> bytes | None:
+    """The event of an entry as redis-py's parser gives it (``{field: value}``)."""
     return (fields or {}).get(DATA_FIELD_B)
+
+
+def payload_of_fields(fields: list | None) -> bytes | None:
+    """The event of an entry as the consumers read it (``[field, value, ...]``, or None for a
+    pending entry the stream no longer holds)."""
+    if not fields:
+        return None
+    if fields[0] == DATA_FIELD_B:
+        return fields[1]
+    for i in range(2, len(fields) - 1, 2):
+        if fields[i] == DATA_FIELD_B:
+            return fields[i + 1]
+    return None
 
 
 def encode(event: Any) -> bytes:
