@@ -116,10 +116,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         lambda: len(held))
 
     def _checkpoint_entry() -> str:
-        if not held:
-            return state["last_entry"]
-        oldest = min((waiting[0][0] for waiting in held.values()), key=checkpoint.id_key)
-        return min(state["last_entry"], checkpoint.just_before(oldest), key=checkpoint.id_key)
+        return checkpoint.before_oldest_waiting(state["last_entry"], (waiting[0][0] for waiting in held.values()))
 
     async def write_checkpoint() -> None:
         await checkpoint.save(client, engine.snapshot(), _checkpoint_entry())
@@ -158,9 +155,8 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                 state["last_entry"] = saved.entry_id
             except SnapshotMismatch as exc:
                 log.warning("discarding indicator checkpoint (%s); rebuilding from history", exc)
-        if waiting:  # the checkpoint never passes them; this holds for one written by an older build
-            oldest = min(waiting.values(), key=checkpoint.id_key)
-            state["last_entry"] = min(state["last_entry"], checkpoint.just_before(oldest), key=checkpoint.id_key)
+        # The checkpoint never passes them; this also holds for one written by an older build.
+        state["last_entry"] = checkpoint.before_oldest_waiting(state["last_entry"], waiting.values())
         replayed = republished = 0
         async for chunk in checkpoint.entries_after(client, bus.service, state["last_entry"], REPLAY_CHUNK):
             events = [e for _, e, _ in chunk]
@@ -312,7 +308,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
                 ready.append(e)
         if new:
             await checkpoint.record_waiting(client, new)
-            for key, entry_id in new.items():
+            for key in new:
                 warming[key] = asyncio.create_task(_warm_in_background(key, held[key][0][1].open_time),
                                                    name=f"warm {key}")
         return ready

@@ -77,6 +77,15 @@ async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]]) -
 id_key = entry_id_key
 
 
+def before_oldest_waiting(entry_id: str, waiting_first_ids) -> str:
+    """``entry_id``, or earlier: just before the oldest candle still waiting for its key's
+    warm-up, so a replay from it covers that candle."""
+    firsts = list(waiting_first_ids)
+    if not firsts:
+        return entry_id
+    return min(entry_id, just_before(min(firsts, key=id_key)), key=id_key)
+
+
 def just_before(entry_id: str) -> str:
     """The greatest possible entry id below ``entry_id`` (a replay "after" it starts at it)."""
     ms, seq = id_key(entry_id)
