@@ -132,16 +132,21 @@ class OrderedOwner:
         self.recovered.set()
         self.settled.set()
         loops = [asyncio.create_task(self._live(proc), name=f"{self.service}:{proc.sub.topic}") for proc in self.procs]
+        for task in loops:
+            # Whatever a loop ends with is collected, even one that ends after we stopped listening
+            # (its read is not cancelled, see consuming.Stopped): else the loop's LeaseLost is
+            # printed at shutdown as "Task exception was never retrieved".
+            task.add_done_callback(_collect)
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                task.result()  # LeaseLost, or a consumer's death
+                task.result()  # LeaseLost, Stopped, or a consumer's death
         finally:
             for task in loops:
                 task.cancel()
-            for task in loops:
-                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                    await task
+            # Every loop ends before the lease is released (not only the first to fail): a loop
+            # left running past its owner would read and log on into a stopped bus.
+            await asyncio.wait(loops)
 
     async def _live(self, proc: BatchProcessor) -> None:
         async def lease_held() -> None:
@@ -172,3 +177,8 @@ class OrderedOwner:
         with contextlib.suppress(Exception):
             await self.lease.release()
         self._set_owner(False)
+
+
+def _collect(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with %s", task.get_name(), type(task.exception()).__name__)
