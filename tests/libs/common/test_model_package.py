@@ -109,6 +109,7 @@ def test_verify_refuses_a_truncated_model(package: Path):
     meta = json.loads((package / mp.META_FILE).read_text())
     meta["sha256"] = mp.sha256_file(package / mp.MODEL_FILE)
     (package / mp.META_FILE).write_text(json.dumps(meta))
+    mp.write_manifest(package)  # a consistent package whose model file is not ONNX
     with pytest.raises(mp.PackageError, match="not a readable ONNX"):
         mp.verify_package(package)
 
@@ -156,8 +157,11 @@ def test_registry_versions_only_grow(package: Path, tmp_path: Path, url_kind: st
     # a folder a crashed writer left under the next number is skipped, never reused
     reg.fs.makedirs(reg.path("tiny-BTCUSDT-1h", "3"), exist_ok=True)
     assert reg.versions("tiny-BTCUSDT-1h") == ["1", "2"]
-    assert reg.publish(package).version == "4"
-    assert reg.verify("tiny-BTCUSDT-1h", "4", expected_sha256=first.sha256).sha256 == first.sha256
+    fourth = reg.publish(package)
+    assert fourth.version == "4"
+    assert reg.verify("tiny-BTCUSDT-1h", "4", expected_sha256=fourth.sha256).sha256 == first.meta.sha256
+    with pytest.raises(mp.PackageError, match="announced"):  # v1's digest names v1's klinebus.json, not v4's
+        reg.verify("tiny-BTCUSDT-1h", "4", expected_sha256=first.sha256)
     assert not [p for p in reg.fs.ls(reg.path("tiny-BTCUSDT-1h"), detail=False) if mp.STAGING_PREFIX in p]
 
 
@@ -169,7 +173,8 @@ def test_fetch_package_from_fsspec_url_verifies_and_caches(package: Path, tmp_pa
     assert pub.uri.startswith("memory://")
     local, meta = mp.fetch_package(pub.uri, pub.sha256, tmp_path / "cache")
     assert meta.version == pub.version
-    assert mp.sha256_file(local / mp.MODEL_FILE) == pub.sha256
+    assert mp.package_digest(local) == pub.sha256
+    assert mp.sha256_file(local / mp.MODEL_FILE) == meta.sha256
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(local / mp.MODEL_FILE), providers=["CPUExecutionProvider"])
@@ -192,7 +197,7 @@ def test_hub_upload_plan(package: Path):
     plan = hub.plan(package)
     assert plan.repo_id == "my-org/tiny-BTCUSDT-1h"
     assert plan.tag == "v1"
-    assert sorted(rel for rel, _ in plan.files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
+    assert sorted(rel for rel, _ in plan.files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE, mp.MANIFEST_FILE])
     with pytest.raises(mp.PackageError, match="repo id and a token"):
         mp.HubPublisher("my-org/x", token="")
 
@@ -316,16 +321,129 @@ def test_hub_publish_and_fetch_by_pinned_revision(package: Path, tmp_path: Path,
     assert pub.uri == f"hf://my-org/tiny-BTCUSDT-1h@{oid}" and repo["tags"] == {"v1": oid}
     assert repo["private"] in (True, "private")
     assert files[mp.MODEL_FILE] == (package / mp.MODEL_FILE).read_bytes()
-    assert sorted(files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
+    assert sorted(files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE, mp.MANIFEST_FILE])
+    assert pub.sha256 == hashlib.sha256(files[mp.MANIFEST_FILE]).hexdigest()
     assert hub.validated and hub.validated[0].startswith("---")  # the card's front matter was checked
     assert all(auth == "Bearer hf_secret" for _, _, auth in hub.requests)
     # versions only grow on the Hub too
     with pytest.raises(mp.PackageError, match="versions only grow"):
         publisher.publish(package)
     local, meta = mp.fetch_package(pub.uri, pub.sha256, tmp_path / "cache", token="hf_secret", endpoint=hub.url)
-    assert meta.sha256 == pub.sha256 and (local / mp.MODEL_FILE).read_bytes() == files[mp.MODEL_FILE]
-    assert sorted(p.name for p in local.iterdir()) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE])
+    assert mp.package_digest(local) == pub.sha256 and (local / mp.MODEL_FILE).read_bytes() == files[mp.MODEL_FILE]
+    assert sorted(p.name for p in local.iterdir()) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE, mp.MANIFEST_FILE])
     with pytest.raises(mp.PackageError, match="announced"):
         mp.fetch_package(pub.uri, "e" * 64, tmp_path / "cache3", token="hf_secret", endpoint=hub.url)
     with pytest.raises(mp.PackageError, match="hf://<repo_id>@<revision>"):
         mp.fetch_package("hf://my-org/x", pub.sha256, tmp_path / "cache4")
+
+
+# ------------------------------------------------------------ every file hashed; nothing leaves the package
+
+
+@pytest.fixture
+def text_package(tmp_path: Path) -> tuple[Path, str]:
+    """A package with a tokenizer folder, published to a local registry; returns (folder, announced digest)."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("[PAD]\n[UNK]\nup\ndown\n")
+    (tok / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    mp.write_package(tmp_path / "src", _meta(), _tiny_onnx(tmp_path / "src.onnx"), "card", tokenizer_dir=tok)
+    pub = mp.Registry(tmp_path / "registry").publish(tmp_path / "src")
+    return Path(pub.uri), pub.sha256
+
+
+def test_manifest_lists_every_file_and_the_digest_is_its_sha256(text_package):
+    folder, digest = text_package
+    files, got = mp.read_manifest(folder)
+    assert sorted(files) == sorted([mp.CARD_FILE, mp.META_FILE, mp.MODEL_FILE, "tokenizer/tokenizer_config.json", "tokenizer/vocab.txt"])
+    assert got == digest == hashlib.sha256((folder / mp.MANIFEST_FILE).read_bytes()).hexdigest()
+    for rel, entry in files.items():
+        assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+    assert mp.verify_package(folder, digest).name == "tiny-BTCUSDT-1h"
+
+
+def test_klinebus_json_changed_after_announcement_is_refused(text_package):
+    folder, digest = text_package
+    meta = json.loads((folder / mp.META_FILE).read_text())
+    meta["features"] = ["c", "b", "a"]  # same model.onnx, other feature order: wrong answers, nothing else changed
+    (folder / mp.META_FILE).write_text(json.dumps(meta, indent=2))
+    with pytest.raises(mp.PackageError, match="klinebus.json sha256"):
+        mp.verify_package(folder, digest)
+    mp.write_manifest(folder)  # the manifest rewritten to match: now it is not the one announced
+    with pytest.raises(mp.PackageError, match="announced"):
+        mp.verify_package(folder, digest)
+
+
+def test_tokenizer_file_changed_or_added_after_announcement_is_refused(text_package):
+    folder, digest = text_package
+    (folder / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\ndown\nup\n")
+    with pytest.raises(mp.PackageError, match="tokenizer/vocab.txt sha256"):
+        mp.verify_package(folder, digest)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(text_package):
+    folder, digest = text_package
+    (folder / "tokenizer" / "added_tokens.json").write_text('{"buy": 5}')  # a tokenizer folder is read whole
+    with pytest.raises(mp.PackageError, match="added_tokens.json is not in"):
+        mp.verify_package(folder, digest)
+
+
+def test_a_symbolic_link_in_a_package_is_refused(text_package, tmp_path: Path):
+    folder, digest = text_package
+    (tmp_path / "outside.txt").write_text("x")
+    (folder / "tokenizer" / "vocab.txt").unlink()
+    (folder / "tokenizer" / "vocab.txt").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(mp.PackageError, match="symbolic link"):
+        mp.verify_package(folder, digest)
+
+
+def test_a_manifest_naming_a_path_outside_the_package_is_refused(package: Path):
+    doc = json.loads((package / mp.MANIFEST_FILE).read_text())
+    doc["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
+    (package / mp.MANIFEST_FILE).write_text(json.dumps(doc))
+    with pytest.raises(mp.PackageError, match="leaves the package"):
+        mp.verify_package(package)
+
+
+def test_a_format_1_package_without_manifest_is_refused(package: Path):
+    (package / mp.MANIFEST_FILE).unlink()
+    with pytest.raises(mp.PackageError, match="no klinebus.manifest.json"):
+        mp.verify_package(package)
+
+
+@pytest.mark.parametrize("name", ["/etc", "../other", "tokenizer/../../x", "a//b", "C:/x", ""])
+def test_inside_refuses_paths_that_leave_the_package(package: Path, name: str):
+    with pytest.raises(mp.PackageError):
+        mp.inside(package, name)
+
+
+def test_inside_refuses_a_symbolic_link_out_and_accepts_a_folder_in(package: Path, tmp_path: Path):
+    (package / "tokenizer").mkdir()
+    assert mp.inside(package, "tokenizer/") == (package / "tokenizer").resolve()
+    (package / "tok2").symlink_to(tmp_path)
+    with pytest.raises(mp.PackageError, match="outside the package"):
+        mp.inside(package, "tok2")
+
+
+def test_sources_allow_only_configured_roots(tmp_path: Path):
+    reg = tmp_path / "registry"
+    (reg / "m" / "1").mkdir(parents=True)
+    src = mp.Sources(tmp_path / "cache", (str(reg), "s3://bucket/models", "hf://my-org"))
+    for ok in [str(reg / "m" / "1"), f"file://{reg}/m/1", "s3://bucket/models/m/1", "hf://my-org/m@abc"]:
+        src.check(ok)
+    for bad in ["/etc", str(tmp_path / "registry-evil" / "m"), f"{reg}/../../etc", "s3://bucket/other/m",
+                "s3://bucket/models/../secrets", "memory://bucket/models/m", "hf://other-org/m@abc",
+                "hf://my-org-evil/m@abc", "hf://my-org/../x@abc", "http://169.254.169.254/latest/meta-data"]:
+        with pytest.raises(mp.PackageError, match="not under a configured model source"):
+            src.check(bad)
+
+
+def test_fetch_with_sources_refuses_a_uri_outside_them_before_reading(package: Path, tmp_path: Path):
+    pub = mp.Registry(tmp_path / "registry").publish(package)
+    elsewhere = mp.Registry(tmp_path / "elsewhere").publish(package)  # a sound package, in the wrong place
+    src = mp.Sources(tmp_path / "cache", (str(tmp_path / "registry"),))
+    assert mp.fetch_package(pub.uri, pub.sha256, src)[1].version == "1"
+    with pytest.raises(mp.PackageError, match="not under a configured model source"):
+        mp.fetch_package(elsewhere.uri, elsewhere.sha256, src)
+    with pytest.raises(mp.PackageError, match="64 lower-case hex"):
+        mp.fetch_package(pub.uri, "", src)
