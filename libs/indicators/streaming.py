@@ -113,6 +113,15 @@ class UpdateBatch:
         return (self.update(i) for i in range(len(self)))
 
 
+@dataclass(frozen=True, slots=True)
+class SavedRows:
+    """State rows as they were (``StreamingEngine.save_rows``)."""
+
+    rows: np.ndarray  # int64, sorted, unique
+    state: np.ndarray  # copies, not views (fancy indexing copies)
+    last: np.ndarray
+
+
 class StreamingEngine:
     """Per-key indicator state for one feature set; see the module docstring for the semantics."""
 
@@ -200,6 +209,23 @@ class StreamingEngine:
         if slot is not None:
             self._state[slot] = 0.0
             self._last[slot] = kernels.NO_TIME
+
+    def save_rows(self, rows: np.ndarray) -> "SavedRows":
+        """A copy of some keys' state rows (``slots``), for a caller that applies candles as a
+        transaction: ``restore_rows`` puts them back. Costs one copy of the touched rows only."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        return SavedRows(rows, self._state[rows], self._last[rows])
+
+    def restore_rows(self, saved: "SavedRows", rows: np.ndarray | None = None) -> None:
+        """Put back the saved rows (or only ``rows`` among them) as they were when saved."""
+        pick = slice(None) if rows is None else np.isin(saved.rows, rows)
+        self._state[saved.rows[pick]] = saved.state[pick]
+        self._last[saved.rows[pick]] = saved.last[pick]
+
+    def finite_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Per given row: whether every number of its state is finite (a state that is not can
+        never give finite values again)."""
+        return np.isfinite(self._state[rows]).all(axis=1)
 
     # ---- updates ---------------------------------------------------------------------
 
@@ -356,6 +382,7 @@ class StreamingEngine:
 __all__ = [
     "InvalidCandles",
     "Key",
+    "SavedRows",
     "PROBLEMS",
     "SnapshotMismatch",
     "StreamingEngine",

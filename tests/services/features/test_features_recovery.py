@@ -15,7 +15,7 @@ from libs.common.contracts import FeaturesEvent, KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.indicators.batch import compute_batch
 from libs.indicators.feature_sets import get_feature_set
-from services.features import app as features_app
+from services.features import component as features_component, history as features_history
 from tests.candles import BTC_15M
 from tests.streams import add_events, read_topic, wait_for_events
 
@@ -68,7 +68,7 @@ async def test_replay_applies_a_pending_entry_left_before_acknowledged_ones(redi
 async def test_a_history_source_that_keeps_failing_is_given_up_and_the_key_warms_up_live(
     redis_url, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(features_app, "WARMUP_RETRY_S", 0.01)
+    monkeypatch.setattr(features_component, "WARMUP_RETRY_S", 0.01)
     blocked = tmp_path / "archive-is-a-file"
     blocked.write_text("not a folder: every read fails like an object store answering 403")
     ks = candles(30)
@@ -89,14 +89,14 @@ async def test_a_history_source_that_keeps_failing_is_given_up_and_the_key_warms
 
 @pytest.mark.parametrize("error, tries", [(PermissionError("403 Forbidden"), 1), (ConnectionError("reset by peer"), 3)])
 async def test_a_permanent_history_error_is_not_retried_a_transient_one_is(redis_url, tmp_path, monkeypatch, error, tries):
-    monkeypatch.setattr(features_app, "WARMUP_RETRY_S", 0.01)
+    monkeypatch.setattr(features_component, "WARMUP_RETRY_S", 0.01)
     calls = []
 
     def failing_read(*args, **kwargs):
         calls.append(args[1:3])
         raise error
 
-    monkeypatch.setattr(features_app, "read_archive", failing_read)
+    monkeypatch.setattr(features_history, "read_archive", failing_read)
     ks = candles(25)
     runtime = build_runtime("features", redis_url, tmp_path, feature_set=SET)
     await runtime.start(http=False)

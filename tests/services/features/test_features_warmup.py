@@ -20,7 +20,7 @@ from libs.common.archive import ParquetArchive
 from libs.common.contracts import KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.indicators.batch import compute_batch
-from services.features import app as features_app
+from services.features import history as features_history
 from tests.candles import BTC_15M
 from tests.streams import add_events, wait_for_events
 
@@ -36,7 +36,7 @@ async def test_new_keys_read_their_history_concurrently_and_warm_up(redis_url, t
     series = {s: [replace(k, symbol=s) for k in base] for s in SYMBOLS}
     ParquetArchive(str(tmp_path / "archive")).write([k for ks in series.values() for k in ks[:HISTORY]])
 
-    real_read = features_app.read_archive
+    real_read = features_history.read_archive
     lock = threading.Lock()
     in_flight = {"now": 0, "peak": 0}
     all_in = threading.Event()
@@ -54,7 +54,7 @@ async def test_new_keys_read_their_history_concurrently_and_warm_up(redis_url, t
             with lock:
                 in_flight["now"] -= 1
 
-    monkeypatch.setattr(features_app, "read_archive", read_archive)
+    monkeypatch.setattr(features_history, "read_archive", read_archive)
     # every key's first live candle is waiting before the service starts: one burst of new keys
     await add_events(redis_url, [KlineEvent.from_kline(series[s][i], "ws") for i in range(HISTORY, HISTORY + LIVE)
                                  for s in SYMBOLS])
@@ -92,7 +92,7 @@ async def test_a_slow_history_read_holds_only_its_own_key_and_survives_a_restart
     base = read_kline_csv(BTC_15M, "BTCUSDT", "15m")[: HISTORY + LIVE]
     series = {s: [replace(k, symbol=s) for k in base] for s in ("FASTUSDT", "SLOWUSDT")}
     ParquetArchive(str(tmp_path / "archive")).write([k for ks in series.values() for k in ks[:HISTORY]])
-    real_read = features_app.read_archive
+    real_read = features_history.read_archive
     slow_may_go = threading.Event()
 
     def read_archive(root, symbol, *args, **kwargs):
@@ -100,7 +100,7 @@ async def test_a_slow_history_read_holds_only_its_own_key_and_survives_a_restart
             slow_may_go.wait(60)
         return real_read(root, symbol, *args, **kwargs)
 
-    monkeypatch.setattr(features_app, "read_archive", read_archive)
+    monkeypatch.setattr(features_history, "read_archive", read_archive)
     ref = _reference(base)
     live = [KlineEvent.from_kline(series[s][i], "ws") for i in range(HISTORY, HISTORY + LIVE) for s in series]
     await add_events(redis_url, live)
