@@ -58,6 +58,18 @@ def _cmd_tail(args: argparse.Namespace) -> None:
     tail(args.topic, args.count, args.redis_url)
 
 
+def _cmd_acl(args: argparse.Namespace) -> None:
+    from libs.common import acl
+
+    passwords = acl.passwords_from_env()
+    if args.format == "commands":
+        sys.stdout.write(acl.acl_setuser_commands(passwords))
+    else:
+        import os
+
+        sys.stdout.write(acl.acl_file(passwords, os.environ.get(acl.password_env("admin")) or None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="klinebus", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--count", type=int, default=10)
     p.add_argument("--redis-url", default=None, help="default: KLINEBUS_REDIS_URL")
     p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser(
+        "acl",
+        help="print the Redis ACL users (one per service, Redis >= 7) from the topic declarations",
+        description="Passwords come from KLINEBUS_ACL_<SERVICE>_PASSWORD (only their SHA-256 is printed); "
+        "a service without one is written 'off'. KLINEBUS_ACL_ADMIN_PASSWORD turns klinebus-admin on.",
+    )
+    p.add_argument("--format", choices=("file", "commands"), default="file",
+                   help="file: an aclfile (default); commands: ACL SETUSER lines for redis-cli")
+    p.set_defaults(func=_cmd_acl)
 
     for service in SERVICES:
         try:

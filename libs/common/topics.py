@@ -65,3 +65,65 @@ def stream_key(topic: str) -> str:
 def stream_companion_key(topic: str, what: str) -> str:
     """A key kept beside a topic's stream in the same cluster slot (dedupe sets, offsets)."""
     return f"{stream_key(topic)}:{what}"
+
+
+# --- who may do what (the ACL file is generated from this: libs/common/acl.py) -------------------
+
+
+class Access:
+    """What one service (one Redis ACL user, named ``klinebus-<service>``) may do on the bus.
+
+    ``produces``: topics it appends to (XADD), with their dedupe companion keys.
+    ``consumes``: topics it reads through its consumer group (named after the service), with
+    the group's position and fence keys.
+    ``state``: companion-key globs (``(topic, suffix glob)``) holding the service's own state.
+    Every user may also read every topic stream (XRANGE/XREVRANGE/XREAD/XINFO): topics are not
+    secret from each other inside the bus; writing is what is confined.
+    """
+
+    __slots__ = ("service", "produces", "consumes", "state")
+
+    def __init__(
+        self,
+        service: str,
+        produces: tuple[str, ...] = (),
+        consumes: tuple[str, ...] = (),
+        state: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        for t in (*produces, *consumes, *(t for t, _ in state)):
+            stream_key(t)  # raises on an unknown topic
+        self.service = service
+        self.produces = (*produces, DEAD_LETTERS) if DEAD_LETTERS not in produces else produces
+        self.consumes = consumes
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Access({self.service!r}, produces={self.produces}, consumes={self.consumes}, state={self.state})"
+
+
+ACCESS: dict[str, Access] = {
+    a.service: a
+    for a in (
+        Access("ingest", produces=(KLINES, KLINES_LIVE)),
+        Access("archive", consumes=(KLINES,)),
+        Access("features", produces=(FEATURES,), consumes=(KLINES,),
+               state=((FEATURES, "engine-state"), (FEATURES, "warming"))),
+        Access("charts", produces=(CHARTS,), consumes=(KLINES, CHART_REQUESTS)),
+        Access("inference", produces=(PREDICTIONS, SCORES, ALERTS), consumes=(FEATURES, MODELS, CHARTS)),
+        Access("vlm", produces=(ANALYSES,), consumes=(CHARTS,),
+               state=((CHARTS, "vlm:*"), (ANALYSES, "vlm:*"))),
+        Access("trainer", produces=(MODELS,), consumes=(DATASETS,),
+               state=((DATASETS, "done:*"), (DATASETS, "progress:*"))),
+        Access("alerts", consumes=(ALERTS,),
+               state=((ALERTS, "active"), (ALERTS, "owed"), (ALERTS, "alert:*"), (ALERTS, "lock:*"))),
+        # People and their tools: `klinebus tail`, dataset and chart requests.
+        Access("operator", produces=(DATASETS, CHART_REQUESTS)),
+    )
+}
+"""Per service: the topics it produces and consumes. A topic's producers are its writers; nobody
+else may append to it."""
+
+
+def producers(topic: str) -> tuple[str, ...]:
+    """The services that may append to ``topic``."""
+    return tuple(s for s, a in ACCESS.items() if topic in a.produces)

@@ -59,7 +59,8 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, BAD_INPUT_ERRORS):
         return BAD_INPUT
     if isinstance(exc, (rex.ReadOnlyError, rex.OutOfMemoryError, rex.BusyLoadingError, rex.ClusterDownError,
-                        rex.TryAgainError, rex.MasterDownError, rex.AskError, rex.MovedError)):
+                        rex.TryAgainError, rex.MasterDownError, rex.AskError, rex.MovedError,
+                        rex.NoPermissionError)):  # NOPERM: redis-py drops the word; the ACL is fixed, not the event
         return INFRASTRUCTURE
     if isinstance(exc, rex.ResponseError):
         text = str(exc)
@@ -77,6 +78,7 @@ def classify(exc: BaseException) -> str:
 _KIND_BY_TYPE = (
     (rex.OutOfMemoryError, "oom"), (rex.ReadOnlyError, "readonly"), (rex.BusyLoadingError, "loading"),
     (rex.ClusterDownError, "clusterdown"), (rex.TryAgainError, "tryagain"), (rex.MasterDownError, "masterdown"),
+    (rex.NoPermissionError, "noperm"),
 )
 
 
