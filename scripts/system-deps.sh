@@ -15,6 +15,7 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
     || need+=(prometheus-alertmanager)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # 7.x, built with TLS: the ACL and TLS tests
 # de-duplicate
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u | sed '/^$/d')
 
