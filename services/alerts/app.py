@@ -13,6 +13,7 @@ from libs.common.bus import redis_client
 from libs.common.contracts import AlertEvent
 from libs.common.service import ServiceRuntime
 from services.alerts.book import AlertBook
+from libs.common.artefacts import ArtefactRoot
 from services.alerts.charts import latest_chart
 from services.alerts.delivery import Destination, RateLimiter, RetryPolicy
 from services.alerts.dispatch import Dispatcher
@@ -93,8 +94,10 @@ def create(settings: AlertsSettings, url: str) -> ServiceRuntime:
     async def dead_letter(event: AlertEvent, reason: str) -> None:
         await bus.dead_letter(topics.ALERTS, event.to_json(), reason)
 
+    artefacts = ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics)  # charts: only from here
+
     async def chart(symbol: str, interval: str):
-        return await latest_chart(client, symbol, interval, settings.chart_lookup_entries)
+        return await latest_chart(client, symbol, interval, settings.chart_lookup_entries, artefacts, bus.dead_letter)
 
     dispatcher = Dispatcher(
         AlertBook(client, int(settings.max_age_s * 1000)), destinations, metrics=am, dead_letter=dead_letter,

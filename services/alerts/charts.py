@@ -1,15 +1,22 @@
 """The latest chart of a symbol, for a market alert: read back from charts.v1 like any outside
-subscriber (XREVRANGE, no consumer group), so every replica finds it without keeping state."""
+subscriber (XREVRANGE, no consumer group), so every replica finds it without keeping state.
+
+Its PNG is read only from the artefact root (``libs.common.artefacts``: under the root, a size
+cap, the PNG signature): a uri on charts.v1 such as ``file:///proc/self/environ`` would otherwise
+post the service's secrets to the alert channel. A refused uri is a dead letter (source charts.v1)
+and the alert goes out without the image."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Awaitable, Callable
 
 import orjson
 import redis.asyncio as aioredis
 
 from libs.common import topics
+from libs.common.artefacts import UNREADABLE, ArtefactRefused, ArtefactRoot
 from libs.common.bus import DATA_FIELD
 from services.alerts.notification import Chart
 
@@ -45,24 +52,28 @@ async def latest_chart_uri(client: aioredis.Redis, symbol: str, interval: str, l
     return fallback
 
 
-def _read(uri: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(uri, "rb") as fh:
-        return fh.read()
+DeadLetter = Callable[[str, Any, str], Awaitable[None]]
 
 
-async def latest_chart(client: aioredis.Redis, symbol: str, interval: str, lookback: int) -> Chart | None:
-    """The chart (with its PNG when it can still be read: retention may have removed it)."""
+async def latest_chart(client: aioredis.Redis, symbol: str, interval: str, lookback: int, root: ArtefactRoot,
+                       dead_letter: DeadLetter | None = None) -> Chart | None:
+    """The chart (with its PNG when it can still be read: retention may have removed it, and a uri
+    the artefact root refuses is never read)."""
     if lookback <= 0:
         return None
     uri = await latest_chart_uri(client, symbol, interval, lookback)
     if uri is None:
         return None
     try:
-        png = await asyncio.to_thread(_read, uri)
-    except Exception as exc:  # noqa: BLE001 - expired or unreachable: the alert goes out without the image
-        log.warning("chart %s unreadable (%s); sending the alert without it", uri, type(exc).__name__,
-                    extra={"symbol": symbol, "interval": interval})
+        png = await asyncio.to_thread(root.read_png, uri)
+    except ArtefactRefused as exc:
         png = None
+        if exc.kind == UNREADABLE:  # expired or unreachable: the alert goes out without the image
+            log.warning("chart %s unreadable (%s); sending the alert without it", uri[:200], exc.reason,
+                        extra={"symbol": symbol, "interval": interval})
+        elif dead_letter is not None:  # the dead letter logs the one line
+            await dead_letter(topics.CHARTS, orjson.dumps({"symbol": symbol, "interval": interval, "uri": uri}),
+                              f"alerts refused chart {exc.kind}: {exc.reason}")
+        else:
+            log.error("alerts refused chart %s: %s", exc.kind, exc.reason)
     return Chart(uri=uri, filename=f"{symbol}-{interval}.png", png=png)

@@ -1,6 +1,7 @@
 """Where chart PNGs go: any fsspec URL (a local folder by default), written atomically, expired by age.
 
-Object names carry their render time, so expiry reads names, not file-system
+Reading goes through ``libs.common.artefacts.ArtefactRoot`` (the one bounded reader every service
+uses: under this root only, a size cap, PNG only). Object names carry their render time, so expiry reads names, not file-system
 metadata that differs between backends (local mtime, S3 LastModified, ...).
 """
 
@@ -11,14 +12,17 @@ import uuid
 
 import fsspec
 
+from libs.common.artefacts import DEFAULT_MAX_BYTES, ArtefactRoot
+
 NAME_RE = re.compile(r"-(?P<rendered_at>\d{13})\.png$")
 
 
 class ArtifactStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        self.reader = ArtefactRoot(self.url, max_bytes)
 
     def name_for(self, symbol: str, interval: str, preset: str, last_open_time: int, rendered_at: int) -> str:
         return f"{symbol}/{interval}/{preset}/{symbol}-{interval}-{preset}-{last_open_time}-{rendered_at}.png"
@@ -46,11 +50,9 @@ class ArtifactStore:
         return self.fs.unstrip_protocol(f"{self.root}/{name}")
 
     def get(self, uri_or_name: str) -> bytes:
-        path = uri_or_name if "://" not in uri_or_name else fsspec.core.url_to_fs(uri_or_name)[1]
-        if not path.startswith(self.root):
-            path = f"{self.root}/{path}"
-        with self.fs.open(path, "rb") as fh:
-            return fh.read()
+        """A chart's PNG by uri or name; ``ArtefactRefused`` outside the root, too large or not a PNG."""
+        uri = uri_or_name if "://" in uri_or_name or uri_or_name.startswith("/") else self.uri(uri_or_name)
+        return self.reader.read_png(uri)
 
     def names(self) -> list[str]:
         if not self.fs.exists(self.root):

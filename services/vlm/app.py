@@ -29,6 +29,7 @@ from libs.llm.runtime import BackendUnavailable, CallTimeout, InputError, LLMErr
 from services.vlm.analysis import PriceFrame
 from services.vlm.analyst import AnalysisRefused, Analyst, analysis_event
 from services.vlm.backend import local_model, remote_model
+from libs.common.artefacts import ArtefactRoot
 from services.vlm.image import UnreadableImage, load_chart_png
 from services.vlm.pending import PendingCharts
 from services.vlm.scoring import Pending, hit_rates, score
@@ -141,6 +142,8 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
             raise ChartUnusable(f"the candles of the chart ({chart.symbol} {chart.interval} up to {chart.open_time}) are not on {topics.KLINES}")
         return PriceFrame.of(candles)
 
+    artefacts = ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics)  # the only place charts are read
+
     async def refuse(chart_raw: bytes, why: str, reason: str) -> None:
         outcomes.labels(why).inc()
         await bus.dead_letter(topics.CHARTS, chart_raw, f"vlm {why}: {reason}")
@@ -156,7 +159,7 @@ def create(settings: VlmSettings, url: str) -> ServiceRuntime:
         try:
             frame = await frame_of(chart)
             started = time.perf_counter()
-            png, _, _ = await asyncio.to_thread(load_chart_png, chart.uri, settings.image_max_side)
+            png, _, _ = await asyncio.to_thread(load_chart_png, chart.uri, settings.image_max_side, artefacts)
             prep_ms = (time.perf_counter() - started) * 1000.0
             result = await analyst.analyse(chart, frame, png)
         except BackendUnavailable as exc:

@@ -16,6 +16,7 @@ from libs.common.klines import Kline
 from libs.llm.runtime import LLMError
 from services.vlm.analysis import PriceFrame
 from services.vlm.analyst import AnalysisRefused, Analyst
+from libs.common.artefacts import ArtefactRoot
 from services.vlm.image import UnreadableImage, load_chart_png
 from services.vlm.scoring import CALLS, PREDICTORS, Pending, Scoreboard
 
@@ -67,6 +68,7 @@ async def evaluate(
     card = Scorecard(analyst.backend.model_name)
     card.hits = {c: {p: 0 for p in PREDICTORS} for c in CALLS}
     board = Scoreboard(window=10**9, flat_bps=flat_bps)
+    root = ArtefactRoot(str(folder))  # a dataset's charts: read from its folder only
     for row in read_index(folder, limit):
         card.charts += 1
         first, last = int(row["first_open_time"]), int(row["last_open_time"])
@@ -81,7 +83,7 @@ async def evaluate(
         )
         started = time.perf_counter()
         try:
-            png, _, _ = load_chart_png(chart.uri, max_side)
+            png, _, _ = load_chart_png(chart.uri, max_side, root)
             result = await analyst.analyse(chart, frame, png)
         except (AnalysisRefused, UnreadableImage, LLMError) as exc:
             why = type(exc).__name__

@@ -1,4 +1,5 @@
-"""Chart images: read from the artifact store, bounded in size before the model sees them.
+"""Chart images: read from the artefact root only (a size cap and a PNG check first), then bounded
+in pixels before the model sees them.
 
 The vision encoder's cost grows with the pixel count (Qwen2.5-VL makes one token per 28x28
 pixels), so a 1000x750 chart is downscaled to a bound first; together with the model's
@@ -8,24 +9,20 @@ from __future__ import annotations
 
 import io
 
-MAX_IMAGE_BYTES = 32 * 1024 * 1024  # a chart PNG is ~100 KB; anything this large is not one
+from libs.common.artefacts import ArtefactRefused, ArtefactRoot
 
 
 class UnreadableImage(ValueError):
-    """The chart's image cannot be used (missing, not an image, too large); one line."""
+    """The chart's image cannot be used (outside the artefact root, missing, not a PNG, too large,
+    not an image); one line."""
 
 
-def read_uri(uri: str) -> bytes:
-    import fsspec
-
+def read_uri(uri: str, root: ArtefactRoot) -> bytes:
+    """The chart's PNG bytes, read only from the artefact root (libs/common/artefacts.py)."""
     try:
-        with fsspec.open(uri, "rb") as f:
-            data = f.read(MAX_IMAGE_BYTES + 1)
-    except (OSError, ValueError) as exc:
-        raise UnreadableImage(f"cannot read {uri}: {type(exc).__name__}: {exc}"[:200]) from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise UnreadableImage(f"{uri} is larger than {MAX_IMAGE_BYTES} bytes")
-    return data
+        return root.read_png(uri)
+    except ArtefactRefused as exc:
+        raise UnreadableImage(exc.reason) from None
 
 
 def bounded_png(data: bytes, max_side: int) -> tuple[bytes, int, int]:
@@ -45,5 +42,5 @@ def bounded_png(data: bytes, max_side: int) -> tuple[bytes, int, int]:
     return out.getvalue(), rgb.width, rgb.height
 
 
-def load_chart_png(uri: str, max_side: int) -> tuple[bytes, int, int]:
-    return bounded_png(read_uri(uri), max_side)
+def load_chart_png(uri: str, max_side: int, root: ArtefactRoot) -> tuple[bytes, int, int]:
+    return bounded_png(read_uri(uri, root), max_side)

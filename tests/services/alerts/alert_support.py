@@ -12,6 +12,7 @@ from libs.common.contracts import AlertEvent
 from libs.common.telemetry import ServiceMetrics
 from services.alerts.app import AlertsMetrics
 from services.alerts.book import AlertBook
+from libs.common.artefacts import ArtefactRoot
 from services.alerts.charts import latest_chart
 from services.alerts.delivery import Destination, RateLimiter, RetryPolicy
 from services.alerts.dispatch import Dispatcher
@@ -48,6 +49,7 @@ _ids = itertools.count()
 async def harness(
     redis_url: str, sinks: list[Sink], *, policy: RetryPolicy = FAST, per_minute: float = 0.0, burst: int = 10,
     clock: Clock | None = None, repeat_ms: int = 3_600_000, max_age_ms: int = 86_400_000, chart_lookup: int = 100,
+    chart_root: str = "/nonexistent-klinebus-charts",
 ) -> Harness:
     import aiohttp
 
@@ -62,7 +64,7 @@ async def harness(
         h.dead_letters.append((event, reason))
 
     async def chart(symbol: str, interval: str):
-        return await latest_chart(client, symbol, interval, chart_lookup)
+        return await latest_chart(client, symbol, interval, chart_lookup, ArtefactRoot(chart_root))
 
     kw = {"clock": clock} if clock is not None else {}
     h.dispatcher = Dispatcher(AlertBook(client, max_age_ms), dests, metrics=metrics, dead_letter=dead_letter,

@@ -101,3 +101,40 @@ async def test_an_alert_a_destination_could_not_take_is_delivered_when_it_comes_
             await stop_runtimes(runtimes)
     assert hook.requests[-1].json["alerts"][0]["labels"]["alertname"] == "rsi_extreme"
     assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
+
+
+@pytest.mark.parametrize("case", ["proc-environ", "dev-zero", "not-png", "oversized", "outside-url", "outside-path"])
+async def test_a_chart_uri_outside_the_artefact_root_is_never_read_nor_posted(redis_url, tmp_path, case):
+    """The latest chart's uri comes from charts.v1, i.e. from anyone who can write that topic: only a
+    PNG under the artefact root (<data_dir>/charts), within max_chart_bytes, is attached. Anything
+    else: the alert goes out without an image, and the chart is a dead letter with the reason."""
+    from libs.common.contracts import ChartEvent
+
+    root = tmp_path / "charts"
+    root.mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    (root / "env.png").write_text("KLINEBUS_DISCORD_WEBHOOK_URL=https://discord.test/api/webhooks/1/s3cr3t\n")
+    (root / "big.png").write_bytes(png + b"\x00" * 1000)
+    (tmp_path / "elsewhere.png").write_bytes(png)
+    uri = {"proc-environ": "file:///proc/self/environ", "dev-zero": "file:///dev/zero",
+           "not-png": (root / "env.png").as_uri(), "oversized": (root / "big.png").as_uri(),
+           "outside-url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+           "outside-path": (tmp_path / "elsewhere.png").as_uri()}[case]
+    t = now_ms()
+    await add_events(redis_url, [ChartEvent(symbol="BTCUSDT", interval="1m", open_time=t - 120_000, uri=uri, window=60,
+                                            first_open_time=t - 3_720_000, preset="analysis", width=10, height=10)])
+    async with Receiver([discord_ok()], "/api/webhooks/1/tok") as discord:
+        overrides = {"alerts": {"discord_webhook_url": discord.url, "watch_topics": [], "max_chart_bytes": 500}}
+        runtimes = await start_runtimes(["alerts"], redis_url, tmp_path, overrides, http=False)
+        try:
+            await add_events(redis_url, [alert(fired_at=t, open_time=t - 120_000)])
+            await discord.wait_for(1)
+            (dead,) = await wait_for_events(redis_url, topics.DEAD_LETTERS, 1)
+        finally:
+            await stop_runtimes(runtimes)
+    (req,) = discord.requests
+    assert not any(k.startswith("files[") for k in req.parts) and "s3cr3t" not in str(req.json)
+    assert dead["source"] == topics.CHARTS and dead["service"] == "alerts" and "\n" not in dead["reason"]
+    kind = {"not-png": "not_png", "oversized": "too_large"}.get(case, "outside_root")
+    assert dead["reason"].startswith(f"alerts refused chart {kind}: "), dead["reason"]
+    assert "s3cr3t" not in dead["reason"] and uri[:40] in dead["payload"]

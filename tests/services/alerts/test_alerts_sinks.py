@@ -38,7 +38,7 @@ async def test_discord_gets_one_embed_with_the_latest_chart_attached(redis_url, 
                    first_open_time=T0 - 3_600_000, preset="analysis", width=10, height=10),
     ])
     async with Receiver([discord_ok()], DISCORD_PATH) as discord:
-        h = await harness(redis_url, [DiscordSink("discord", discord.url)])
+        h = await harness(redis_url, [DiscordSink("discord", discord.url)], chart_root=str(tmp_path))
         try:
             out = await h.dispatcher.handle(alert())
         finally:

@@ -38,6 +38,7 @@ def chart_png(path: Path, candles: list[Kline], size=(1000, 750)) -> Path:
         d.rectangle([x - w / 3, min(y(k.open), y(k.close)), x + w / 3, max(y(k.open), y(k.close))], fill=colour)
     out = io.BytesIO()
     im.save(out, "PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(out.getvalue())
     return path
 

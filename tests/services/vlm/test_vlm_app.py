@@ -41,7 +41,7 @@ async def wait_until(cond, timeout: float = 60.0) -> None:
 
 
 async def test_local_backend_analyses_scores_and_dead_letters(redis_url, tmp_path, tiny_pair, candles):
-    png = chart_png(tmp_path / "btc.png", candles[:60])
+    png = chart_png(tmp_path / "charts" / "btc.png", candles[:60])
     # the window's candles and the one after it (the scored candle, horizon 1)
     await add_events(redis_url, kline_events(candles[:61]))
     sol = [dataclasses.replace(k, symbol="SOLUSDT") for k in candles[:60]]
@@ -49,7 +49,7 @@ async def test_local_backend_analyses_scores_and_dead_letters(redis_url, tmp_pat
     charts = [chart_event(candles, last, f"file://{png}") for last in (57, 58, 59)]
     bad = [
         chart_event(candles, 59, f"file://{png}", symbol="ETHUSDT"),  # no ETHUSDT candles on klines.v1
-        chart_event(sol, 59, f"file://{tmp_path / 'gone.png'}", symbol="SOLUSDT"),  # its image is missing
+        chart_event(sol, 59, f"file://{tmp_path / 'charts' / 'gone.png'}", symbol="SOLUSDT"),  # its image is missing
     ]
     thumbnail = chart_event(candles, 59, f"file://{png}").model_copy(update={"preset": "classifier224"})
     preset_skips = metric("skipped_total", why="preset")
@@ -106,7 +106,7 @@ async def _settled(url: str, last_open_time: int) -> list[dict]:
 
 async def test_remote_backend_down_then_up_across_a_restart_loses_and_doubles_nothing(redis_url, tmp_path, tiny_pair, candles):
     pytest.importorskip("uvicorn", reason="the vlm-server extra (llama-cpp-python's server) is not installed")
-    png = chart_png(tmp_path / "btc.png", candles[:60])
+    png = chart_png(tmp_path / "charts" / "btc.png", candles[:60])
     await add_events(redis_url, kline_events(candles[:60]))
     port = free_port()
     settings = VlmSettings(
@@ -150,7 +150,7 @@ async def test_a_refused_answer_is_retried_once_with_the_reason_then_dead_letter
     async def reply(n: int, _body: dict) -> str:
         return answers[min(n - 1, 1)]
 
-    png = chart_png(tmp_path / "btc.png", shown)
+    png = chart_png(tmp_path / "charts" / "btc.png", shown)
     await add_events(redis_url, kline_events(shown))
     async with ScriptedServer(reply) as server:
         runtime = create(VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url), redis_url)
@@ -185,7 +185,7 @@ async def test_a_model_timeout_is_a_dead_letter_and_the_service_keeps_serving(re
             await asyncio.sleep(3)  # far past the 0.5 s deadline
         return valid
 
-    png = chart_png(tmp_path / "btc.png", shown)
+    png = chart_png(tmp_path / "charts" / "btc.png", shown)
     sol = [dataclasses.replace(k, symbol="SOLUSDT") for k in shown]
     await add_events(redis_url, kline_events(shown) + kline_events(sol))
     async with ScriptedServer(reply) as server:
@@ -212,7 +212,7 @@ async def test_a_failing_model_server_is_retried_then_dead_lettered(redis_url, t
         raise web.HTTPServiceUnavailable(text="model is loading")
 
     shown = candles[:60]
-    png = chart_png(tmp_path / "btc.png", shown)
+    png = chart_png(tmp_path / "charts" / "btc.png", shown)
     await add_events(redis_url, kline_events(shown))
     async with ScriptedServer(reply) as server:
         settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url, backend_attempts=2, model_retry_s=0.1)
@@ -228,3 +228,57 @@ async def test_a_failing_model_server_is_retried_then_dead_lettered(redis_url, t
     assert "vlm backend_down: model server answered HTTP 503: model is loading" in dead[0]["reason"]
     assert ready is False
     assert await read_topic(redis_url, topics.ANALYSES) == []
+
+
+async def test_charts_outside_the_artefact_root_or_not_png_are_dead_letters_never_read(redis_url, tmp_path, candles):
+    """Chart uris are input: only PNGs under the artefact root (<data_dir>/charts here), at most
+    max_chart_bytes, reach the model; every other uri is a dead letter with the reason, counted,
+    and the service goes on to analyse the next good chart."""
+    valid = '{"trend":"sideways","confidence":0.5,"support":[],"resistance":[],"patterns":[],"signal":"hold","summary":"flat"}'
+
+    async def reply(n: int, _body: dict) -> str:
+        return valid
+
+    shown = candles[:60]
+    root = tmp_path / "charts"
+    png = chart_png(root / "btc.png", shown)
+    (root / "notes.png").write_text("SECRET=hunter2\n")  # under the root, named .png, not a PNG
+    big = root / "big.png"
+    big.write_bytes(png.read_bytes() + b"\0" * 4096)  # a PNG larger than the cap below
+    outside = chart_png(tmp_path / "elsewhere" / "btc.png", shown)  # a real PNG, outside the root
+    bad_uris = {
+        "AAAUSDT": "file:///proc/self/environ",
+        "BBBUSDT": "file:///dev/zero",
+        "CCCUSDT": f"file://{root / 'notes.png'}",
+        "DDDUSDT": f"file://{big}",
+        "EEEUSDT": f"file://{outside}",
+        "FFFUSDT": "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "GGGUSDT": f"file://{root}/../elsewhere/btc.png",
+    }
+    series = {s: [dataclasses.replace(k, symbol=s) for k in shown] for s in bad_uris}
+    await add_events(redis_url, kline_events(shown) + [e for s in series.values() for e in kline_events(s)])
+    before = {k: metric("artefact_reads_refused_total", kind=k) for k in ("outside_root", "not_png", "too_large")}
+    async with ScriptedServer(reply) as server:
+        settings = VlmSettings(data_dir=tmp_path, backend="remote", remote_url=server.url,
+                               max_chart_bytes=len(png.read_bytes()) + 100)
+        runtime = create(settings, redis_url)
+        await runtime.start(http=False)
+        try:
+            await add_events(redis_url, [chart_event(series[s], 59, uri, symbol=s) for s, uri in bad_uris.items()])
+            dead = await wait_for_events(redis_url, topics.DEAD_LETTERS, len(bad_uris), settle=0)
+            await add_events(redis_url, [chart_event(candles, 59, f"file://{png}")])
+            analyses = await wait_for_events(redis_url, topics.ANALYSES, 1, settle=0.3)
+        finally:
+            await runtime.stop()
+    assert len(server.requests) == 1  # only the good chart reached the model
+    assert len(analyses) == 1 and analyses[0]["symbol"] == "BTCUSDT"
+    by_symbol = {d["payload"].split('"symbol":"')[1][:7]: d["reason"] for d in dead}
+    assert set(by_symbol) == set(bad_uris)
+    assert all(r.startswith("vlm unusable_chart: ") and "\n" not in r for r in by_symbol.values())
+    for s in ("AAAUSDT", "BBBUSDT", "EEEUSDT", "FFFUSDT", "GGGUSDT"):
+        assert "not under the artefact root" in by_symbol[s], by_symbol[s]
+    assert "is not a PNG" in by_symbol["CCCUSDT"] and "hunter2" not in str(dead)
+    assert "larger than" in by_symbol["DDDUSDT"]
+    assert metric("artefact_reads_refused_total", kind="outside_root") == before["outside_root"] + 5
+    assert metric("artefact_reads_refused_total", kind="not_png") == before["not_png"] + 1
+    assert metric("artefact_reads_refused_total", kind="too_large") == before["too_large"] + 1

@@ -26,7 +26,7 @@ async def test_kill_during_a_model_call_neither_loses_nor_doubles(redis_url, tmp
         return VALID
 
     shown = candles[:60]
-    png = chart_png(tmp_path / "btc.png", shown)
+    png = chart_png(tmp_path / "charts" / "btc.png", shown)
     await add_events(redis_url, kline_events(shown))
     server = await ScriptedServer(reply, model="served.gguf").__aenter__()
     env = {
