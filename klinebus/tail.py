@@ -9,6 +9,7 @@ import redis
 
 from libs.common import topics
 from libs.common.errors import CliError
+from libs.common.redact import redact, redact_url, register
 
 
 def tail(topic: str, count: int, redis_url: str | None) -> None:
@@ -17,11 +18,19 @@ def tail(topic: str, count: int, redis_url: str | None) -> None:
         raise CliError("tail needs --redis-url or KLINEBUS_REDIS_URL (the embedded Redis lives only as long as its service)")
     if topic not in topics.ALL_TOPICS:
         raise CliError(f"unknown topic {topic!r}; topics: {', '.join(topics.ALL_TOPICS)}")
+    register(url)  # its password never printed, even inside an event
     client = redis.Redis.from_url(url)
     try:
-        entries = client.xrevrange(topics.stream_key(topic), count=count)
+        try:
+            entries = client.xrevrange(topics.stream_key(topic), count=count)
+        except redis.RedisError as exc:
+            raise CliError(redact(f"tail {topic} on {redact_url(url)}: {type(exc).__name__}: {exc}")) from None
         for entry_id, fields in reversed(entries):
-            event = orjson.loads(fields[b"__data__"])
-            print(entry_id.decode(), orjson.dumps(event).decode())
+            raw = fields.get(b"__data__", b"")
+            try:
+                line = orjson.dumps(orjson.loads(raw)).decode()
+            except orjson.JSONDecodeError:
+                line = raw.decode("utf-8", errors="replace")[:4096]
+            print(entry_id.decode(), redact(line))
     finally:
         client.close()

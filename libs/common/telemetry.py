@@ -16,6 +16,7 @@ from typing import Callable
 
 import orjson
 from aiohttp import web
+from libs.common.redact import RedactingFilter, redact
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -34,8 +35,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 doc[key] = value
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+        if record.exc_text or record.exc_info:
+            doc["exc"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()
 
 
@@ -45,6 +46,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())  # secrets never reach a log line (libs.common.redact)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -140,12 +142,13 @@ async def start_http(
     """Serve /metrics, /healthz and /readyz; returns the runner and the bound port."""
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = redact(generate_latest(registry).decode()).encode()  # labels may quote an error
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         live, failing = health.live()
         if not live:
-            reason = health.fatal or f"not live: {', '.join(failing)}"
+            reason = redact(health.fatal or f"not live: {', '.join(failing)}")
             return web.json_response({"status": "failed", "reason": reason}, status=503)
         return web.json_response({"status": "ok", "uptime_s": round(time.time() - health.started, 1)})
 

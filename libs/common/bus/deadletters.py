@@ -17,6 +17,7 @@ from libs.common import topics
 from libs.common.bus.failures import reason_label
 from libs.common.bus.framing import DATA_FIELD
 from libs.common.contracts import DeadLetter, payload_preview
+from libs.common.redact import redact
 from libs.common.telemetry import ServiceMetrics
 
 log = logging.getLogger("klinebus.bus")
@@ -31,8 +32,8 @@ class DeadLetters:
         self.stream = topics.stream_key(topics.DEAD_LETTERS)
 
     async def write(self, source: str, raw: Any, reason: str) -> None:
-        reason = " ".join(str(reason).split())  # always one line
-        letter = DeadLetter(source=source, service=self.service, reason=reason, payload=payload_preview(raw))
+        reason = redact(" ".join(str(reason).split()))  # always one line, never a secret
+        letter = DeadLetter(source=source, service=self.service, reason=reason, payload=redact(payload_preview(raw)))
         await self.client.xadd(self.stream, {DATA_FIELD: letter.to_json()}, maxlen=self.maxlen, approximate=True)
         log.warning("dead letter from %s: %s", source, reason, extra={"service": self.service, "source": source})
         self.metrics.dead_letters.labels(source, reason_label(reason)).inc()

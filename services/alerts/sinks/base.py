@@ -10,6 +10,7 @@ from typing import Iterable
 
 import aiohttp
 
+from libs.common.redact import redact, register
 from services.alerts.notification import Notification
 
 # HTTP statuses worth retrying besides 5xx: request timeout and "too early".
@@ -31,7 +32,9 @@ class DeliveryError(Exception):
 
 
 class Redactor:
-    """Replaces every secret (and the path of a secret URL, which is the token) in a text."""
+    """Replaces every secret (and the path of a secret URL, which is the token) in a text; the
+    secrets are also registered with ``libs.common.redact``, so logs, /metrics and dead letters
+    of this process never show them either."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         parts: set[str] = set()
@@ -43,11 +46,12 @@ class Redactor:
             if len(path) > 8:
                 parts.add(path)
         self._parts = sorted(parts, key=len, reverse=True)
+        register(*parts)
 
     def __call__(self, text: str) -> str:
         for p in self._parts:
             text = text.replace(p, "<redacted>")
-        return text
+        return redact(text)
 
 
 class Sink(ABC):
