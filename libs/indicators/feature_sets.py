@@ -76,6 +76,24 @@ _SETS = (
         "Seed 004 (MOP LSTM): OHLCV plus its 35+ indicators (trend 10, momentum 8, volatility 7, "
         "direction 3, Keltner 3, volume 4, other 4).",
     ),
+    FeatureSet(
+        "lstm-35",
+        2,
+        (
+            "open", "high", "low", "close", "volume",
+            "sma_10", "sma_20", "sma_50", "sma_100", "sma_200",
+            "ema_10", "ema_20", "ema_50", "ema_100", "ema_200",
+            "rsi_14", "rsi_21", "macd", "macd_signal", "macd_hist", "stoch_k", "stoch_d", "roc_12",
+            "bb_upper", "bb_middle", "bb_lower", "bb_width", "bb_pctb", "atr_14", "natr_14",
+            "adx_14", "plus_di_14", "minus_di_14",
+            "kc_upper", "kc_middle", "kc_lower",
+            "cmf_20", "mfi_14",
+            "mom_10", "price_change", "volume_change", "hl2",
+        ),
+        "lstm-35-v1 without the cumulative OBV and VPT, whose values depend on where the computation "
+        "started (training from a dataset's first candle, serving from the archive's): the volume "
+        "information stays in the windowed cmf_20, mfi_14 and volume_change.",
+    ),
     FeatureSet("all", 1, FEATURE_NAMES, "Every feature the engine computes, in catalogue order."),
 )
 

@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--horizon", type=int, default=None, help="candles ahead (lstm-close: steps 1..N; default 7)")
     b.add_argument("--train-fraction", type=float, default=0.7)
     b.add_argument("--validation-fraction", type=float, default=0.15)
+    b.add_argument("--gate-fraction", type=float, default=None,
+                   help="forecasters: the promotion slice between validation and test (default: half the rest)")
     b.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="kind-specific option (repeatable), e.g. --set stride=2")
     b.add_argument("--out", required=True, type=Path, help="dataset folder to create")
@@ -148,7 +150,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
         kind=args.kind, inputs=args.input or [_settings().archive_root()], out=args.out,
         symbols=[s.upper() for s in args.symbols] if args.symbols else None, intervals=args.intervals,
         start=args.start, end=args.end, feature_set=args.feature_set, lookback=args.lookback, horizon=args.horizon,
-        train_fraction=args.train_fraction, validation_fraction=args.validation_fraction, extra=extra | {"progress": True},
+        train_fraction=args.train_fraction, validation_fraction=args.validation_fraction,
+        gate_fraction=args.gate_fraction, extra=extra | {"progress": True},
     )
     if not (0 < args.train_fraction < 1 and 0 < args.validation_fraction < 1 and args.train_fraction + args.validation_fraction < 1):
         raise CliError("--train-fraction and --validation-fraction must be in (0, 1) and leave room for a test slice")

@@ -12,10 +12,14 @@ moves; next-candle range error. Baselines:
 
 Classifiers (``classification_scorecard``): accuracy and macro F1 beside the majority class.
 
-``promotion`` is the rule: promoted only if the model's MAE (or, for classifiers, accuracy) beats
-persistence's (majority class's) on the validation slice; forecasters of the close must also beat
-persistence on the next close's MAE. ``walk_forward`` scores consecutive folds
-of the test slice one after another.
+Forecasters are promoted by ``gated_promotion``: on the gate slice (after validation, which early
+stopping and LR decay used; never trained or tuned on) the model must beat persistence on every
+``paired_verdict`` (lower MAE *and* a one-sided Diebold-Mariano test with the HLN correction at
+``DM_ALPHA``), and on the later test slice it must lose on none. Each verdict carries the MAE ratio
+with a moving-block bootstrap 95 % interval and the mean difference with a DM-based one.
+``promotion`` is the older single-slice rule the chart classifier still uses. ``walk_forward``
+scores consecutive folds of the test slice one after another. ``conformal_log_quantiles`` and
+``interval_report`` calibrate and check the 80 % prediction intervals.
 """
 
 from __future__ import annotations
@@ -179,3 +183,73 @@ def promotion(card: dict[str, dict[str, float]], metric: str = "mae", baseline: 
         rel = (m / b - 1) * 100 if b else float("nan")
         parts.append(f"{split} {name} {m:.6g} {'beats' if ok else 'does not beat'} {baseline} {b:.6g} ({rel:+.2f} %)")
     return wins, "; ".join(parts) + ("; promoted" if wins else "; stored, not promoted")
+
+
+# ------------------------------------------------------------------ gate / test verdicts, intervals
+
+DM_ALPHA = 0.05  # the stated level of the paired test
+INTERVAL_QUANTILES = (0.1, 0.5, 0.9)  # the 10-90 % band is an 80 % prediction interval
+
+
+def paired_verdict(err_model: np.ndarray, err_base: np.ndarray, name: str, baseline: str = "persistence",
+                   h: int = 1, alpha: float = DM_ALPHA, seed: int = 0) -> dict:
+    """Model against a baseline on the same rows, absolute-error loss: MAEs, their ratio with a
+    moving-block bootstrap 95 % interval, the mean loss difference with its DM-based 95 % interval,
+    and the HLN-corrected Diebold-Mariano test (Bartlett HAC variance; one-sided p for "the model's
+    loss is lower"). ``beats``: lower MAE *and* p < alpha. ``loses``: higher MAE (point estimate)."""
+    from services.trainer.stats import dm_test_hac, mae_ratio_ci
+
+    lm, lb = np.abs(np.asarray(err_model, dtype=np.float64)), np.abs(np.asarray(err_base, dtype=np.float64))
+    dm = dm_test_hac(lm, lb, h=h)
+    ratio, lo, hi = mae_ratio_ci(lm, lb, seed=seed)
+    m, b = float(lm.mean()), float(lb.mean())
+    return dict(
+        metric=name, baseline=baseline, n=int(len(lm)), model_mae=m, baseline_mae=b,
+        mae_ratio=ratio, mae_ratio_ci_low=lo, mae_ratio_ci_high=hi,
+        mae_diff=dm.mean_diff, mae_diff_ci_low=dm.ci_low, mae_diff_ci_high=dm.ci_high,
+        dm_statistic=dm.statistic, dm_p_value=dm.p_less, dm_lags=dm.lags, dm_horizon=h, alpha=alpha,
+        beats=bool(m < b and dm.p_less < alpha), loses=bool(m > b),
+    )
+
+
+def _verdict_line(split: str, v: dict) -> str:
+    return (f"{split} {v['metric']}: MAE {v['model_mae']:.6g} vs {v['baseline']} {v['baseline_mae']:.6g} "
+            f"(ratio {v['mae_ratio']:.3f}, 95 % CI {v['mae_ratio_ci_low']:.3f}-{v['mae_ratio_ci_high']:.3f}; "
+            f"DM-HLN {v['dm_statistic']:.2f}, p {v['dm_p_value']:.3g})")
+
+
+def gated_promotion(gate: list[dict], test: list[dict], alpha: float = DM_ALPHA) -> tuple[bool, str]:
+    """Promoted only if, on the gate slice (never trained or tuned on), the model beats the baseline
+    on every verdict with a significant DM test at ``alpha``, *and* on the later test slice it loses
+    on none (its MAE is not higher). The reason states every number it rests on."""
+    gate_ok = all(v["beats"] for v in gate)
+    test_ok = not any(v["loses"] for v in test)
+    parts = [_verdict_line("gate", v) + (" beats" if v["beats"] else " does not beat") + f" at {alpha:.0%}" for v in gate]
+    parts += [_verdict_line("test", v) + (" loses" if v["loses"] else " does not lose") for v in test]
+    if gate_ok and test_ok:
+        tail = "promoted"
+    elif not gate_ok:
+        tail = "stored, not promoted (no significant win on the gate slice)"
+    else:
+        tail = "stored, not promoted (won on gate, lost on test)"
+    return gate_ok and test_ok, "; ".join(parts) + "; " + tail
+
+
+def conformal_log_quantiles(log_residuals: np.ndarray, quantiles=INTERVAL_QUANTILES) -> np.ndarray:
+    """``[..., len(quantiles)]`` split-conformal quantiles of ``log(actual / forecast)`` per column
+    (residuals ``[n, ...]``, calibration rows on axis 0)."""
+    from services.trainer.stats import conformal_quantile
+
+    r = np.asarray(log_residuals, dtype=np.float64)
+    flat = r.reshape(len(r), -1)
+    out = np.array([[conformal_quantile(flat[:, j], q) for q in quantiles] for j in range(flat.shape[1])])
+    return out.reshape(*r.shape[1:], len(quantiles))
+
+
+def interval_report(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, center: np.ndarray) -> dict:
+    """Coverage of ``[lower, upper]`` (with its 95 % Wilson interval) and mean width relative to ``center``."""
+    inside = (actual >= lower) & (actual <= upper)
+    n, hits = int(inside.size), int(inside.sum())
+    lo, hi = wilson_interval(hits, n)
+    return dict(coverage=hits / n if n else float("nan"), coverage_ci_low=lo, coverage_ci_high=hi, n=n,
+                mean_rel_width=float(np.mean((upper - lower) / np.abs(center))) if n else float("nan"))

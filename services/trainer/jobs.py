@@ -1,9 +1,11 @@
 """A training job: dataset folder in, published model package out. The command line (``klinebus
 train``) and the service run the same function; the chart classifier registers its own.
 
-Order: train (early stopping on validation) -> export ONNX -> check onnxruntime against torch on
-real test windows -> score validation and test *with the exported graph* (what serving runs) beside
-the baselines -> decide promotion on validation -> write, verify and publish the package.
+Order: train (early stopping and LR decay on validation) -> export ONNX -> check onnxruntime against
+torch on real test windows -> score validation, gate and test *with the exported graph* (what
+serving runs) beside the baselines -> calibrate split-conformal 80 % intervals on the gate slice ->
+decide promotion on the gate slice (a paired Diebold-Mariano test against persistence), the later
+test slice required not to lose -> write, verify and publish the package.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from libs.common.model_package import (
 )
 from services.trainer.datasets import DatasetError, get_kind, read_manifest
 from services.trainer.datasets.sequence import PRICE_NAMES, SequenceDataset, SplitArrays
-from services.trainer.evaluation import forecast_scorecard, promotion, walk_forward
+from services.trainer.evaluation import (
+    DM_ALPHA,
+    INTERVAL_QUANTILES,
+    conformal_log_quantiles,
+    forecast_scorecard,
+    gated_promotion,
+    interval_report,
+    paired_verdict,
+    persistence_forecast,
+    walk_forward,
+)
 from services.trainer.export import check_onnx, export_onnx
 from services.trainer.loop import EpochLog, FitResult, JobInterrupted, LoopConfig, fit
 from services.trainer.models import SEED_CONFIGS, ServingGraph, WeightedMSE, build_core
@@ -133,7 +145,7 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
     L, H, T = ds.lookback, len(ds.horizons), len(ds.targets)
     if "close" not in ds.features:
         raise DatasetError(f"{dataset_dir}: the features lack 'close', which the graph decodes prices from")
-    train, val, test = ds.split("train"), ds.split("validation"), ds.split("test")
+    train, val, gate, test = ds.split("train"), ds.split("validation"), ds.split("gate"), ds.split("test")
     y_train, y_val = ds.scale_targets(train.targets), ds.scale_targets(val.targets)
     batch_size = options.batch_size or seed_cfg["batch_size"]
     cfg = LoopConfig(
@@ -183,13 +195,13 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
                 split, pred = split.subset(idx), pred[idx]
             return forecast_scorecard(pred, _actual(split, ds.targets), split.last_prices, ds.targets, ds.horizons, drift, up_share)
 
-        val_pred, test_pred = onnx_predict(onnx_path, val, L), onnx_predict(onnx_path, test, L)
-        val_card, test_card = card(val, val_pred), card(test, test_pred)
+        val_pred, gate_pred, test_pred = (onnx_predict(onnx_path, s, L) for s in (val, gate, test))
+        val_card, gate_card, test_card = card(val, val_pred), card(gate, gate_pred), card(test, test_pred)
         folds = walk_forward(test.anchor_time, options.folds, lambda idx: card(test, test_pred, idx))
-        also = [f"close@{ds.horizons[0]}_mae"] if "close" in ds.targets and len(ds.targets) > 1 else []
-        promoted, reason = promotion(val_card, split="validation", also=also)
-        test_verdict = promotion(test_card, split="test", also=also)[1].replace("; promoted", "").replace("; stored, not promoted", "")
-        reason = f"{reason}. On the later test slice: {test_verdict}."
+        verdicts = {name: sequence_verdicts(s, p, ds.targets, ds.horizons) for name, s, p in
+                    (("gate", gate, gate_pred), ("test", test, test_pred))}
+        promoted, reason = gated_promotion(verdicts["gate"], verdicts["test"])
+        intervals = sequence_intervals(gate, gate_pred, test, test_pred, ds.targets, ds.horizons)
 
         r = m["ranges"]
         meta = ModelPackage(
@@ -210,7 +222,11 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
             scalers={"inputs": ds.x_scaler, "targets": ds.y_scaler},
             input_scaling="in-graph",
             serves=[Served(symbol=s, interval=i) for s, i in ds.series],
-            ranges=Ranges(train=TimeRange(**r["train"]), validation=TimeRange(**r["validation"]),
+            # "validation" spans every slice the model was tuned or judged on (validation + gate), so
+            # `klinebus evaluate` counts only later candles as unseen; the gate alone is in config.
+            ranges=Ranges(train=TimeRange(**r["train"]),
+                          validation=TimeRange(start=r["validation"]["start"], end=r["gate"]["end"],
+                                               rows=r["validation"]["rows"] + r["gate"]["rows"]),
                           test=TimeRange(**r["test"]), embargo=m["embargo"]),
             metrics=test_card["model"],
             baseline_metrics={k: v for k, v in test_card.items() if k != "model"},
@@ -220,27 +236,94 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
             code_version=code_version(),
             config=dict(
                 loop=cfg.as_dict(), batch_size=batch_size, loss_weights=seed_cfg["loss_weights"], model=seed_cfg["model"],
-                target_transform=m["target_transform"], train_up_share=up_share, dataset=dict(manifest_cuts=m["cuts"], series=m["series"],
-                                                                     spec=m["spec"], code_version=m["code_version"]),
+                target_transform=m["target_transform"], train_up_share=up_share, dm_alpha=DM_ALPHA,
+                intervals=intervals["config"],
+                dataset=dict(manifest_cuts=m["cuts"], series=m["series"], ranges=m["ranges"],
+                             cumulative_features=m.get("cumulative_features", []),
+                             spec=m["spec"], code_version=m["code_version"]),
                 fit=dict(device=result.device, amp=result.amp, best_epoch=result.best_epoch,
                          best_val_loss=result.best_val_loss, epochs_run=result.epochs_run, stopped=result.stopped,
                          train_samples_per_s=result.train_samples_per_s),
             ),
-            evaluation=dict(validation=val_card, test=test_card, folds=folds, export_check=check),
+            evaluation=dict(validation=val_card, gate=gate_card, test=test_card, folds=folds, export_check=check,
+                            verdicts=verdicts, intervals=intervals["report"]),
         )
-        scorecards = dict(validation=val_card, test=test_card, folds=folds)
+        scorecards = dict(validation=val_card, gate=gate_card, test=test_card, folds=folds, verdicts=verdicts,
+                          intervals=intervals["report"])
         if options.should_stop is not None and options.should_stop():
             # Stopped after training (during evaluation or export): a stopped job publishes nothing;
             # the request stays pending and a restart runs it whole.
             raise JobInterrupted("stopped before publishing; nothing published")
         say("publish", {})
         published, hub = stage_and_publish(
-            meta, onnx_path, lambda meta: model_card(meta, scorecards),
+            meta, onnx_path, lambda meta: model_card(meta, scorecards, verdict_sections(scorecards)),
             PublishTargets(options.registry, options.hub_repo_id, options.hub_token, options.hub_endpoint),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return JobResult(published, hub, result, scorecards, check)
+
+
+def sequence_verdicts(split: SplitArrays, pred: np.ndarray, targets: list[str], horizons: list[int]) -> list[dict]:
+    """Paired verdicts against persistence on the same rows: the mean absolute error over every
+    target and horizon (DM lags cover the longest horizon) and, for multi-target forecasters of the
+    close, the next close alone (winning through the high/low heads is not winning on the close)."""
+    actual = _actual(split, targets)
+    pers = persistence_forecast(split.last_prices, targets, len(horizons))
+    err_m = np.abs(pred - actual).reshape(len(pred), -1).mean(axis=1)
+    err_p = np.abs(pers - actual).reshape(len(pred), -1).mean(axis=1)
+    out = [paired_verdict(err_m, err_p, "mae", h=max(horizons))]
+    if "close" in targets and len(targets) > 1:
+        c = targets.index("close")
+        out.append(paired_verdict(pred[:, 0, c] - actual[:, 0, c], pers[:, 0, c] - actual[:, 0, c],
+                                  f"close@{horizons[0]}_mae", h=horizons[0]))
+    return out
+
+
+def sequence_intervals(gate: SplitArrays, gate_pred: np.ndarray, test: SplitArrays, test_pred: np.ndarray,
+                       targets: list[str], horizons: list[int]) -> dict:
+    """Split-conformal 10/50/90 % quantiles of ``log(actual / forecast)`` per horizon and target,
+    calibrated on the gate slice; coverage of the 80 % band on the test slice beside persistence
+    with the gate slice's empirical quantiles of ``log(actual / last value)``."""
+    cols = [f"{t}@{h}" for h in horizons for t in targets]
+    q_model = conformal_log_quantiles(np.log(_actual(gate, targets) / gate_pred))  # [H, T, 3]
+    q_pers = conformal_log_quantiles(np.log(_actual(gate, targets) / persistence_forecast(gate.last_prices, targets, len(horizons))))
+    actual = _actual(test, targets)
+    pers = persistence_forecast(test.last_prices, targets, len(horizons))
+    report = {}
+    for k, h in enumerate(horizons):
+        for j, t in enumerate(targets):
+            a, p, b = actual[:, k, j], test_pred[:, k, j], pers[:, k, j]
+            report[f"{t}@{h}"] = dict(
+                model=interval_report(a, p * np.exp(q_model[k, j, 0]), p * np.exp(q_model[k, j, 2]), p),
+                persistence_empirical=interval_report(a, b * np.exp(q_pers[k, j, 0]), b * np.exp(q_pers[k, j, 2]), b),
+            )
+    config = dict(method="split-conformal", calibrated_on="gate", quantiles=list(INTERVAL_QUANTILES),
+                  space="log(actual / forecast)", columns=cols,
+                  log_residual_quantiles=q_model.reshape(-1, len(INTERVAL_QUANTILES)).tolist(),
+                  persistence_log_residual_quantiles=q_pers.reshape(-1, len(INTERVAL_QUANTILES)).tolist())
+    return dict(config=config, report=report)
+
+
+def verdict_sections(sc: dict) -> list[str]:
+    """Model-card sections: the gate and test verdicts (DM statistic, p-value, intervals) and coverage."""
+    lines = ["## Promotion verdicts (paired, absolute error, against persistence)", "",
+             f"Gate slice decides (one-sided Diebold-Mariano, HLN small-sample correction, Bartlett HAC "
+             f"variance, level {DM_ALPHA:.0%}); the later test slice must not lose.", "",
+             "| slice | metric | model MAE | persistence MAE | ratio | ratio 95 % CI | diff 95 % CI | DM-HLN | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split in ("gate", "test"):
+        for v in sc["verdicts"][split]:
+            lines.append(f"| {split} | {v['metric']} | {v['model_mae']:.6g} | {v['baseline_mae']:.6g} | {v['mae_ratio']:.4f} | "
+                         f"{v['mae_ratio_ci_low']:.4f}-{v['mae_ratio_ci_high']:.4f} | {v['mae_diff_ci_low']:.4g} – "
+                         f"{v['mae_diff_ci_high']:.4g} | {v['dm_statistic']:.2f} | {v['dm_p_value']:.3g} |")
+    lines += ["", "## 80 % prediction intervals on the test slice (split-conformal, calibrated on gate)", "",
+              "| column | forecaster | coverage | 95 % CI | mean width / forecast |", "|---|---|---|---|---|"]
+    for col, rep in sc["intervals"].items():
+        for who, r in rep.items():
+            lines.append(f"| {col} | {who} | {r['coverage']:.3f} | {r['coverage_ci_low']:.3f}-{r['coverage_ci_high']:.3f} | "
+                         f"{r['mean_rel_width']:.4f} |")
+    return lines + [""]
 
 
 def epoch_line(log: EpochLog) -> str:

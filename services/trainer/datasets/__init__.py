@@ -32,6 +32,7 @@ PLUGINS: tuple[str, ...] = (
     "services.trainer.datasets.sequence",
     "services.trainer.classifier.kind",
     "services.trainer.advice.kind",
+    "services.trainer.datasets.range",
 )
 
 
@@ -56,6 +57,9 @@ class BuildSpec:
     # Time split: fractions of all samples by anchor time, the rest is the test slice.
     train_fraction: float = 0.7
     validation_fraction: float = 0.15
+    # Forecasting kinds add a gate slice between validation and test: promotion is decided on it
+    # (never tuned on), the test slice only confirms. None: half of what train and validation leave.
+    gate_fraction: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +106,45 @@ def get_kind(name: str) -> DatasetKind:
     if name not in known:
         raise DatasetError(f"unknown dataset kind {name!r}; known: {', '.join(sorted(known))}")
     return known[name]
+
+
+def split_fractions(spec: BuildSpec) -> tuple[float, float, float]:
+    """Train, validation and gate fractions (test is the rest), checked."""
+    rest = 1.0 - spec.train_fraction - spec.validation_fraction
+    gate = rest / 2 if spec.gate_fraction is None else spec.gate_fraction
+    if not (spec.train_fraction > 0 and spec.validation_fraction > 0 and gate > 0 and rest - gate > 0):
+        raise DatasetError(f"fractions train {spec.train_fraction}, validation {spec.validation_fraction}, "
+                           f"gate {gate} leave no test slice")
+    return spec.train_fraction, spec.validation_fraction, gate
+
+
+def time_cuts(anchor_times, fractions: tuple[float, ...]) -> list[int]:
+    """Anchor times at which each slice after the first starts (cumulative ``fractions`` of all samples)."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(anchor_times))
+    cuts, acc = [], 0.0
+    for f in fractions:
+        acc += f
+        cuts.append(int(ordered[min(int(len(ordered) * acc), len(ordered) - 1)]))
+    return cuts
+
+
+def split_masks(first_in, last_out, cuts: list[int], names: tuple[str, ...]) -> dict:
+    """Slice membership by time: a sample belongs to slice k when its first input candle is at or
+    after cut k-1 and its last target candle before cut k, so no window or target spans a cut."""
+    import numpy as np
+
+    bounds = [None, *cuts, None]
+    out = {}
+    for k, name in enumerate(names):
+        m = np.ones(len(first_in), dtype=bool)
+        if bounds[k] is not None:
+            m &= first_in >= bounds[k]
+        if bounds[k + 1] is not None:
+            m &= last_out < bounds[k + 1]
+        out[name] = m
+    return out
 
 
 def build_dataset(spec: BuildSpec) -> dict:

@@ -6,11 +6,18 @@ returns ``log(price[i+h] / close[i])`` for each horizon ``h`` and target price. 
 against the last close, not price levels, keeps the target on one scale across years of prices;
 the exported graph turns them back into prices.
 
-Splits are by time over all series together (one train cut, one validation cut), so a unified
-model never trains on a period another of its series is tested on. A train sample's targets all lie
+Splits are by time over all series together (train, validation, gate, test), so a unified
+model never trains on a period another of its series is tested on. Early stopping and LR decay
+use validation; promotion is decided on the gate slice (never tuned on); test only confirms. A train sample's targets all lie
 before the validation cut and a validation sample's inputs all after it (the same at the test
 cut): ``lookback + max(horizon)`` anchors at least between the slices, nothing shared.
 A window that spans a gap in the candles is dropped. Scalers are fitted on the train slice only.
+
+No train/serve origin skew: features are computed from the first candle the source holds (the
+archive's first candle, where serving's history starts too), never from ``--start``; ``--start``
+only says where the first *window* may begin. Cumulative features (OBV, VPT) would still depend on
+that origin, so it is recorded per series (``feature_origin``) with the list of cumulative
+features the dataset holds; ``lstm-close`` defaults to ``lstm-35-v2``, which has none.
 
 Folder layout::
 
@@ -34,17 +41,28 @@ from libs.common.model_package import Scaler, TimeRange, code_version
 from libs.indicators.batch import compute_frame
 from libs.indicators.catalog import LOOKBACK
 from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
-from services.trainer.datasets import MANIFEST_FILE, BuildSpec, DatasetError, DatasetKind, register_kind
+from services.trainer.datasets import (
+    MANIFEST_FILE,
+    BuildSpec,
+    DatasetError,
+    DatasetKind,
+    register_kind,
+    split_fractions,
+    split_masks,
+    time_cuts,
+)
 from services.trainer.sources import SourceError, load_series
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "gate", "test")
+# Features whose value at a candle depends on every candle since the computation started.
+CUMULATIVE_FEATURES = frozenset({"obv", "vpt"})
 PRICE_NAMES = ("open", "high", "low", "close")
 TARGET_TRANSFORM = "log_return_vs_last_close"
 # A feature whose warm-up takes more than this share of the shortest series is left out (seed 004:
 # "features lacking enough history skipped"), and the skip is recorded with its reason.
 MAX_WARMUP_SHARE = 0.25
 # Fewer samples than this in a slice cannot train or judge anything.
-MIN_SAMPLES = {"train": 64, "validation": 16, "test": 16}
+MIN_SAMPLES = {"train": 64, "validation": 16, "gate": 16, "test": 16}
 
 
 @dataclass(frozen=True)
@@ -59,8 +77,8 @@ class SequenceKindSpec:
 SEQUENCE_KINDS = {
     # Seed 002: 60 x 13 inputs, four heads in its order (open, close, high, low), next candle.
     "bilstm-ohlc": SequenceKindSpec("bilstm-13-v1", ("open", "close", "high", "low"), 60, 1, "minmax"),
-    # Seed 004: lookback 60, the 35+ feature set, the next 7 closes.
-    "lstm-close": SequenceKindSpec("lstm-35-v1", ("close",), 60, 7, "minmax"),
+    # Seed 004: lookback 60, the 35+ feature set (v2: without the cumulative OBV and VPT), the next 7 closes.
+    "lstm-close": SequenceKindSpec("lstm-35-v2", ("close",), 60, 7, "minmax"),
 }
 
 
@@ -129,8 +147,10 @@ def build(spec: BuildSpec) -> dict:
     targets = list(kind.targets)
     if spec.out.exists() and any(spec.out.iterdir()):
         raise DatasetError(f"{spec.out} exists and is not empty; datasets are written once")
+    fractions = split_fractions(spec)
     try:
-        series = load_series(spec.inputs, spec.symbols, spec.intervals, spec.start, spec.end)
+        # From the source's first candle (not spec.start): features then equal serving's.
+        series = load_series(spec.inputs, spec.symbols, spec.intervals, None, spec.end)
     except SourceError as e:
         raise DatasetError(str(e)) from None
 
@@ -150,6 +170,8 @@ def build(spec: BuildSpec) -> dict:
         ot = frame["open_time"].to_numpy(np.int64)
         prices = frame[list(PRICE_NAMES)].to_numpy(np.float64)
         anchors = valid_anchors(ot, feats, step, lookback, hmax)
+        if spec.start is not None:
+            anchors = anchors[ot[anchors - lookback + 1] >= spec.start]
         per[key] = dict(open_time=ot, features=feats, prices=prices, anchors=anchors)
 
     need = warmup + lookback + hmax
@@ -161,9 +183,7 @@ def build(spec: BuildSpec) -> dict:
             f"too little history for lookback {lookback} + horizon {hmax} + warm-up {warmup} "
             f"(each sample needs {need} consecutive candles; {have} give {total} samples)"
         )
-    ordered = np.sort(all_times)
-    t_train = int(ordered[min(int(len(ordered) * spec.train_fraction), len(ordered) - 1)])
-    t_val = int(ordered[min(int(len(ordered) * (spec.train_fraction + spec.validation_fraction)), len(ordered) - 1)])
+    cuts = time_cuts(all_times, fractions)
 
     tmp = spec.out.parent / f".{spec.out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -175,19 +195,15 @@ def build(spec: BuildSpec) -> dict:
         for (symbol, interval), p in sorted(per.items()):
             ot, a = p["open_time"], p["anchors"]
             first_in, last_out = ot[a - lookback + 1], ot[a + hmax]
-            masks = {
-                "train": last_out < t_train,
-                "validation": (first_in >= t_train) & (last_out < t_val),
-                "test": first_in >= t_val,
-            }
+            masks = split_masks(first_in, last_out, cuts, SPLITS)
             split_anchors = {k: a[m] for k, m in masks.items()}
             for k, anc in split_anchors.items():
                 if len(anc):
                     split_anchor_times[k].append(ot[anc])
                     split_spans[k].append((int(ot[anc[0] - lookback + 1]), int(ot[anc[-1] + hmax])))
             if len(split_anchors["train"]):
-                last_train = split_anchors["train"][-1]
-                train_rows.append(p["features"][warmup : last_train + 1])
+                a_tr = split_anchors["train"]
+                train_rows.append(p["features"][a_tr[0] - lookback + 1 : a_tr[-1] + 1])
                 train_targets.append(targets_for(p["prices"], split_anchors["train"], horizons, targets))
             np.savez(
                 tmp / series_file(symbol, interval),
@@ -197,7 +213,7 @@ def build(spec: BuildSpec) -> dict:
             s = series[(symbol, interval)]
             series_meta.append(dict(
                 symbol=symbol, interval=interval, file=series_file(symbol, interval), candles=int(len(ot)),
-                first_open_time=int(ot[0]), last_open_time=int(ot[-1]),
+                first_open_time=int(ot[0]), last_open_time=int(ot[-1]), feature_origin=int(ot[0]),
                 samples={k: int(len(v)) for k, v in split_anchors.items()},
                 sources=[dict(path=f.path, sha256=f.sha256) for f in s.sources],
             ))
@@ -228,7 +244,9 @@ def build(spec: BuildSpec) -> dict:
             targets=targets,
             target_transform=TARGET_TRANSFORM,
             embargo=lookback + hmax,
-            cuts=dict(validation_start=int(t_train), test_start=int(t_val)),
+            cuts=dict(zip(("validation_start", "gate_start", "test_start"), (int(c) for c in cuts))),
+            cumulative_features=sorted(CUMULATIVE_FEATURES & set(features)),
+            feature_origin="first candle of the source per series (series[].feature_origin); start only clips windows",
             ranges=ranges,
             samples=counts,
             scalers=dict(inputs=x_scaler.model_dump(), targets=y_scaler.model_dump()),
@@ -236,7 +254,7 @@ def build(spec: BuildSpec) -> dict:
             series=series_meta,
             spec=dict(
                 inputs=spec.inputs, symbols=spec.symbols, intervals=spec.intervals, start=spec.start, end=spec.end,
-                train_fraction=spec.train_fraction, validation_fraction=spec.validation_fraction,
+                train_fraction=fractions[0], validation_fraction=fractions[1], gate_fraction=fractions[2],
             ),
             code_version=code_version(),
         )
@@ -296,6 +314,8 @@ class SequenceDataset:
         offset = 0
         for k, z in enumerate(self._npz):
             f, prices, ot = z["features"], z["prices"], z["open_time"]
+            if f"anchors_{name}" not in z:
+                raise DatasetError(f"{self.dir}: no {name!r} slice (built before the gate slice existed); rebuild it")
             a = z[f"anchors_{name}"]
             raw.append(f)
             feats.append(apply_scaler(self.x_scaler, np.nan_to_num(f)).astype(np.float32))
@@ -332,7 +352,7 @@ for _name in SEQUENCE_KINDS:
     register_kind(DatasetKind(
         name=_name,
         description={"bilstm-ohlc": "seed 002: BiLSTM next-candle open/close/high/low, 60 x bilstm-13-v1",
-                     "lstm-close": "seed 004: LSTM next 7 closes, 60 x lstm-35-v1 (long warm-ups skipped)"}[_name],
+                     "lstm-close": "seed 004: LSTM next 7 closes, 60 x lstm-35-v2 (long warm-ups skipped)"}[_name],
         build=build,
         train=_train,
         default_feature_set=SEQUENCE_KINDS[_name].feature_set,

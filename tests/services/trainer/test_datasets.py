@@ -25,17 +25,20 @@ def test_splits_follow_in_time_with_embargo(bilstm_dataset):
     assert m["feature_set"] == "bilstm-13-v1" and len(m["features"]) == 13
     assert m["lookback"] == 60 and m["horizons"] == [1] and m["targets"] == ["open", "close", "high", "low"]
     z = np.load(bilstm_dataset / m["series"][0]["file"])
-    tr, va, te = z["anchors_train"], z["anchors_validation"], z["anchors_test"]
-    assert len(tr) and len(va) and len(te)
-    assert tr.max() < va.min() and va.max() < te.min()
+    tr, va, ga, te = z["anchors_train"], z["anchors_validation"], z["anchors_gate"], z["anchors_test"]
+    assert len(tr) and len(va) and len(ga) and len(te)
+    assert tr.max() < va.min() and va.max() < ga.min() and ga.max() < te.min()
     # no window or target shared across a cut: lookback + horizon anchors at least between slices
-    assert va.min() - tr.max() >= 60 + 1 and te.min() - va.max() >= 60 + 1
+    assert va.min() - tr.max() >= 60 + 1 and ga.min() - va.max() >= 60 + 1 and te.min() - ga.max() >= 60 + 1
     assert m["embargo"] >= m["lookback"] + max(m["horizons"])
     # within a slice, anchors are consecutive candles (nothing shuffled, nothing dropped but warm-up)
     assert np.all(np.diff(tr) == 1) and np.all(np.diff(te) == 1)
     r = m["ranges"]
-    assert r["train"]["end"] < r["validation"]["start"] and r["validation"]["end"] < r["test"]["start"]
-    assert sum(m["samples"].values()) == len(tr) + len(va) + len(te)
+    assert r["train"]["end"] < r["validation"]["start"] < r["validation"]["end"] < r["gate"]["start"]
+    assert r["gate"]["end"] < r["test"]["start"]
+    assert sum(m["samples"].values()) == len(tr) + len(va) + len(ga) + len(te)
+    # default fractions: 70 / 15 %, the rest halved between gate and test
+    assert m["spec"]["gate_fraction"] == pytest.approx(0.075)
     assert m["series"][0]["sources"][0]["sha256"] and m["series"][0]["sources"][0]["path"].endswith(BTC_15M.name)
 
 

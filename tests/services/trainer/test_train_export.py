@@ -28,11 +28,17 @@ def test_package_is_complete_and_verified(trained_bilstm):
     assert meta.ranges.train.end < meta.ranges.validation.start < meta.ranges.test.start
     assert set(meta.baseline_metrics) >= {"persistence", "drift", "majority_direction"}
     assert meta.config["loop"]["epochs"] == 2 and meta.config["batch_size"] == 32
-    # the promotion decision follows the rule, whatever the numbers
-    val = meta.evaluation["validation"]
-    assert meta.promoted == (val["model"]["mae"] < val["persistence"]["mae"]
-                             and val["model"]["close@1_mae"] < val["persistence"]["close@1_mae"])
-    assert ("does not beat" in meta.promotion_reason) == (not meta.promoted)
+    # the promotion decision follows the rule, whatever the numbers: a significant win on the gate
+    # slice (mae and the next close), no loss on the later test slice
+    v = meta.evaluation["verdicts"]
+    assert [x["metric"] for x in v["gate"]] == [x["metric"] for x in v["test"]] == ["mae", "close@1_mae"]
+    gate_wins = all(x["model_mae"] < x["baseline_mae"] and x["dm_p_value"] < 0.05 for x in v["gate"])
+    test_holds = all(x["model_mae"] <= x["baseline_mae"] for x in v["test"])
+    assert meta.promoted == (gate_wins and test_holds)
+    assert ("does not beat" in meta.promotion_reason) == (not gate_wins)
+    assert "DM-HLN" in meta.promotion_reason and meta.config["dm_alpha"] == 0.05
+    # the selection slices (validation + gate) end before the test slice starts
+    assert meta.ranges.validation.end == meta.config["dataset"]["ranges"]["gate"]["end"]
     assert result.export_check["max_rel_diff"] <= 1e-4 and result.export_check["samples"] == 64
 
 
@@ -43,6 +49,47 @@ def test_card_shows_every_metric_beside_persistence(trained_bilstm):
     assert "| metric | model | persistence | drift | majority_direction |" in card
     assert f"**Promoted: {'yes' if result.published.meta.promoted else 'no'}.**" in card
     assert "Walk-forward" in card and "# bilstm-ohlc-BTCUSDT-15m v1" in card
+    v = result.published.meta.evaluation["verdicts"]["gate"][0]
+    assert "| gate | mae |" in card and f"{v['dm_p_value']:.3g} |" in card  # the DM p-value is on the card
+    assert "80 % prediction intervals" in card
+
+
+def test_gate_verdict_and_intervals_match_hand_computation(trained_bilstm, bilstm_dataset):
+    """Gate MAEs recomputed from the package's graph and the candles; coverage from the stored quantiles."""
+    registry, result = trained_bilstm
+    pkg = registry / "bilstm-ohlc-BTCUSDT-15m" / "1"
+    meta = verify_package(pkg)
+    m = json.loads((bilstm_dataset / "manifest.json").read_text())
+    z = np.load(bilstm_dataset / m["series"][0]["file"])
+    feats, prices = z["features"], z["prices"]
+    sess = ort.InferenceSession(str(pkg / MODEL_FILE), providers=["CPUExecutionProvider"])
+    order = [1, 3, 1, 2]  # targets open, close, high, low -> price columns (open's persistence: last close)
+
+    def run(a):
+        (out,) = sess.run(None, {"features": feats[a[:, None] + np.arange(-59, 1)[None, :]]})
+        actual = prices[a + 1][:, [0, 3, 1, 2]]
+        pers = prices[a][:, [3, 3, 1, 2]]
+        return out[:, 0, :], actual, pers
+
+    pred, actual, pers = run(z["anchors_gate"])
+    g = meta.evaluation["verdicts"]["gate"][0]
+    assert g["n"] == len(z["anchors_gate"])
+    assert g["model_mae"] == pytest.approx(np.abs(pred - actual).mean(), rel=1e-9)
+    assert g["baseline_mae"] == pytest.approx(np.abs(pers - actual).mean(), rel=1e-9)
+    assert g["mae_ratio_ci_low"] <= g["mae_ratio"] <= g["mae_ratio_ci_high"]
+    assert 0.0 <= g["dm_p_value"] <= 1.0
+    iv = meta.config["intervals"]
+    assert iv["columns"] == ["open@1", "close@1", "high@1", "low@1"] and iv["calibrated_on"] == "gate"
+    q = np.asarray(iv["log_residual_quantiles"])
+    assert q.shape == (4, 3) and np.all(q[:, 0] <= q[:, 1]) and np.all(q[:, 1] <= q[:, 2])
+    # on the calibration slice itself a split-conformal 10-90 % band covers at least 80 % - 1/n
+    inside_gate = (actual >= pred * np.exp(q[:, 0])) & (actual <= pred * np.exp(q[:, 2]))
+    assert inside_gate.mean(axis=0).min() >= 0.8 - 1 / len(pred)
+    pred, actual, _ = run(z["anchors_test"])
+    inside = (actual >= pred * np.exp(q[:, 0])) & (actual <= pred * np.exp(q[:, 2]))
+    for j, col in enumerate(iv["columns"]):
+        assert meta.evaluation["intervals"][col]["model"]["coverage"] == pytest.approx(inside[:, j].mean())
+    del order
 
 
 def test_onnx_runs_real_windows_with_any_batch_and_metrics_match_hand_computed(trained_bilstm, bilstm_dataset):
