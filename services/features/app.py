@@ -80,7 +80,6 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
     state = FeaturesState(settings.feature_set, settings.gap_policy, warms_up=source is not None)
     component = FeaturesComponent(state, RedisPort(bus, client, out, source), runtime.metrics,
                                   checkpoint_every_s=settings.checkpoint_every_s)
-    runtime.component = component  # type: ignore[attr-defined]  # for tests and tools that look inside
     runtime.health.set("state_restored", lambda: component.restored or not bus.owns_all())
 
     @runtime.on_startup
