@@ -114,7 +114,7 @@ async def bench_engine(published, n: int, bursts: int) -> None:
     from libs.common import model_package as mp
     from libs.common.telemetry import ServiceMetrics
     from services.inference.package import spec_from_package
-    from services.inference.server import Config, Inference, load_model
+    from services.inference.server import Callables, Config, Inference, load_model
 
     meta = published.meta
     symbols = [f"S{i:04d}USDT" for i in range(n)]
@@ -128,8 +128,8 @@ async def bench_engine(published, n: int, bursts: int) -> None:
     async def nothing(*a, **k):
         return None
 
-    eng = Inference(Config(max_batch=64, max_wait_ms=2), ServiceMetrics("inference", CollectorRegistry()), sink, nothing,
-                    nothing, nothing)
+    eng = Inference(Config(max_batch=64, max_wait_ms=2), ServiceMetrics("inference", CollectorRegistry()),
+                    Callables(sink, nothing, nothing, nothing))
     spec = spec_from_package(mp.verify_package(published.uri), published.uri)
     spec = type(spec)(**{**spec.__dict__, "pairs": None})  # serve every benchmark symbol
     eng.needs_capacity(meta.lookback)

@@ -1,20 +1,37 @@
 """Inference service: features.v1 -> every promoted ONNX model + persistence -> predictions.v1,
-scores.v1, alerts.v1; models.v1 hot-reloads models. The edge only: decode, hand to
-``server.Inference``, publish what it returns."""
+scores.v1, alerts.v1; models.v1 hot-reloads models.
+
+Three layers, each knowing only the one below:
+
+* ``server.Inference``, the domain state (windows, one supervised micro-batcher per model,
+  one supervised outbox per topic, live scores, alert rules): no Redis, unit-tested alone; it
+  reaches the bus only through a ``server.Port``.
+* ``InferenceService``, the component: its lifecycle is the service's (``start``: load the
+  registry's models; ``take_over``: each time this replica becomes the owner, rebuild state
+  from the streams; ``on_features``: one batch; ``stop``: drain). It reads the streams' history
+  (models.v1, features.v1, scores.v1, ...) to restore state, and holds the ``BusPort``.
+  Losing ownership needs no step: a standby's windows go stale and ``take_over`` rebuilds
+  every stale stream before consuming again.
+* ``create``: the faststream-shaped edge; it declares the topics and routes each handler to
+  the component.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any, Sequence
 
 from libs.common import topics
-from libs.common.bus import redis_client
+from libs.common.bus import classify, redis_client
+from libs.common.bus.failures import INFRASTRUCTURE
 from libs.common.contracts import AlertEvent, ChartEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings import SettingsError
+from libs.common.artefacts import ArtefactRoot
 from services.inference import history
-from services.inference.alert_rules import RulesError, load_rules
+from services.inference.alert_rules import Rule, RulesError, load_rules
 from services.inference.backfill import Backfill
 from services.inference.charts import ChartServing
 from services.inference.baseline import ensure_persistence_model, persistence_spec
@@ -26,56 +43,223 @@ SETTINGS = InferenceSettings
 log = logging.getLogger("klinebus.inference")
 
 
-def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
-    runtime = ServiceRuntime(
-        "inference", settings, url,
-        description="Serves every promoted ONNX model beside persistence on closed-candle features; scores "
-        "each forecast when its candle closes; market alert rules.",
-    )
-    bus, metrics = runtime.bus, runtime.metrics
-    bus.publisher(topics.PREDICTIONS, PredictionEvent)
-    bus.publisher(topics.SCORES, ScoreEvent)
-    bus.publisher(topics.ALERTS, AlertEvent)
-    try:
-        rules = load_rules(settings.alert_rules) if settings.alert_rules else []
-    except RulesError as exc:
-        for problem in exc.problems:
-            log.error("alert rules %s: %s", settings.alert_rules, problem)
-        raise SettingsError(f"invalid setting KLINEBUS_ALERT_RULES: {exc}") from None
-    client = redis_client(url)
-    predictions = bus.once_per_candle(topics.PREDICTIONS, client)
-    scores = bus.once_per_candle(topics.SCORES, client)
-    alerts = bus.once_per_candle(topics.ALERTS, client)
-    model_dir = Path(settings.model_dir) if settings.model_dir else Path(settings.data_dir) / "models"
-    cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else model_dir / ".cache"
-    engine = Inference(
-        Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
-               settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
-        metrics, predictions.publish_many, scores.publish_many, alerts.publish_many, bus.dead_letter, rules,
-    )
-    backfill = Backfill(
-        engine, settings.archive_url or str(Path(settings.data_dir) / "archive"),
-        metrics.counter("archive_window_candles_total", "Window rows computed from the klines archive", ["interval"]),
-        metrics.counter("archive_window_failures_total", "Streams whose archive could not fill their window", ["interval"]),
-    )
-    charts = ChartServing(engine, client, predictions.publish_many, bus.dead_letter, metrics, settings.session_threads)
-    state = {"ready": False, "models_upto": "0-0", "lock": asyncio.Lock(), "scores_restored": False}
-    runtime.health.set("model", lambda: state["ready"])
+class BusPort:
+    """``server.Port`` on the real bus: once-per-candle publishers, the dead-letter stream, and the
+    bus's own classification of failures (``libs.common.bus.failures``)."""
 
-    async def load(spec) -> ServedModel:
-        return await asyncio.to_thread(load_model, spec, settings.session_threads)
+    def __init__(self, runtime: ServiceRuntime, client: Any) -> None:
+        bus = runtime.bus
+        self._bus = bus
+        self.predictions = bus.once_per_candle(topics.PREDICTIONS, client)
+        self.scores = bus.once_per_candle(topics.SCORES, client)
+        self.alerts = bus.once_per_candle(topics.ALERTS, client)
 
-    async def read_windows(upper: str, floors: dict[str, int] | None = None) -> dict[tuple[str, str], list[FeaturesEvent]]:
+    async def publish_predictions(self, events: Sequence[PredictionEvent], *key: str) -> Any:
+        return await self.predictions.publish_many(events, *key)
+
+    async def publish_scores(self, events: Sequence[ScoreEvent], *key: str) -> Any:
+        return await self.scores.publish_many(events, *key)
+
+    async def publish_alerts(self, events: Sequence[AlertEvent], *key: str) -> Any:
+        return await self.alerts.publish_many(events, *key)
+
+    async def dead_letter(self, source: str, raw: Any, reason: str) -> None:
+        await self._bus.dead_letter(source, raw, reason)
+
+    def transient(self, exc: BaseException) -> bool:
+        return classify(exc) == INFRASTRUCTURE
+
+
+class InferenceService:
+    """The inference component; see the module docstring for its lifecycle."""
+
+    def __init__(self, runtime: ServiceRuntime, settings: InferenceSettings, rules: Sequence[Rule]) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.bus = runtime.bus
+        self.client = redis_client(runtime.url)
+        self.port = BusPort(runtime, self.client)
+        self.model_dir = Path(settings.model_dir) if settings.model_dir else Path(settings.data_dir) / "models"
+        self.cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else self.model_dir / ".cache"
+        metrics = runtime.metrics
+        self.engine = Inference(
+            Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
+                   settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
+            metrics, self.port, rules,
+        )
+        self.backfill = Backfill(
+            self.engine, settings.archive_url or str(Path(settings.data_dir) / "archive"),
+            metrics.counter("archive_window_candles_total", "Window rows computed from the klines archive", ["interval"]),
+            metrics.counter("archive_window_failures_total", "Streams whose archive could not fill their window",
+                            ["interval"]),
+        )
+        self.charts = ChartServing(self.engine, self.client, self.port.predictions.publish_many, self.bus.dead_letter,
+                                   metrics, settings.session_threads,
+                                   artefacts=ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics))
+        self.ready = False
+        self.models_upto = "0-0"
+        self.scores_restored = False
+        self._lock = asyncio.Lock()
+        runtime.health.set("model", lambda: self.ready)
+        self._watch_workers()
+
+    def _watch_workers(self) -> None:
+        # One readiness check per worker, so /readyz names the batcher or outbox that is down.
+        for w in self.engine.workers():
+            self.runtime.health.set(w.name, lambda w=w: w.ok)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Before consuming: persistence plus every servable registry model, then the workers."""
+        path = ensure_persistence_model(self.model_dir)
+        await self._serve(await self._load(persistence_spec(path)))
+        await self._sync_models()
+        self.engine.start()
+        self.ready = True
+
+    async def take_over(self) -> None:
+        """Each time this replica becomes the owner (at start; a standby taking over), before it
+        consumes: models announced meanwhile, then windows from what the group was handed, with
+        forecasts for candles a model had not published. Runs once per ordered group (features.v1,
+        models.v1); the second run finds the windows current and keeps them."""
+        async with self._lock:
+            await self._sync_models()
+            upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service)
+            if upper is not None:
+                floors = await history.last_published(self.client, topics.PREDICTIONS)
+                per_key = await self._read_windows(upper, floors)
+                rebuilt = self.engine.rebuild(per_key, floors)
+                log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
+            if not self.scores_restored:
+                await self._restore_scores()
+                self.scores_restored = True
+
+    async def on_features(self, events: list[FeaturesEvent]) -> int:
+        """One batch: hands windows to the models' micro-batchers and returns (a batch of closes
+        from many symbols becomes one session call per model, whatever size the bus delivers).
+        Returns how many were re-deliveries."""
+        return sum(not self.engine.on_features(ev) for ev in events if not self.backfill.take(ev))
+
+    async def on_model(self, event: ModelPublished, entry_id: str) -> None:
+        if history.id_key(entry_id) <= history.id_key(self.models_upto):
+            return  # already reflected by the start-up read of models.v1
+        if not event.promoted and not self.settings.serve_unpromoted:
+            log.info("%s@%s is not promoted (did not beat its baselines); not served", event.model, event.version)
+            return
+        current = self.engine.router.get(event.model)
+        if current is not None and current.spec.version == event.version and current.spec.sha256 == event.sha256:
+            return
+        try:
+            spec = await asyncio.to_thread(load_package, event.uri, event.sha256, self.cache_dir)
+            if spec.name != event.model or spec.version != event.version:
+                raise PackageError(f"the package at {event.uri} is {spec.label}, not {event.model}@{event.version}")
+            model = await self._load(spec)
+        except NotServable as exc:
+            if await self.charts.on_model(event, self.cache_dir):
+                return
+            log.info("%s@%s is not served here: %s", event.model, event.version, exc)
+            return
+        except PackageError as exc:
+            self.engine.m.load_failures.labels(event.model).inc()
+            kept = f"; still serving {current.spec.label}" if current is not None else ""
+            reason = f"model {event.model}@{event.version} refused: {exc}{kept}"
+            log.error("%s", reason)
+            await self.bus.dead_letter(topics.MODELS, event.to_json(), reason)
+            return
+        await self._serve(model)
+
+    async def on_chart(self, event: ChartEvent) -> None:
+        await self.charts.on_chart(event)
+
+    async def stop(self) -> None:
+        s = self.settings
+        await self.backfill.drain(s.drain_timeout_s)
+        if not await self.engine.drain(s.drain_timeout_s):
+            log.warning("stopped with forecasts still queued; they are made again at the next start")
+        await self.engine.stop()
+        await self.client.aclose()
+
+    # --- models ---------------------------------------------------------------------------------
+
+    async def _load(self, spec) -> ServedModel:
+        return await asyncio.to_thread(load_model, spec, self.settings.session_threads)
+
+    async def _serve(self, model: ServedModel) -> None:
+        engine = self.engine
+        if engine.needs_capacity(model.spec.lookback) and self.ready:
+            # A longer lookback than any served so far: put older rows in front of what the windows hold.
+            upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service)
+            if upper is not None:
+                for key, evs in (await self._read_windows(upper)).items():
+                    engine.windows.refill(key, [(e.open_time, e.close, e.feature_set, e.values) for e in evs])
+        old = engine.install(model)
+        self._watch_workers()
+        was = f" (was {old.spec.version})" if old is not None else ""
+        log.info("serving %s (%s, %s, lookback %d, %s)%s", model.spec.label, model.spec.kind,
+                 model.spec.feature_set or "close", model.spec.lookback,
+                 "all pairs" if model.spec.pairs is None else f"{len(model.spec.pairs)} pairs", was)
+
+    async def _sync_models(self) -> None:
+        """Serve what the registry and models.v1 say is current (the last promoted announcement of
+        each name wins); models already serving that version stay as they are."""
+        s, engine = self.settings, self.engine
+        current = {spec.name: spec for spec in await asyncio.to_thread(
+            registry_packages, self.model_dir, not s.serve_unpromoted)}
+        chart_specs = await self.charts.registry(self.model_dir, not s.serve_unpromoted)
+        announced: dict[str, ModelPublished] = {}
+        newest = None
+        async for eid, doc in history.scan_back(self.client, topics.MODELS):
+            newest = newest or eid
+            try:
+                ev = ModelPublished.model_validate(doc)
+            except ValueError:
+                continue
+            if (ev.promoted or s.serve_unpromoted) and ev.model not in announced:
+                announced[ev.model] = ev
+        for name, ev in announced.items():
+            spec = current.get(name)
+            if spec is None or spec.version != ev.version or spec.sha256 != ev.sha256:
+                try:
+                    current[name] = await asyncio.to_thread(load_package, ev.uri, ev.sha256, self.cache_dir)
+                except NotServable:
+                    current.pop(name, None)
+                    chart_specs.pop(name, None)
+                    chart = await self.charts.fetch(ev, self.cache_dir)  # None: not a chart classifier either
+                    if chart is not None:
+                        chart_specs[name] = chart
+                except PackageError as exc:
+                    engine.m.load_failures.labels(name).inc()
+                    log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
+                    current.pop(name, None)
+                    chart_specs.pop(name, None)
+        for spec in current.values():
+            serving = engine.router.get(spec.name)
+            if serving is not None and serving.spec.version == spec.version and serving.spec.sha256 == spec.sha256:
+                continue
+            try:
+                await self._serve(await self._load(spec))
+            except PackageError as exc:
+                engine.m.load_failures.labels(spec.name).inc()
+                log.error("cannot serve %s: %s", spec.label, exc)
+        await self.charts.sync(chart_specs.values())
+        if newest is not None and history.id_key(newest) > history.id_key(self.models_upto):
+            self.models_upto = newest
+
+    # --- state from the streams ------------------------------------------------------------------
+
+    async def _read_windows(self, upper: str, floors: dict[str, int] | None = None) -> dict[tuple[str, str], list[FeaturesEvent]]:
         """The last events of every stream on features.v1 up to ``upper``, oldest first: the
         window, plus room for candles left unpublished; with ``floors`` (the once-per-candle
         guard), back to a full window before the oldest candle a model serving the stream has not
         answered, however many a crash left unanswered."""
+        engine = self.engine
         cap = engine.windows.capacity
         need = cap + 64
         per_key: dict[tuple[str, str], list[FeaturesEvent]] = {}
         done: set[tuple[str, str]] = set()
         lowest: dict[tuple[str, str], int | None] = {}
-        async for _, doc in history.scan_back(client, topics.FEATURES, upper, settings.restore_scan_entries):
+        async for _, doc in history.scan_back(self.client, topics.FEATURES, upper, self.settings.restore_scan_entries):
             key = (doc.get("symbol"), doc.get("interval"))
             if key in done:
                 continue
@@ -98,94 +282,11 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             done.add(key)  # type: ignore[arg-type]
         return {k: v[::-1] for k, v in per_key.items()}
 
-    async def serve(model: ServedModel) -> None:
-        if engine.needs_capacity(model.spec.lookback) and state["ready"]:
-            # A longer lookback than any served so far: put older rows in front of what the windows hold.
-            upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
-            if upper is not None:
-                for key, evs in (await read_windows(upper)).items():
-                    engine.windows.refill(key, [(e.open_time, e.close, e.feature_set, e.values) for e in evs])
-        old = engine.install(model)
-        was = f" (was {old.spec.version})" if old is not None else ""
-        log.info("serving %s (%s, %s, lookback %d, %s)%s", model.spec.label, model.spec.kind,
-                 model.spec.feature_set or "close", model.spec.lookback,
-                 "all pairs" if model.spec.pairs is None else f"{len(model.spec.pairs)} pairs", was)
-
-    async def sync_models() -> None:
-        """Serve what the registry and models.v1 say is current (the last promoted announcement of
-        each name wins); models already serving that version stay as they are."""
-        current = {s.name: s for s in await asyncio.to_thread(
-            registry_packages, model_dir, not settings.serve_unpromoted)}
-        chart_specs = await charts.registry(model_dir, not settings.serve_unpromoted)
-        announced: dict[str, ModelPublished] = {}
-        newest = None
-        async for eid, doc in history.scan_back(client, topics.MODELS):
-            newest = newest or eid
-            try:
-                ev = ModelPublished.model_validate(doc)
-            except ValueError:
-                continue
-            if (ev.promoted or settings.serve_unpromoted) and ev.model not in announced:
-                announced[ev.model] = ev
-        for name, ev in announced.items():
-            spec = current.get(name)
-            if spec is None or spec.version != ev.version or spec.sha256 != ev.sha256:
-                try:
-                    current[name] = await asyncio.to_thread(load_package, ev.uri, ev.sha256, cache_dir)
-                except NotServable:
-                    current.pop(name, None)
-                    chart_specs.pop(name, None)
-                    chart = await charts.fetch(ev, cache_dir)  # None: not a chart classifier either
-                    if chart is not None:
-                        chart_specs[name] = chart
-                except PackageError as exc:
-                    engine.m.load_failures.labels(name).inc()
-                    log.error("cannot serve %s@%s announced on models.v1: %s", name, ev.version, exc)
-                    current.pop(name, None)
-                    chart_specs.pop(name, None)
-        for spec in current.values():
-            serving = engine.router.get(spec.name)
-            if serving is not None and serving.spec.version == spec.version and serving.spec.sha256 == spec.sha256:
-                continue
-            try:
-                await serve(await load(spec))
-            except PackageError as exc:
-                engine.m.load_failures.labels(spec.name).inc()
-                log.error("cannot serve %s: %s", spec.label, exc)
-        await charts.sync(chart_specs.values())
-        if newest is not None and history.id_key(newest) > history.id_key(state["models_upto"]):
-            state["models_upto"] = newest
-
-    @runtime.on_startup
-    async def load_models() -> None:
-        path = ensure_persistence_model(model_dir)
-        await serve(await load(persistence_spec(path)))
-        await sync_models()
-        engine.start()
-        state["ready"] = True
-
-    @bus.on_owner
-    async def take_over() -> None:
-        """Each time this replica becomes the owner (at start; a standby taking over), before it
-        consumes: models announced meanwhile, then windows from what the group was handed, with
-        forecasts for candles a model had not published. Runs once per ordered group (features.v1,
-        models.v1); the second run finds the windows current and keeps them."""
-        async with state["lock"]:
-            await sync_models()
-            upper = await history.taken_upper_bound(client, topics.FEATURES, bus.service)
-            if upper is not None:
-                floors = await history.last_published(client, topics.PREDICTIONS)
-                per_key = await read_windows(upper, floors)
-                rebuilt = engine.rebuild(per_key, floors)
-                log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
-            if not state["scores_restored"]:
-                await restore_scores()
-                state["scores_restored"] = True
-
-    async def restore_scores() -> None:
-        n = settings.score_window
+    async def _restore_scores(self) -> None:
+        engine, client, s = self.engine, self.client, self.settings
+        n = s.score_window
         kept: dict[tuple, list[dict]] = {}
-        async for _, doc in history.scan_back(client, topics.SCORES, "+", settings.restore_scan_entries):
+        async for _, doc in history.scan_back(client, topics.SCORES, "+", s.restore_scan_entries):
             try:
                 key = (doc["model"], doc["symbol"], doc["interval"], int(doc["horizon"]))
             except (KeyError, TypeError, ValueError):
@@ -212,21 +313,47 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                                                doc["open_time"], doc["last_close"], steps)
             except (KeyError, TypeError, AttributeError):
                 continue
-        async for _, doc in history.scan_back(client, topics.ALERTS, "+", settings.restore_scan_entries):
+        async for _, doc in history.scan_back(client, topics.ALERTS, "+", s.restore_scan_entries):
             try:
                 subject = doc["labels"]["subject"]
-                engine.alerts.restore_once(doc["rule"], doc["symbol"], doc["interval"], subject, doc["status"], doc["open_time"])
+                engine.alerts.restore_once(doc["rule"], doc["symbol"], doc["interval"], subject, doc["status"],
+                                           doc["open_time"])
             except (KeyError, TypeError):
                 continue
+
+
+def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
+    runtime = ServiceRuntime(
+        "inference", settings, url,
+        description="Serves every promoted ONNX model beside persistence on closed-candle features; scores "
+        "each forecast when its candle closes; market alert rules.",
+    )
+    bus, metrics = runtime.bus, runtime.metrics
+    bus.publisher(topics.PREDICTIONS, PredictionEvent)
+    bus.publisher(topics.SCORES, ScoreEvent)
+    bus.publisher(topics.ALERTS, AlertEvent)
+    try:
+        rules = load_rules(settings.alert_rules) if settings.alert_rules else []
+    except RulesError as exc:
+        for problem in exc.problems:
+            log.error("alert rules %s: %s", settings.alert_rules, problem)
+        raise SettingsError(f"invalid setting KLINEBUS_ALERT_RULES: {exc}") from None
+    service = InferenceService(runtime, settings, rules)
+
+    @runtime.on_startup
+    async def load_models() -> None:
+        await service.start()
+
+    @bus.on_owner
+    async def take_over() -> None:
+        await service.take_over()
 
     @bus.ordered_batch(topics.FEATURES, FeaturesEvent,
                        description="Forecast with every model serving the candle's (symbol, interval); score earlier forecasts.")
     async def on_features(events: list[FeaturesEvent], entry_ids: list[str]) -> None:
-        # Hands windows to the models' micro-batchers and returns: a batch of closes from many
-        # symbols becomes one session call per model, whatever size the bus delivers.
         metrics.events_in.labels(topics.FEATURES).inc(len(events))
         with metrics.handle_seconds.labels(topics.FEATURES).time():
-            repeated = sum(not engine.on_features(ev) for ev in events if not backfill.take(ev))
+            repeated = await service.on_features(events)
         if repeated:
             metrics.duplicates.labels(topics.FEATURES).inc(repeated)
 
@@ -234,46 +361,17 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
                  description="Verify, load and warm an announced model package, then swap it in between two candles.")
     async def on_model(event: ModelPublished, entry_id: str) -> None:
         metrics.events_in.labels(topics.MODELS).inc()
-        if history.id_key(entry_id) <= history.id_key(state["models_upto"]):
-            return  # already reflected by the start-up read of models.v1
-        if not event.promoted and not settings.serve_unpromoted:
-            log.info("%s@%s is not promoted (did not beat its baselines); not served", event.model, event.version)
-            return
-        current = engine.router.get(event.model)
-        if current is not None and current.spec.version == event.version and current.spec.sha256 == event.sha256:
-            return
-        try:
-            spec = await asyncio.to_thread(load_package, event.uri, event.sha256, cache_dir)
-            if spec.name != event.model or spec.version != event.version:
-                raise PackageError(f"the package at {event.uri} is {spec.label}, not {event.model}@{event.version}")
-            model = await load(spec)
-        except NotServable as exc:
-            if await charts.on_model(event, cache_dir):
-                return
-            log.info("%s@%s is not served here: %s", event.model, event.version, exc)
-            return
-        except PackageError as exc:
-            engine.m.load_failures.labels(event.model).inc()
-            kept = f"; still serving {current.spec.label}" if current is not None else ""
-            reason = f"model {event.model}@{event.version} refused: {exc}{kept}"
-            log.error("%s", reason)
-            await bus.dead_letter(topics.MODELS, event.to_json(), reason)
-            return
-        await serve(model)
+        await service.on_model(event, entry_id)
 
     @bus.ordered(topics.CHARTS, ChartEvent,
                  description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) with class "
                  "probabilities and the next close.")
     async def on_chart(event: ChartEvent, entry_id: str) -> None:
         metrics.events_in.labels(topics.CHARTS).inc()
-        await charts.on_chart(event)
+        await service.on_chart(event)
 
     @runtime.on_shutdown
     async def drain() -> None:
-        await backfill.drain(settings.drain_timeout_s)
-        if not await engine.drain(settings.drain_timeout_s):
-            log.warning("stopped with forecasts still queued; they are made again at the next start")
-        await engine.stop()
-        await client.aclose()
+        await service.stop()
 
     return runtime

@@ -2,14 +2,21 @@
 
 ``MicroBatcher``: one per served model name. Jobs (one window each) queue up; the worker
 takes the first and whatever else arrives within ``max_wait_s`` (up to ``max_batch``), runs
-the model once for all of them in the model's own thread, and hands the results on in the
+the model once for all of them in the model's own thread, and hands each result on in the
 order the jobs came. Each model has its own queue, task and thread, so a slow model only
 delays itself. It works the same whether the bus delivers events one at a time or in
 batches: batching happens here, across events, not per delivery.
 
 ``Outbox``: one per output topic. Events are published in the order they were put, in
-pipelined batches; a failed publish (Redis down) is retried with capped back-off, never
-dropped, so what the workers produced reaches the stream in order.
+pipelined batches of one key, so what the workers produced reaches the stream in order.
+
+Both are supervised (``_QueueWorker``): what a worker holds is kept "in hand" until it is
+handed on, so a failure loses nothing. A failure the port calls transient (Redis down,
+OOM, read-only) is waited out with capped back-off for as long as it lasts, nothing dropped;
+any other failure of one item (a bug, an event Redis will never take) is tried ``max_tries``
+times, then that item alone is dead-lettered and the worker moves on. Either way the worker
+restarts itself, and ``failing`` says why while it is down (``/readyz`` and a gauge read it),
+so one bad item never ends the task for good nor blocks the topic.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ log = logging.getLogger("klinebus.inference.batching")
 
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 5.0
+# Tries of one item failing with a non-transient error before it is dead-lettered: enough to
+# ride out a race, few enough that the topic behind it waits well under a second.
+MAX_TRIES = 5
 
 
 @dataclass
@@ -41,27 +51,122 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-Results = Callable[[Sequence[Job], Sequence[Any]], Awaitable[None]]
+OnResult = Callable[[Job, Any], Awaitable[None]]
+OnSession = Callable[[Sequence[Job]], None]
+Transient = Callable[[BaseException], bool]
+GiveUp = Callable[[Any, str], Awaitable[None]]
+OnRestart = Callable[[str, BaseException], None]
+
+
+def connection_trouble(exc: BaseException) -> bool:
+    """The default transient test when no port gives one: network-level errors only."""
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+
+
+class _Poison(Exception):
+    """Raised by ``_run`` when the item in hand was tried ``max_tries`` times (internal)."""
+
+
+@dataclass
+class _InHand:
+    item: Any
+    tries: int = 0
 
 
 class _QueueWorker:
-    """One queue, one task working it; ``pending`` counts queued items and the one in hand."""
+    """One queue, one supervised task working it; ``pending`` counts queued items and those in hand.
+
+    Subclasses implement ``_fill`` (wait for work, put it in ``_hand``), ``_handle`` (hand the
+    head item on; raise to fail), ``_split`` (a failing item that can be tried in smaller parts)
+    and ``_give_up`` (dead-letter an item that kept failing)."""
 
     name: str
     _queue: asyncio.Queue
     _task: asyncio.Task[None] | None = None
-    _busy: bool = False
+
+    def _init_worker(self, transient: Transient | None, max_tries: int, on_restart: OnRestart | None) -> None:
+        self._hand: list[_InHand] = []
+        self._task = None
+        self.transient = transient or connection_trouble
+        self.max_tries = max_tries
+        self.on_restart = on_restart
+        self.failing: str | None = None  # why the worker is down now (for logs and /readyz)
+        self.restarts = 0
+        self._delay = RETRY_FIRST_S
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"{type(self).__name__}:{self.name}")
+            self._task = asyncio.create_task(self._supervise(), name=f"{type(self).__name__}:{self.name}")
 
-    async def _run(self) -> None:
-        raise NotImplementedError
+    @property
+    def ok(self) -> bool:
+        """Working (or not started yet): not failing, and its task has not ended."""
+        return self.failing is None and (self._task is None or not self._task.done())
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + (1 if self._busy else 0)
+        return self._queue.qsize() + len(self._hand)
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure restarts the worker; none ends it
+                await self._failed(exc)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._hand:
+                await self._fill()
+            while self._hand:
+                head = self._hand[0]
+                if head.tries >= self.max_tries:
+                    parts = self._split(head.item)
+                    if parts is None:
+                        await self._give_up(head.item, self.failing or "failed")
+                        self._hand.pop(0)
+                    else:
+                        self._hand[:1] = [_InHand(p) for p in parts]
+                    continue
+                await self._handle(head.item)
+                self._hand.pop(0)
+                self._recovered()
+
+    async def _failed(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        transient = self.transient(exc)
+        if self._hand and not transient:
+            self._hand[0].tries += 1  # only a non-transient failure counts towards giving up
+        if reason != self.failing:
+            log.error("%s: %s (%s); restarting in %.2fs, %d item(s) in hand kept", self.name, reason,
+                      "waiting it out" if transient else "counted towards dead-lettering the item",
+                      self._delay, len(self._hand), exc_info=not transient)
+        self.failing = reason
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart(self.name, exc)
+        await asyncio.sleep(self._delay)
+        self._delay = min(RETRY_MAX_S, self._delay * 2)
+
+    def _recovered(self) -> None:
+        if self.failing is not None:
+            log.info("%s: working again after %d restart(s)", self.name, self.restarts)
+            self.failing = None
+            self._delay = RETRY_FIRST_S
+
+    async def _fill(self) -> None:
+        raise NotImplementedError
+
+    async def _handle(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def _split(self, item: Any) -> list[Any] | None:
+        return None
+
+    async def _give_up(self, item: Any, reason: str) -> None:
+        raise NotImplementedError
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything queued is handled (or ``timeout``); True when empty."""
@@ -78,25 +183,39 @@ class _QueueWorker:
             self._task = None
 
 
+@dataclass
+class _Answered:
+    job: Job
+    result: Any
+
+
 class MicroBatcher(_QueueWorker):
-    """Batches jobs for one model name; ``on_results(jobs, forecasts_or_errors)`` gets them in order."""
+    """Batches jobs for one model name; ``on_result(job, forecast_or_error)`` gets each in order,
+    ``on_session(jobs)`` is told of each session call (metrics). A job whose ``on_result`` keeps
+    failing is handed to ``give_up(job, reason)`` (a dead letter)."""
 
     def __init__(
         self,
         name: str,
-        on_results: Results,
+        on_result: OnResult,
         max_batch: int = 256,
         max_wait_s: float = 0.002,
+        *,
+        on_session: OnSession | None = None,
+        give_up: GiveUp | None = None,
+        transient: Transient | None = None,
+        max_tries: int = MAX_TRIES,
+        on_restart: OnRestart | None = None,
     ) -> None:
         self.name = name
-        self.on_results = on_results
+        self.on_result = on_result
+        self.on_session = on_session
+        self.give_up = give_up
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        self._task: asyncio.Task[None] | None = None
-        self._busy = False
-
+        self._init_worker(transient, max_tries, on_restart)
 
     def submit(self, job: Job) -> None:
         self._queue.put_nowait(job)
@@ -119,25 +238,36 @@ class MicroBatcher(_QueueWorker):
                 break
         return batch
 
-    async def _run(self) -> None:
+    async def _fill(self) -> None:
+        batch = await self._collect()
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            self._busy = True
-            try:
-                # A hot reload swaps the model between two candles: jobs name the version that was
-                # current when their candle arrived, so a batch may hold two versions, run apart.
-                start = 0
-                while start < len(batch):
-                    end = start
-                    while end < len(batch) and batch[end].model is batch[start].model:
-                        end += 1
-                    group = batch[start:end]
-                    results = await loop.run_in_executor(self._executor, _predict, group)
-                    await self.on_results(group, results)
-                    start = end
-            finally:
-                self._busy = False
+        # A hot reload swaps the model between two candles: jobs name the version that was
+        # current when their candle arrived, so a batch may hold two versions, run apart.
+        # The whole batch is answered before any result is handed on, and the answers are kept
+        # in hand: a restart resumes handing them on, it never runs a session twice.
+        answered: list[_InHand] = []
+        start = 0
+        while start < len(batch):
+            end = start
+            while end < len(batch) and batch[end].model is batch[start].model:
+                end += 1
+            group = batch[start:end]
+            results = await loop.run_in_executor(self._executor, _predict, group)
+            if self.on_session is not None:
+                self.on_session(group)
+            answered += [_InHand(_Answered(j, r)) for j, r in zip(group, results)]
+            start = end
+        self._hand = answered
+
+    async def _handle(self, item: _Answered) -> None:
+        await self.on_result(item.job, item.result)
+
+    async def _give_up(self, item: _Answered, reason: str) -> None:
+        if self.give_up is None:
+            log.error("%s: dropped %s %s %d after %d tries: %s", self.name, item.job.symbol, item.job.interval,
+                      item.job.open_time, self.max_tries, reason)
+            return
+        await self.give_up(item.job, reason)
 
     async def stop(self) -> None:
         await super().stop()
@@ -162,62 +292,61 @@ def _predict(jobs: Sequence[Job]) -> list[Any]:
 
 
 @dataclass
-class _Item:
-    event: Any
+class _Chunk:
+    events: list[Any]
     key: tuple[str, ...]
 
 
 class Outbox(_QueueWorker):
     """Publishes events in order through ``publish(events, *key)`` (e.g. ``OncePerCandle.publish_many``),
-    batching consecutive events of one key; retries failures with capped back-off."""
+    batching consecutive events of one key. A transient failure is waited out; a chunk that keeps
+    failing otherwise is tried one event at a time, and the event that still fails is handed to
+    ``give_up(event, reason)`` (a dead letter) so the events behind it flow."""
 
-    def __init__(self, name: str, publish: Callable[..., Awaitable[Any]], max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        name: str,
+        publish: Callable[..., Awaitable[Any]],
+        max_batch: int = 500,
+        *,
+        give_up: GiveUp | None = None,
+        transient: Transient | None = None,
+        max_tries: int = MAX_TRIES,
+        on_restart: OnRestart | None = None,
+    ) -> None:
         self.name = name
         self.publish = publish
+        self.give_up = give_up
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._busy = False
-        self.failing: str | None = None  # why publishing is failing now (for logs and health)
-
+        self._queue: asyncio.Queue[tuple[Any, tuple[str, ...]]] = asyncio.Queue()
+        self._init_worker(transient, max_tries, on_restart)
 
     def put(self, event: Any, *key: str) -> None:
-        self._queue.put_nowait(_Item(event, key))
+        self._queue.put_nowait((event, key))
 
-    async def _run(self) -> None:
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.max_batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            self._busy = True
-            try:
-                start = 0
-                while start < len(items):
-                    end = start
-                    while end < len(items) and items[end].key == items[start].key:
-                        end += 1
-                    await self._publish_retrying([i.event for i in items[start:end]], items[start].key)
-                    start = end
-            finally:
-                self._busy = False
+    async def _fill(self) -> None:
+        items = [await self._queue.get()]
+        while len(items) < self.max_batch and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        chunks: list[_InHand] = []
+        for event, key in items:
+            if chunks and chunks[-1].item.key == key:
+                chunks[-1].item.events.append(event)
+            else:
+                chunks.append(_InHand(_Chunk([event], key)))
+        self._hand = chunks
 
-    async def _publish_retrying(self, events: list[Any], key: tuple[str, ...]) -> None:
-        delay = RETRY_FIRST_S
-        while True:
-            try:
-                await self.publish(events, *key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: wait it out, lose nothing
-                reason = f"{type(exc).__name__}: {exc}"
-                if reason != self.failing:
-                    log.warning("%s: publishing %d events failed (%s); retrying", self.name, len(events), reason)
-                self.failing = reason
-                await asyncio.sleep(delay)
-                delay = min(RETRY_MAX_S, delay * 2)
-                continue
-            if self.failing:
-                log.info("%s: publishing works again", self.name)
-                self.failing = None
+    async def _handle(self, item: _Chunk) -> None:
+        await self.publish(item.events, *item.key)
+
+    def _split(self, item: _Chunk) -> list[Any] | None:
+        if len(item.events) == 1:
+            return None
+        return [_Chunk([e], item.key) for e in item.events]
+
+    async def _give_up(self, item: _Chunk, reason: str) -> None:
+        (event,) = item.events
+        if self.give_up is None:
+            log.error("%s: dropped an event after %d tries: %s", self.name, self.max_tries, reason)
             return
-
+        await self.give_up(event, reason)

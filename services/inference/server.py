@@ -1,7 +1,8 @@
 """The inference engine: features in; forecasts, scores and market alerts out. No bus here.
 
 The app hands it each ``features.v1`` event (``on_features``) and each model announcement
-(``install``); it hands back events through the publish callables it was given. Per event it
+(``install``); it reaches the bus only through the ``Port`` it was given (publish three
+topics, write a dead letter, say whether an error is transient). Per event it
 updates the stream's window, scores the forecasts that targeted this candle, evaluates the
 feature alert rules, and submits one job per routed model to that model's micro-batcher,
 without waiting for any model: each model answers on its own task and thread, in order.
@@ -17,13 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from libs.common import topics
 from libs.common.contracts import AlertEvent, FeaturesEvent, PredictionEvent, ScoreEvent
 from libs.common.klines import interval_ms, now_ms
 from libs.common.telemetry import ServiceMetrics
 from services.inference.alert_rules import AlertEngine, Firing, Rule
-from services.inference.batching import Job, MicroBatcher, Outbox
+from services.inference.batching import Job, MicroBatcher, Outbox, connection_trouble
 from services.inference.model_runner import OnnxModel
 from services.inference.package import ModelSpec
 from services.inference.routing import Router
@@ -34,6 +36,36 @@ log = logging.getLogger("klinebus.inference")
 
 Publish = Callable[..., Awaitable[Any]]
 DeadLetter = Callable[[str, Any, str], Awaitable[None]]
+
+
+class Port(Protocol):
+    """All the engine needs of the bus; the app's edge implements it (tests: a list per topic).
+
+    ``publish_*(events, *key)`` appends events of one key in order (once per candle);
+    ``dead_letter(source, raw, reason)`` records what cannot be served; ``transient(exc)`` says
+    whether a failure is the infrastructure's (waited out, nothing dropped) rather than the
+    item's (tried a bounded number of times, then dead-lettered)."""
+
+    async def publish_predictions(self, events: Sequence[PredictionEvent], *key: str) -> Any: ...
+
+    async def publish_scores(self, events: Sequence[ScoreEvent], *key: str) -> Any: ...
+
+    async def publish_alerts(self, events: Sequence[AlertEvent], *key: str) -> Any: ...
+
+    async def dead_letter(self, source: str, raw: Any, reason: str) -> None: ...
+
+    def transient(self, exc: BaseException) -> bool: ...
+
+
+@dataclass
+class Callables:
+    """A ``Port`` from plain callables (benchmarks, tests)."""
+
+    publish_predictions: Publish
+    publish_scores: Publish
+    publish_alerts: Publish
+    dead_letter: DeadLetter
+    transient: Callable[[BaseException], bool] = connection_trouble
 
 
 @dataclass
@@ -102,35 +134,66 @@ class Metrics:
                               "1 while a model's rolling MAE is behind persistence over the agreed window",
                               ["model", "symbol", "interval"])
         self.alerts = m.counter("alerts_total", "Market alert transitions published", ["rule", "status"])
+        self.worker_restarts = m.counter(
+            "worker_restarts_total", "Restarts of a model's batcher or a topic's outbox after a failure", ["worker"])
+        self.worker_failing = m.gauge(
+            "worker_failing", "1 while a batcher or outbox is failing and restarting (see /readyz)", ["worker"])
+        self.given_up = m.counter(
+            "poison_events_total", "Items dead-lettered after failing every try (they no longer block the worker)",
+            ["worker"])
 
 
 class Inference:
-    def __init__(
-        self,
-        config: Config,
-        metrics: ServiceMetrics,
-        publish_predictions: Publish,
-        publish_scores: Publish,
-        publish_alerts: Publish,
-        dead_letter: DeadLetter,
-        rules: Sequence[Rule] = (),
-    ) -> None:
+    def __init__(self, config: Config, metrics: ServiceMetrics, port: Port, rules: Sequence[Rule] = ()) -> None:
         self.config = config
         self.m = Metrics(metrics)
         self.router = Router()
         self.windows = Windows(1)
         self.scorer = LiveScorer(config.score_window, config.behind_min_samples, config.behind_ratio)
         self.alerts = AlertEngine(rules)
-        self.dead_letter = dead_letter
+        self.port = port
         self.batchers: dict[str, MicroBatcher] = {}
-        self._publish_predictions = publish_predictions
-        self.out_predictions = Outbox("predictions", self._published)
-        self.out_scores = Outbox("scores", publish_scores)
-        self.out_alerts = Outbox("alerts", publish_alerts)
+        self.out_predictions = self._outbox("predictions", topics.PREDICTIONS, self._published)
+        self.out_scores = self._outbox("scores", topics.SCORES, port.publish_scores)
+        self.out_alerts = self._outbox("alerts", topics.ALERTS, port.publish_alerts)
         self._mismatch_logged: set[tuple[str, str]] = set()
         # During replay: per "symbol|interval|model", publish only candles after this open time.
         self._replay_floor: dict[str, int] | None = None
         self._started = False
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _outbox(self, name: str, topic: str, publish: Publish) -> Outbox:
+        async def give_up(event: Any, reason: str) -> None:
+            self.m.given_up.labels(f"outbox:{name}").inc()
+            await self.port.dead_letter(topic, event.model_dump(mode="json"), f"unpublishable after every try: {reason}")
+
+        out = Outbox(f"outbox:{name}", publish, give_up=give_up, transient=self.port.transient,
+                     on_restart=self._restarted)
+        self.m.worker_failing.labels(out.name).set_function(lambda: 0 if out.ok else 1)
+        return out
+
+    def _batcher(self, name: str) -> MicroBatcher:
+        async def give_up(job: Job, reason: str) -> None:
+            self.m.given_up.labels(f"batcher:{name}").inc()
+            await self.port.dead_letter(topics.FEATURES, _job_doc(job), f"forecast failed every try: {reason}")
+
+        b = MicroBatcher(f"batcher:{name}", self._on_result, self.config.max_batch, self.config.max_wait_ms / 1000.0,
+                         on_session=self._on_session, give_up=give_up, transient=self.port.transient,
+                         on_restart=self._restarted)
+        self.m.queue.labels(name).set_function(lambda: b.pending)
+        self.m.worker_failing.labels(b.name).set_function(lambda: 0 if b.ok else 1)
+        return b
+
+    def _restarted(self, worker: str, exc: BaseException) -> None:
+        self.m.worker_restarts.labels(worker).inc()
+
+    def workers(self) -> list[MicroBatcher | Outbox]:
+        return [*self.batchers.values(), self.out_predictions, self.out_scores, self.out_alerts]
+
+    def failing(self) -> dict[str, str]:
+        """Workers down now (restarting) and why; empty when all work."""
+        return {w.name: w.failing or "stopped" for w in self.workers() if not w.ok}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -157,7 +220,7 @@ class Inference:
             await out.stop()
 
     async def _published(self, events: Sequence[PredictionEvent], *key: str) -> None:
-        await self._publish_predictions(events, *key)
+        await self.port.publish_predictions(events, *key)
         now = now_ms()
         for e in events:  # measured once the forecast is on the stream
             self.m.close_to_publish.labels(e.model).observe(max(0.0, (now - e.open_time - interval_ms(e.interval)) / 1000.0))
@@ -170,9 +233,7 @@ class Inference:
         spec = model.spec
         old = self.router.put(model)
         if spec.name not in self.batchers:
-            b = MicroBatcher(spec.name, self._on_results, self.config.max_batch, self.config.max_wait_ms / 1000.0)
-            self.batchers[spec.name] = b
-            self.m.queue.labels(spec.name).set_function(lambda b=b: b.pending)
+            b = self.batchers[spec.name] = self._batcher(spec.name)
             if self._started:
                 b.start()
         if old is not None:
@@ -254,21 +315,22 @@ class Inference:
 
     # --- results --------------------------------------------------------------------------------
 
-    async def _on_results(self, jobs: Sequence[Job], results: Sequence[Any]) -> None:
-        model = jobs[0].model
-        spec = model.spec
-        meta = jobs[0].meta
+    def _on_session(self, jobs: Sequence[Job]) -> None:
+        meta, name = jobs[0].meta, jobs[0].model.spec.name
         if "batch" in meta:
-            self.m.batch.labels(spec.name).observe(meta["batch"])
-            self.m.session.labels(spec.name).observe(meta["session_s"])
-        for job, res in zip(jobs, results):
-            if isinstance(res, Exception):
-                self.m.model_errors.labels(spec.name).inc()
-                reason = f"model {spec.label} failed on {job.symbol} {job.interval} {job.open_time}: {type(res).__name__}: {res}"
-                await self.dead_letter("features.v1", {"symbol": job.symbol, "interval": job.interval,
-                                                       "open_time": job.open_time, "model": spec.label}, reason)
-                continue
-            self._publish_forecast(job, spec, res)
+            self.m.batch.labels(name).observe(meta["batch"])
+            self.m.session.labels(name).observe(meta["session_s"])
+        else:  # the session call failed: one error per job
+            self.m.model_errors.labels(name).inc(len(jobs))
+
+    async def _on_result(self, job: Job, res: Any) -> None:
+        spec = job.model.spec
+        if isinstance(res, Exception):
+            # May raise (Redis refusing the write): the batcher keeps this job in hand and tries again.
+            reason = f"model {spec.label} failed on {job.symbol} {job.interval} {job.open_time}: {type(res).__name__}: {res}"
+            await self.port.dead_letter(topics.FEATURES, _job_doc(job), reason)
+            return
+        self._publish_forecast(job, spec, res)
 
     def _publish_forecast(self, job: Job, spec: ModelSpec, fc: Any) -> None:
         iv_ms = job.meta["interval_ms"]
@@ -343,3 +405,7 @@ class Inference:
             ),
             f.rule.name, subject,
         )
+
+
+def _job_doc(job: Job) -> dict[str, Any]:
+    return {"symbol": job.symbol, "interval": job.interval, "open_time": job.open_time, "model": job.model.spec.label}

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from libs.common.telemetry import ServiceMetrics
 from services.inference.baseline import ensure_persistence_model, persistence_spec
 from services.inference.package import load_package
-from services.inference.server import Config, Inference, ServedModel, load_model
+from services.inference.server import Callables, Config, Inference, ServedModel, load_model
 from tests.services.inference.models import feature_events, publish, window_of
 
 SYMBOLS = [f"S{i:03d}USDT" for i in range(40)]
@@ -42,8 +42,8 @@ class Sink:
 
 
 def engine(sink: Sink, **config) -> Inference:
-    return Inference(Config(**config), ServiceMetrics("inference", CollectorRegistry()), sink.publish,
-                     sink.publish_scores, sink.publish_alerts, sink.dead_letter)
+    return Inference(Config(**config), ServiceMetrics("inference", CollectorRegistry()),
+                     Callables(sink.publish, sink.publish_scores, sink.publish_alerts, sink.dead_letter))
 
 
 async def until(cond, timeout: float = 30.0) -> None:
