@@ -50,13 +50,13 @@ def exit_status(fn: Callable[[], None]) -> int:
     from redis.exceptions import RedisError
 
     from libs.common.errors import CliError
-    from libs.common.redis_server import EmbeddedRedisError
+    from libs.common.redis_server import EmbeddedRedisError, RedisSetupError
     from libs.common.service import ServiceFailed
     from libs.common.settings import SettingsError
 
     try:
         fn()
-    except (SettingsError, CliError, EmbeddedRedisError) as exc:
+    except (SettingsError, CliError, EmbeddedRedisError, RedisSetupError) as exc:
         print(f"klinebus: error: {exc}", file=sys.stderr)
         return 2
     except ServiceFailed as exc:

