@@ -342,6 +342,11 @@ class DatasetBuildRequest(Event):
     feature_set: str
     horizon: int = 1
     requested_at: Millis = Field(default_factory=now_ms)
+    signature: str | None = Field(
+        None,
+        description="<key-id>:<hex HMAC-SHA256> over the event's canonical bytes (libs/common/signing.py); "
+        "consumers refuse an event without a valid one (docs/threat-model.md, Control topics).",
+    )
 
 
 class ModelPublished(Event):
@@ -352,7 +357,7 @@ class ModelPublished(Event):
     model: str
     version: str
     uri: str
-    sha256: str
+    sha256: str = Field(description="sha256 of the package's klinebus.manifest.json (every file's sha256).")
     feature_set: str
     train_range: tuple[Millis, Millis]
     eval_range: tuple[Millis, Millis]
@@ -360,6 +365,11 @@ class ModelPublished(Event):
     baseline_metrics: dict[str, dict[str, float]]
     promoted: bool
     published_at: Millis = Field(default_factory=now_ms)
+    signature: str | None = Field(
+        None,
+        description="<key-id>:<hex HMAC-SHA256> over the event's canonical bytes (libs/common/signing.py); "
+        "consumers refuse an event without a valid one (docs/threat-model.md, Control topics).",
+    )
 
 
 class DeadLetter(Event):

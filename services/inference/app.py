@@ -29,13 +29,14 @@ from libs.common.bus.failures import INFRASTRUCTURE
 from libs.common.contracts import AlertEvent, ChartEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings import SettingsError
+from libs.common.signing import ControlGuard, Keyring
 from libs.common.artefacts import ArtefactRoot
 from services.inference import history
 from services.inference.alert_rules import Rule, RulesError, load_rules
 from services.inference.backfill import Backfill
 from services.inference.charts import ChartServing
 from services.inference.baseline import ensure_persistence_model, persistence_spec
-from services.inference.package import NotServable, PackageError, load_package, registry_packages
+from services.inference.package import NotServable, PackageError, load_package, model_sources, registry_packages
 from services.inference.server import Config, Inference, ServedModel, load_model
 from services.inference.settings import InferenceSettings
 
@@ -80,8 +81,10 @@ class InferenceService:
         self.client = redis_client(runtime.url)
         self.port = BusPort(runtime, self.client)
         self.model_dir = Path(settings.model_dir) if settings.model_dir else Path(settings.data_dir) / "models"
-        self.cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else self.model_dir / ".cache"
+        self.cache_dir = model_sources(settings, self.model_dir)  # announced packages: only from these roots
         metrics = runtime.metrics
+        self.control = ControlGuard(Keyring.parse(settings.control_keys), metrics, self.bus.dead_letter)  # signed models.v1
+        self.control.warn_unconfigured("inference", [topics.MODELS])
         self.engine = Inference(
             Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
                    settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
@@ -142,6 +145,8 @@ class InferenceService:
         return sum(not self.engine.on_features(ev) for ev in events if not self.backfill.take(ev))
 
     async def on_model(self, event: ModelPublished, entry_id: str) -> None:
+        if not await self.control.admit(topics.MODELS, event):
+            return  # unsigned or forged: dead-lettered, counted
         if history.id_key(entry_id) <= history.id_key(self.models_upto):
             return  # already reflected by the start-up read of models.v1
         if not event.promoted and not self.settings.serve_unpromoted:
@@ -215,6 +220,8 @@ class InferenceService:
                 ev = ModelPublished.model_validate(doc)
             except ValueError:
                 continue
+            if self.control.check(topics.MODELS, ev) is not None:
+                continue  # unsigned or forged: dead-lettered when on_model meets it
             if (ev.promoted or s.serve_unpromoted) and ev.model not in announced:
                 announced[ev.model] = ev
         for name, ev in announced.items():

@@ -90,7 +90,7 @@ def chart_spec(meta: mp.ModelPackage, folder: Path | str) -> ChartSpec:
     text = dict(meta.config.get("text") or {})
     if not text.get("template"):
         raise PackageError(f"{label}: config.text has no template: the candle text cannot be written as in training")
-    tok = folder / str(text.get("tokenizer") or "tokenizer/").rstrip("/")
+    tok = mp.inside(folder, str(text.get("tokenizer") or "tokenizer/"))  # a path the package names stays in it
     if not tok.is_dir() or not any(tok.iterdir()):
         raise PackageError(f"{label}: no tokenizer in the package ({tok.name}/ missing or empty)")
     scaler = meta.scalers.get("next_close")
@@ -104,13 +104,13 @@ def chart_spec(meta: mp.ModelPackage, folder: Path | str) -> ChartSpec:
         pairs=frozenset((s.symbol, s.interval) for s in meta.serves) or None,
         preset=str((meta.config.get("chart") or {}).get("preset") or ""),
         image_size=int(img.shape[1]), max_tokens=int(ids.shape[1]), text=text, classes=classes,
-        scale=float(scaler.scale[0]), sha256=meta.sha256, promoted=meta.promoted, folder=folder, meta=meta,
+        scale=float(scaler.scale[0]), sha256=mp.package_digest(folder), promoted=meta.promoted, folder=folder, meta=meta,
     )
 
 
 def load_chart_package(uri: str, expected_sha256: str | None, cache_dir: Path | str) -> ChartSpec:
-    if expected_sha256:
-        folder, meta = mp.fetch_package(uri, expected_sha256, cache_dir)
+    if expected_sha256 or isinstance(cache_dir, mp.Sources):
+        folder, meta = mp.fetch_package(uri, expected_sha256 or "", cache_dir)
     else:
         folder, meta = Path(uri), mp.verify_package(uri)
     return chart_spec(meta, folder)
@@ -151,7 +151,8 @@ class ChartModel:
         try:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(spec.folder / str(spec.text.get("tokenizer") or "tokenizer/")))
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(mp.inside(spec.folder, str(spec.text.get("tokenizer") or "tokenizer/"))), local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             raise PackageError(f"{spec.label}: cannot load its tokenizer: {_line(exc)}") from None
         opts = ort.SessionOptions()

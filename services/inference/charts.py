@@ -1,7 +1,8 @@
 """Serving chart classifiers on ``charts.v1``: which packages serve, and what a chart event becomes.
 
 For every chart of a classifier's preset (``config.chart.preset``) and pair, the PNG is read
-through fsspec (the event's uri), the chart's last candle is read back from ``klines.v1``
+from the artefact root only (``libs.common.artefacts``: the event's uri must lie under it; size
+cap, PNG signature), the chart's last candle is read back from ``klines.v1``
 (``libs.common.stream_history``: charts.v1 carries no OHLCV, and the candle is the newest of its
 stream there, so the read is short), the package writes its text and tokenises it, and one
 ``predictions.v1`` event per (chart, model) carries the class probabilities, the class and the
@@ -17,9 +18,8 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable, Iterable
 
-import fsspec
-
 from libs.common import topics
+from libs.common.artefacts import ArtefactRefused, ArtefactRoot
 from libs.common.contracts import ChartEvent, ModelPublished, PredictionEvent
 from libs.common.klines import interval_ms, now_ms
 from libs.common.model_package import PackageError
@@ -37,15 +37,11 @@ log = logging.getLogger("klinebus.inference")
 
 # Reasons a chart got no forecast (metric label values, bounded).
 UNREADABLE = "unreadable"
+REFUSED_URI = "refused_uri"  # outside the artefact root, not a PNG, too large (libs/common/artefacts.py)
 BAD_IMAGE = "bad_image"
 WRONG_WINDOW = "wrong_window"
 NO_CANDLE = "no_candle"
 MODEL_FAILED = "model_failed"
-
-
-def _read(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
 
 
 def load_chart_model(spec: ChartSpec, threads: int) -> ChartModel:
@@ -56,8 +52,12 @@ def load_chart_model(spec: ChartSpec, threads: int) -> ChartModel:
 
 class ChartServing:
     def __init__(self, engine: Any, client: Any, publish: Callable[..., Awaitable[Any]],
-                 dead_letter: Callable[[str, Any, str], Awaitable[None]], metrics: Any, threads: int = 1) -> None:
+                 dead_letter: Callable[[str, Any, str], Awaitable[None]], metrics: Any, threads: int = 1,
+                 artefacts: ArtefactRoot | None = None) -> None:
         self.engine, self.client, self.publish, self.dead_letter = engine, client, publish, dead_letter
+        if artefacts is None:
+            raise ValueError("ChartServing needs the artefact root charts are read from")
+        self.artefacts = artefacts
         self.threads = threads
         self.models: dict[str, ChartModel] = {}
         self.errors = metrics.counter("chart_errors_total", "Charts a chart classifier could not answer, by reason",
@@ -148,9 +148,10 @@ class ChartServing:
             if not models:
                 return
         try:
-            png = await asyncio.to_thread(_read, event.uri)
-        except Exception as exc:  # noqa: BLE001 - any fsspec backend's error: the chart is refused, the service serves on
-            await self._refuse(event, models, UNREADABLE, f"cannot read it ({type(exc).__name__}: {_line(exc)})")
+            png = await asyncio.to_thread(self.artefacts.read_png, event.uri)
+        except ArtefactRefused as exc:  # missing or expired: unreadable; anything else: refused before use
+            why = UNREADABLE if exc.kind == "unreadable" else REFUSED_URI
+            await self._refuse(event, models, why, f"cannot read it ({exc.kind}: {exc.reason})")
             return
         candles = await recent_candles(self.client, event.symbol, event.interval, 1, event.open_time + 1)
         if not candles or candles[-1].open_time != event.open_time:

@@ -1,8 +1,9 @@
 """What serving needs from a model package, read through libs/common/model_package and checked.
 
 A package (../shared/DESIGN.md, "Model packages"; the format is ``libs.common.model_package``)
-is verified (schema, sha256 of ``model.onnx`` against its ``klinebus.json`` and against the
-one ``models.v1`` announced, graph input/output names) before anything loads it. Everything
+is verified (every file against its manifest, the manifest's sha256 against the digest
+``models.v1`` announced, schema, graph input/output names) before anything loads it, and an
+announced one only from the configured model sources (``Sources``: registry roots, Hub owners). Everything
 done to an input before the session sees it (which features, in which order, how scaled, how
 many candles) comes from the package and nowhere else, so a model is served as it was trained.
 
@@ -67,7 +68,7 @@ class ModelSpec:
     horizons: tuple[int, ...]
     pairs: frozenset[tuple[str, str]] | None  # None: every (symbol, interval)
     scaler: Scaler | None  # inputs, when the caller scales
-    sha256: str
+    sha256: str  # the package digest (sha256 of its manifest), what models.v1 announces
     promoted: bool
     path: Path | None = None
     meta: Any = field(default=None, compare=False, repr=False)
@@ -134,7 +135,7 @@ def _prod(dims: list) -> int:
     return out
 
 
-def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None) -> ModelSpec:
+def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None, digest: str | None = None) -> ModelSpec:
     """The serving view of verified package metadata; ``PackageError`` when it cannot be served
     from ``features.v1`` (another kind of input, an unknown feature set, ...)."""
     if len(meta.inputs) != 1:
@@ -164,6 +165,8 @@ def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None) -
             raise PackageError("input_scaling is 'caller' but there is no scalers['inputs']")
         scaler = _scaler(meta.scalers["inputs"], list(meta.features), "inputs")
     folder = Path(folder) if folder is not None else None
+    if digest is None:
+        digest = mp.package_digest(folder) if folder is not None else meta.sha256
     return ModelSpec(
         name=meta.name,
         version=meta.version,
@@ -178,17 +181,20 @@ def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None) -
         horizons=tuple(meta.horizons),
         pairs=frozenset((s.symbol, s.interval) for s in meta.serves) or None,
         scaler=scaler,
-        sha256=meta.sha256,
+        sha256=digest,
         promoted=meta.promoted,
         path=folder / mp.MODEL_FILE if folder is not None else None,
         meta=meta,
     )
 
 
-def load_package(uri: str, expected_sha256: str | None, cache_dir: Path | str) -> ModelSpec:
-    """Fetch (remote uris into ``cache_dir``) and verify a package, then read its serving view."""
-    if expected_sha256:
-        folder, meta = mp.fetch_package(uri, expected_sha256, cache_dir)
+def load_package(uri: str, expected_sha256: str | None, cache_dir: Path | str | mp.Sources) -> ModelSpec:
+    """Fetch (remote uris into the cache) and verify a package, then read its serving view.
+
+    With ``mp.Sources`` (the service's way) the uri must lie under a configured source and the
+    announced digest is required; a bare ``cache_dir`` with no digest verifies a local folder as it is."""
+    if expected_sha256 or isinstance(cache_dir, mp.Sources):
+        folder, meta = mp.fetch_package(uri, expected_sha256 or "", cache_dir)
     else:
         folder = Path(uri)
         meta = mp.verify_package(folder)
@@ -213,3 +219,10 @@ def registry_packages(root: Path | str, promoted_only: bool = True) -> list[Mode
         except PackageError:
             continue
     return found
+
+
+def model_sources(settings: Any, model_dir: Path) -> mp.Sources:
+    """Where announced packages may come from (``KLINEBUS_MODEL_SOURCES``; default the local
+    registry ``model_dir`` only) and where remote ones are cached."""
+    cache = Path(settings.model_cache_dir) if settings.model_cache_dir else model_dir / ".cache"
+    return mp.Sources(cache, tuple(settings.model_sources or [str(model_dir)]))

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Annotated
 
-from libs.common.settings import ServiceSettings
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from libs.common.settings import ServiceSettings, parse_csv_list
 
 
 class InferenceSettings(ServiceSettings):
@@ -16,6 +19,12 @@ class InferenceSettings(ServiceSettings):
     model_cache_dir: str = Field(
         "", description="Where packages announced with a remote uri (fsspec URL, hf://) are fetched; "
         "default <model_dir>/.cache."
+    )
+    model_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Where models announced on models.v1 may be loaded from, comma-separated: local folders, "
+        "fsspec URLs (s3://bucket/models) and Hugging Face owners or repos (hf://my-org); an announcement "
+        "naming anything else is refused (dead letter). Empty: the local registry (model_dir) only.",
     )
     max_batch: int = Field(
         64, ge=1, description="Most windows one model runs in one session call (64 was the fastest per window "
@@ -51,6 +60,11 @@ class InferenceSettings(ServiceSettings):
         "first candle), so a first deployment forecasts from its first live candle.",
     )
     drain_timeout_s: float = Field(10.0, ge=0, description="At stop, how long queued forecasts may take to publish.")
+
+    @field_validator("model_sources", mode="before")
+    @classmethod
+    def _sources(cls, v: object) -> object:
+        return parse_csv_list(v)
 
     @field_validator("alert_rules")
     @classmethod

@@ -22,6 +22,7 @@ from libs.common import topics
 from libs.common.bus import redis_client
 from libs.common.contracts import DatasetBuildRequest, ModelPublished
 from libs.common.service import ServiceRuntime
+from libs.common.signing import ControlGuard, Keyring
 from services.trainer.loop import JobInterrupted
 from services.trainer.requests import ImpossibleRequest, run_request
 from services.trainer.settings import TrainerSettings
@@ -49,6 +50,8 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
     job_seconds = metrics.histogram("job_seconds", "Wall time of a finished job", ["kind"],
                                     buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200))
     running = metrics.gauge("jobs_running", "Jobs running now (0 or 1 per replica)")
+    control = ControlGuard(Keyring.parse(settings.control_keys), metrics, bus.dead_letter)  # datasets.v1 in, models.v1 out
+    control.warn_unconfigured("trainer", [topics.DATASETS])
     stop = threading.Event()
     state: dict = {}
     # One job thread per replica; shutdown waits for it, so a stopped service has really stopped
@@ -76,9 +79,11 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
     @bus.competing(topics.DATASETS, description="Build the dataset, train, evaluate and publish a model.", max_records=1)
     async def on_request(req: DatasetBuildRequest) -> None:
         metrics.events_in.labels(topics.DATASETS).inc()
+        if not await control.admit(topics.DATASETS, req):
+            return
         done = await client().get(job_key(req.request_id))
         if done is not None:  # finished before a crash took the acknowledgement: say it again, train nothing
-            await bus.publish(ModelPublished.model_validate_json(done))
+            await bus.publish(control.sign(topics.MODELS, ModelPublished.model_validate_json(done)))
             jobs.labels(req.model_kind, "republished").inc()
             return
         loop = asyncio.get_running_loop()
@@ -120,7 +125,7 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
         finally:
             lease.cancel()
             running.set(0)
-        event = result.event()
+        event = control.sign(topics.MODELS, result.event())
         await client().set(job_key(req.request_id), event.model_dump_json(), ex=JOB_TTL_S)
         await bus.publish(event)
         await _set_progress(req.request_id, {"stage": "published", "info": json.dumps(

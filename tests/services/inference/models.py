@@ -14,12 +14,17 @@ from typing import Sequence
 import numpy as np
 
 from libs.common import model_package as mp
+from libs.common import topics
 from libs.common.contracts import FeaturesEvent, ModelPublished
 from libs.common.klines import interval_ms
+from libs.common.signing import Keyring
 from libs.indicators.batch import compute_frame
 from libs.indicators.feature_sets import get_feature_set
 from tests.candles import BTC_15M, load
 
+# The control-topic keyring the inference tests run with (KLINEBUS_CONTROL_KEYS); a test key only.
+CONTROL_KEYS = "tests-1:" + "0123456789abcdef" * 4
+KEYRING = Keyring.parse(CONTROL_KEYS)
 FEATURE_SET = "skeleton-v1"  # close, sma_20, ema_20, rsi_14: warm from the 20th candle
 
 
@@ -92,13 +97,15 @@ class Built:
         x = window.astype(np.float32).reshape(1, -1)
         return (x @ self.w + self.c)[0].astype(np.float64)
 
-    def announcement(self, **over) -> ModelPublished:
+    def announcement(self, *, signed: bool = True, **over) -> ModelPublished:
+        """The models.v1 event the trainer would publish: signed with the tests' key unless ``signed`` is False."""
         m = self.meta
         fields = dict(model=m.name, version=self.published.version, uri=self.published.uri,
                       sha256=self.published.sha256, feature_set=m.feature_set, train_range=(0, 10),
                       eval_range=(40, 50), metrics=m.metrics, baseline_metrics=m.baseline_metrics, promoted=m.promoted)
         fields.update(over)
-        return ModelPublished(**fields)
+        event = ModelPublished(**fields)
+        return KEYRING.sign(topics.MODELS, event) if signed else event
 
 
 def publish(registry: Path, tmp: Path, name: str, *, seed: int = 1, features: Sequence[str] = ("close", "sma_20"),

@@ -16,7 +16,7 @@ from libs.common.contracts import DeadLetter, ScoreEvent
 from services.inference import app
 from services.inference.settings import InferenceSettings
 from services.inference.scoring import direction_hit
-from tests.services.inference.models import feature_events, publish, window_of
+from tests.services.inference.models import CONTROL_KEYS, feature_events, publish, window_of
 from tests.streams import add_events, read_topic, wait_for_events
 
 FEATURES = ("close", "sma_20")
@@ -25,6 +25,7 @@ M15 = 900_000
 
 
 def runtime(url: str, tmp_path, **kw):
+    kw.setdefault("control_keys", CONTROL_KEYS)
     settings = InferenceSettings(data_dir=tmp_path, redis_url=url, consumer_name="t", model_dir=str(tmp_path / "reg"),
                                  max_wait_ms=1, **kw)
     return app.create(settings, url)
@@ -240,7 +241,6 @@ async def test_rolling_back_is_announcing_the_older_version_again(redis_url, tmp
         # A package of another kind (image + text inputs) is not this service's to serve: no dead letter.
         from libs.common import model_package as mp
 
-        other = v1.announcement(model="chart-cls", version="1")
         multi = v1.meta.model_copy(update={"name": "chart-cls", "inputs": [
             mp.TensorSpec(name="image", dtype="int64", shape=["batch", 3]), mp.TensorSpec(name="ids", dtype="int64", shape=["batch", 3])]})
         import onnx
@@ -251,9 +251,10 @@ async def test_rolling_back_is_announcing_the_older_version_again(redis_url, tmp
             [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 3]) for n in ("image", "ids")],
             [helper.make_tensor_value_info("prices", TensorProto.INT64, ["batch", 3])])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "two.onnx")
-        folder = tmp_path / "chart-cls"
-        written = mp.write_package(folder, multi, tmp_path / "two.onnx", card="card")
-        await add_events(redis_url, [other.model_copy(update={"uri": str(folder), "sha256": written.sha256}), v1.announcement()])
+        folder = tmp_path / "reg" / "chart-cls" / "1"  # under the registry root: a source inference loads from
+        mp.write_package(folder, multi, tmp_path / "two.onnx", card="card")
+        other = v1.announcement(model="chart-cls", version="1", uri=str(folder), sha256=mp.package_digest(folder))
+        await add_events(redis_url, [other, v1.announcement()])
 
         async def rolled_back() -> bool:
             return (metric("model_info", model="rb", version="1", kind="lstm-close") == 1.0
@@ -277,7 +278,8 @@ async def test_a_standby_replica_takes_over_with_current_windows(redis_url, tmp_
     owner = runtime(redis_url, tmp_path)
     await owner.start(http=False)
     standby = app.create(InferenceSettings(data_dir=tmp_path / "b", redis_url=redis_url, consumer_name="standby",
-                                           model_dir=str(tmp_path / "reg"), max_wait_ms=1), redis_url)
+                                           model_dir=str(tmp_path / "reg"), max_wait_ms=1,
+                                           control_keys=CONTROL_KEYS), redis_url)
     try:
         await standby.start(http=False)
         await add_events(redis_url, events[:40])
