@@ -112,4 +112,5 @@ async def test_poisoned_candles_of_a_warm_key_cost_no_clean_candle(tmp_path):
     reasons = " | ".join(letter["reason"] for letter in mine)
     assert reasons.count("beyond what a Binance kline can carry") == sum(
         k.endswith("beyond a kline") or k == "price below a tick" for k in poisoned)
-    assert [letter for letter in letters if letter["service"] != "features"] == []
+    # inference never saw a poisoned candle: nothing of features.v1 was refused
+    assert [letter for letter in letters if letter["source"] == topics.FEATURES] == []
