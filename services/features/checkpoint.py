@@ -14,25 +14,20 @@ never stopped, whatever order pending and acknowledged entries sit in.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
 
 from libs.common import topics
-from libs.common.bus.framing import Decoder, entry_id_key, payload_of
+from libs.common.bus.framing import Decoder, payload_of
 from libs.common.bus.groups import recorded_position
 from libs.common.contracts import KlineEvent
+# What a checkpoint is and how far it may go: ``position`` (no Redis there).
+from services.features.position import Checkpoint, id_key
 
 log = logging.getLogger("klinebus.features.checkpoint")
 
 REPLAY_BATCH = 1000
-
-
-@dataclass
-class Checkpoint:
-    snapshot: bytes
-    entry_id: str  # last klines.v1 entry folded into the snapshot
 
 
 def _key() -> str:
@@ -72,26 +67,6 @@ async def load_waiting(client: aioredis.Redis) -> dict[tuple[str, str], str]:
 async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]]) -> None:
     if keys:
         await client.hdel(_waiting_key(), *(f"{s}|{i}" for s, i in keys))
-
-
-id_key = entry_id_key
-
-
-def before_oldest_waiting(entry_id: str, waiting_first_ids) -> str:
-    """``entry_id``, or earlier: just before the oldest candle still waiting for its key's
-    warm-up, so a replay from it covers that candle."""
-    firsts = list(waiting_first_ids)
-    if not firsts:
-        return entry_id
-    return min(entry_id, just_before(min(firsts, key=id_key)), key=id_key)
-
-
-def just_before(entry_id: str) -> str:
-    """The greatest possible entry id below ``entry_id`` (a replay "after" it starts at it)."""
-    ms, seq = id_key(entry_id)
-    if seq:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
 async def entries_after(

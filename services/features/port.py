@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Protocol
 
 from libs.common.contracts import KlineEvent, Prepared
-from services.features.checkpoint import Checkpoint
+from services.features.position import Checkpoint
 from services.features.waiting import Key
 
 

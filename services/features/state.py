@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 from libs.common.contracts import KlineEvent
 from libs.indicators.streaming import SnapshotMismatch, StreamingEngine
-from services.features import applying, checkpoint
+from services.features import applying, position
 from services.features.applying import Applied
 from services.features.waiting import Key, WaitingRoom
 
@@ -106,10 +106,10 @@ class FeaturesState:
     # --- checkpoint ----------------------------------------------------------------------
 
     def handled(self, entry_id: str) -> None:
-        self.last_entry = max(self.last_entry, entry_id, key=checkpoint.id_key)
+        self.last_entry = max(self.last_entry, entry_id, key=position.id_key)
 
     def checkpoint_entry(self) -> str:
-        return checkpoint.before_oldest_waiting(self.last_entry, self.waiting.oldest_ids())
+        return position.before_oldest_waiting(self.last_entry, self.waiting.oldest_ids())
 
     def snapshot(self) -> tuple[bytes, str]:
         return self.engine.snapshot(), self.checkpoint_entry()
@@ -121,7 +121,7 @@ class FeaturesState:
             self.engine.reset(key)
         self.last_entry = "0-0"
 
-    def restore(self, saved: checkpoint.Checkpoint | None, waiting: Mapping[Key, str]) -> None:
+    def restore(self, saved: position.Checkpoint | None, waiting: Mapping[Key, str]) -> None:
         """Start from a checkpoint (or nothing), with the keys recorded as waiting and their first
         entry ids; the caller then replays the entries after ``last_entry``."""
         self.forget()
@@ -134,5 +134,5 @@ class FeaturesState:
         for key in waiting:  # see the module docstring
             self.engine.reset(key)
         # The checkpoint never passes them; this also holds for one written by an older build.
-        self.last_entry = checkpoint.before_oldest_waiting(self.last_entry, waiting.values())
+        self.last_entry = position.before_oldest_waiting(self.last_entry, waiting.values())
 

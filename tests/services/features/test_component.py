@@ -14,7 +14,7 @@ import pytest
 from libs.common.contracts import KlineEvent
 from libs.common.klines import read_kline_csv
 from libs.common.telemetry import ServiceMetrics
-from services.features.checkpoint import Checkpoint, entry_id_key
+from services.features.position import Checkpoint, id_key as entry_id_key
 from services.features.component import FeaturesComponent
 from services.features.state import FeaturesState
 from tests.candles import BTC_15M
