@@ -6,12 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-quick lint bench asyncapi clean help system-deps
+.PHONY: demo test test-quick lint bench asyncapi clean help system-deps fuzz
 
 help:
 	@echo "make demo        run the whole pipeline on shipped Binance candles (no network)"
 	@echo "make test        run every test (what CI runs)"
 	@echo "make test-quick  skip tests marked slow"
+	@echo "make fuzz        the long fuzz: 100k+ mutated and property-based messages through every decode path"
 	@echo "make lint        pyflakes checks (ruff)"
 	@echo "make bench       run the benchmarks in bench/"
 	@echo "make asyncapi    regenerate docs/asyncapi.yaml from the service apps"
@@ -30,6 +31,11 @@ test: $(STAMP) system-deps
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x $(PYTEST_ARGS)
+
+# tests/fuzz runs a short budget in every `make test`; this is the long run (minutes).
+fuzz: $(STAMP)
+	KLINEBUS_FUZZ_MESSAGES=$${KLINEBUS_FUZZ_MESSAGES:-150000} KLINEBUS_FUZZ_EXAMPLES=$${KLINEBUS_FUZZ_EXAMPLES:-3000} \
+		$(BIN)/python -m pytest tests/fuzz -q -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

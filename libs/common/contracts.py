@@ -44,10 +44,27 @@ class Event(BaseModel):
     # publish, and a batch of 1000 is published at once). Worked out per class at definition.
     _native_json: ClassVar[bool] = False
 
+    # Fields that hold integers (alone or in a list/tuple): checked to fit in 64 bits, which every
+    # consumer's JSON (orjson, Java, Go) can hold; pydantic takes any size, and orjson then fails
+    # to write the event again (a TypeError far from the input that caused it).
+    _int_fields: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls._native_json = all(_json_native(f.annotation) for f in cls.model_fields.values())
+        cls._int_fields = tuple(n for n, f in cls.model_fields.items() if _holds_int(f.annotation))
+
+    @model_validator(mode="after")
+    def _ints_fit_64_bits(self) -> "Event":
+        for name in self._int_fields:
+            v = self.__dict__[name]
+            if type(v) is int:
+                if not _INT64_MIN <= v <= _INT64_MAX:
+                    raise ValueError(f"{name} {v} does not fit in 64 bits")
+            elif isinstance(v, (list, tuple)) and any(type(x) is int and not _INT64_MIN <= x <= _INT64_MAX for x in v):
+                raise ValueError(f"{name} holds an integer that does not fit in 64 bits")
+        return self
 
     def to_json(self) -> bytes:
         if self._native_json:
@@ -65,6 +82,13 @@ class Event(BaseModel):
 
 
 _SCALARS = (str, int, float, bool, type(None))
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _holds_int(annotation: Any) -> bool:
+    if annotation is int:
+        return True
+    return any(_holds_int(a) for a in get_args(annotation) if a is not Ellipsis)
 
 
 def _json_native(annotation: Any) -> bool:

@@ -136,7 +136,7 @@ def validate_kline(k: Kline) -> Kline:
         and 0 <= k.quote_volume < _INF
         and 0 <= k.taker_buy_base < _INF
         and 0 <= k.taker_buy_quote < _INF
-        and k.trades >= 0
+        and 0 <= k.trades <= MAX_INT64
         and 0 <= k.open_time
         and k.close_time - k.open_time == span - 1
         and k.open_time <= now_ms() + span + FUTURE_SLACK_MS
@@ -149,6 +149,7 @@ def validate_kline(k: Kline) -> Kline:
 
 
 _INF = math.inf
+MAX_INT64 = (1 << 63) - 1  # JSON numbers every consumer (orjson, Java, Go) can hold
 
 
 def _why_invalid(k: Kline) -> str:
@@ -170,8 +171,8 @@ def _why_invalid(k: Kline) -> str:
     ):
         if not math.isfinite(value) or value < 0:
             return f"{where}: {name} must be finite and >= 0, got {value!r}"
-    if k.trades < 0:
-        return f"{where}: trades must be >= 0, got {k.trades}"
+    if not 0 <= k.trades <= MAX_INT64:
+        return f"{where}: trades must be in [0, 2^63), got {k.trades}"
     if k.high < k.low:
         return f"{where}: high {k.high} < low {k.low}"
     if k.high < max(k.open, k.close) or k.low > min(k.open, k.close):
@@ -207,6 +208,8 @@ def _int(value: Any, default: int = 0) -> int:
 
 def kline_from_row(row: list[Any] | tuple[Any, ...], symbol: str, interval: str) -> Kline:
     """One Binance kline array (CSV row or REST ``/api/v3/klines`` element), validated."""
+    if not isinstance(row, (list, tuple)):  # a REST answer is JSON: any element may be anything
+        raise InvalidKline(f"{symbol} {interval}: kline row is a {type(row).__name__}, not an array")
     if len(row) < 7:
         raise InvalidKline(f"{symbol} {interval}: kline row has {len(row)} fields, need at least 7")
     try:
@@ -226,7 +229,7 @@ def kline_from_row(row: list[Any] | tuple[Any, ...], symbol: str, interval: str)
             taker_buy_quote=_float(row[10]) if len(row) > 10 else 0.0,
             closed=True,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(float("1e999"))
         raise InvalidKline(f"{symbol} {interval}: unreadable kline row {list(row)[:7]!r}: {exc}") from None
     return validate_kline(k)
 
@@ -348,7 +351,7 @@ def parse_ws_kline(message: bytes | str | dict[str, Any]) -> Kline:
         )
     except KeyError as exc:
         raise InvalidKline(f"kline event lacks field {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(float("1e999"))
         raise InvalidKline(f"kline event has an unreadable field: {exc}") from None
     if stream is not None and stream != ws_stream_name(kline.symbol, kline.interval):
         raise InvalidKline(f"stream {stream!r} carries a {kline.symbol} {kline.interval} kline")

@@ -12,11 +12,13 @@ import os
 import socket
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
+
+from libs.common.redact import redact, redact_url, register
 
 ENV_PREFIX = "KLINEBUS_"
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -37,6 +39,12 @@ class ServiceSettings(BaseSettings):
         "service: unset or empty stops it at start. `embedded` (development, tests, make demo): a private "
         "redis-server is started under data_dir.",
     )
+    redis_tls_ca: Path | None = Field(
+        None, description="With a rediss:// URL: the CA bundle (PEM) that signed the Redis server's certificate. "
+        "Unset: the system's trust store.",
+    )
+    redis_tls_cert: Path | None = Field(None, description="Client certificate (PEM) when Redis asks for one (tls-auth-clients).")
+    redis_tls_key: Path | None = Field(None, description="The client certificate's private key (PEM).")
     data_dir: Path = Field(Path("var"), description="Root folder for embedded Redis, archive, artifacts.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field("json", description="json (for log shippers) or text (for people).")
@@ -55,6 +63,11 @@ class ServiceSettings(BaseSettings):
         "takes ~2 KB in Redis, so the default holds ~0.4 GB per topic: size Redis for it.",
     )
     dead_letter_maxlen: int = Field(100_000, gt=0, description="Cap on the dead-letter stream.")
+    max_event_bytes: int = Field(
+        1 << 20, ge=1024,
+        description="Largest stream entry a consumer parses; a longer one is dead-lettered unparsed (bounded memory "
+        "per message). Real events are a few KB.",
+    )
     reclaim_idle_ms: int = Field(
         60_000, gt=0, description="Entries pending this long on a dead consumer are reclaimed (XAUTOCLAIM)."
     )
@@ -111,10 +124,23 @@ class ServiceSettings(BaseSettings):
             return EMBEDDED_REDIS
         parsed = urlparse(v)
         if parsed.scheme not in REDIS_SCHEMES:
-            raise ValueError(f"must be a URL with scheme {'/'.join(REDIS_SCHEMES)}, got {v!r}")
+            raise ValueError(f"must be a URL with scheme {'/'.join(REDIS_SCHEMES)}, got {redact_url(v)!r}")
         if parsed.scheme != "unix" and not parsed.hostname:
-            raise ValueError(f"has no host: {v!r}")
+            raise ValueError(f"has no host: {redact_url(v)!r}")
         return v
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> "ServiceSettings":
+        """The TLS files ride on the URL as redis-py's query options, so every client (faststream's,
+        the bus's own, ``klinebus tail``) connects the same way."""
+        tls = {"ssl_ca_certs": self.redis_tls_ca, "ssl_certfile": self.redis_tls_cert, "ssl_keyfile": self.redis_tls_key}
+        tls = {k: str(v) for k, v in tls.items() if v is not None}
+        if tls and self.redis_url and "ssl_" not in urlparse(self.redis_url).query:
+            if not urlparse(self.redis_url).scheme.startswith("rediss"):
+                raise ValueError("KLINEBUS_REDIS_TLS_* needs a rediss:// KLINEBUS_REDIS_URL")
+            sep = "&" if "?" in self.redis_url else "?"
+            self.redis_url = self.redis_url + sep + urlencode(tls)
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -138,9 +164,9 @@ S = TypeVar("S", bound=BaseSettings)
 def load_settings(cls: type[S], **overrides: object) -> S:
     """Build ``cls`` from the environment; a wrong value raises ``SettingsError`` with one line."""
     try:
-        return cls(**overrides)  # type: ignore[arg-type]
+        settings = cls(**overrides)  # type: ignore[arg-type]
     except PydanticSettingsError as exc:  # e.g. a list variable that is not valid JSON
-        raise SettingsError(f"invalid setting: {' '.join(str(exc).split())}") from None
+        raise SettingsError(redact(f"invalid setting: {' '.join(str(exc).split())}")) from None
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", ENV_PREFIX)
         lines = []
@@ -149,11 +175,23 @@ def load_settings(cls: type[S], **overrides: object) -> S:
             var = f"{prefix}{field}".upper()
             got = os.environ.get(var)
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            shown = f" (got {got!r})" if got is not None and repr(got) not in msg else ""
+            shown = f" (got {redact_url(got)!r})" if got is not None and repr(got) not in msg else ""
             if _is_secret(cls, field):
                 shown = ""  # a secret (a webhook URL with its token) never reaches a log line
-            lines.append(f"{var}: {msg}{shown}")
+            lines.append(redact(f"{var}: {msg}{shown}"))
         raise SettingsError("invalid setting " + "; ".join(lines)) from None
+    register_secrets(settings)
+    return settings
+
+
+def register_secrets(settings: BaseSettings) -> None:
+    """Every secret a settings object holds (``SecretStr`` fields, a Redis URL's password) is
+    redacted from logs, errors, metrics and dead letters from now on (``libs.common.redact``)."""
+    for name, value in settings:
+        if isinstance(value, SecretStr) or (name.endswith("_url") and isinstance(value, str) and "@" in value):
+            register(value)
+        elif isinstance(value, (list, tuple)) and name.endswith("_urls"):
+            register(*(v for v in value if isinstance(v, str) and "@" in v))
 
 
 def _is_secret(cls: type[BaseSettings], field: str) -> bool:

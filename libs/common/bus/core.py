@@ -34,7 +34,7 @@ from libs.common.bus.consuming import (
 )
 from libs.common.bus.deadletters import DeadLetters
 from libs.common.bus.failures import INFRASTRUCTURE, Stall, classify
-from libs.common.bus.framing import PlainJSONFormat, is_cluster_url, plain_url, redis_client
+from libs.common.bus.framing import MAX_EVENT_BYTES, PlainJSONFormat, is_cluster_url, plain_url, redis_client
 from libs.common.bus.groups import OwnerLease, ensure_group, remove_stale_consumers
 from libs.common.bus.guard import OncePerCandle
 from libs.common.bus.monitor import BusMetrics, GroupSampler
@@ -69,6 +69,7 @@ class Bus:
         stream_retention_ms: int = 0,
         stale_consumer_ms: int = STALE_CONSUMER_MS,
         monitor_interval_s: float = MONITOR_INTERVAL_S,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         self.service = service
         self.url = url
@@ -81,11 +82,11 @@ class Bus:
         self.stream_retention_ms = stream_retention_ms
         self.stale_consumer_ms = stale_consumer_ms
         self.monitor_interval_s = monitor_interval_s
+        self.max_event_bytes = max_event_bytes
         self.metrics = metrics or ServiceMetrics(service)
         self.bus_metrics = BusMetrics(self.metrics.registry)
         self.subscriptions: list[Subscription] = []
         self._on_owner: list[Hook] = []
-        self._doc_subscribers: list[Any] = []
         self.broker = self._make_broker()
         self._publishers: dict[str, Any] = {}
         self.publisher(topics.DEAD_LETTERS, DeadLetter)
@@ -112,6 +113,7 @@ class Bus:
             owner_lease_ms=getattr(settings, "owner_lease_ms", OWNER_LEASE_MS),
             stream_retention_ms=getattr(settings, "stream_retention_ms", 0),
             stale_consumer_ms=getattr(settings, "stale_consumer_ms", STALE_CONSUMER_MS),
+            max_event_bytes=getattr(settings, "max_event_bytes", MAX_EVENT_BYTES),
         )
 
     def _make_broker(self) -> RedisBroker:
@@ -217,7 +219,6 @@ class Bus:
             description=description or None,
         )
         sub(fn)
-        self._doc_subscribers.append(sub)
 
     def on_owner(self, fn: Hook) -> Hook:
         """Runs each time this replica becomes the owner of its ordered groups, before it
@@ -242,6 +243,7 @@ class Bus:
         await self._waiting_out("creating consumer groups", self.ensure_groups)
         ordered: list[BatchProcessor] = []
         for sub in self.subscriptions:
+            sub.decoder.max_bytes = self.max_event_bytes  # an oversized entry is refused unparsed
             client = redis_client(self.url, timeouts=True)  # its own: a blocking read holds a connection
             self._clients.append(client)
             proc = BatchProcessor(self.service, self.consumer, sub, client, self.dead_letters, self.metrics,
@@ -256,16 +258,21 @@ class Bus:
             lease = OwnerLease(self._client, self.service, topics_, self.consumer, self.owner_lease_ms)
             gauges = [self.bus_metrics.owner.labels(self.service, t) for t in topics_]
             self._consumers.insert(0, OrderedOwner(self.service, ordered, lease, self._on_owner, gauges))
-        # faststream starts only the publishers: the subscriptions it knows are for the document.
-        for sub in self._doc_subscribers:
-            self.broker._subscribers.discard(sub)
-        await self._waiting_out("connecting the publishers", self.broker.start)
+        await self._waiting_out("connecting the publishers", self._start_publishers)
         self.running = True
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(self._supervise(consumer), name=consumer.name))
         if self.subscriptions:
             self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.service}:bus-monitor"))
         await self._settled()
+
+    async def _start_publishers(self) -> None:
+        """``broker.start`` without the subscriptions: those faststream knows are for the AsyncAPI
+        document only (the consumers here read the streams themselves), and starting one would
+        create its group and consume. Public faststream API only: connect, then each publisher."""
+        await self.broker.connect()
+        for pub in self.broker.publishers:
+            await pub.start()
 
     async def _waiting_out(self, doing: str, call: Hook) -> None:
         stall = Stall(f"{self.service}:start", lambda reason: self.bus_metrics.stalled.labels(self.service, "*", reason))
@@ -362,9 +369,9 @@ class Bus:
             if isinstance(consumer, OrderedOwner):
                 await consumer.release()
         self._consumers.clear()
+        # Stopping the documentation-only subscriptions is a no-op (they never started); stop
+        # also closes the publishers' connection.
         await self.broker.stop()
-        for sub in self._doc_subscribers:
-            self.broker._subscribers.add(sub)
         for client in self._clients:
             with contextlib.suppress(Exception):
                 await client.aclose()

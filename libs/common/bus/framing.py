@@ -120,14 +120,32 @@ def one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+# The largest event a consumer parses (KLINEBUS_MAX_EVENT_BYTES): a bigger entry is refused by its
+# length, before any parsing, so one oversized entry costs no more memory than its own bytes. The
+# largest real events (models.v1 with its metrics, features.v1 of a wide feature set) are a few KB.
+MAX_EVENT_BYTES = 1 << 20
+
+
+class OversizedEvent(InvalidEvent):
+    """An entry longer than the decoder's cap: refused unparsed."""
+
+
 class Decoder:
     """Entries of one topic -> events of one model."""
 
-    def __init__(self, model: type) -> None:
+    def __init__(self, model: type, max_bytes: int = MAX_EVENT_BYTES) -> None:
         self.model = model
+        self.max_bytes = max_bytes
         self._many = TypeAdapter(list[model])  # type: ignore[valid-type]
 
+    def _check_size(self, raw: Any) -> None:
+        if not isinstance(raw, (bytes, bytearray, memoryview, str)):
+            raise InvalidEvent(f"payload is a {type(raw).__name__}, not bytes")
+        if len(raw) > self.max_bytes:
+            raise OversizedEvent(f"payload of {len(raw)} bytes is over the {self.max_bytes}-byte cap")
+
     def one(self, raw: bytes) -> Any:
+        self._check_size(raw)
         try:
             return self.model.model_validate_json(raw)
         except ValidationError as exc:
@@ -142,11 +160,16 @@ class Decoder:
     def many(self, raws: Sequence[bytes | None]) -> tuple[list[Any], dict[int, str]]:
         """``(events, bad)``: ``events[i]`` is entry i's event, or None where ``bad[i]`` says why.
         A missing payload (``None``: the entry had no ``__data__`` field) is bad input."""
-        if raws and all(r is not None for r in raws):
+        if raws and all(r is not None and len(r) <= self.max_bytes for r in raws):
             try:
-                return self._many.validate_json(b"[" + b",".join(raws) + b"]"), {}  # type: ignore[arg-type]
+                events = self._many.validate_json(b"[" + b",".join(raws) + b"]")  # type: ignore[arg-type]
             except (ValidationError, *BAD_INPUT_ERRORS):
                 pass  # find the bad ones one by one
+            else:
+                # One entry's bytes can hold no event (b"") or two ('{..},{..}'): then the array
+                # has another length than the batch and the entries are decoded one by one.
+                if len(events) == len(raws):
+                    return events, {}
         events: list[Any] = []
         bad: dict[int, str] = {}
         for i, raw in enumerate(raws):
