@@ -156,7 +156,7 @@ def train_sequence(dataset_dir: str | Path, options: TrainOptions, progress: Pro
     torch.manual_seed(cfg.seed)
     core = build_core(kind, len(ds.features), H, T)
     loss = WeightedMSE([seed_cfg["loss_weights"][t] for t in ds.targets])
-    say("start", dict(kind=kind, samples={k: len(s) for k, s in (("train", train), ("validation", val), ("test", test))},
+    say("start", dict(kind=kind, samples={k: len(s) for k, s in (("train", train), ("validation", val), ("gate", gate), ("test", test))},
                       epochs=cfg.epochs, batches=math.ceil(len(train) / batch_size) if cfg.max_batches is None
                       else min(cfg.max_batches, math.ceil(len(train) / batch_size))))
     result = fit(
