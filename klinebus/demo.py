@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import statistics
 import time
@@ -309,6 +310,7 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
 
+    demo_key = f"demo-{time.strftime('%Y%m%d')}:{secrets.token_hex(32)}"  # development only, never leaves this process
     with EmbeddedRedis(data_dir / "redis") as server:
         sim = ExchangeSimulator(candles, speed=args.speed)
         await sim.start(replay=False)
@@ -330,7 +332,10 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
                     # of market time, as the 10-minute default is on a live 1m market.
                     "charts": dict(cadence_s=CHART_EVERY_S),
                     # An unpromoted demo model is still served, as role=shadow, so it can be watched.
-                    "inference": dict(serve_unpromoted=True) if models.registry else {},
+                    # models.v1 / datasets.v1 are signed: the demo makes a development key for this run only
+                    # (production reads KLINEBUS_CONTROL_KEYS from a Secret; docs/threat-model.md).
+                    "inference": dict(control_keys=demo_key, **(dict(serve_unpromoted=True) if models.registry else {})),
+                    "trainer": dict(control_keys=demo_key),
                     # Small images and one thread: the tiny model answers in about a second.
                     "vlm": dict(
                         model_path=str(models.vlm_model), mmproj_path=str(models.vlm_mmproj),

@@ -84,7 +84,6 @@ class InferenceService:
         self.cache_dir = model_sources(settings, self.model_dir)  # announced packages: only from these roots
         metrics = runtime.metrics
         self.control = ControlGuard(Keyring.parse(settings.control_keys), metrics, self.bus.dead_letter)  # signed models.v1
-        self.control.warn_unconfigured("inference", [topics.MODELS])
         self.engine = Inference(
             Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
                    settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
@@ -115,6 +114,7 @@ class InferenceService:
 
     async def start(self) -> None:
         """Before consuming: persistence plus every servable registry model, then the workers."""
+        self.control.warn_unconfigured("inference", [topics.MODELS])  # one line at start when there is no key
         path = ensure_persistence_model(self.model_dir)
         await self._serve(await self._load(persistence_spec(path)))
         await self._sync_models()

@@ -51,7 +51,10 @@ def create(settings: TrainerSettings, url: str) -> ServiceRuntime:
                                     buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200))
     running = metrics.gauge("jobs_running", "Jobs running now (0 or 1 per replica)")
     control = ControlGuard(Keyring.parse(settings.control_keys), metrics, bus.dead_letter)  # datasets.v1 in, models.v1 out
-    control.warn_unconfigured("trainer", [topics.DATASETS])
+
+    @runtime.on_startup
+    async def say_if_unsigned() -> None:
+        control.warn_unconfigured("trainer", [topics.DATASETS])  # one line at start when there is no key
     stop = threading.Event()
     state: dict = {}
     # One job thread per replica; shutdown waits for it, so a stopped service has really stopped
