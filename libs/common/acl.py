@@ -47,7 +47,7 @@ CONNECTION = (
     "+script|load", "+script|exists",
     "+command", "+command|docs", "+command|info", "+command|count",
     "+readonly", "+readwrite", "+cluster|slots", "+cluster|shards", "+cluster|nodes", "+cluster|info",
-    "+cluster|myid", "+time",
+    "+cluster|myid", "+time", "+acl|whoami",
 )
 SCRIPTS = ("+evalsha", "+eval", "+evalsha_ro", "+eval_ro")
 STREAM_READ = ("+xrange", "+xrevrange", "+xread", "+xlen", "+xinfo", "+exists", "+type")
