@@ -97,6 +97,11 @@ class FeaturesComponent:
                     ev for ev, (_, e, pending) in zip(applied.fresh, chunk)
                     if ev is not None and (pending or (e.symbol, e.interval) in waiting)
                 ])
+                # A waiting key's candles were never judged in public: its rejected ones are
+                # dead letters now (a pending entry is judged again when the bus hands it over).
+                for e, why in applied.rejected:
+                    if (e.symbol, e.interval) in waiting:
+                        await self.port.dead_letter(e, why)
                 self.state.last_entry = chunk[-1][0]
                 replayed += len(chunk)
             await self.port.release_waiting(list(waiting))

@@ -161,3 +161,29 @@ async def test_a_poisoned_candle_is_a_dead_letter_and_its_batch_mates_are_publis
     assert len(port.features) == len(events) - 1
     await comp.stop()
     assert port.saved is not None and port.saved.entry_id == f"{len(events)}-0"
+
+
+async def test_a_poisoned_candle_waiting_for_its_keys_warm_up_is_a_dead_letter_after_a_restart():
+    """Stopped while releasing: the new owner's replay judges the held candles again, publishes
+    the good ones and dead-letters the poisoned one."""
+    new = candles("NEWUSDT")
+    port = MemoryPort({("NEWUSDT", "15m"): new[:HISTORY]})
+    first = component(port)
+    await first.become_owner()
+    live = [KlineEvent.from_kline(k) for k in new[HISTORY:]]
+    live[1] = KlineEvent.model_construct(**{**live[1].model_dump(), "volume": 1.7e308})
+    port.fail = ("publish", "kill")
+    releases = asyncio.create_task(first.run_releases())
+    await hand_over(port, first, live)
+    await asyncio.wait_for(port.reached.wait(), DEADLINE_S)
+    releases.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await releases
+    await first.stop()
+    assert port.letters == []
+
+    second = component(port)
+    await second.become_owner()
+    assert [t for _, t in port.features] == [e.open_time for i, e in enumerate(live) if i != 1]
+    assert [(e.open_time, "beyond what a Binance kline can carry" in why) for e, why in port.letters] == [
+        (live[1].open_time, True)]
