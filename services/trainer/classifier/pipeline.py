@@ -1,8 +1,9 @@
 """Train, judge, export and package a chart classifier from a dataset folder (``klinebus train``).
 
 1. Load the index; fit the next-close scale and the majority class on the train split only.
-2. Build the model (encoders by Hub name, local folder or config) and train it with the
-   trainer's loop; model selection (early stopping) sees only the validation split.
+2. Build the model (encoders by Hub name, local folder or config; by default the packaged MiniLM
+   and a small random-init ViT, no network) and train it with the trainer's loop; model selection
+   (early stopping) sees only the validation split.
 3. Export ONNX and check it against torch with onnxruntime on real test samples.
 4. Score validation and test with the exported graph (what serving runs) beside the baselines
    (scorecard.py); promote on validation.
@@ -40,9 +41,13 @@ from services.trainer.classifier.model import (
     DEFAULT_TEXT,
     DEFAULT_VISION,
     FORECAST_LOSS_WEIGHT,
+    MINILM_PACKAGE,
     FusionConfig,
     ModelError,
     build_fusion,
+    from_pretrained,
+    resolve_text,
+    resolve_vision,
 )
 from services.trainer.classifier.scorecard import flat_metrics, promote, split_scorecard
 from services.trainer.classifier.train import (
@@ -50,6 +55,7 @@ from services.trainer.classifier.train import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_PATIENCE,
+    RANDOM_VISION_LR,
     CombinedLoss,
     Joined,
     batch_sources,
@@ -68,12 +74,20 @@ class ClassifierOptions:
     hub_repo_id: str | None = None  # publish to the Hugging Face Hub too (with hub_token)
     hub_token: str | None = None
     hub_endpoint: str | None = None
+    # Hub name, local folder or config dict; the defaults are keywords that need no network:
+    # "small-vit" (random-init ViT, model.small_vit) and "minilm" (the packaged pretrained MiniLM).
     vision: str | dict = DEFAULT_VISION
     text: str | dict = DEFAULT_TEXT
     tokenizer: str | None = None  # default: the text encoder's name or folder
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
-    lr: float = DEFAULT_LR
+    # None: the seed's 2e-5 (fine-tuning) when the image encoder is pretrained, RANDOM_VISION_LR
+    # when it starts from random weights (the default small ViT, a config dict).
+    lr: float | None = None
+    dropout: float = 0.1  # the fusion's attention and the classifier head
+    image_size: int | None = None  # small-vit only: pool the 224 px chart to this size first
+    patch_size: int | None = None  # small-vit only
+    threads: int | None = None  # CPU threads (None: torch's setting)
     patience: int = DEFAULT_PATIENCE
     device: str = "auto"
     seed: int = 0
@@ -99,14 +113,30 @@ class ClassifierResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
+    """``what``: how the error names it ("text encoder" when the tokenizer is the encoder's own)."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer {name_or_path}: {first}") from None
+    return from_pretrained(AutoTokenizer.from_pretrained, name_or_path, what)
+
+
+def resolved_lr(opts: ClassifierOptions) -> float:
+    if opts.lr is not None:
+        return opts.lr
+    return RANDOM_VISION_LR if opts.vision == DEFAULT_VISION or isinstance(opts.vision, dict) else DEFAULT_LR
+
+
+def encoder_label(spec: str | dict, resolved: str | dict) -> str:
+    """How the card and the config name an encoder."""
+    if spec == DEFAULT_TEXT:
+        return f"all-MiniLM-L6-v2 (pretrained, from the {MINILM_PACKAGE} package)"
+    if isinstance(resolved, dict):
+        shape = (f"hidden {resolved.get('hidden_size')}, {resolved.get('num_hidden_layers')} layers, "
+                 f"{resolved.get('image_size')} px / {resolved.get('patch_size')} px patches" if resolved.get("model_type") == "vit"
+                 else f"hidden {resolved.get('hidden_size')}, {resolved.get('num_hidden_layers')} layers")
+        who = "small-vit: " if spec == DEFAULT_VISION else ""
+        return f"{who}{resolved.get('model_type')} config, random init ({shape})"
+    return str(spec)
 
 
 def _collate(ds: ChartTextDataset, n: int) -> dict[str, torch.Tensor]:
@@ -138,11 +168,18 @@ def train_chart_classifier(
     scale = return_scale(train["close"].to_numpy(np.float64), train["next_close"].to_numpy(np.float64))
     majority = int(np.bincount(train["label"].to_numpy(np.int64), minlength=len(CLASS_NAMES)).argmax())
 
-    tok_source = opts.tokenizer or (opts.text if isinstance(opts.text, str) else None)
-    if tok_source is None:
+    vision_spec = resolve_vision(opts.vision, opts.image_size, opts.patch_size)
+    text_spec = resolve_text(opts.text)
+    if opts.tokenizer:
+        tokenizer = load_tokenizer(opts.tokenizer)
+    elif isinstance(text_spec, str):
+        tokenizer = load_tokenizer(text_spec, "text encoder")
+    else:
         raise ModelError("a text encoder given as a config needs --tokenizer (a name or folder)")
-    tokenizer = load_tokenizer(tok_source)
-    fcfg = FusionConfig(vision=opts.vision, text=opts.text, forecast_loss_weight=opts.forecast_loss_weight)
+    lr = resolved_lr(opts)
+    fcfg = FusionConfig(vision=vision_spec, text=text_spec, dropout=opts.dropout,
+                        forecast_loss_weight=opts.forecast_loss_weight)
+    torch.manual_seed(opts.seed)  # the random-init encoder and heads: the same weights for the same seed
     model = build_fusion(fcfg)
     vocab = getattr(model.text.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
@@ -157,8 +194,8 @@ def train_chart_classifier(
         on_start({"kind": KIND, "samples": {s: len(d) for s, d in ds.items()}, "epochs": opts.epochs,
                   "batches": batches if opts.max_batches is None else min(batches, opts.max_batches)})
     loop = LoopConfig(
-        epochs=opts.epochs, lr=opts.lr, patience=opts.patience, seed=opts.seed, device=opts.device,
-        max_batches=opts.max_batches,
+        epochs=opts.epochs, lr=lr, patience=opts.patience, seed=opts.seed, device=opts.device,
+        max_batches=opts.max_batches, threads=opts.threads,
     )
     result = fit(
         Joined(model), train_b, val_b, CombinedLoss(opts.forecast_loss_weight), loop,
@@ -186,8 +223,11 @@ def train_chart_classifier(
         metrics, baselines = flat_metrics(cards)
         step = INTERVAL_MS[interval]
         config = {
-            "model": {**fcfg.to_json(), "encoders": {"vision": _describe(model.vision), "text": _describe(model.text)}},
-            "training": {**{k: v for k, v in asdict(opts).items() if k not in SECRET_OPTIONS}, "loop": loop.as_dict(), "best_epoch": result.best_epoch,
+            "model": {**fcfg.to_json(), "encoders": {
+                "vision": _describe(model.vision, encoder_label(opts.vision, vision_spec)),
+                "text": _describe(model.text, encoder_label(opts.text, text_spec))}},
+            "training": {**{k: v for k, v in asdict(opts).items() if k not in SECRET_OPTIONS}, "lr": lr,
+                         "loop": loop.as_dict(), "best_epoch": result.best_epoch,
                          "epochs_run": result.epochs_run, "stopped": result.stopped, "device": result.device,
                          "amp": result.amp, "history": [asdict(h) for h in result.history]},
             "input_topic": "charts.v1",
@@ -246,10 +286,10 @@ def train_chart_classifier(
     return ClassifierResult(published, hub, promoted, reason, cards, result, check, {"confusion_matrices": matrices})
 
 
-def _describe(encoder) -> dict:
+def _describe(encoder, label: str) -> dict:
     c = encoder.config
     return {
-        "model_type": c.model_type, "name_or_path": getattr(c, "_name_or_path", "") or "(config)",
+        "model_type": c.model_type, "name_or_path": label, "image_size": getattr(c, "image_size", None),
         "hidden_size": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
         "parameters": int(sum(p.numel() for p in encoder.parameters())),
     }

@@ -18,10 +18,21 @@ def test_dataset_build_from_the_command_line(tmp_path, capsys):
     assert (out / "index.csv").exists() and (out / "manifest.json").exists()
 
 
-def test_train_without_the_encoders_at_hand_is_one_line(btc_dataset, tmp_path, capsys, monkeypatch):
+def test_train_with_a_hub_encoder_out_of_reach_is_one_line(btc_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the seed's Hub names cannot be fetched
-    code = main(["train", "--dataset", str(btc_dataset), "--registry", str(tmp_path / "reg"), "--epochs", "1"])
+    code = main(["train", "--dataset", str(btc_dataset), "--registry", str(tmp_path / "reg"), "--epochs", "1",
+                 "--text-encoder", "bert-base-uncased"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "bert-base-uncased" in err
+    assert code == 2
+    assert err == ("klinebus: error: cannot load the text encoder bert-base-uncased from the Hub (offline?): "
+                   "use a local path or the default\n")
     assert not (tmp_path / "reg").exists()
+
+
+def test_classifier_options_on_another_kind_are_refused(tmp_path, capsys):
+    ds = tmp_path / "seq"
+    ds.mkdir()
+    (ds / "manifest.json").write_text('{"kind": "bilstm-ohlc"}')
+    code = main(["train", "--dataset", str(ds), "--registry", str(tmp_path / "reg"), "--image-encoder", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--image-encoder is an option of chart-classifier datasets" in err

@@ -57,10 +57,35 @@ def test_saved_model_reloads_without_the_hub(tmp_path, model):
 
 
 def test_encoders_that_cannot_be_used_are_one_line_errors(tmp_path):
-    with pytest.raises(ModelError, match="cannot load the vision encoder") as info:
+    with pytest.raises(ModelError, match="cannot load the image encoder") as info:
         build_fusion(FusionConfig(vision=str(tmp_path / "no-such-model"), text=tiny_text(64)))
     assert "\n" not in str(info.value)
     with pytest.raises(ModelError, match="224 px"):
         build_fusion(FusionConfig(vision={**tiny_vision(), "image_size": 96}, text=tiny_text(64)))
     with pytest.raises(ModelError, match="not divisible by 8"):
         build_fusion(FusionConfig(vision=tiny_vision(), text={**tiny_text(64), "hidden_size": 36, "num_attention_heads": 2}))
+
+
+def test_a_smaller_image_encoder_sees_the_224_px_chart_average_pooled():
+    torch.manual_seed(0)
+    small = build_fusion(FusionConfig(vision={**tiny_vision(), "image_size": 32}, text=tiny_text(128), dropout=0.0)).eval()
+    image, ids, mask = _batch(2)
+    # Two charts that differ only inside 7x7 blocks but have the same block means pool alike.
+    same_means = image.clone()
+    same_means[:, 0, 0, :], same_means[:, 0, 1, :] = image[:, 0, 1, :], image[:, 0, 0, :]
+    out = small(image, ids, mask)[0]
+    assert out.shape == (2, 3)
+    assert torch.allclose(out, small(same_means, ids, mask)[0], atol=1e-6)
+    assert not torch.allclose(out, small(torch.flip(image, dims=[1]), ids, mask)[0], atol=1e-6)
+
+
+def test_the_default_small_vit_is_a_random_init_config():
+    from services.trainer.classifier.model import resolve_vision, small_vit
+
+    cfg = resolve_vision("small-vit")
+    assert cfg == small_vit() and cfg["model_type"] == "vit" and cfg["image_size"] == 224
+    assert resolve_vision("small-vit", 56, 8)["image_size"] == 56
+    with pytest.raises(ModelError, match="does not divide"):
+        small_vit(100)
+    with pytest.raises(ModelError, match="default image encoder"):
+        resolve_vision("google/vit-base-patch16-224", image_size=112)
