@@ -69,7 +69,9 @@ class ServiceSettings(BaseSettings):
         "per message). Real events are a few KB.",
     )
     reclaim_idle_ms: int = Field(
-        60_000, gt=0, description="Entries pending this long on a dead consumer are reclaimed (XAUTOCLAIM)."
+        60_000, gt=0, description="Work queues (competing groups): an entry pending this long on another "
+        "consumer (a dead replica's) is claimed by a live one (XPENDING IDLE + XCLAIM) and handled again. Ordered "
+        "groups do not wait for it: a new owner claims every pending entry when it takes over."
     )
     stream_retention_ms: int = Field(
         0,
