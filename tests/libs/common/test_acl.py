@@ -278,3 +278,20 @@ def test_klinebus_acl_prints_a_file_redis_accepts(tmp_path):
         c.close()
     finally:
         server.stop()
+
+
+def test_the_declarations_match_what_each_service_app_subscribes_and_publishes(monkeypatch, tmp_path):
+    """The ACL is generated from topics.ACCESS: a service whose app reads or writes a topic its
+    declaration lacks would be refused in production, so the two are compared here."""
+    from klinebus.cli import SERVICES, app_module
+    from libs.common.settings import load_settings
+
+    monkeypatch.setenv("KLINEBUS_REDIS_URL", "redis://127.0.0.1:1/0")  # create() does not connect
+    monkeypatch.setenv("KLINEBUS_DATA_DIR", str(tmp_path))
+    assert set(SERVICES) == set(topics.ACCESS) - {"operator"}
+    for service in SERVICES:
+        module = app_module(service)
+        bus = module.create(load_settings(module.SETTINGS), "redis://127.0.0.1:1/0").bus
+        access = topics.ACCESS[service]
+        assert sorted({s.topic for s in bus.subscriptions}) == sorted(access.consumes), service
+        assert sorted(bus._publishers) == sorted(access.produces), service
