@@ -71,6 +71,12 @@ def test_gate_verdict_and_intervals_match_hand_computation(trained_bilstm, bilst
         pers = prices[a][:, [3, 3, 1, 2]]
         return out[:, 0, :], actual, pers
 
+    fi = [m["features"].index(c) for c in ("high", "low", "close")]
+
+    def scale(a):  # exp(mean log relative range) of the last 16 input candles, by hand
+        w = feats[a[:, None] + np.arange(-15, 1)[None, :]]
+        return np.exp(np.mean(np.log((w[..., fi[0]] - w[..., fi[1]]) / w[..., fi[2]]), axis=1))[:, None]
+
     pred, actual, pers = run(z["anchors_gate"])
     g = meta.evaluation["verdicts"]["gate"][0]
     assert g["n"] == len(z["anchors_gate"])
@@ -80,13 +86,16 @@ def test_gate_verdict_and_intervals_match_hand_computation(trained_bilstm, bilst
     assert 0.0 <= g["dm_p_value"] <= 1.0
     iv = meta.config["intervals"]
     assert iv["columns"] == ["open@1", "close@1", "high@1", "low@1"] and iv["calibrated_on"] == "gate"
+    assert iv["scale"]["candles"] == 16
     q = np.asarray(iv["log_residual_quantiles"])
     assert q.shape == (4, 3) and np.all(q[:, 0] <= q[:, 1]) and np.all(q[:, 1] <= q[:, 2])
     # on the calibration slice itself a split-conformal 10-90 % band covers at least 80 % - 1/n
-    inside_gate = (actual >= pred * np.exp(q[:, 0])) & (actual <= pred * np.exp(q[:, 2]))
+    s = scale(z["anchors_gate"])
+    inside_gate = (actual >= pred * np.exp(q[:, 0] * s)) & (actual <= pred * np.exp(q[:, 2] * s))
     assert inside_gate.mean(axis=0).min() >= 0.8 - 1 / len(pred)
     pred, actual, _ = run(z["anchors_test"])
-    inside = (actual >= pred * np.exp(q[:, 0])) & (actual <= pred * np.exp(q[:, 2]))
+    s = scale(z["anchors_test"])
+    inside = (actual >= pred * np.exp(q[:, 0] * s)) & (actual <= pred * np.exp(q[:, 2] * s))
     for j, col in enumerate(iv["columns"]):
         assert meta.evaluation["intervals"][col]["model"]["coverage"] == pytest.approx(inside[:, j].mean())
     del order
