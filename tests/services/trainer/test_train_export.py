@@ -50,7 +50,7 @@ def test_card_shows_every_metric_beside_persistence(trained_bilstm):
     assert f"**Promoted: {'yes' if result.published.meta.promoted else 'no'}.**" in card
     assert "Walk-forward" in card and "# bilstm-ohlc-BTCUSDT-15m v1" in card
     v = result.published.meta.evaluation["verdicts"]["gate"][0]
-    assert "| gate | mae |" in card and f"{v['dm_p_value']:.3g} |" in card  # the DM p-value is on the card
+    assert "| gate | mae | persistence |" in card and "| gate | mae | drift |" in card and f"{v['dm_p_value']:.3g} |" in card  # the DM p-value is on the card
     assert "80 % prediction intervals" in card
 
 
