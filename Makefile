@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-quick lint bench asyncapi clean help system-deps fuzz
+.PHONY: demo test test-quick lint bench asyncapi clean help system-deps images fuzz
 
 help:
 	@echo "make demo        run the whole pipeline on shipped Binance candles (no network)"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint        pyflakes checks (ruff)"
 	@echo "make bench       run the benchmarks in bench/"
 	@echo "make asyncapi    regenerate docs/asyncapi.yaml from the service apps"
+	@echo "make images      build every service image with buildah (slow: llama.cpp, torch; SERVICES=... for some)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,12 @@ asyncapi: $(STAMP)
 # tests; idempotent, instant when present, skipped (tests skip too) without root or apt.
 system-deps:
 	@scripts/system-deps.sh
+
+# Every service image, as tests/deploy/test_image.py builds one (buildah, vfs, chroot; root). The
+# base is BASE_IMAGE when set (e.g. docker.io/library/python:3.11-slim), else an offline Debian
+# bookworm + python3 made once by debootstrap (scripts/images.py). SERVICES="features alerts" for some.
+images: system-deps
+	python3 scripts/images.py build $(if $(SERVICES),$(SERVICES),--all)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond the Python ones: Debian's Prometheus (the server and
-# promtool) and Alertmanager, run for real by tests/monitoring and tests/services/alerts.
+# promtool) and Alertmanager, run for real by tests/monitoring and tests/services/alerts; buildah
+# and debootstrap, which tests/deploy/test_image.py and `make images` build service images with.
 #
 #   scripts/system-deps.sh          # install what is missing (idempotent; instant when present)
 #   scripts/system-deps.sh --check  # exit 1 and name what is missing, install nothing
 #
-# Needs root (or sudo) and an apt-based system (Debian 12 ships prometheus 2.42 and
-# prometheus-alertmanager 0.25). On other systems install the same binaries by hand and put them
+# Needs root (or sudo) and an apt-based system (Debian 12 ships prometheus 2.42,
+# prometheus-alertmanager 0.25 and buildah 1.28). On other systems install the same binaries by hand and put them
 # on PATH; the tests that need them skip with a line saying which binary is missing.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
     || need+=(prometheus-alertmanager)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # 7.x, built with TLS: the ACL and TLS tests
+command -v buildah >/dev/null 2>&1 || need+=(buildah)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 # de-duplicate
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u | sed '/^$/d')
 
