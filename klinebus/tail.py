@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import orjson
 import redis
 
@@ -13,8 +11,11 @@ from libs.common.redact import redact, redact_url, register
 
 
 def tail(topic: str, count: int, redis_url: str | None) -> None:
-    url = redis_url or os.environ.get("KLINEBUS_REDIS_URL")
-    if not url:
+    from libs.common.settings import EMBEDDED_REDIS, ServiceSettings, load_settings
+
+    # Through the settings: the URL is checked (one line, no password), KLINEBUS_REDIS_TLS_* apply.
+    url = load_settings(ServiceSettings, **({"redis_url": redis_url} if redis_url else {})).redis_url
+    if not url or url == EMBEDDED_REDIS:
         raise CliError("tail needs --redis-url or KLINEBUS_REDIS_URL (the embedded Redis lives only as long as its service)")
     if topic not in topics.ALL_TOPICS:
         raise CliError(f"unknown topic {topic!r}; topics: {', '.join(topics.ALL_TOPICS)}")

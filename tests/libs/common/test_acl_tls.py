@@ -171,3 +171,18 @@ def test_tls_files_with_a_plain_url_are_one_error(monkeypatch, tmp_path):
     with pytest.raises(SettingsError, match="rediss://") as refused:
         load_settings(ServiceSettings)
     assert "pw@" not in str(refused.value)
+
+
+def test_klinebus_tail_reads_over_tls_as_the_operator(tls_redis):
+    import os
+    import sys
+
+    admin = redis.Redis.from_url(tls_redis.url("admin") + tls_redis.files())
+    admin.xadd(topics.stream_key(topics.KLINES), {"__data__": EVENT_TYPES[topics.KLINES].model_validate(SAMPLES[topics.KLINES]).to_json()})
+    admin.close()
+    env = {**os.environ, "KLINEBUS_REDIS_URL": tls_redis.url("operator"), "KLINEBUS_REDIS_TLS_CA": str(tls_redis.folder / "ca.crt")}
+    out = subprocess.run([sys.executable, "-m", "klinebus", "tail", "klines.v1"], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[3], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '"symbol":"BTCUSDT"' in out.stdout
+    assert PASSWORDS["operator"] not in out.stdout + out.stderr
