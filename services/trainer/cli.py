@@ -342,6 +342,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(out))
         return
+    if "verdicts" in out:  # a range-vol package (services/trainer/scoring.score_range_package)
+        print(f"{out['model']} v{out['version']}: {out['samples']} windows")
+        for key, v in out["verdicts"].items():
+            print(f"{key}: MAE {v['model_mae']:.6g} vs {v['baseline_mae']:.6g} (ratio {v['mae_ratio']:.3f}, 95 % CI "
+                  f"{v['mae_ratio_ci_low']:.3f}-{v['mae_ratio_ci_high']:.3f}; DM-HLN {v['dm_statistic']:.2f}, p {v['dm_p_value']:.3g})")
+        for t, r in out["intervals"].items():
+            print(f"{t}: 80 % band coverage {r['coverage']:.3f} (95 % CI {r['coverage_ci_low']:.3f}-{r['coverage_ci_high']:.3f})")
+        return
     _print_card(out["scorecard"], f"{out['model']} v{out['version']}: {out['samples']} windows "
                 f"{fmt_ms(out['start'])} → {fmt_ms(out['end'])} UTC")
     if out["skipped_seen"]:

@@ -29,6 +29,8 @@ def score_package(package_dir: str | Path, inputs: list[str], include_seen: bool
     import onnxruntime as ort
 
     meta: ModelPackage = verify_package(package_dir)
+    if meta.kind == "range-vol":
+        return score_range_package(package_dir, meta, inputs, include_seen)
     if meta.input_scaling != "in-graph" or len(meta.inputs) != 1:
         raise ScoringError(f"{package_dir}: klinebus evaluate scores forecasters that take one raw feature window")
     L, H, T = meta.lookback, len(meta.horizons), len(meta.targets)
@@ -75,3 +77,46 @@ def score_package(package_dir: str | Path, inputs: list[str], include_seen: bool
         skipped_seen=skipped_seen, start=int(t.min()), end=int(t.max()),
         scorecard=card(), folds=walk_forward(t, folds, card),
     )
+
+
+def score_range_package(package_dir: str | Path, meta: ModelPackage, inputs: list[str], include_seen: bool = False) -> dict:
+    """A ``range-vol`` package on kline files: next-range and realised-vol MAE beside persistence and
+    EWMA on the same windows, paired DM verdicts, and the coverage of its 80 % band."""
+    import onnxruntime as ort
+
+    from services.trainer.evaluation import interval_report, paired_verdict
+    from services.trainer.range_model import baselines, targets
+
+    L, n_vol = meta.lookback, meta.horizons[1]
+    sess = ort.InferenceSession(str(Path(package_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    wanted = [(s.symbol, s.interval) for s in meta.serves]
+    series = load_series(inputs, sorted({s for s, _ in wanted}), sorted({i for _, i in wanted}), with_hashes=False)
+    series = {k: v for k, v in series.items() if k in wanted}
+    if not series:
+        raise ScoringError(f"{' '.join(inputs)} holds none of the pairs {meta.name} serves ({wanted})")
+    f_all, q_all, y_all, b_all, skipped = [], [], [], {"persistence": [], "ewma": []}, 0
+    for (symbol, interval), s in sorted(series.items()):
+        prices = s.frame[list(PRICE_NAMES)].to_numpy(np.float64)
+        ot = s.frame["open_time"].to_numpy(np.int64)
+        anchors = valid_anchors(ot, prices, INTERVAL_MS[interval], L, n_vol)
+        if not include_seen:
+            unseen = ot[anchors - L + 1] > meta.ranges.validation.end
+            skipped += int((~unseen).sum())
+            anchors = anchors[unseen]
+        if not len(anchors):
+            continue
+        hlc = prices[anchors[:, None] + np.arange(-L + 1, 1)[None, :]][:, :, 1:4]
+        f, q = sess.run(None, {meta.inputs[0].name: hlc})
+        f_all.append(f), q_all.append(q), y_all.append(targets(prices, anchors, n_vol))
+        for k, v in baselines(hlc, n_vol).items():
+            b_all[k].append(v)
+    if not f_all:
+        raise ScoringError(f"no windows to score ({skipped} fall in the model's train/validation/gate range)")
+    f, q, y = np.concatenate(f_all), np.concatenate(q_all), np.concatenate(y_all)
+    base = {k: np.concatenate(v) for k, v in b_all.items()}
+    names = [f"range@1", f"rvol@{n_vol}"]
+    verdicts = {f"{t}:{b}": paired_verdict(f[:, j] - y[:, j], base[b][:, j] - y[:, j], t, baseline=b, h=h)
+                for j, (t, h) in enumerate(zip(names, (1, n_vol))) for b in base}
+    intervals = {t: interval_report(y[:, j], q[:, j, 0], q[:, j, 2], f[:, j]) for j, t in enumerate(names)}
+    return dict(model=meta.name, version=meta.version, promoted=meta.promoted, samples=int(len(f)),
+                skipped_seen=skipped, verdicts=verdicts, intervals=intervals)

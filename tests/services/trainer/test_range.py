@@ -131,3 +131,10 @@ def test_range_job_on_real_candles(tmp_path):
     card = (pkg / "README.md").read_text()
     assert f"{gate[0]['dm_p_value']:.3g}" in card and "80 % intervals" in card
     assert json.loads((pkg / "klinebus.json").read_text())["config"]["intervals"]["calibrated_on"] == "gate"
+    # klinebus evaluate scores only windows after the gate slice: here exactly the test slice
+    from services.trainer.scoring import score_package
+
+    out = score_package(pkg, [str(BTC_15M)])
+    assert out["samples"] == len(a) and out["skipped_seen"] > 0
+    assert out["verdicts"]["range@1:persistence"]["model_mae"] == pytest.approx(meta.metrics["range@1_mae"], rel=1e-12)
+    assert out["intervals"]["range@1"]["coverage"] == pytest.approx(inside.mean())
