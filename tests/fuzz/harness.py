@@ -5,7 +5,8 @@ Targets (one per input surface):
 
 * ``bus:<service>:<topic>``: the bus's decode of a stream entry for every topic a service consumes
   (``libs.common.bus.framing.Decoder`` over the contract model, in a batch and alone, with the
-  per-entry size cap the consumer applies), then each service's own check where it has one;
+  per-entry size cap the consumer applies), then the services' own checks where they have one
+  (control-topic signatures, the chart uri's artefact root, alert labels, candle physics);
 * ``ws``: the ingest engine's websocket message handler (``IngestEngine.on_message``: JSON,
   control replies, ``parse_ws_kline``, the event time), and ``wsclient.is_server_shutdown``;
 * ``rest``: the ingest REST client's row parsing (``rest._closed_rows`` over a decoded body).
@@ -27,7 +28,7 @@ import orjson
 
 from libs.common import topics
 from libs.common.bus.framing import BAD_INPUT_ERRORS, DATA_FIELD_B, Decoder, payload_of_fields
-from libs.common.contracts import EVENT_TYPES, KlineEvent
+from libs.common.contracts import EVENT_TYPES, InvalidEvent, KlineEvent
 from libs.common.klines import InvalidKline, parse_ws_kline, read_kline_csv
 from tests.fuzz.samples import SAMPLES
 
@@ -96,10 +97,62 @@ class BusTarget:
                 out.decoded += 1
 
 
+class _Domain:
+    """The services' own checks on a decoded event, built once: the control-topic signature check
+    (inference, trainer), the artefact root a chart uri must lie under (inference, vlm, alerts),
+    the alert labels and fingerprint (alerts)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from prometheus_client import CollectorRegistry
+
+        from libs.common.artefacts import ArtefactRoot
+        from libs.common.signing import ControlGuard, Keyring
+        from libs.common.telemetry import ServiceMetrics
+
+        async def dead_letter(source: str, raw: Any, reason: str) -> None:
+            return None
+
+        metrics = ServiceMetrics("fuzz", CollectorRegistry())
+        self.guard = ControlGuard(Keyring.parse("fuzz-key:" + "k" * 40), metrics, dead_letter)
+        folder = Path(tempfile.mkdtemp(prefix="klinebus-fuzz-charts-"))
+        self.root = ArtefactRoot(str(folder), max_bytes=1024, metrics=metrics)
+        self.chart = folder / "BTCUSDT-1m.png"
+        self.chart.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # the signature is what is checked
+
+
+_domain: _Domain | None = None
+
+
+def domain() -> _Domain:
+    global _domain
+    if _domain is None:
+        _domain = _Domain()
+    return _domain
+
+
 def _after_decode(topic: str, ev: Any) -> None:
-    """The checks services make on a decoded event before using it (domain decode)."""
+    """The checks services make on a decoded event before using it (domain decode). Raises a
+    bad-input error (or a domain refusal, a ``ValueError``) for what the service refuses."""
+    _domain = domain()
     if topic in (topics.KLINES, topics.KLINES_LIVE):
         ev.to_kline()
+    elif topic in (topics.MODELS, topics.DATASETS):
+        problem = _domain.guard.check(topic, ev)
+        if problem is not None:
+            raise InvalidEvent(str(problem))
+    elif topic == topics.CHARTS:
+        from libs.common.artefacts import ArtefactRefused
+
+        try:
+            _domain.root.read_png(ev.uri)
+        except ArtefactRefused as exc:
+            raise InvalidEvent(str(exc)) from None
+    elif topic == topics.ALERTS:
+        from services.alerts.notification import fingerprint, labels_of
+
+        fingerprint(labels_of(ev))
 
 
 # --- ingest: websocket and REST ------------------------------------------------------------------
@@ -239,7 +292,13 @@ def rest_seeds() -> list[bytes]:
 
 
 def bus_seeds(topic: str) -> list[bytes]:
-    seeds = [orjson.dumps(SAMPLES[topic])]
+    """The topic's real-shaped event, made to pass the services' checks (signed, a chart that exists)."""
+    doc = dict(SAMPLES[topic])
+    if topic == topics.CHARTS:
+        doc["uri"] = domain().chart.as_uri()
+    if topic in (topics.MODELS, topics.DATASETS):
+        doc = domain().guard.sign(topic, EVENT_TYPES[topic].model_validate(doc)).model_dump(mode="json")
+    seeds = [orjson.dumps(doc)]
     if topic in (topics.KLINES, topics.KLINES_LIVE):
         seeds += real_klines(50)
     return seeds
