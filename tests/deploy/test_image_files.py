@@ -206,3 +206,16 @@ def test_klinebus_runs_from_the_image_file_set_alone(tmp_path):
                           capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok") and "run" in proc.stdout
+
+
+def test_dependencies_are_installed_before_any_code_is_copied():
+    """A code change must not rebuild the dependency layer (llama.cpp for vlm/trainer): the stages
+    that install dependencies read only the requirements list, and each runtime stage copies its
+    venv before the code."""
+    all_stages = stages(DOCKERFILE.read_text())
+    for name in ("builder", "deps", "cuda-builder"):
+        assert copied_from_context(all_stages[name]) == [], f"{name} copies from the build context"
+    assert set(copied_from_context(all_stages["requirements"])) <= {"scripts/image-requirements.py", "pyproject.toml"}
+    for name in RUNTIME_STAGES:
+        ins = [i.split()[0].upper() + (" --from" if "--from=" in i else "") for i in all_stages[name]]
+        assert ins.index("COPY --from") < ins.index("COPY"), f"{name}: code copied before the dependencies"
