@@ -72,6 +72,12 @@ def forget_all() -> None:
 def _parts_of(value: str) -> set[str]:
     """A secret and the pieces of it that are secret on their own (a URL's password, its token path)."""
     parts = {value}
+    if "," in value and "://" not in value:  # a keyring: <key-id>:<secret>[,...]
+        for piece in value.split(","):
+            parts.update(_parts_of(piece.strip()))
+        return parts
+    if ":" in value and "://" not in value:
+        parts.add(value.split(":", 1)[1])  # <key-id>:<secret>: the secret alone
     if "://" in value:
         try:
             u = urlsplit(value)

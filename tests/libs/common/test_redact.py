@@ -80,6 +80,12 @@ def test_a_registered_secret_is_masked_wherever_it_appears():
     assert R.redact_url(REDIS_URL.format(port=1)) == "redis://klinebus-features:***@127.0.0.1:1/0"
 
 
+def test_each_secret_of_a_keyring_is_masked_on_its_own():
+    first, second = "s" * 40, "t" * 40
+    R.register(f"old-key:{first},new-key:{second}")
+    assert R.redact(f"verifying with {second} then {first}") == "verifying with *** then ***"
+
+
 # --- bad settings, unreachable Redis: the command line ------------------------------------------------
 
 
