@@ -127,8 +127,10 @@ class _QueueWorker:
                     if parts is None:
                         await self._give_up(head.item, self.failing or "failed")
                         self._hand.pop(0)
+                        self._recovered()  # dealt with: a quiet topic must not stay "failing"
                     else:
                         self._hand[:1] = [_InHand(p) for p in parts]
+                        self._delay = RETRY_FIRST_S  # each part gets the same bounded tries
                     continue
                 await self._handle(head.item)
                 self._hand.pop(0)

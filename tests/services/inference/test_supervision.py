@@ -161,3 +161,23 @@ async def test_the_engine_keeps_a_forecast_error_until_its_dead_letter_is_writte
 
 def _session_fails(windows, closes):
     raise RuntimeError("session failed")
+
+
+async def test_an_outbox_whose_last_event_was_poison_works_again_with_nothing_behind_it():
+    given_up: list[str] = []
+
+    async def publish(events, *key) -> None:
+        if "poison" in events:
+            raise ValueError("never")
+
+    async def give_up(event, reason) -> None:
+        given_up.append(event)
+
+    out = Outbox("outbox:t", publish, give_up=give_up)
+    out.start()
+    out.put("poison", "k")
+    await until(lambda: given_up == ["poison"])
+    await until(lambda: out.pending == 0)
+    ok = out.ok
+    await out.stop()
+    assert ok  # a quiet topic is not left "failing" once its poison is dead-lettered
