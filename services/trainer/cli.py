@@ -260,7 +260,7 @@ def _progress_printer(as_json: bool):
 def _print_card(card: dict, title: str) -> None:
     from rich.table import Table
 
-    keys = [k for k in ("mae", "rmse", "mse", "mape", "direction_accuracy", "direction_ci_low", "direction_ci_high",
+    keys = [k for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "mae", "rmse", "mse", "mape", "direction_accuracy", "direction_ci_low", "direction_ci_high",
                         "flat_share", "range_mae") if any(k in c for c in card.values())]
     keys += sorted(k for k in card["model"] if "@" in k and k.endswith("_mae"))
     table = Table(title=title)

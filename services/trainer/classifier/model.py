@@ -152,13 +152,23 @@ def hub_reachable() -> bool:
 def from_pretrained(load: Callable[..., Any], spec: str, what: str) -> Any:
     """``load(spec)`` (``AutoModel.from_pretrained`` and the like) from a local folder, the Hub,
     or, when the Hub cannot be reached, the Hugging Face cache only; ``ModelError`` in one line."""
+    from transformers.utils import logging as hf_logging
+
     offline = not Path(spec).exists() and not hub_reachable()
+    # Quiet: transformers' progress bar and its load report, which for every encoder here lists
+    # the pooler weights that add_pooling_layer=False leaves out ("UNEXPECTED ... can be ignored").
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return load(spec, local_files_only=True) if offline else load(spec)
-    except (OSError, ValueError, KeyError, TypeError, ConnectionError, TimeoutError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ConnectionError, TimeoutError) as exc:
         if offline:
             raise ModelError(f"cannot load the {what} {spec} from the Hub (offline?): use a local path or the default") from None
         raise load_error(what, spec, exc) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def hub_unreachable(exc: BaseException) -> bool:

@@ -36,3 +36,14 @@ def test_classifier_options_on_another_kind_are_refused(tmp_path, capsys):
     code = main(["train", "--dataset", str(ds), "--registry", str(tmp_path / "reg"), "--image-encoder", "x"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--image-encoder is an option of chart-classifier datasets" in err
+
+
+def test_the_printed_scorecard_shows_the_classes_beside_their_baselines(capsys):
+    from services.trainer.cli import _print_card
+
+    _print_card({"model": {"accuracy": 0.41, "macro_f1": 0.33, "mae": 0.5},
+                 "majority_class": {"accuracy": 0.38, "macro_f1": 0.18}, "persistence": {"mae": 0.45}}, "validation")
+    rows = {line.split()[1]: line.split()[3:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│") and line.split()[1] in ("accuracy", "macro_f1", "mae")}
+    assert rows == {"accuracy": ["0.41", "│", "0.38", "│", "–"], "macro_f1": ["0.33", "│", "0.18", "│", "–"],
+                    "mae": ["0.5", "│", "–", "│", "0.45"]}
