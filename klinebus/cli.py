@@ -113,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     for service in SERVICES:
         try:
             module = importlib.import_module(f"services.{service}.cli")
+            # register() may import its extra's packages too (the trainer's dataset builders: pandas)
+            module.register(sub)
         except ModuleNotFoundError as exc:
             # No subcommands (or not built yet), or this image lacks that service's extra: one
-            # image per service must still run its own service.
+            # image per service must still run its own service (tests/deploy/test_image_files.py).
             log.debug("no %s subcommands: %s", service, exc)
             continue
-        module.register(sub)
     return parser
 
 

@@ -219,3 +219,71 @@ def test_dependencies_are_installed_before_any_code_is_copied():
     for name in RUNTIME_STAGES:
         ins = [i.split()[0].upper() + (" --from" if "--from=" in i else "") for i in all_stages[name]]
         assert ins.index("COPY --from") < ins.index("COPY"), f"{name}: code copied before the dependencies"
+
+
+# --- each service's image holds only its extra: its service must still start -------------------------
+
+EXTRA_PROBE = """
+import importlib.metadata as md, json, re, sys
+allowed, service = set(json.loads(sys.argv[1])), sys.argv[2]
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+blocked = {top for top, dists in md.packages_distributions().items()
+           if not any(norm(d) in allowed for d in dists)} - set(sys.stdlib_module_names)
+
+class NotInThisImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in this image)", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInThisImage())
+from klinebus.cli import app_module, build_parser
+build_parser()  # what `klinebus run <service>` builds before it runs anything
+app_module(service)
+print("ok")
+"""
+
+
+def _installed_closure(requirements: list[str]) -> set[str]:
+    """Distribution names a pip install of ``requirements`` pulls in, read from the installed metadata."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    seen: set[tuple[str, frozenset]] = set()
+    stack = [Requirement(r) for r in requirements]
+    while stack:
+        req = stack.pop()
+        key = (norm(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            deps = md.requires(req.name) or []
+        except md.PackageNotFoundError:
+            continue
+        for dep in map(Requirement, deps):
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (req.extras or {""})):
+                stack.append(dep)
+    return {name for name, _ in seen}
+
+
+@pytest.mark.parametrize("service", ["ingest", "archive", "features", "charts", "inference", "vlm", "trainer", "alerts"])
+def test_each_service_starts_with_only_its_own_extra_installed(service):
+    """`klinebus run <service>` builds the whole command line (every service's subcommands) before it
+    runs: a subcommand that imports another extra's package at registration would stop the service
+    in its own image (the alerts image has no pandas)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("image_requirements", REPO / "scripts" / "image-requirements.py")
+    reqs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reqs)
+    extra = {"archive": "ingest"}.get(service, service)
+    pinned = reqs.requirements(tomllib.loads((REPO / "pyproject.toml").read_text()), [extra])
+    allowed = _installed_closure(pinned) | {"klinebus", "pip", "setuptools", "wheel"}
+    proc = subprocess.run([sys.executable, "-c", EXTRA_PROBE, json.dumps(sorted(allowed)), service], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
