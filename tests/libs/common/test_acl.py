@@ -295,3 +295,22 @@ def test_the_declarations_match_what_each_service_app_subscribes_and_publishes(m
         access = topics.ACCESS[service]
         assert sorted({s.topic for s in bus.subscriptions}) == sorted(access.consumes), service
         assert sorted(bus._publishers) == sorted(access.produces), service
+
+
+@needs_redis7
+def test_the_commands_form_sets_up_the_same_users(tmp_path):
+    """`klinebus acl --format commands`: ACL SETUSER lines, as redis-cli would send them word by
+    word (Redis joins a selector's words from '(' to ')')."""
+    server = AclRedis(tmp_path, acl.acl_file({}, ADMIN))  # only the admin can log in
+    try:
+        admin = redis.Redis.from_url(server.admin_url)
+        for line in acl.acl_setuser_commands(PASSWORDS).splitlines():
+            assert admin.execute_command(*line.split()) in (b"OK", "OK", True)
+        admin.close()
+        c = redis.Redis.from_url(server.url("trainer"))
+        assert c.xadd(topics.stream_key(topics.MODELS), {"__data__": b"{}"})
+        with pytest.raises(rex.NoPermissionError):
+            c.xadd(topics.stream_key(topics.DATASETS), {"__data__": b"{}"})
+        c.close()
+    finally:
+        server.stop()
