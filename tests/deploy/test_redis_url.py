@@ -120,3 +120,22 @@ def test_an_unreachable_redis_is_one_line_and_the_service_goes_on_to_retry(caplo
             assert url.endswith(f"{port}/0")
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert f"127.0.0.1:{port}" in line and "could not check" in line and "secret-pw" not in line
+
+
+def test_a_cluster_is_checked_on_every_primary(redis_cluster_url, caplog):
+    from redis.cluster import RedisCluster
+
+    cluster = RedisCluster.from_url(redis_cluster_url.replace("+cluster://", "://", 1))
+    one = cluster.get_primaries()[-1]
+    try:
+        with caplog.at_level(logging.INFO, logger="klinebus.redis"):
+            with redis_url_for(_settings(redis_cluster_url)):
+                pass  # noeviction everywhere (persistence off on these nodes: a warning)
+        assert any("persistence is off" in r.getMessage() for r in caplog.records)
+        cluster.config_set("maxmemory-policy", "volatile-lru", target_nodes=one)
+        with pytest.raises(RedisSetupError, match="maxmemory-policy is volatile-lru, not noeviction"):
+            with redis_url_for(_settings(redis_cluster_url)):
+                pass
+    finally:
+        cluster.config_set("maxmemory-policy", "noeviction", target_nodes=one)
+        cluster.close()
