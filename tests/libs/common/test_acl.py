@@ -314,3 +314,48 @@ def test_the_commands_form_sets_up_the_same_users(tmp_path):
         c.close()
     finally:
         server.stop()
+
+
+@needs_redis7
+async def test_acl_users_work_on_a_redis_cluster(redis_cluster_url):
+    """The same users on every node of a real 3-master cluster (ACLs are per node): features'
+    user consumes klines.v1 through its group and publishes features.v1 across slots, and may not
+    append to klines.v1."""
+    from urllib.parse import urlsplit
+
+    import redis.asyncio.cluster as acluster
+
+    seed = urlsplit(redis_cluster_url)
+    admin = acluster.RedisCluster(host=seed.hostname, port=seed.port)
+    await admin.initialize()
+    for node in admin.get_nodes():  # ACL SETUSER on each node: Redis does not share users between nodes
+        for line in acl.acl_setuser_commands(PASSWORDS).splitlines():
+            await admin.execute_command(*line.split(), target_nodes=node)
+    for t in (topics.KLINES, topics.FEATURES, topics.DEAD_LETTERS):
+        await admin.delete(topics.stream_key(t), topics.stream_companion_key(t, "acked:features"),
+                           topics.stream_companion_key(t, "owner:features"))
+    await admin.delete(f"{topics.KEY_PREFIX}:owner:features")
+    await admin.xadd(topics.stream_key(topics.KLINES), {"__data__": event(topics.KLINES).to_json()})
+    url = f"redis+cluster://{acl.user_name('features')}:{PASSWORDS['features']}@{seed.hostname}:{seed.port}"
+    bus = Bus("features", url, consumer="features-c", metrics=ServiceMetrics("features", _registry()))
+    bus.publisher(topics.FEATURES, EVENT_TYPES[topics.FEATURES])
+
+    async def on_kline(ev, entry_id):
+        await bus.publish(event(topics.FEATURES))
+
+    bus.ordered(topics.KLINES, EVENT_TYPES[topics.KLINES])(on_kline)
+    await asyncio.wait_for(bus.start(), DEADLINE_S)
+    user = acluster.RedisCluster.from_url(url.replace("redis+cluster://", "redis://"))
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while await admin.xlen(topics.stream_key(topics.FEATURES)) < 1:
+            assert time.monotonic() < deadline and bus.alive(), bus.fatal
+            await asyncio.sleep(0.05)
+        with pytest.raises(rex.NoPermissionError):
+            await user.xadd(topics.stream_key(topics.KLINES), {"__data__": b"{}"})
+    finally:
+        await bus.stop()
+        await user.aclose()
+        for node in admin.get_nodes():  # the cluster is the session's: leave it as found
+            await admin.execute_command("ACL", "DELUSER", *map(acl.user_name, topics.ACCESS), target_nodes=node)
+        await admin.aclose()
