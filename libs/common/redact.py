@@ -161,6 +161,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RedactingFormatter(logging.Formatter):
+    """Wraps a handler's formatter: the finished line is redacted too (extra fields that are not
+    strings, e.g. a dict holding a URL, are only seen once formatted)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
 def iter_redacted(lines: Iterable[str]) -> Iterable[str]:
     for line in lines:
         yield redact(line)

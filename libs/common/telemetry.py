@@ -16,7 +16,7 @@ from typing import Callable
 
 import orjson
 from aiohttp import web
-from libs.common.redact import RedactingFilter, redact
+from libs.common.redact import RedactingFilter, RedactingFormatter, redact
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -46,7 +46,8 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter())  # secrets never reach a log line (libs.common.redact)
+    handler.setFormatter(RedactingFormatter(handler.formatter))  # secrets never reach a log line
+    handler.addFilter(RedactingFilter())  # (libs.common.redact): message, args, traceback, then the line
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -168,7 +168,7 @@ async def test_logs_dead_letters_and_metrics_never_show_a_registered_secret(redi
     try:
         log = logging.getLogger("klinebus.test")
         log.warning("connecting to %s", REDIS_URL.format(port=6379))
-        log.info("password is %s", PASSWORD, extra={"url": DISCORD})
+        log.info("password is %s", PASSWORD, extra={"url": DISCORD, "ctx": {"sink": SLACK, "n": 1}})
         try:
             raise ConnectionError(f"cannot reach {SLACK}")
         except ConnectionError:
