@@ -4,7 +4,13 @@ unit cases (input series that must and must not make it fire) that promtool runs
 Metric sources: ingest (candles, websocket, REST), the bus edge (``klinebus_bus_*``: group lag,
 trims, stalls), inference (predictions, live scores), the alerts service's stream watcher
 (``klinebus_alerts_stream_*``, ``close_to_publish_seconds``: freshness measured from outside the
-producers) and every service's ``dead_letters_total``.
+producers), every service's ``dead_letters_total`` and the Redis exporter (``redis_*``: memory, AOF,
+replication; k8s/components/monitoring runs it).
+
+Every rule is a **system** alert: it carries ``kind: system`` and a ``runbook_url`` into
+docs/alerts.md (its section there is generated from this file: meaning, first checks, fix).
+Alertmanager pages on ``kind="system", severity="critical"`` only; market alerts (the alerts
+service's, labelled ``source="klinebus"``) never page (monitoring/alertmanager/alertmanager.yml).
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SERVICES = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer", "alerts")
+# Scrape jobs the ServiceDown rule watches: the services and the Redis exporter.
+JOBS = (*SERVICES, "redis-exporter")
+# Where runbook_url points: docs/alerts.md's section for the alert (a GitHub heading anchor).
+RUNBOOK_BASE = "https://github.com/klinebus/klinebus/blob/main/docs/alerts.md"
+KIND = "system"
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,16 @@ class Rule:
     for_: str = "0m"
     cases: tuple[Case, ...] = field(default=())
 
+    @property
+    def anchor(self) -> str:
+        """The GitHub anchor of its docs/alerts.md heading (``### KlinebusIngestSilent``)."""
+        return self.name.lower()
+
+    def labels(self) -> dict[str, str]:
+        return {"severity": self.severity, "kind": KIND}
+
     def annotations(self) -> dict[str, str]:
-        return {"summary": self.summary, "description": self.check}
+        return {"summary": self.summary, "description": self.check, "runbook_url": f"{RUNBOOK_BASE}#{self.anchor}"}
 
 
 def _rate_counter(total_per_min: int, minutes: int) -> str:
@@ -297,7 +316,7 @@ RULES: tuple[Rule, ...] = (
     # --- services -------------------------------------------------------------------------------
     Rule(
         "KlinebusServiceDown", "klinebus-services",
-        f'up{{job=~"{"|".join(SERVICES)}"}} == 0',
+        f'up{{job=~"{"|".join(JOBS)}"}} == 0',
         "critical", "{{ $labels.job }} ({{ $labels.instance }}) cannot be scraped",
         "kubectl -n klinebus get pods / docker compose ps: crash loop (logs of the previous container), "
         "OOM kill, or /metrics port not reachable.",
@@ -321,6 +340,113 @@ RULES: tuple[Rule, ...] = (
                  ({"sink": "discord", "outcome": "dead_lettered"},)),
         ),
     ),
+    # --- redis (redis_exporter, k8s/components/monitoring) -----------------------------------------
+    Rule(
+        "KlinebusRedisDown", "klinebus-redis", "max by (instance) (redis_up) == 0",
+        "critical", "The Redis exporter cannot reach Redis: every service's bus is down",
+        "The exporter's log (auth? DNS?), then Redis itself: kubectl -n klinebus get pods -l app.kubernetes.io/name=redis "
+        "or the managed Redis' console. The services stall and retry (KlinebusConsumerStalled).",
+        for_="2m",
+        cases=(
+            Case({'redis_up{job="redis-exporter",instance="redis-exporter:9121"}': "1x20"}, "15m"),
+            Case({'redis_up{job="redis-exporter",instance="redis-exporter:9121"}': "1x5 0x15"}, "15m",
+                 ({"instance": "redis-exporter:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisMemoryHigh", "klinebus-redis",
+        "max by (instance) (redis_memory_used_bytes / (redis_memory_max_bytes > 0)) > 0.85",
+        "warning", "Redis uses more than 85% of its maxmemory",
+        "Which streams hold it (klinebus redis: MEMORY USAGE klinebus:{<topic>}) and each group's lag: a slow "
+        "consumer keeps entries, a cap (KLINEBUS_STREAM_MAXLEN) larger than memory allows.",
+        for_="10m",
+        cases=(
+            Case({'redis_memory_used_bytes{job="redis-exporter",instance="r:9121"}': "500x30",
+                  'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "1000x30"}, "25m"),
+            Case({'redis_memory_used_bytes{job="redis-exporter",instance="r:9121"}': "900x30",
+                  'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "1000x30"}, "25m",
+                 ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisMemoryFull", "klinebus-redis",
+        "max by (instance) (redis_memory_used_bytes / (redis_memory_max_bytes > 0)) > 0.95",
+        "critical", "Redis is at maxmemory: writes are refused (noeviction), producers stall",
+        "The same as KlinebusRedisMemoryHigh, now: the services report reason=oom in klinebus_bus_consumer_stalled.",
+        for_="5m",
+        cases=(
+            Case({'redis_memory_used_bytes{job="redis-exporter",instance="r:9121"}': "900x30",
+                  'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "1000x30"}, "25m"),
+            Case({'redis_memory_used_bytes{job="redis-exporter",instance="r:9121"}': "990x30",
+                  'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "1000x30"}, "25m",
+                 ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisNoMaxmemory", "klinebus-redis", "max by (instance) (redis_memory_max_bytes) == 0",
+        "warning", "Redis has no maxmemory: it grows until the kernel kills it",
+        "CONFIG GET maxmemory; set it below the container or instance memory (the dev Redis: --maxmemory).",
+        for_="15m",
+        cases=(
+            Case({'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "1000x30"}, "25m"),
+            Case({'redis_memory_max_bytes{job="redis-exporter",instance="r:9121"}': "0x30"}, "25m", ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisEvicting", "klinebus-redis", "sum by (instance) (increase(redis_evicted_keys_total[10m])) > 0",
+        "critical", "Redis evicted keys: stream entries, groups or checkpoints may be gone",
+        "CONFIG GET maxmemory-policy: it must be noeviction (docs/bus.md, managed Redis requirements).",
+        cases=(
+            Case({'redis_evicted_keys_total{job="redis-exporter",instance="r:9121"}': "0x20"}, "15m"),
+            Case({'redis_evicted_keys_total{job="redis-exporter",instance="r:9121"}': "0x10 5x10"}, "15m",
+                 ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisAofFailing", "klinebus-redis",
+        "min by (instance) (redis_aof_last_write_status) == 0 or min by (instance) (redis_aof_last_bgrewrite_status) == 0",
+        "critical", "Redis cannot write its append-only file: acknowledged events are not durable",
+        "Redis' log and its volume: disk full, volume read-only, permissions. INFO persistence names the failing step.",
+        for_="2m",
+        cases=(
+            Case({'redis_aof_last_write_status{job="redis-exporter",instance="r:9121"}': "1x20",
+                  'redis_aof_last_bgrewrite_status{job="redis-exporter",instance="r:9121"}': "1x20"}, "15m"),
+            Case({'redis_aof_last_write_status{job="redis-exporter",instance="r:9121"}': "1x5 0x15",
+                  'redis_aof_last_bgrewrite_status{job="redis-exporter",instance="r:9121"}': "1x20"}, "15m",
+                 ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisAofDisabled", "klinebus-redis", "max by (instance) (redis_aof_enabled) == 0",
+        "warning", "Redis runs without AOF: a restart loses what was acknowledged since the last snapshot",
+        "CONFIG GET appendonly; klinebus' nothing-lost guarantee needs appendonly yes (appendfsync always in dev).",
+        for_="15m",
+        cases=(
+            Case({'redis_aof_enabled{job="redis-exporter",instance="r:9121"}': "1x30"}, "25m"),
+            Case({'redis_aof_enabled{job="redis-exporter",instance="r:9121"}': "0x30"}, "25m", ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisReplicaLinkDown", "klinebus-redis", "max by (instance) (redis_master_link_up) == 0",
+        "critical", "A Redis replica lost its link to the primary: a failover now loses writes",
+        "INFO replication on the replica (master_link_down_since_seconds) and the network between them.",
+        for_="5m",
+        cases=(
+            Case({'redis_master_link_up{job="redis-exporter",instance="r:9121"}': "1x20"}, "15m"),
+            Case({'redis_master_link_up{job="redis-exporter",instance="r:9121"}': "1x5 0x15"}, "15m", ({"instance": "r:9121"},)),
+        ),
+    ),
+    Rule(
+        "KlinebusRedisReplicaLost", "klinebus-redis",
+        "max by (instance) (redis_connected_slaves) < max by (instance) (max_over_time(redis_connected_slaves[1h]))",
+        "warning", "The Redis primary has fewer replicas than in the last hour",
+        "INFO replication on the primary; is the replica pod/node up? A replica resyncing shows here for a while.",
+        for_="10m",
+        cases=(
+            Case({'redis_connected_slaves{job="redis-exporter",instance="r:9121"}': "1x40"}, "35m"),
+            Case({'redis_connected_slaves{job="redis-exporter",instance="r:9121"}': "1x10 0x30"}, "35m", ({"instance": "r:9121"},)),
+        ),
+    ),
 )
 
 # Rules whose metrics other services are still adding; generated only when their source exports
@@ -334,7 +460,7 @@ def groups() -> list[dict]:
         rule = {"alert": r.name, "expr": r.expr}
         if r.for_ != "0m":
             rule["for"] = r.for_
-        rule["labels"] = {"severity": r.severity}
+        rule["labels"] = r.labels()
         rule["annotations"] = r.annotations()
         out.setdefault(r.group, []).append(rule)
     return [{"name": name, "rules": rules} for name, rules in out.items()]
@@ -355,7 +481,10 @@ def prometheus_rule_resource() -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "klinebus", "namespace": "klinebus", "labels": {"app.kubernetes.io/part-of": "klinebus"}},
+        "metadata": {"name": "klinebus", "namespace": "klinebus", "labels": {
+            # the label your Prometheus' ruleSelector matches (k8s/components/monitoring says how to set it)
+            "release": "kube-prometheus-stack",
+            "app.kubernetes.io/part-of": "klinebus", "app.kubernetes.io/component": "monitoring"}},
         "spec": {"groups": groups()},
     }
 
@@ -373,7 +502,7 @@ def promtool_tests(rules_file: str) -> dict:
         for case in r.cases:
             exp = []
             for labels in case.fires:
-                full = {**labels, "severity": r.severity}
+                full = {**labels, **r.labels()}
                 exp.append({
                     "exp_labels": full,
                     "exp_annotations": {k: _render(v, full) for k, v in r.annotations().items()},
@@ -385,3 +514,81 @@ def promtool_tests(rules_file: str) -> dict:
                 "alert_rule_test": [{"eval_time": case.at, "alertname": r.name, "exp_alerts": exp}],
             })
     return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests}
+
+
+# The fix, once the first checks found the cause: docs/alerts.md's runbook section for each rule.
+FIXES: dict[str, str] = {
+    "KlinebusIngestSilent": "Restart ingest if it is wedged (kubectl -n klinebus rollout restart deploy/ingest); if the "
+    "exchange is down or the IP banned, wait for it (ingest backfills the gap when it is back) and tell the users "
+    "downstream; a NetworkPolicy or egress change: allow ingest to reach the exchange on 443.",
+    "KlinebusNoWebsocket": "Fix the path to the exchange's stream host (DNS, egress 443, proxy); ingest reconnects by "
+    "itself with backoff and backfills what it missed over REST.",
+    "KlinebusCandlesLate": "Mostly backfills: let them finish. Otherwise move ingest closer to the exchange or fix "
+    "Redis latency (KlinebusRedisMemoryHigh, slow disk with appendfsync always).",
+    "KlinebusSymbolStale": "A delisted or renamed symbol: remove it from KLINEBUS_SYMBOLS (the config map) and roll "
+    "ingest. A failing backfill: see KlinebusBackfillFailing.",
+    "KlinebusGapsNotHealing": "Restore REST access (egress, rate limit: fewer symbols or replicas per IP); once a "
+    "backfill succeeds the gap closes and features/inference move on. Long outages: `klinebus history import` the range.",
+    "KlinebusHolePublished": "Backfill the named range with `klinebus history import`; the consumers are idempotent on "
+    "(symbol, interval, open_time), so the late candles are processed once. Then find why ingest skipped it (its gap logs).",
+    "KlinebusBackfillFailing": "As KlinebusGapsNotHealing: restore REST access or lower the request weight.",
+    "KlinebusExchangeThrottling": "Lower the weight: fewer symbols/intervals per IP, one ingest replica, larger "
+    "backfill pages less often; ingest already honours Retry-After.",
+    "KlinebusConsumerLagGrowing": "A stalled group: fix what it stalls on (the reason label of KlinebusConsumerStalled). "
+    "Too slow: add replicas of a competing consumer (the keda component does it on lag) or resources for an ordered one.",
+    "KlinebusEntriesTrimmedUnconsumed": "Raise KLINEBUS_STREAM_MAXLEN (and Redis maxmemory to hold it) or speed the "
+    "consumer up; what was trimmed is gone from the stream: replay it from the Parquet archive if the consumer needs it.",
+    "KlinebusConsumerStalled": "oom: free or add Redis memory (KlinebusRedisMemoryFull); readonly: point the URL at the "
+    "new primary; loading: wait; connection/timeout: the network or Redis itself. The consumer resumes by itself.",
+    "KlinebusConsumerDown": "Restart the pod (liveness does when /healthz fails); the log line before the task died "
+    "names the bug: file it with that line.",
+    "KlinebusPendingStuck": "A dead replica's entries are reclaimed after KLINEBUS_RECLAIM_IDLE_MS: check the "
+    "reclaimer runs; a handler stuck on one entry: restart that pod, the entry is retried or dead-lettered.",
+    "KlinebusDeadLetters": "Fix the producer of the bad input the reason names (or the rule/config it breaks); dead "
+    "letters are kept on dead-letters.v1 for replay once fixed.",
+    "KlinebusNoPredictions": "Features silent: see its alerts. Inference not ready: publish or fix the model package "
+    "(models.v1) it waits for; a crash loop: its previous container's log.",
+    "KlinebusPredictionsStale": "Publish a model that serves the pair (its package's serves list) or route the pair to "
+    "persistence; upstream staleness: fix that first.",
+    "KlinebusModelBehindPersistence": "Retrain on recent data (a datasets.v1 request) or demote: publish the previous "
+    "version on models.v1. A market regime change is not a system fault; this alert never pages.",
+    "KlinebusModelStale": "Re-publish the model with the right feature set and pairs, or retire it.",
+    "KlinebusVlmBackedUp": "Add VLM replicas or a GPU (components/gpu, keda scales on charts.v1 lag), a faster remote "
+    "backend, or a longer charts cadence; the VLM keeps the latest chart per pair when behind.",
+    "KlinebusServiceDown": "Crash loop: the previous container's log (kubectl logs -p); OOM: raise the memory limit; "
+    "not reachable: the Service/port or a NetworkPolicy (allow-scrapes).",
+    "KlinebusAlertDeliveryFailing": "Fix or rotate the webhook URL in the klinebus-alerts Secret and roll alerts; a "
+    "destination outage needs nothing: owed notifications are paid when it is back.",
+    "KlinebusRedisDown": "Bring Redis back (its pod, node, volume; the managed service's status); the services "
+    "reconnect and resume from their groups' positions, nothing acknowledged is lost with AOF on.",
+    "KlinebusRedisMemoryHigh": "Raise maxmemory (and the pod's limit) or lower KLINEBUS_STREAM_MAXLEN / set "
+    "KLINEBUS_STREAM_RETENTION_MS; fix the slow consumer holding entries.",
+    "KlinebusRedisMemoryFull": "Now: raise maxmemory (CONFIG SET maxmemory, then the manifest) so writes resume; then "
+    "as KlinebusRedisMemoryHigh. Never switch to an evicting policy: it deletes stream data.",
+    "KlinebusRedisNoMaxmemory": "Set maxmemory below the memory Redis may use, with maxmemory-policy noeviction.",
+    "KlinebusRedisEvicting": "CONFIG SET maxmemory-policy noeviction (and in its config); check what was evicted "
+    "against the archive and replay if needed (klinebus history import).",
+    "KlinebusRedisAofFailing": "Free or grow the volume, fix its permissions; Redis retries the write by itself. Until "
+    "then it refuses writes (the services stall, nothing acknowledged is lost).",
+    "KlinebusRedisAofDisabled": "CONFIG SET appendonly yes and persist it in the config (the dev Redis starts with "
+    "--appendonly yes); managed Redis: enable AOF persistence in its settings.",
+    "KlinebusRedisReplicaLinkDown": "Restore the network between replica and primary; a replica that cannot resync: "
+    "recreate it. Do not fail over to it while its link is down.",
+    "KlinebusRedisReplicaLost": "Bring the replica back (pod, node, managed Redis' console); until then a primary "
+    "failure has no warm standby.",
+}
+
+
+def runbook_markdown() -> str:
+    """docs/alerts.md's runbook: one section per rule, the anchor its runbook_url points to."""
+    out = []
+    for r in RULES:
+        summary = r.summary.replace("{{ $labels.", "<").replace(" }}", ">")
+        out += [f"### {r.name}", "",
+                f"*{r.severity}*, after {r.for_}; group `{r.group}`; pages: "
+                f"{'yes' if r.severity == 'critical' else 'no'}.", "",
+                f"**Meaning.** {summary}.", "",
+                f"**First checks.** {r.check}", "",
+                f"**Fix.** {FIXES[r.name]}", "",
+                f"Expression: `{r.expr}`", ""]
+    return "\n".join(out).rstrip("\n")

@@ -41,8 +41,9 @@ def test_the_prometheusrule_holds_the_same_rules_as_the_rules_file():
     assert resource["spec"]["groups"] == plain["groups"]
 
 
-def test_the_monitoring_overlay_ships_every_dashboard_and_the_rule():
-    kustomization = yaml.safe_load((ROOT / "k8s" / "overlays" / "monitoring" / "kustomization.yaml").read_text())
+def test_the_monitoring_component_ships_every_dashboard_and_the_rule():
+    kustomization = yaml.safe_load((ROOT / "k8s" / "components" / "monitoring" / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
     files = [f for gen in kustomization["configMapGenerator"] for f in gen.get("files", [])]
     assert sorted(files) == sorted(f"dashboards/{uid}.json" for uid in dashboards.BOARDS)
     assert "prometheusrule.yaml" in kustomization["resources"]
@@ -54,7 +55,7 @@ def test_compose_provisions_prometheus_alertmanager_and_grafana_from_the_generat
     for name in ("prometheus", "alertmanager", "grafana"):
         assert svc[name]["profiles"] == ["monitoring"]
     mounts = " ".join(v for name in ("prometheus", "grafana") for v in svc[name]["volumes"])
-    assert "./monitoring/prometheus/rules.yml" in mounts and "./k8s/overlays/monitoring/dashboards" in mounts
+    assert "./monitoring/prometheus/rules.yml" in mounts and "./k8s/components/monitoring/dashboards" in mounts
     prom_config = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "prometheus.yml").read_text())
     jobs = {c["job_name"] for c in prom_config["scrape_configs"]}
     run = {s["command"][1] for s in svc.values() if s.get("command", [""])[0] == "run"}
@@ -74,14 +75,14 @@ def test_prometheus_and_alertmanager_accept_the_compose_configs(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_the_alerts_service_accepts_the_monitoring_overlays_values(monkeypatch):
+def test_the_alerts_service_accepts_the_monitoring_components_values(monkeypatch):
     import os
 
     from libs.common.settings import load_settings
     from services.alerts.settings import AlertsSettings
 
     env: dict[str, str] = {}
-    for folder in ("base", "overlays/production", "overlays/monitoring"):
+    for folder in ("base", "overlays/production", "components/monitoring"):
         for gen in yaml.safe_load((ROOT / "k8s" / folder / "kustomization.yaml").read_text()).get("configMapGenerator", []):
             env.update(lit.split("=", 1) for lit in gen.get("literals", []))
     for key in [k for k in os.environ if k.startswith("KLINEBUS_")]:
