@@ -97,6 +97,8 @@ async def test_every_service_runs_as_its_own_acl_user(tmp_path):
         preds = await read_topic(server.admin_url, topics.PREDICTIONS)
         figures = verify(server.admin_url, candles, klines, feats, preds, ParquetArchive(str(archive_root)))
         assert figures["lost"] == 0 and figures["doubled"] == 0 and figures["events checked"] >= 3 * total
+        for s in procs:  # the URL with its password was in every process's environment and settings
+            assert PASSWORDS[s.service] not in s.log(), f"{s} logged its Redis password"
         # What Redis refused, over the whole run.
         refused = {(e["username"], e["object"]) for e in _decoded(await admin.acl_log(128))}
         print("refused by Redis over the run:", sorted(refused))
