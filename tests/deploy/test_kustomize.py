@@ -39,6 +39,8 @@ CRDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthenticati
 # The check only the network-policies component satisfies.
 NETWORK_POLICY_CHECK = "CKV2_K8S_6"
 PIPELINE = ("ingest", "archive", "features", "charts", "inference", "vlm", "trainer", "alerts")
+# Each service's image (README "Deploying": one image per service; the archiver ships with ingest).
+IMAGE = {**{s: s for s in PIPELINE}, "archive": "ingest"}
 
 
 def _name(overlay: str, components: tuple[str, ...]) -> str:
@@ -260,6 +262,8 @@ def test_production_takes_the_redis_url_from_a_required_secret_and_pins_images_b
         for d in _workloads(docs):
             for c in d["spec"]["template"]["spec"]["containers"]:
                 assert "@sha256:" in c["image"], (name, c["image"])
+                if d["metadata"]["name"] in PIPELINE:
+                    assert c["image"].startswith(f"ghcr.io/klinebus/klinebus-{IMAGE[d['metadata']['name']]}@"), (name, c["image"])
 
 
 def test_dev_is_small_pulls_the_local_image_and_uses_redis_with_auth(rendered):
@@ -278,7 +282,8 @@ def test_dev_is_small_pulls_the_local_image_and_uses_redis_with_auth(rendered):
     assert auth["secret"]["secretName"] == "klinebus-redis"
     for svc in PIPELINE:
         (c,) = _by(docs, "Deployment", svc)["spec"]["template"]["spec"]["containers"]
-        assert c["image"] == "klinebus:dev" and c["imagePullPolicy"] == "IfNotPresent"
+        # one image per service (the archiver ships in ingest's), built here and loaded into kind
+        assert c["image"] == f"klinebus-{IMAGE[svc]}:dev" and c["imagePullPolicy"] == "IfNotPresent"
         names = [e["name"] for e in c["env"]]
         # $(REDIS_PASSWORD) expands only from a variable defined earlier in the list
         assert names.index("REDIS_PASSWORD") < names.index("KLINEBUS_REDIS_URL")
@@ -339,10 +344,9 @@ def test_gpu_runs_trainer_and_vlm_on_the_cuda_image_with_one_gpu(rendered):
     _, docs = rendered["production+gpu"]
     for svc in ("trainer", "vlm"):
         (c,) = _by(docs, "Deployment", svc)["spec"]["template"]["spec"]["containers"]
-        assert c["image"].startswith("ghcr.io/klinebus/klinebus-cuda@sha256:")
+        assert c["image"] == f"ghcr.io/klinebus/klinebus-{svc}@sha256:{'0' * 64}"  # the cuda build's, to set
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    (c,) = _by(docs, "Deployment", "features")["spec"]["template"]["spec"]["containers"]
-    assert c["image"].startswith("ghcr.io/klinebus/klinebus@sha256:")
+        assert _by(docs, "Deployment", svc)["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
 
 def test_monitoring_lands_in_the_namespace_with_a_release_label_an_overlay_can_change(rendered, tmp_path):
