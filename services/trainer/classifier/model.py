@@ -128,20 +128,24 @@ _UNREACHABLE = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError
 HUB_PROBE_TIMEOUT_S = 5.0
 
 
-@functools.lru_cache(maxsize=None)
 def hub_reachable() -> bool:
     """One request to the Hub's endpoint (any HTTP answer counts), no retries: huggingface_hub
     itself retries a refused connection five times with back-off (about a minute of warnings)
     before giving up. False in offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
     if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False
+    from huggingface_hub import constants
+
+    return _answers(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _answers(url: str) -> bool:
     import urllib.error
     import urllib.request
 
-    from huggingface_hub import constants
-
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return True  # it answered
     except (OSError, ValueError):  # URLError (refused, no DNS), timeout, a malformed HF_ENDPOINT
