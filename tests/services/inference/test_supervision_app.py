@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import orjson
 import redis.exceptions as rex
 from prometheus_client import REGISTRY
@@ -61,7 +62,7 @@ async def test_a_refused_dead_letter_write_in_a_batcher_is_shown_waited_out_and_
     monkeypatch.setattr(model_runner.OnnxModel, "predict", predict)
     events = feature_events(30)
     rt = runtime(redis_url, tmp_path)
-    await rt.start(http=False)
+    await rt.start(http=True)
     broken = True
     real_write = rt.bus.dead_letters.write
     refusing = True
@@ -76,8 +77,8 @@ async def test_a_refused_dead_letter_write_in_a_batcher_is_shown_waited_out_and_
         await add_events(redis_url, events)
 
         async def shown() -> bool:
-            ready, checks = rt.health.status()
-            return not ready and checks.get("batcher:broken") is False
+            status, body = await readyz(rt)
+            return status == 503 and body["checks"].get("batcher:broken") is False
 
         await poll(shown)
         assert metric("worker_failing", worker="batcher:broken") == 1.0
@@ -90,7 +91,7 @@ async def test_a_refused_dead_letter_write_in_a_batcher_is_shown_waited_out_and_
         await poll(every_candle_dead_lettered)
 
         async def ready_again() -> bool:
-            return rt.health.status()[0]
+            return (await readyz(rt))[0] == 200
 
         await poll(ready_again)
         assert metric("worker_failing", worker="batcher:broken") == 0.0
@@ -105,6 +106,12 @@ async def test_a_refused_dead_letter_write_in_a_batcher_is_shown_waited_out_and_
     assert [orjson.loads(d.payload)["open_time"] for d in got] == [e.open_time for e in candles[FIRST:]]
     assert all("model broken@1 failed" in d.reason and "NaN in the output" in d.reason for d in got)
     assert persistence == [e.open_time for e in candles]  # the other model never waited
+
+
+async def readyz(rt) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{rt.http_port}/readyz") as resp:
+            return resp.status, await resp.json()
 
 
 async def _count(url: str, source: str, n: int) -> bool:
