@@ -89,7 +89,7 @@ def test_alerts_and_dashboard_query_metrics_that_exist():
     import json
     import re
 
-    monitoring = ROOT / "k8s" / "overlays" / "monitoring"
+    monitoring = ROOT / "k8s" / "components" / "monitoring"
     exprs = [r["expr"] for g in _docs(monitoring / "prometheusrule.yaml")[0]["spec"]["groups"] for r in g["rules"]]
     for path in sorted((monitoring / "dashboards").glob("*.json")):
         exprs += [t["expr"] for p in json.loads(path.read_text())["panels"] for t in p["targets"]]
@@ -128,11 +128,11 @@ def test_every_service_accepts_the_values_the_manifests_set(monkeypatch):
 
 
 def _gpu_patches() -> dict[str, dict]:
-    kustomization = yaml.safe_load((ROOT / "k8s" / "overlays" / "gpu" / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((ROOT / "k8s" / "components" / "gpu" / "kustomization.yaml").read_text())
     return {p["target"]["name"]: yaml.safe_load(p["patch"]) for p in kustomization["patches"]}
 
 
-def test_gpu_overlay_gives_trainer_and_vlm_one_gpu_each():
+def test_gpu_component_gives_trainer_and_vlm_one_gpu_each():
     patches = _gpu_patches()
     assert set(patches) == {"trainer", "vlm"}
     for name, patch in patches.items():
