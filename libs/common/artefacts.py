@@ -50,8 +50,9 @@ class ArtefactRefused(ValueError):
         self.reason = reason
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+def _norm(path: str) -> str:
+    """A remote path as ``/bucket/key``, whatever slashes the URL had (``memory://x``, ``memory:///x``)."""
+    return posixpath.normpath("/" + path.lstrip("/")).rstrip("/") or "/"
 
 
 def _shown(uri: str) -> str:
@@ -63,10 +64,13 @@ class ArtefactRoot:
 
     def __init__(self, url: str, max_bytes: int = DEFAULT_MAX_BYTES, metrics: Any = None) -> None:
         self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
-        self.protocol = _protocol(self.fs)
+        # Parsed now, its filesystem made at the first remote read: a service that never reads a chart
+        # starts without the object store's client library (s3fs, gcsfs) installed.
+        proto, root = split_protocol(self.url)
+        self.protocol = proto or "file"
         self.local = self.protocol in _LOCAL
-        self.root = os.path.realpath(root) if self.local else posixpath.normpath(root).rstrip("/")
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self.root = os.path.realpath(root) if self.local else _norm(root)
         self.max_bytes = max_bytes
         self.refused = (metrics.counter("artefact_reads_refused_total", "Chart artefact reads refused, by kind", ["kind"])
                         if metrics is not None else None)
@@ -86,8 +90,8 @@ class ArtefactRoot:
             return real
         if ".." in path.split("/"):
             raise ArtefactRefused(OUTSIDE_ROOT, f"{_shown(uri)} climbs out with '..'")
-        norm = posixpath.normpath(path)
-        if not norm.startswith(self.root + "/"):
+        norm = _norm(path)
+        if not norm.startswith(self.root.rstrip("/") + "/"):
             raise ArtefactRefused(OUTSIDE_ROOT, f"{_shown(uri)} is not under the artefact root {self.url}")
         return norm
 
@@ -114,7 +118,9 @@ class ArtefactRoot:
                 finally:
                     os.close(fd)
             else:
-                with self.fs.open(path, "rb") as fh:
+                if self._fs is None:
+                    self._fs = fsspec.core.url_to_fs(self.url)[0]
+                with self._fs.open(self._fs._strip_protocol(f"{self.protocol}://{path.lstrip('/')}"), "rb") as fh:
                     data = fh.read(self.max_bytes + 1)
         except ArtefactRefused:
             raise

@@ -81,3 +81,12 @@ def test_refusals_are_counted_by_kind(root):
     refused(reader, "file:///dev/zero")
     sample = metrics.registry.get_sample_value("klinebus_artefacts_test_artefact_reads_refused_total", {"kind": "outside_root"})
     assert sample == 2.0
+
+
+def test_an_object_store_root_needs_no_client_library_until_it_reads():
+    # A service that never reads a chart starts with KLINEBUS_ARTIFACT_URL=s3://... and no s3fs.
+    reader = ArtefactRoot("s3://klinebus-artifacts/charts")
+    assert reader.path_of("s3://klinebus-artifacts/charts/BTCUSDT/a.png") == "/klinebus-artifacts/charts/BTCUSDT/a.png"
+    assert refused(reader, "s3://klinebus-artifacts/charts-other/a.png") == "outside_root"
+    assert refused(reader, "s3://klinebus-artifacts/charts/../secrets/a.png") == "outside_root"
+    assert refused(reader, "gs://klinebus-artifacts/charts/a.png") == "outside_root"

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from klinebus.cli import main
-from libs.common.model_package import MODEL_FILE, Registry, verify_package
+from libs.common.model_package import MODEL_FILE, Registry, package_digest, sha256_file, verify_package
 
 from .conftest import BTC_15M
 
@@ -124,7 +124,9 @@ def test_onnx_runs_real_windows_with_any_batch_and_metrics_match_hand_computed(t
     assert meta.baseline_metrics["persistence"]["close@1_mae"] == pytest.approx(
         np.mean(np.abs(prices[a + 1, 3] - last_close)), rel=1e-9)
     event = result.event()
-    assert event.uri == str(pkg) and event.sha256 == meta.sha256 and event.promoted == meta.promoted
+    # models.v1 announces the package digest (its manifest's sha256); klinebus.json keeps model.onnx's
+    assert event.uri == str(pkg) and event.sha256 == package_digest(pkg) and event.promoted == meta.promoted
+    assert meta.sha256 == sha256_file(pkg / MODEL_FILE) != event.sha256
     assert event.baseline_metrics["persistence"]["mae"] == meta.baseline_metrics["persistence"]["mae"]
 
 
