@@ -167,6 +167,7 @@ class InferenceService:
             return
         except PackageError as exc:
             self.engine.m.load_failures.labels(event.model).inc()
+            current = current or self.charts.models.get(event.model)  # a package refused before its kind is known
             kept = f"; still serving {current.spec.label}" if current is not None else ""
             reason = f"model {event.model}@{event.version} refused: {exc}{kept}"
             log.error("%s", reason)

@@ -21,6 +21,7 @@ from libs.common.contracts import ChartEvent, DeadLetter, KlineEvent, ModelPubli
 from services.inference import app
 from services.inference.settings import InferenceSettings
 from tests.candles import load
+from tests.services.inference.models import CONTROL_KEYS, KEYRING
 from tests.services.inference.test_app import metric, poll
 from tests.services.trainer.classifier.conftest import (
     BTC_15M,
@@ -93,13 +94,13 @@ async def test_a_chart_event_in_a_prediction_out_and_bad_charts_dead_lettered(re
     c = load(BTC_15M)
     pos = {int(t): i for i, t in enumerate(c.open_time)}
     await add_events(redis_url, [kline(pos[int(r["open_time"])]) for _, r in rows.iterrows()])
-    corrupt = tmp_path / "corrupt.png"
+    corrupt = ds / "corrupt.png"  # under the artefact root (the dataset's folder here): read, then refused
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n torn")
-    small = tmp_path / "small.png"
+    small = ds / "small.png"
     Image.new("RGB", (100, 100), "white").save(small)
     bad_before = metric("chart_errors_total", model=pkg.name, reason="bad_image")
     settings = InferenceSettings(data_dir=tmp_path, redis_url=redis_url, consumer_name="t", model_dir=str(registry),
-                                 serve_unpromoted=True)
+                                 serve_unpromoted=True, artifact_url=str(ds), control_keys=CONTROL_KEYS)
     rt = app.create(settings, redis_url)
     await rt.start(http=False)
     try:
@@ -123,16 +124,16 @@ async def test_a_chart_event_in_a_prediction_out_and_bad_charts_dead_lettered(re
         got = [e for e in await read_topic(redis_url, topics.PREDICTIONS) if e["model"] == pkg.name]
 
         # A package without its tokenizer is refused; the version serving keeps serving.
-        broken = tmp_path / "broken"
+        broken = registry / pkg.name / "2"  # under the registry root: a source inference loads from
         shutil.copytree(folder, broken)
         shutil.rmtree(broken / "tokenizer")
         doc = json.loads((broken / "klinebus.json").read_text())
         doc["version"] = "2"
         (broken / "klinebus.json").write_text(json.dumps(doc))
         failures = metric("model_load_failures_total", model=pkg.name)
-        await add_events(redis_url, [ModelPublished(
+        await add_events(redis_url, [KEYRING.sign(topics.MODELS, ModelPublished(
             model=pkg.name, version="2", uri=str(broken), sha256=pkg.sha256, feature_set=doc["feature_set"],
-            train_range=(0, 10), eval_range=(40, 50), metrics={}, baseline_metrics={}, promoted=True)])
+            train_range=(0, 10), eval_range=(40, 50), metrics={}, baseline_metrics={}, promoted=True))])
         letters = await wait_for_events(redis_url, topics.DEAD_LETTERS, 5)
         assert metric("model_load_failures_total", model=pkg.name) == failures + 1
         assert metric("model_info", model=pkg.name, version=pkg.version, kind="chart-classifier") == 1.0
