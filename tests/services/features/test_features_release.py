@@ -108,10 +108,12 @@ async def test_a_failure_at_any_step_of_the_release_publishes_every_held_candle_
     step = Step(how)
     with monkeypatch.context() as m:
         inject(m, step_name, step, {k.open_time for k in live})
+        # Waiting before the start: one batch holds them all, so no later batch flushes what a
+        # failed publish left behind and hides the loss.
+        await add_events(redis_url, [KlineEvent.from_kline(k) for k in live])
         runtime = build_runtime("features", redis_url, tmp_path, feature_set=SET)
         await runtime.start(http=False)
         try:
-            await add_events(redis_url, [KlineEvent.from_kline(k) for k in live])
             await asyncio.wait_for(step.reached.wait(), DEADLINE_S)
         finally:
             await runtime.stop()  # the final checkpoint is written here
