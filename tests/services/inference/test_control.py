@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 
 from libs.common import topics
 from libs.common.contracts import DeadLetter
@@ -31,7 +30,7 @@ async def letters(url: str, n: int) -> list[DeadLetter]:
 
 
 async def test_unsigned_forged_and_altered_announcements_are_dead_letters(redis_url, tmp_path):
-    v1 = publish(tmp_path / "reg", tmp_path, MODEL, seed=1)
+    publish(tmp_path / "reg", tmp_path, MODEL, seed=1)
     v2 = publish(tmp_path / "reg", tmp_path, MODEL, seed=2, promoted=False)  # not promoted: v1 serves at start
     good = v2.announcement(promoted=True)
     stranger = Keyring.parse("attacker:" + "x" * 40)
@@ -101,7 +100,7 @@ async def test_without_a_key_every_announcement_is_refused_and_the_start_says_so
 
 async def test_a_signed_announcement_of_a_package_outside_the_sources_or_changed_after_it_is_refused(redis_url, tmp_path):
     name = "ctl-sources"
-    v1 = publish(tmp_path / "reg", tmp_path, name, seed=1)
+    publish(tmp_path / "reg", tmp_path, name, seed=1)
     elsewhere = publish(tmp_path / "elsewhere", tmp_path, name, seed=5)  # sound, signed, in the wrong place
     v2 = publish(tmp_path / "reg", tmp_path, name, seed=2, promoted=False)
     events = feature_events(30)
