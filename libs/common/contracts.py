@@ -188,11 +188,16 @@ class FeaturesEvent(CandleKeyed):
     )
     kline_ingested_at: Millis | None = Field(None, description="Carried from the kline, for latency.")
     computed_at: Millis = Field(default_factory=now_ms)
+    feature_origin: Millis | None = Field(
+        None, description="Open time of the first candle the indicators were computed from (cumulative "
+        "features such as obv and vpt depend on it); absent when the producer does not say. Inference refuses "
+        "a window of another origin for a model trained on cumulative features.")
 
     @classmethod
     def prepared(
         cls, symbol: str, interval: str, open_time: int, close: float, feature_set: str,
         values: dict[str, float], warm: bool, kline_ingested_at: int | None, computed_at: int,
+        feature_origin: int | None = None,
     ) -> "Prepared":
         """The event's JSON written directly, for the features service's hot path (1000 events a
         batch; building and validating a model with 49 values cost ~4 us of ~24 per event).
@@ -201,7 +206,7 @@ class FeaturesEvent(CandleKeyed):
         payload = orjson.dumps({
             "schema_version": 1, "symbol": symbol, "interval": interval, "open_time": open_time,
             "close": close, "feature_set": feature_set, "values": values, "warm": warm,
-            "kline_ingested_at": kline_ingested_at, "computed_at": computed_at,
+            "kline_ingested_at": kline_ingested_at, "computed_at": computed_at, "feature_origin": feature_origin,
         })
         return Prepared(symbol, interval, open_time, payload)
 
@@ -272,6 +277,15 @@ class PredictionEvent(CandleKeyed):
     role: Literal["primary", "shadow"] = Field(
         "primary", description="'shadow': the model is behind persistence and demoted; still scored, not the answer."
     )
+    target: str = Field(
+        "price", description="What ``predicted`` holds: 'price' (open/high/low/close in quote units), 'range' "
+        "(a range/volatility model: 'range' = the next candle's high - low in quote units, 'rvol<N>' = realised "
+        "volatility of the next N candles, sqrt(sum of squared log returns of the closes), unitless) or 'class'.")
+    quantiles: dict[str, dict[str, float]] | None = Field(
+        None, description="Prediction interval per forecast column '<target>@<horizon>' (close@1, close@7, "
+        "range@1, rvol@16): quantile level ('0.1', '0.5', '0.9') -> value in the target's units, split-conformal "
+        "on a gate slice the model never trained or tuned on. The 80 % interval is ['0.1', '0.9']; '0.5' is the "
+        "calibrated median, which may differ from ``predicted``. Absent for models without calibrated intervals.")
 
 
 class ScoreEvent(CandleKeyed):
@@ -297,6 +311,25 @@ class ScoreEvent(CandleKeyed):
     direction_accuracy: float | None = Field(None, description="Rolling hit rate over non-flat candles.")
     behind: bool = Field(False, description="Behind persistence over the agreed window (enough scores, ratio above the limit).")
     scored_at: Millis = Field(default_factory=now_ms)
+    target: str = Field(
+        "close", description="What predicted_close / actual_close / baseline_close hold: 'close' (price), 'range' "
+        "(next candle's high - low) or 'rvol<N>' (realised volatility of the N candles after forecast_open_time); "
+        "the baseline is persistence of the same quantity (last close, last range, realised vol of the last N).")
+    lower: float | None = Field(None, description="The forecast's 80 % interval (its '0.1' quantile), when it has one.")
+    upper: float | None = Field(None, description="The forecast's 80 % interval (its '0.9' quantile).")
+    covered: bool | None = Field(None, description="lower <= actual <= upper; None without an interval.")
+    band_width: float | None = Field(None, description="(upper - lower) / predicted: the interval's relative width.")
+    baseline_lower: float | None = Field(
+        None, description="Persistence with the gate slice's empirical 10 % quantile (the interval baseline).")
+    baseline_upper: float | None = Field(None, description="Persistence with the gate slice's empirical 90 % quantile.")
+    baseline_covered: bool | None = None
+    baseline_band_width: float | None = Field(None, description="(baseline_upper - baseline_lower) / baseline_close.")
+    interval_window: int | None = Field(None, description="Scores with an interval in the rolling coverage values.")
+    rolling_coverage: float | None = Field(
+        None, description="Share of the rolling window's actuals inside the 80 % interval (target 0.8).")
+    rolling_band_width: float | None = Field(None, description="Mean band_width over the same scores.")
+    rolling_baseline_coverage: float | None = None
+    rolling_baseline_band_width: float | None = None
 
 
 class AnalysisEvent(CandleKeyed):

@@ -303,7 +303,10 @@ class InferenceService:
                 kept[key].append(doc)
         for key, docs in kept.items():
             for d in reversed(docs):
-                engine.scorer.restore(key, d["abs_error"], d["baseline_abs_error"], d.get("direction_hit"))
+                iv = None
+                if d.get("covered") is not None and d.get("band_width") is not None:
+                    iv = (bool(d["covered"]), float(d["band_width"]), d.get("baseline_covered"), d.get("baseline_band_width"))
+                engine.scorer.restore(key, d["abs_error"], d["baseline_abs_error"], d.get("direction_hit"), iv)
         # Forecasts still waiting for their target candle: all within the newest few candles' forecasts.
         horizon = max((max(m.spec.horizons) for m in engine.router.models()), default=1)
         bound = (len(engine.windows.keys()) or 1) * len(engine.router.models()) * (horizon + 2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.inference.package import LOG_RETURN, PROBS, ModelSpec, Output, PackageError
+from services.inference.package import LEVELS, LOG_RETURN, PROBS, Intervals, ModelSpec, Output, PackageError
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64"}
@@ -24,13 +24,35 @@ class ModelOutputError(ValueError):
     """A session answered with something its manifest did not promise (shape, NaN)."""
 
 
+RANGE_FLOOR = 1e-5  # the trainer's floor on a candle's relative range (services/trainer/range_model.FLOOR)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forecast column to score when its target closes: the forecast, persistence's, and
+    both 80 % intervals (None where the package has none)."""
+
+    target: str  # "close", "range", "rvol<N>"
+    horizon: int
+    predicted: float
+    baseline: float
+    lower: float | None = None
+    upper: float | None = None
+    baseline_lower: float | None = None
+    baseline_upper: float | None = None
+
+
 @dataclass
 class Forecast:
-    """What one model says about one window: prices for ``horizons`` steps ahead and/or classes."""
+    """What one model says about one window: prices for ``horizons`` steps ahead and/or classes,
+    or a range/volatility model's levels; with the package's intervals when it has them."""
 
-    predicted: dict[str, float] = field(default_factory=dict)  # next candle: open/high/low/close
+    predicted: dict[str, float] = field(default_factory=dict)  # next candle: open/high/low/close, or range/rvolN
     path: list[float] | None = None  # close at each horizon
     probabilities: dict[str, float] | None = None
+    target: str = "price"  # what ``predicted`` holds: price, range, class
+    quantiles: dict[str, dict[str, float]] | None = None  # "close@1" -> {"0.1": .., "0.5": .., "0.9": ..}
+    steps: list[Step] = field(default_factory=list)  # what live scoring judges
 
     @property
     def close(self) -> float | None:
@@ -65,6 +87,14 @@ class OnnxModel:
             self._offset = np.asarray(spec.scaler.center, dtype=np.float64)
             self._scale = np.asarray(spec.scaler.scale, dtype=np.float64)
         self._output_names = [o.name for o in spec.outputs]
+        iv = spec.intervals
+        if iv is not None:
+            self._iv_index = {c: i for i, c in enumerate(iv.columns)}
+            self._q = np.asarray(iv.quantiles, dtype=np.float64)
+            self._qb = np.asarray(iv.baseline, dtype=np.float64) if iv.baseline is not None else None
+            self._lo, self._hi = iv.levels.index(min(iv.levels)), iv.levels.index(max(iv.levels))
+        f = spec.features
+        self._hlc = tuple(f.index(c) for c in ("high", "low", "close")) if {"high", "low", "close"} <= set(f) else None
 
     def _check_signature(self) -> None:
         spec = self.spec
@@ -124,6 +154,9 @@ class OnnxModel:
                 for f, row in zip(out, cols):
                     f.probabilities = {c: float(p) for c, p in zip(spec_out.columns, row)}
                 continue
+            if spec_out.kind == LEVELS:
+                self._levels(spec_out, cols, windows, out)
+                continue
             prices = _to_prices(spec_out, cols, last_close)
             closes = [i for i, (t, _) in enumerate(spec_out.columns) if t == "close"]
             nexts = [(i, t) for i, (t, h) in enumerate(spec_out.columns) if h == first_h]
@@ -131,7 +164,81 @@ class OnnxModel:
                 f.predicted.update({t: float(row[i]) for i, t in nexts})
                 if len(closes) > 1:
                     f.path = [float(row[i]) for i in closes]
+            names = [f"{t}@{h}" for t, h in spec_out.columns]
+            bands = self._bands(names, prices, windows)
+            for k, (f, row, lc) in enumerate(zip(out, prices, last_close)):
+                if bands is not None:
+                    f.quantiles = {**(f.quantiles or {}), **bands[0][k]}
+                for i in closes:
+                    _, h = spec_out.columns[i]
+                    lo = hi = blo = bhi = None
+                    if bands is not None and names[i] in bands[1]:
+                        lo, hi = bands[1][names[i]][k]
+                        if bands[2] is not None:
+                            blo, bhi = lc * bands[2][names[i]][0], lc * bands[2][names[i]][1]
+                    f.steps.append(Step("close", h, float(row[i]), float(lc), lo, hi, blo, bhi))
         return out
+
+    def _scale(self, windows: np.ndarray) -> np.ndarray:
+        """Per window, the trainer's band scale (``services/trainer/jobs.vol_scale``): the geometric
+        mean relative range of the last ``scale_candles`` rows; ones for a fixed band."""
+        n = self.spec.intervals.scale_candles if self.spec.intervals is not None else 0
+        if not n or self._hlc is None:
+            return np.ones(len(windows))
+        h, lo, c = self._hlc
+        w = windows[:, -n:, :]
+        return np.exp(np.mean(np.log(np.maximum(w[..., h] - w[..., lo], RANGE_FLOOR * w[..., c]) / w[..., c]), axis=1))
+
+    def _bands(self, names: list[str], values: np.ndarray, windows: np.ndarray):
+        """``(quantiles per window, {column: [(lower, upper)] per window}, {column: (q_lo, q_hi)} of
+        persistence or None)`` for the columns the package has intervals for; None without intervals."""
+        iv: Intervals | None = self.spec.intervals
+        if iv is None:
+            return None
+        scale = self._scale(windows)
+        keys = [f"{q:g}" for q in iv.levels]
+        per_window: list[dict[str, dict[str, float]]] = [{} for _ in range(len(values))]
+        inner: dict[str, list[tuple[float, float]]] = {}
+        base = {} if self._qb is not None else None
+        for i, name in enumerate(names):
+            j = self._iv_index.get(name)
+            if j is None:
+                continue
+            band = values[:, i, None] * np.exp(self._q[j][None, :] * scale[:, None])  # [n, levels]
+            for k in range(len(values)):
+                per_window[k][name] = {key: float(v) for key, v in zip(keys, band[k])}
+            inner[name] = [(float(b[self._lo]), float(b[self._hi])) for b in band]
+            if base is not None:
+                base[name] = (float(np.exp(self._qb[j][self._lo])), float(np.exp(self._qb[j][self._hi])))
+        return per_window, inner, base
+
+    def _levels(self, spec_out: Output, cols: np.ndarray, windows: np.ndarray, out: list[Forecast]) -> None:
+        """A range/volatility model (``range-vol``): ``range`` = next candle's high - low, ``rvolN`` =
+        realised volatility of the next N candles. Persistence (the trainer's baseline): the last
+        candle's range; the realised vol of the window's last N log returns."""
+        names = [f"{t}@{h}" for t, h in spec_out.columns]
+        bands = self._bands(names, cols, windows)
+        h, lo, c = self._hlc if self._hlc is not None else (None, None, None)
+        for k, f in enumerate(out):
+            f.target = "range"
+            for i, (t, hz) in enumerate(spec_out.columns):
+                label = "range" if t == "range" else f"{t}{hz}"
+                f.predicted[label] = float(cols[k, i])
+                if h is None:
+                    continue
+                win = windows[k]
+                if t == "range":
+                    base = float(win[-1, h] - win[-1, lo])
+                else:
+                    r = np.diff(np.log(win[:, c]))[-hz:]
+                    base = float(np.sqrt(np.sum(r**2)))
+                lo_, hi_ = bands[1][names[i]][k] if bands is not None and names[i] in bands[1] else (None, None)
+                blo = bhi = None
+                if bands is not None and bands[2] is not None and names[i] in bands[2]:
+                    blo, bhi = base * bands[2][names[i]][0], base * bands[2][names[i]][1]
+                f.steps.append(Step(label, hz, float(cols[k, i]), base, lo_, hi_, blo, bhi))
+            if bands is not None:
+                f.quantiles = bands[0][k]
 
     def _columns(self, spec_out: Output, values: np.ndarray, n: int) -> np.ndarray:
         width = len(spec_out.columns)

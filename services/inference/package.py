@@ -20,10 +20,16 @@ from libs.common import model_package as mp
 from libs.common.model_package import PackageError
 from libs.indicators.feature_sets import UnknownFeatureSet, get_feature_set
 
-__all__ = ["PackageError", "NotServable", "ModelSpec", "Output", "Scaler", "load_package", "spec_from_package", "PRICES", "PROBS"]
+__all__ = ["PackageError", "NotServable", "ModelSpec", "Output", "Scaler", "Intervals", "load_package",
+           "spec_from_package", "PRICES", "PROBS", "LEVELS"]
 
 PRICES = "prices"  # columns are (target price, horizon): open/high/low/close at h candles ahead
 PROBS = "probs"  # columns are class probabilities
+LEVELS = "levels"  # columns are (target, horizon) of non-price targets: range@1, rvol@16 (range-vol)
+RANGE_VOL = "range-vol"
+# Non-price targets serving reads, and the name each is published under (``predicted`` keys carry
+# the horizon where it is part of the meaning: rvol16 = realised vol of the next 16 candles).
+LEVEL_TARGETS = ("range", "rvol")
 PRICE_NAMES = ("open", "high", "low", "close")
 # The trainer's target when a graph leaves decoding to the caller: log(price[t+h] / close[t]).
 LOG_RETURN = "log_return_vs_last_close"
@@ -43,10 +49,27 @@ class Scaler:
 
 
 @dataclass(frozen=True)
+class Intervals:
+    """The package's split-conformal band (``config.intervals``), per column ``target@horizon``.
+
+    ``band = forecast * exp(q * scale)`` with ``q`` the stored 10/50/90 % quantiles of the gate
+    slice's ``log(actual / forecast)`` (divided by the scale when the trainer scaled them) and
+    ``scale`` = ``exp(mean(log(max(high - low, 1e-5 close) / close)))`` over the window's last
+    ``scale_candles`` rows (1 when ``scale_candles`` is 0: a fixed band). The persistence baseline's
+    band is ``persistence * exp(q_persistence)`` (gate-slice empirical quantiles, never scaled)."""
+
+    levels: tuple[float, ...]  # (0.1, 0.5, 0.9)
+    columns: tuple[str, ...]  # "close@1", "range@1", ...
+    quantiles: tuple[tuple[float, ...], ...]  # per column, per level
+    baseline: tuple[tuple[float, ...], ...] | None  # persistence's, same layout
+    scale_candles: int = 0
+
+
+@dataclass(frozen=True)
 class Output:
     name: str
-    kind: str  # PRICES or PROBS
-    columns: tuple[Any, ...]  # PRICES: ((target, horizon), ...), horizon-major; PROBS: class names
+    kind: str  # PRICES, LEVELS or PROBS
+    columns: tuple[Any, ...]  # PRICES: ((target, horizon), ...), horizon-major; LEVELS: pairs; PROBS: class names
     decode: str = "none"  # "none": prices as they come; LOG_RETURN: last_close * exp(value)
     scaler: Scaler | None = None  # applied inversely before decoding
 
@@ -72,6 +95,11 @@ class ModelSpec:
     promoted: bool
     path: Path | None = None
     meta: Any = field(default=None, compare=False, repr=False)
+    intervals: Intervals | None = None
+    # Cumulative features among ``features`` (obv, vpt: their level depends on where the computation
+    # started) and, per (symbol, interval), the open time of the candle the trainer started from.
+    cumulative: tuple[str, ...] = ()
+    origins: dict[tuple[str, str], int] = field(default_factory=dict, compare=False)
 
     @property
     def reads_close_only(self) -> bool:
@@ -108,6 +136,17 @@ def _outputs(meta: mp.ModelPackage) -> tuple[Output, ...]:
                 raise PackageError(f"output {o.name!r} holds probabilities but the package names no classes")
             outs.append(Output(o.name, PROBS, tuple(str(c) for c in classes)))
             continue
+        if meta.kind == RANGE_VOL:
+            if o.name == "quantiles":  # the same band the service computes from config.intervals
+                continue
+            if list(meta.targets) != list(LEVEL_TARGETS) or len(meta.horizons) != len(meta.targets):
+                raise PackageError(f"range-vol targets {meta.targets} / horizons {meta.horizons} are not "
+                                   f"{list(LEVEL_TARGETS)} with one horizon each")
+            dims = o.shape[1:]
+            if dims and all(isinstance(d, int) for d in dims) and int(_prod(dims)) != len(meta.targets):
+                raise PackageError(f"output {o.name!r} {o.shape} cannot hold {len(meta.targets)} targets")
+            outs.append(Output(o.name, LEVELS, tuple(zip(meta.targets, meta.horizons))))
+            continue
         if not price_targets or len(price_targets) != len(meta.targets):
             raise PackageError(f"targets {meta.targets} are not prices ({', '.join(PRICE_NAMES)}); cannot read {o.name!r}")
         columns = tuple((t, h) for h in meta.horizons for t in meta.targets)
@@ -126,6 +165,42 @@ def _outputs(meta: mp.ModelPackage) -> tuple[Output, ...]:
     if not outs:
         raise PackageError("the package declares no outputs")
     return tuple(outs)
+
+
+def _intervals(meta: mp.ModelPackage) -> Intervals | None:
+    """``config.intervals`` read and checked; None for a package without them (older packages)."""
+    cfg = (meta.config or {}).get("intervals")
+    if not cfg:
+        return None
+    try:
+        levels = tuple(float(q) for q in cfg["quantiles"])
+        columns = tuple(str(c) for c in cfg["columns"])
+        q = tuple(tuple(float(v) for v in row) for row in cfg["log_residual_quantiles"])
+        base = cfg.get("persistence_log_residual_quantiles")
+        base = tuple(tuple(float(v) for v in row) for row in base) if base else None
+        scale = cfg.get("scale") or {}
+        candles = int(scale.get("candles") or 0) if scale.get("kind", "none") != "none" else 0
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"config.intervals is malformed: {exc}") from None
+    if len(q) != len(columns) or any(len(r) != len(levels) for r in q) or (
+            base is not None and (len(base) != len(columns) or any(len(r) != len(levels) for r in base))):
+        raise PackageError(f"config.intervals holds {len(q)} quantile rows for {len(columns)} columns of {len(levels)} levels")
+    if candles and not {"high", "low", "close"} <= set(meta.features):
+        raise PackageError("config.intervals scales the band by the window's range but the features lack high, low or close")
+    if candles > meta.lookback:
+        raise PackageError(f"config.intervals scales over {candles} candles, more than the lookback {meta.lookback}")
+    return Intervals(levels, columns, q, base, candles)
+
+
+def _origins(meta: mp.ModelPackage) -> tuple[tuple[str, ...], dict[tuple[str, str], int]]:
+    """The package's cumulative features and per-series feature origin (``config.dataset``)."""
+    ds = (meta.config or {}).get("dataset") or {}
+    cumulative = tuple(f for f in ds.get("cumulative_features") or () if f in meta.features)
+    origins = {}
+    for s in ds.get("series") or ():
+        if isinstance(s, dict) and s.get("feature_origin") is not None and s.get("symbol") and s.get("interval"):
+            origins[(str(s["symbol"]), str(s["interval"]))] = int(s["feature_origin"])
+    return cumulative, origins
 
 
 def _prod(dims: list) -> int:
@@ -164,6 +239,7 @@ def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None, d
         if "inputs" not in meta.scalers:
             raise PackageError("input_scaling is 'caller' but there is no scalers['inputs']")
         scaler = _scaler(meta.scalers["inputs"], list(meta.features), "inputs")
+    cumulative, origins = _origins(meta)
     folder = Path(folder) if folder is not None else None
     if digest is None:
         digest = mp.package_digest(folder) if folder is not None else meta.sha256
@@ -185,6 +261,9 @@ def spec_from_package(meta: mp.ModelPackage, folder: Path | str | None = None, d
         promoted=meta.promoted,
         path=folder / mp.MODEL_FILE if folder is not None else None,
         meta=meta,
+        intervals=_intervals(meta),
+        cumulative=cumulative,
+        origins=origins,
     )
 
 

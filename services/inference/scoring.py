@@ -8,14 +8,25 @@ hit rate. Rolling over the last ``window`` scores per (model, symbol, interval, 
 MAE, persistence's MAE, their ratio (above 1: the model is behind persistence) and the
 directional hit rate.
 
+Intervals: a forecast that carries its 80 % interval (the package's split-conformal band) is
+also judged on coverage (``lower <= actual <= upper``) and relative width ``(upper - lower) /
+predicted``, beside persistence with the gate slice's empirical quantiles (the package's
+``persistence_log_residual_quantiles``) on the same candles; rolling coverage should sit near 0.8.
+
+Targets other than the close: a range/volatility model's ``range`` is judged on the target
+candle's ``high - low`` and ``rvolN`` on ``sqrt(sum(log(c[t+k] / c[t+k-1])^2, k = 1..N))`` over the
+N closes after the forecast candle (no score when one of them is missing: a gap).
+
 Truth and forecasts may arrive in either order (a slow model publishes after its target
 closed): whichever comes second completes the score. Pure domain: no bus.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 ScoreKey = tuple[str, str, str, int]  # model, symbol, interval, horizon
 
@@ -46,16 +57,47 @@ class Score:
     mae_ratio: float | None
     direction_accuracy: float | None
     behind: bool
+    target: str = "close"
+    lower: float | None = None
+    upper: float | None = None
+    covered: bool | None = None
+    band_width: float | None = None
+    baseline_lower: float | None = None
+    baseline_upper: float | None = None
+    baseline_covered: bool | None = None
+    baseline_band_width: float | None = None
+    interval_n: int = 0
+    coverage: float | None = None
+    mean_band_width: float | None = None
+    baseline_coverage: float | None = None
+    baseline_mean_band_width: float | None = None
+
+
+# (covered, width, baseline covered, baseline width); baseline parts None when the package has no baseline band.
+IntervalItem = tuple[bool, float, bool | None, float | None]
 
 
 class Rolling:
-    """The last ``window`` (error, persistence error, hit) of one key, with running sums."""
+    """The last ``window`` (error, persistence error, hit) of one key, with running sums, and
+    the interval outcomes of those of them that carried an interval."""
 
     def __init__(self, window: int) -> None:
         self.items: deque[tuple[float, float, bool | None]] = deque(maxlen=window)
+        self.intervals: deque[IntervalItem | None] = deque(maxlen=window)
 
-    def add(self, err: float, base: float, hit: bool | None) -> None:
+    def add(self, err: float, base: float, hit: bool | None, interval: IntervalItem | None = None) -> None:
         self.items.append((err, base, hit))
+        self.intervals.append(interval)
+
+    def interval_stats(self) -> tuple[int, float | None, float | None, float | None, float | None]:
+        """``(n, coverage, mean width, baseline coverage, baseline mean width)`` over the window."""
+        got = [i for i in self.intervals if i is not None]
+        if not got:
+            return 0, None, None, None, None
+        base = [i for i in got if i[2] is not None and i[3] is not None]
+        return (len(got), sum(i[0] for i in got) / len(got), sum(i[1] for i in got) / len(got),
+                sum(bool(i[2]) for i in base) / len(base) if base else None,
+                sum(float(i[3]) for i in base) / len(base) if base else None)
 
     @property
     def n(self) -> int:
@@ -84,6 +126,19 @@ class _Pending:
     open_time: int
     predicted: float
     baseline: float
+    target: str = "close"
+    lower: float | None = None
+    upper: float | None = None
+    baseline_lower: float | None = None
+    baseline_upper: float | None = None
+
+
+def _inside(lo: float | None, hi: float | None, actual: float) -> bool | None:
+    return None if lo is None or hi is None else lo <= actual <= hi
+
+
+def _width(lo: float | None, hi: float | None, point: float) -> float | None:
+    return None if lo is None or hi is None or point == 0 else (hi - lo) / abs(point)
 
 
 def direction_hit(predicted: float, baseline: float, actual: float) -> bool | None:
@@ -98,7 +153,8 @@ class LiveScorer:
         self.min_samples = min_samples  # fewer scores than this never mark a model behind
         self.behind_ratio = behind_ratio
         self.rolling: dict[ScoreKey, Rolling] = {}
-        self._truth: dict[tuple[str, str], OrderedDict[int, float]] = {}
+        # Per stream: open_time -> (close, high, low); high/low None when the features lack them.
+        self._truth: dict[tuple[str, str], OrderedDict[int, tuple[float, float | None, float | None]]] = {}
         self._pending: dict[tuple[str, str, int], list[_Pending]] = {}
 
     def _roll(self, key: ScoreKey) -> Rolling:
@@ -115,40 +171,75 @@ class LiveScorer:
         ratio = r.ratio()
         return r.n >= self.min_samples and ratio is not None and ratio > self.behind_ratio
 
-    def _score(self, symbol: str, interval: str, target: int, p: _Pending, actual: float) -> Score:
+    def _actual(self, symbol: str, interval: str, target: int, p: _Pending) -> float | None:
+        """The realised value of ``p.target`` at ``target``; None when it cannot be known (a gap)."""
+        truth = self._truth.get((symbol, interval), {})
+        row = truth.get(target)
+        if row is None:
+            return None
+        if p.target == "close":
+            return row[0]
+        if p.target == "range":
+            return None if row[1] is None or row[2] is None else row[1] - row[2]
+        if p.target.startswith("rvol"):
+            closes = [truth[t][0] for t in truth if p.open_time <= t <= target]
+            if len(closes) != p.horizon + 1 or min(closes) <= 0:
+                return None
+            return math.sqrt(sum(math.log(b / a) ** 2 for a, b in zip(closes, closes[1:])))
+        return None
+
+    def _score(self, symbol: str, interval: str, target: int, p: _Pending) -> Score | None:
+        actual = self._actual(symbol, interval, target, p)
+        if actual is None:
+            return None
         err, base = abs(p.predicted - actual), abs(p.baseline - actual)
-        hit = direction_hit(p.predicted, p.baseline, actual)
+        hit = direction_hit(p.predicted, p.baseline, actual) if p.target == "close" else None
+        covered, width = _inside(p.lower, p.upper, actual), _width(p.lower, p.upper, p.predicted)
+        bcov, bwidth = _inside(p.baseline_lower, p.baseline_upper, actual), _width(p.baseline_lower, p.baseline_upper, p.baseline)
         r = self._roll((p.model, symbol, interval, p.horizon))
-        r.add(err, base, hit)
+        r.add(err, base, hit, (covered, width, bcov, bwidth) if covered is not None and width is not None else None)
+        n_iv, cov, mw, bcov_r, bmw = r.interval_stats()
         return Score(
             p.model, p.version, symbol, interval, p.horizon, p.open_time, target, p.predicted, actual, p.baseline,
             err, base, hit, r.n, r.mae(), r.baseline_mae(), r.ratio(), r.direction_accuracy(), self._behind(r),
+            p.target, p.lower, p.upper, covered, width, p.baseline_lower, p.baseline_upper, bcov, bwidth,
+            n_iv, cov, mw, bcov_r, bmw,
         )
 
     def add_forecast(
         self, model: str, version: str, symbol: str, interval: str, open_time: int, last_close: float,
-        targets: list[tuple[int, int, float]],
+        targets: list[tuple[int, int, float]], steps: Sequence[Any] | None = None,
     ) -> list[Score]:
-        """A published forecast: ``targets`` is ``(horizon, target_open_time, predicted close)``.
-        Returns the scores it completes now (targets whose candle already closed)."""
+        """A published forecast: ``targets`` is ``(horizon, target_open_time, predicted close)``;
+        ``steps`` (``model_runner.Step``, one per target, optional) say what each one forecasts
+        (close, range, rvolN), persistence's value and both 80 % intervals. Returns the scores it
+        completes now (targets whose candle already closed)."""
         out = []
         truth = self._truth.get((symbol, interval), {})
-        for horizon, target, predicted in targets:
-            p = _Pending(model, version, horizon, open_time, predicted, last_close)
+        for k, (horizon, target, predicted) in enumerate(targets):
+            st = steps[k] if steps is not None else None
+            if st is None:
+                p = _Pending(model, version, horizon, open_time, predicted, last_close)
+            else:
+                p = _Pending(model, version, horizon, open_time, predicted, st.baseline, st.target, st.lower, st.upper,
+                             st.baseline_lower, st.baseline_upper)
             if target in truth:
-                out.append(self._score(symbol, interval, target, p, truth[target]))
+                s = self._score(symbol, interval, target, p)
+                if s is not None:
+                    out.append(s)
             else:
                 self._pending.setdefault((symbol, interval, target), []).append(p)
         return out
 
-    def add_truth(self, symbol: str, interval: str, open_time: int, close: float) -> list[Score]:
+    def add_truth(self, symbol: str, interval: str, open_time: int, close: float,
+                  high: float | None = None, low: float | None = None) -> list[Score]:
         """A closed candle; returns the scores of the forecasts that targeted it."""
         truth = self._truth.setdefault((symbol, interval), OrderedDict())
-        truth[open_time] = close
+        truth[open_time] = (close, high, low)
         while len(truth) > TRUTH_KEEP:
             truth.popitem(last=False)
         waiting = self._pending.pop((symbol, interval, open_time), [])
-        return [self._score(symbol, interval, open_time, p, close) for p in waiting]
+        return [s for s in (self._score(symbol, interval, open_time, p) for p in waiting) if s is not None]
 
     def drop_unreachable(self, symbol: str, interval: str, before: int) -> int:
         """Forget forecasts of a stream whose target opened before ``before`` and never closed
@@ -156,9 +247,10 @@ class LiveScorer:
         stale = [k for k in self._pending if k[0] == symbol and k[1] == interval and k[2] < before]
         return sum(len(self._pending.pop(k)) for k in stale)
 
-    def restore(self, key: ScoreKey, err: float, base: float, hit: bool | None) -> None:
+    def restore(self, key: ScoreKey, err: float, base: float, hit: bool | None,
+                interval: IntervalItem | None = None) -> None:
         """Replay one earlier score (from scores.v1) into the rolling window after a restart."""
-        self._roll(key).add(err, base, hit)
+        self._roll(key).add(err, base, hit, interval)
 
     @property
     def pending(self) -> int:

@@ -32,6 +32,8 @@ from services.inference.routing import Router
 from services.inference.scoring import LiveScorer, Score
 from services.inference.windows import MISMATCH, Request, Windows
 
+ORIGIN_MISMATCH = "feature_origin_mismatch"  # skipped reason: features computed from another first candle
+
 log = logging.getLogger("klinebus.inference")
 
 Publish = Callable[..., Awaitable[Any]]
@@ -104,7 +106,13 @@ class Metrics:
         self.predictions = m.counter("predictions_total", "Forecasts published", ["model"])
         self.skipped = m.counter(
             "skipped_total", "Candles a model gave no forecast for, by reason "
-            "(not_warm, too_few_candles, gap, feature_set_mismatch)", ["model", "reason"])
+            "(not_warm, too_few_candles, gap, feature_set_mismatch, feature_origin_mismatch)", ["model", "reason"])
+        self.origin_mismatches = m.counter(
+            "feature_origin_mismatches_total", "features.v1 events refused for a model with cumulative features "
+            "because they were computed from another origin than the model was trained from", ["model", "symbol", "interval"])
+        self.origin_unknown = m.counter(
+            "feature_origin_unknown_total", "Streams a model with cumulative features serves without a known origin "
+            "(counted once per stream)", ["model"])
         self.mismatches = m.counter(
             "feature_set_mismatches_total", "features.v1 events whose feature set lacks a routed model's inputs",
             ["model", "feature_set"])
@@ -130,6 +138,16 @@ class Metrics:
         self.score_hits = m.gauge("score_direction_accuracy", "Rolling directional hit rate (flat candles left out)",
                                   ["model", "symbol", "interval", "horizon"])
         self.score_n = m.gauge("score_samples", "Scores in the rolling window", ["model", "symbol", "interval", "horizon"])
+        labels = ["model", "symbol", "interval", "horizon", "target"]
+        self.score_coverage = m.gauge("score_interval_coverage", "Rolling share of actuals inside the 80 % interval "
+                                      "(target 0.8)", labels)
+        self.score_width = m.gauge("score_interval_width_ratio", "Rolling mean 80 % interval width / forecast", labels)
+        self.score_base_coverage = m.gauge(
+            "score_baseline_interval_coverage", "Rolling coverage of persistence's empirical 80 % interval", labels)
+        self.score_base_width = m.gauge(
+            "score_baseline_interval_width_ratio", "Rolling mean width / persistence of its empirical 80 % interval", labels)
+        self.interval_scores = m.counter("interval_scores_total", "Scored 80 % intervals, by outcome (inside, outside)",
+                                         ["model", "target", "outcome"])
         self.behind = m.gauge("model_behind_persistence",
                               "1 while a model's rolling MAE is behind persistence over the agreed window",
                               ["model", "symbol", "interval"])
@@ -157,6 +175,7 @@ class Inference:
         self.out_scores = self._outbox("scores", topics.SCORES, port.publish_scores)
         self.out_alerts = self._outbox("alerts", topics.ALERTS, port.publish_alerts)
         self._mismatch_logged: set[tuple[str, str]] = set()
+        self._origin_logged: set[tuple] = set()
         # During replay: per "symbol|interval|model", publish only candles after this open time.
         self._replay_floor: dict[str, int] | None = None
         self._started = False
@@ -254,7 +273,8 @@ class Inference:
             return False
         iv_ms = interval_ms(ev.interval)
         replaying = self._replay_floor is not None
-        for s in self.scorer.add_truth(ev.symbol, ev.interval, ev.open_time, ev.close):
+        for s in self.scorer.add_truth(ev.symbol, ev.interval, ev.open_time, ev.close,
+                                       ev.values.get("high"), ev.values.get("low")):
             if not replaying:
                 self._emit_score(s)
         if not replaying:
@@ -266,6 +286,9 @@ class Inference:
                 floor = self._replay_floor.get(f"{ev.symbol}|{ev.interval}|{spec.name}")
                 if floor is None or ev.open_time <= floor:
                     continue
+            if spec.cumulative and not self._origin_ok(spec, ev):
+                self.m.skipped.labels(spec.name, ORIGIN_MISMATCH).inc()
+                continue
             window, last_close, reason = self.windows.window(key, model.request)
             if window is None:
                 self.m.skipped.labels(spec.name, reason).inc()
@@ -287,6 +310,30 @@ class Inference:
                 "the features service publishes %s (counted in klinebus_inference_feature_set_mismatches_total)",
                 spec.label, ev.symbol, ev.interval, ev.feature_set, spec.feature_set, spec.feature_set,
             )
+
+    def _origin_ok(self, spec: ModelSpec, ev: FeaturesEvent) -> bool:
+        """A model trained on cumulative features (obv, vpt) is served only windows computed from
+        the origin it was trained from (``config.dataset.series[].feature_origin``): the same
+        indicator from another first candle is offset by the whole history between them.
+        Unknown on either side (the producer does not say, or an older package): served, counted."""
+        want, have = spec.origins.get((ev.symbol, ev.interval)), ev.feature_origin
+        if want is None or have is None:
+            if (spec.name, ev.symbol, ev.interval, "unknown") not in self._origin_logged:
+                self._origin_logged.add((spec.name, ev.symbol, ev.interval, "unknown"))
+                self.m.origin_unknown.labels(spec.name).inc()
+                log.warning("%s reads cumulative features %s but the feature origin of %s %s is unknown "
+                            "(package: %s, features.v1: %s); serving unchecked", spec.label, ",".join(spec.cumulative),
+                            ev.symbol, ev.interval, want, have)
+            return True
+        if want == have:
+            return True
+        self.m.origin_mismatches.labels(spec.name, ev.symbol, ev.interval).inc()
+        if (spec.name, ev.symbol, ev.interval, have) not in self._origin_logged:
+            self._origin_logged.add((spec.name, ev.symbol, ev.interval, have))
+            log.error("%s refuses %s %s: its cumulative features (%s) were trained from origin %d but features.v1 "
+                      "computes them from %d; no forecast (klinebus_inference_feature_origin_mismatches_total)",
+                      spec.label, ev.symbol, ev.interval, ",".join(spec.cumulative), want, have)
+        return False
 
     def rebuild(self, per_key: dict[tuple[str, str], list[FeaturesEvent]], floors: dict[str, int]) -> int:
         """Windows from stored events (per stream, oldest first): a stream whose stored events are
@@ -347,17 +394,25 @@ class Inference:
             predicted_at=now, horizons=list(spec.horizons) if len(spec.horizons) > 1 else None,
             target_open_times=targets if len(targets) > 1 else None, path=fc.path, probabilities=fc.probabilities,
             close_to_publish_ms=lag_ms, role="shadow" if shadow else "primary",
+            target=getattr(fc, "target", "price"), quantiles=getattr(fc, "quantiles", None),
         )
         self.out_predictions.put(event, spec.name)
         self.m.predictions.labels(spec.name).inc()
         self.m.last_prediction.labels(spec.name).set(now / 1000.0)
+        rich = getattr(fc, "steps", None)
+        if rich and spec.kind != "persistence":
+            # Each scored column (close per horizon, or range / rvolN) with persistence and both bands.
+            steps = [(st.horizon, job.open_time + st.horizon * iv_ms, st.predicted) for st in rich]
+            for s in self.scorer.add_forecast(spec.name, spec.version, job.symbol, job.interval, job.open_time,
+                                              job.last_close, steps, rich):
+                self._emit_score(s)
         if close is None:
             return
-        if fc.path and len(fc.path) == len(spec.horizons):
-            steps = list(zip(spec.horizons, targets, fc.path))
-        else:
-            steps = [(spec.horizons[0], targets[0], close)]
-        if spec.kind != "persistence":
+        if not rich and spec.kind != "persistence":  # a runner that says only what the close does
+            if fc.path and len(fc.path) == len(spec.horizons):
+                steps = list(zip(spec.horizons, targets, fc.path))
+            else:
+                steps = [(spec.horizons[0], targets[0], close)]
             for s in self.scorer.add_forecast(spec.name, spec.version, job.symbol, job.interval, job.open_time,
                                               job.last_close, steps):
                 self._emit_score(s)
@@ -373,6 +428,15 @@ class Inference:
         if s.direction_accuracy is not None:
             self.m.score_hits.labels(*labels).set(s.direction_accuracy)
         self.m.score_n.labels(*labels).set(s.n)
+        if s.covered is not None:
+            tl = (*labels, s.target)
+            self.m.interval_scores.labels(s.model, s.target, "inside" if s.covered else "outside").inc()
+            if s.coverage is not None:
+                self.m.score_coverage.labels(*tl).set(s.coverage)
+                self.m.score_width.labels(*tl).set(s.mean_band_width)
+            if s.baseline_coverage is not None:
+                self.m.score_base_coverage.labels(*tl).set(s.baseline_coverage)
+                self.m.score_base_width.labels(*tl).set(s.baseline_mean_band_width)
         if s.horizon == self.scorer_horizon(s.model):
             self.m.behind.labels(s.model, s.symbol, s.interval).set(1 if s.behind else 0)
         self.out_scores.put(
@@ -382,7 +446,12 @@ class Inference:
                 predicted_close=s.predicted, actual_close=s.actual, baseline_close=s.baseline, abs_error=s.abs_error,
                 baseline_abs_error=s.baseline_abs_error, direction_hit=s.direction_hit, window=s.n,
                 rolling_mae=s.mae, rolling_baseline_mae=s.baseline_mae, mae_ratio=s.mae_ratio,
-                direction_accuracy=s.direction_accuracy, behind=s.behind,
+                direction_accuracy=s.direction_accuracy, behind=s.behind, target=s.target,
+                lower=s.lower, upper=s.upper, covered=s.covered, band_width=s.band_width,
+                baseline_lower=s.baseline_lower, baseline_upper=s.baseline_upper, baseline_covered=s.baseline_covered,
+                baseline_band_width=s.baseline_band_width, interval_window=s.interval_n or None,
+                rolling_coverage=s.coverage, rolling_band_width=s.mean_band_width,
+                rolling_baseline_coverage=s.baseline_coverage, rolling_baseline_band_width=s.baseline_mean_band_width,
             ),
             s.model, f"h{s.horizon}",
         )
