@@ -107,6 +107,20 @@ MODELS = (
         ("max by (model, symbol, interval) (klinebus_inference_score_mae)", "{{model}} {{symbol}} {{interval}}"),
         ("max by (symbol, interval) (klinebus_inference_score_baseline_mae)", "persistence {{symbol}} {{interval}}"),
     )),
+    Panel("80 % interval coverage (target 0.8), beside persistence's empirical band", "percentunit", (
+        ("max by (model, symbol, interval, horizon, target) (klinebus_inference_score_interval_coverage)",
+         "{{model}} {{symbol}} {{interval}} {{target}}@{{horizon}}"),
+        ("max by (model, symbol, interval, horizon, target) (klinebus_inference_score_baseline_interval_coverage)",
+         "persistence band {{symbol}} {{interval}} {{target}}@{{horizon}} ({{model}})"),
+    ), description="Share of the last scores whose actual fell inside the forecast's 80 % split-conformal interval "
+                   "(predictions.v1 quantiles 0.1-0.9); well calibrated is 0.8. Persistence with the gate slice's "
+                   "empirical quantiles is scored on the same candles."),
+    Panel("80 % interval width / forecast (narrower at the same coverage is better)", "percentunit", (
+        ("max by (model, symbol, interval, horizon, target) (klinebus_inference_score_interval_width_ratio)",
+         "{{model}} {{symbol}} {{interval}} {{target}}@{{horizon}}"),
+        ("max by (model, symbol, interval, horizon, target) (klinebus_inference_score_baseline_interval_width_ratio)",
+         "persistence band {{symbol}} {{interval}} {{target}}@{{horizon}} ({{model}})"),
+    )),
     Panel("Directional hit rate", "percentunit", (
         ("max by (model, symbol, interval) (klinebus_inference_score_direction_accuracy)", "{{model}} {{symbol}} {{interval}}"),
     )),

@@ -143,7 +143,11 @@ async def test_rules_and_dashboards_against_a_real_prometheus_scraping_the_servi
     from tests.services.inference.models import publish
 
     publish(tmp_path / "inference" / "models", tmp_path / "staging", SCORED_MODEL, features=("close", "sma_20"),
-            lookback=3, feature_set="chart-analysis-v1", serves=[(s, "1m") for s in SYMBOLS])
+            lookback=3, feature_set="chart-analysis-v1", serves=[(s, "1m") for s in SYMBOLS],
+            # A fixed 80 % band (as a package's config.intervals holds it), so the coverage panels have scores.
+            config=dict(intervals=dict(method="split-conformal", quantiles=[0.1, 0.5, 0.9], columns=["close@1"],
+                                       log_residual_quantiles=[[-0.002, 0.0, 0.002]],
+                                       persistence_log_residual_quantiles=[[-0.001, 0.0, 0.001]])))
     async with Receiver([ok()], "/am-hook") as hook, Receiver([discord_ok()], "/api/webhooks/1/token") as discord, \
             replaying(candles, speed=300) as sim:
         with alertmanager(tmp_path / "am", hook.url) as am_url, \
