@@ -55,7 +55,8 @@ class Intervals:
     ``band = forecast * exp(q * scale)`` with ``q`` the stored 10/50/90 % quantiles of the gate
     slice's ``log(actual / forecast)`` (divided by the scale when the trainer scaled them) and
     ``scale`` = ``exp(mean(log(max(high - low, 1e-5 close) / close)))`` over the window's last
-    ``scale_candles`` rows (1 when ``scale_candles`` is 0: a fixed band). The persistence baseline's
+    ``scale_candles`` rows (the whole window when it is shorter, as the trainer's ``vol_scale``
+    slices; 1 when ``scale_candles`` is 0: a fixed band). The persistence baseline's
     band is ``persistence * exp(q_persistence)`` (gate-slice empirical quantiles, never scaled)."""
 
     levels: tuple[float, ...]  # (0.1, 0.5, 0.9)
@@ -187,8 +188,6 @@ def _intervals(meta: mp.ModelPackage) -> Intervals | None:
         raise PackageError(f"config.intervals holds {len(q)} quantile rows for {len(columns)} columns of {len(levels)} levels")
     if candles and not {"high", "low", "close"} <= set(meta.features):
         raise PackageError("config.intervals scales the band by the window's range but the features lack high, low or close")
-    if candles > meta.lookback:
-        raise PackageError(f"config.intervals scales over {candles} candles, more than the lookback {meta.lookback}")
     return Intervals(levels, columns, q, base, candles)
 
 
