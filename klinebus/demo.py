@@ -9,7 +9,9 @@ The table is read from Redis itself, as any outside subscriber would.
 Before the replay it trains a forecaster on the archived history (the trainer's
 real code path) and writes a tiny VLM (klinebus/demo_models.py), so inference
 serves a trained ONNX model beside persistence and the vlm service reads the
-charts.
+charts. It also fits the trainer's ``range-vol`` model (HAR on log ranges: least
+squares, a few seconds), so the table shows the next candle's range with its 80 %
+interval beside the close forecast's interval, and how often each interval held.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ class Board:
     indicators: dict[str, dict[str, float]] = field(default_factory=dict)
     prediction: dict[str, tuple[float, int]] = field(default_factory=dict)
     model_prediction: dict[str, tuple[float, str]] = field(default_factory=dict)
+    model_band: dict[str, tuple[float, float]] = field(default_factory=dict)  # close@1 80 % interval
     model_score: dict[str, float] = field(default_factory=dict)
+    # Range model: (next range, 80 % lower, upper); coverage of the 80 % intervals so far: (inside, scored).
+    range_prediction: dict[str, tuple[float, float | None, float | None]] = field(default_factory=dict)
+    coverage: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     analysis: dict[str, str] = field(default_factory=dict)
     last_alert: str = ""
     predictions_per_symbol: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -114,7 +120,9 @@ class Board:
             t.add_column(name, justify="right")
         t.add_column("next close (persistence)", justify="right")
         t.add_column("next close (trained model)", justify="right")
+        t.add_column("its 80 % interval", justify="right")
         t.add_column("model MAE / persistence", justify="right")
+        t.add_column("next range [80 %] (range-vol)", justify="right")
         t.add_column("vlm reading", justify="left")
         t.add_column("predictions", justify="right")
         for s in self.symbols:
@@ -126,7 +134,9 @@ class Board:
                 *(_num(ind.get(n)) for n in SHOWN_INDICATORS),
                 f"{pred[0]:,.4f}" if pred else "-",
                 _model_cell(self.model_prediction.get(s)),
+                _band_cell(self.model_band.get(s)),
                 f"{self.model_score[s]:.3f}" if s in self.model_score else "-",
+                _range_cell(self.range_prediction.get(s)),
                 self.analysis.get(s, "-"),
                 f"{self.predictions_per_symbol[s]}/{self.expected}",
             )
@@ -140,7 +150,9 @@ class Board:
         )
         stages.add_row(*(str(self.counts.get(s, 0)) for s in STAGES), lat_text)
         footer = Text(f"elapsed {time.monotonic() - self.started:5.1f}s   Ctrl-C stops cleanly", style="dim")
-        parts: list[Any] = [t, stages, footer]
+        held = "   ".join(f"{what} {inside}/{n} ({inside / n:.0%})" for what, (inside, n) in sorted(self.coverage.items()) if n)
+        coverage = Text(f"80 % intervals held (actual inside, target 80 %): {held or 'none scored yet'}", style="green")
+        parts: list[Any] = [t, coverage, stages, footer]
         if self.last_chart:
             parts.append(Text(f"last chart: {self.last_chart}", style="cyan"))
         if self.last_alert:
@@ -155,6 +167,17 @@ def _model_cell(pred: tuple[float, str] | None) -> str:
         return "-"
     value, role = pred
     return f"{_num(value)}{' (shadow)' if role == 'shadow' else ''}"
+
+
+def _band_cell(band: tuple[float, float] | None) -> str:
+    return "-" if band is None else f"{_num(band[0])} – {_num(band[1])}"
+
+
+def _range_cell(pred: tuple[float, float | None, float | None] | None) -> str:
+    if pred is None:
+        return "-"
+    value, lo, hi = pred
+    return _num(value) + (f" [{_num(lo)} – {_num(hi)}]" if lo is not None and hi is not None else "")
 
 
 def _num(v: float | None) -> str:
@@ -194,15 +217,27 @@ def _absorb(board: Board, key: str, event: dict[str, Any]) -> None:
         board.indicators[event["symbol"]] = event["values"]
     elif key == topics.stream_key(topics.PREDICTIONS):
         s = event["symbol"]
+        bands = event.get("quantiles") or {}
+        if event.get("target") == "range":
+            band = bands.get("range@1") or {}
+            board.range_prediction[s] = (event["predicted"]["range"], band.get("0.1"), band.get("0.9"))
+            return
         if event["model"] != "persistence":
             board.model_prediction[s] = (event["predicted"]["close"], event.get("role", "primary"))
+            if "close@1" in bands:
+                board.model_band[s] = (bands["close@1"]["0.1"], bands["close@1"]["0.9"])
             return
         board.prediction[s] = (event["predicted"]["close"], event["target_open_time"])
         board.predictions_per_symbol[s] += 1
         if event.get("kline_ingested_at"):
             board.latencies_ms.append(event["predicted_at"] - event["kline_ingested_at"])
     elif key == topics.stream_key(topics.SCORES):
-        if event["model"] != "persistence" and event.get("mae_ratio") is not None and event["horizon"] == 1:
+        target = event.get("target", "close")
+        if event.get("covered") is not None and event["horizon"] == 1:
+            tally = board.coverage[f"{target}@1"]
+            tally[0] += bool(event["covered"])
+            tally[1] += 1
+        if target == "close" and event["model"] != "persistence" and event.get("mae_ratio") is not None and event["horizon"] == 1:
             board.model_score[event["symbol"]] = event["mae_ratio"]
     elif key == topics.stream_key(topics.ANALYSES):
         board.analysis[event["symbol"]] = f"{event['trend']}/{event.get('signal') or '-'}"
@@ -212,6 +247,29 @@ def _absorb(board: Board, key: str, event: dict[str, Any]) -> None:
         board.last_chart = f"{event['symbol']} {event['interval']} {event['window']} candles -> {event['uri']}"
     elif key == topics.stream_key(topics.DEAD_LETTERS):
         board.last_dead_letter = f"[{event['service']}] {event['reason']}"
+
+
+RANGE_KIND = "range-vol"
+
+
+def train_range_model(archive_root: Path, registry: Path, data_dir: Path, symbols: list[str], interval: str,
+                      console: Console) -> str:
+    """The trainer's range/volatility forecaster on the same archive (HAR and EWMA fitted by least
+    squares: seconds), published into the demo's registry beside the close forecaster."""
+    from services.trainer.datasets import BuildSpec, build_dataset
+    from services.trainer.jobs import TrainOptions, run_training
+
+    started = time.monotonic()
+    dataset = data_dir / "datasets" / f"{RANGE_KIND}-{interval}"
+    # 60 / 10 / 15 / 15: train, validation (HAR or EWMA), gate (promotion, interval calibration), test.
+    build_dataset(BuildSpec(kind=RANGE_KIND, inputs=[str(archive_root)], out=dataset, symbols=symbols,
+                            intervals=[interval], train_fraction=0.6, validation_fraction=0.1))
+    meta = run_training(dataset, TrainOptions(registry=str(registry))).published.meta
+    served = "promoted" if meta.promoted else "served as shadow"
+    test = (meta.evaluation or {}).get("intervals", {}).get("range@1", {}).get("model", {})
+    held = f"; its 80 % range interval held {test['coverage']:.0%} of {test['n']} test candles" if test else ""
+    console.print(f"  {meta.name} v{meta.version} in {time.monotonic() - started:.0f}s ({served}{held})")
+    return meta.name
 
 
 def built_demo_services() -> list[str]:
@@ -289,6 +347,7 @@ async def run_pipeline(args: argparse.Namespace, data_dir: Path, console: Consol
         models.registry, models.forecaster = await asyncio.to_thread(
             train_forecaster, data_dir / "archive", data_dir, symbols, DEMO_INTERVAL, args.train_epochs, console
         )
+        await asyncio.to_thread(train_range_model, data_dir / "archive", models.registry, data_dir, symbols, DEMO_INTERVAL, console)
     if "vlm" in services and not args.no_vlm:
         models.vlm_model, models.vlm_mmproj = write_vlm(data_dir, console)
     elif "vlm" in services:
@@ -386,8 +445,10 @@ def run_demo(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt from None
     console.print()
     persistence = sum(board.predictions_per_symbol.values())
+    held = ", ".join(f"{what} {inside}/{n}" for what, (inside, n) in sorted(board.coverage.items()) if n)
     console.print(f"[bold]done[/bold]: {board.counts.get(topics.KLINES, 0)} closed candles -> {persistence} persistence "
-                  f"and {board.counts.get(topics.PREDICTIONS, 0) - persistence} trained-model forecasts, "
+                  f"and {board.counts.get(topics.PREDICTIONS, 0) - persistence} trained-model forecasts "
+                  f"(80 % intervals held: {held or 'none scored'}), "
                   f"{board.counts.get(topics.SCORES, 0)} live scores, {board.counts.get(topics.CHARTS, 0)} charts, "
                   f"{board.counts.get(topics.ANALYSES, 0)} VLM analyses; "
                   f"{board.counts.get(topics.DEAD_LETTERS, 0)} dead letters.")

@@ -86,13 +86,32 @@ def test_the_fast_json_path_writes_what_pydantic_json_mode_writes():
     assert not ModelPublished._native_json  # tuple fields: pydantic writes them its own way
 
 
-@pytest.mark.parametrize("warm", [True, False])
-def test_prepared_features_events_are_byte_for_byte_the_model_s_json(warm):
+@pytest.mark.parametrize("warm,origin", [(True, None), (False, None), (True, 1_680_307_200_000)])
+def test_prepared_features_events_are_byte_for_byte_the_model_s_json(warm, origin):
     values = {"rsi_14": 55.5, "ema_20": 1.25} if warm else {}
     fields = dict(symbol="BTCUSDT", interval="1h", open_time=3_600_000, close=2.5, feature_set="all-v1",
-                  values=values, warm=warm, kline_ingested_at=None if warm else 17, computed_at=99)
+                  values=values, warm=warm, kline_ingested_at=None if warm else 17, computed_at=99,
+                  feature_origin=origin)
     prepared = FeaturesEvent.prepared(**fields)
     model = FeaturesEvent(**fields)
     assert prepared.to_json() == model.to_json()
     assert (prepared.symbol, prepared.interval, prepared.open_time) == (model.symbol, model.interval, model.open_time)
     assert FeaturesEvent.from_json(prepared.to_json()) == model
+
+
+def test_prediction_intervals_are_optional_and_read_back_unambiguously():
+    from libs.common.contracts import PredictionEvent, ScoreEvent
+
+    old = {"schema_version": 1, "symbol": "BTCUSDT", "interval": "15m", "open_time": 0, "model": "m", "model_version": "1",
+           "target_open_time": 900_000, "predicted": {"close": 1.0}, "last_close": 1.0}
+    legacy = PredictionEvent.model_validate(old)  # an event from before the fields: still valid
+    assert legacy.target == "price" and legacy.quantiles is None
+    ranged = PredictionEvent(**{**old, "predicted": {"range": 45.0, "rvol16": 0.004}}, target="range",
+                             quantiles={"range@1": {"0.1": 25.0, "0.5": 47.0, "0.9": 97.0}})
+    back = PredictionEvent.from_json(ranged.to_json())
+    assert back.target == "range" and back.quantiles["range@1"]["0.9"] == 97.0
+    score = ScoreEvent(symbol="BTCUSDT", interval="15m", open_time=900_000, model="m", model_version="1", horizon=1,
+                       forecast_open_time=0, predicted_close=45.0, actual_close=30.0, baseline_close=40.0, abs_error=15.0,
+                       baseline_abs_error=10.0, window=1, rolling_mae=15.0, rolling_baseline_mae=10.0, target="range",
+                       lower=25.0, upper=97.0, covered=True, rolling_coverage=1.0)
+    assert ScoreEvent.from_json(score.to_json()) == score

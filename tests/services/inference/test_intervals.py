@@ -255,3 +255,24 @@ async def test_a_window_from_another_feature_origin_is_refused_for_cumulative_fe
         else:
             assert refused == 10 and skipped == 10
             assert len(lines) == 1 and "cum@1" in lines[0] and str(origin) in lines[0] and str(elsewhere) in lines[0]
+
+
+def test_the_scorer_judges_bands_by_hand_and_skips_realised_vol_over_a_gap():
+    from services.inference.model_runner import Step
+    from services.inference.scoring import LiveScorer
+
+    m = 900_000
+    s = LiveScorer(window=3)
+    s.add_truth("X", "15m", 0, 100.0, 101.0, 99.0)
+    steps = [Step("range", 1, 2.0, 2.0, 1.0, 3.0, 0.5, 4.0), Step("rvol2", 2, 0.01, 0.02, 0.005, 0.05)]
+    assert s.add_forecast("m", "1", "X", "15m", 0, 100.0, [(1, m, 2.0), (2, 2 * m, 0.01)], steps) == []
+    (r,) = s.add_truth("X", "15m", m, 101.0, 104.0, 100.5)  # range 3.5: outside [1, 3], inside persistence's [0.5, 4]
+    assert (r.target, r.actual, r.covered, r.baseline_covered) == ("range", 3.5, False, True)
+    assert r.band_width == 1.0 and r.baseline_band_width == 1.75 and r.coverage == 0.0 and r.baseline_coverage == 1.0
+    (v,) = s.add_truth("X", "15m", 2 * m, 99.0, 101.0, 98.0)
+    want = math.sqrt(math.log(101 / 100) ** 2 + math.log(99 / 101) ** 2)
+    assert v.target == "rvol2" and v.actual == pytest.approx(want, rel=1e-15) and v.covered is True
+    assert v.baseline_lower is None and v.baseline_covered is None and v.baseline_coverage is None
+    # A missing candle between forecast and target: no realised vol, no score (never a wrong one).
+    s.add_forecast("m", "1", "X", "15m", 2 * m, 99.0, [(2, 4 * m, 0.01)], [Step("rvol2", 2, 0.01, 0.02)])
+    assert s.add_truth("X", "15m", 4 * m, 99.5) == []
