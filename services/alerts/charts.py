@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from libs.common import topics
 from libs.common.artefacts import UNREADABLE, ArtefactRefused, ArtefactRoot
 from libs.common.bus import DATA_FIELD
+from libs.common.bus.framing import entry_id_before, entry_id_key
 from services.alerts.notification import Chart
 
 log = logging.getLogger("klinebus.alerts.charts")
@@ -44,11 +45,9 @@ async def latest_chart_uri(client: aioredis.Redis, symbol: str, interval: str, l
                 if doc.get("preset") == PREFERRED_PRESET:
                     return doc["uri"]
                 fallback = fallback or doc["uri"]
-        last = entries[-1][0].decode()
-        ms, seq = (int(p) for p in last.split("-"))
-        end = f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}"
-        if ms == 0 and seq == 0:
+        if entry_id_key(entries[-1][0]) == (0, 0):
             break
+        end = entry_id_before(entries[-1][0])
     return fallback
 
 

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from libs.common import topics
 from libs.common.bus import DATA_FIELD
+from libs.common.bus.framing import entry_id_before, entry_id_key
 from libs.common.klines import INTERVAL_MS
 
 log = logging.getLogger("klinebus.alerts.watcher")
@@ -76,10 +77,9 @@ class StreamWatcher:
                     break
                 batch.extend(entries)
                 seen += len(entries)
-                ms, seq = (int(p) for p in entries[-1][0].decode().split("-"))
-                if ms == 0 and seq == 0:
+                if entry_id_key(entries[-1][0]) == (0, 0):
                     break
-                end = f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}"
+                end = entry_id_before(entries[-1][0])
             for entry_id, fields in reversed(batch):
                 self._observe(topic, entry_id.decode(), fields, live=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libs.common.bus.framing import entry_id_key
+from libs.common.bus.framing import entry_id_before, entry_id_key
 
 id_key = entry_id_key
 
@@ -26,12 +26,6 @@ def before_oldest_waiting(entry_id: str, waiting_first_ids) -> str:
     firsts = list(waiting_first_ids)
     if not firsts:
         return entry_id
-    return min(entry_id, just_before(min(firsts, key=id_key)), key=id_key)
+    return min(entry_id, entry_id_before(min(firsts, key=id_key)), key=id_key)
 
 
-def just_before(entry_id: str) -> str:
-    """The greatest possible entry id below ``entry_id`` (a replay "after" it starts at it)."""
-    ms, seq = id_key(entry_id)
-    if seq:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-18446744073709551615" if ms else "0-0"

@@ -14,14 +14,10 @@ import orjson
 
 from libs.common import topics
 from libs.common.bus import DATA_FIELD
+from libs.common.bus.framing import entry_id_before
+from libs.common.bus.framing import entry_id_key as id_key
 
 PAGE = 1000
-
-
-def id_key(entry_id: str | bytes) -> tuple[int, int]:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def scan_back(client: Any, topic: str, upper: str = "+", limit: int = 0) -> AsyncIterator[tuple[str, dict]]:
@@ -71,10 +67,9 @@ async def taken_upper_bound(client: Any, topic: str, group: str) -> str | None:
     pending = await client.xpending(key, group)
     lowest = _s(pending.get("min")) if pending and pending.get("pending") else None
     if lowest:
-        ms, seq = id_key(lowest)
-        below = f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-18446744073709551615" if ms else None)
-        if below is None:
+        if id_key(lowest) == (0, 0):
             return None
+        below = entry_id_before(lowest)
         return below if id_key(below) < id_key(last) else last
     return last
 

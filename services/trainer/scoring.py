@@ -114,7 +114,7 @@ def score_range_package(package_dir: str | Path, meta: ModelPackage, inputs: lis
         raise ScoringError(f"no windows to score ({skipped} fall in the model's train/validation/gate range)")
     f, q, y = np.concatenate(f_all), np.concatenate(q_all), np.concatenate(y_all)
     base = {k: np.concatenate(v) for k, v in b_all.items()}
-    names = [f"range@1", f"rvol@{n_vol}"]
+    names = ["range@1", f"rvol@{n_vol}"]
     verdicts = {f"{t}:{b}": paired_verdict(f[:, j] - y[:, j], base[b][:, j] - y[:, j], t, baseline=b, h=h)
                 for j, (t, h) in enumerate(zip(names, (1, n_vol))) for b in base}
     intervals = {t: interval_report(y[:, j], q[:, j, 0], q[:, j, 2], f[:, j]) for j, t in enumerate(names)}

@@ -25,7 +25,8 @@ from libs.common.bus.framing import (
     one_line,
     redis_client,
 )
-from libs.common.bus.groups import LeaseLost, OwnerLease, id_key, position_key
+from libs.common.bus.framing import entry_id_key as id_key
+from libs.common.bus.groups import LeaseLost, OwnerLease, position_key
 from libs.common.bus.guard import LAST_OPEN_TIME, OncePerCandle, candle_field
 
 __all__ = [

@@ -185,10 +185,25 @@ class Decoder:
         return events, bad
 
 
-def entry_id_key(entry_id: str) -> tuple[int, int]:
-    """A stream entry id (``ms-seq``) as a sortable pair."""
+def entry_id_key(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a sortable pair: the one entry-id ordering of the project."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+# Redis's largest sequence number (an unsigned 64-bit integer).
+MAX_ENTRY_SEQ = 2**64 - 1
+
+
+def entry_id_before(entry_id: str | bytes) -> str:
+    """The greatest possible entry id below ``entry_id`` ("0-0" for the lowest): a read "after"
+    it starts at ``entry_id``, a reverse page "up to" it ends just below."""
+    ms, seq = entry_id_key(entry_id)
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{MAX_ENTRY_SEQ}" if ms else "0-0"
 
 
 def payload_of(fields: dict | None) -> bytes | None:

@@ -90,13 +90,6 @@ def lease_key(topic: str, group: str) -> str:
     return topics.stream_companion_key(topic, f"owner:{group}")
 
 
-def id_key(entry_id: str | bytes) -> tuple[int, int]:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from libs.common import topics
-from libs.common.bus.groups import id_key
+from libs.common.bus.framing import entry_id_key as id_key
 
 log = logging.getLogger("klinebus.bus")
 
