@@ -8,7 +8,7 @@ The file::
       - name: big-move              # unique; the alert's ``rule``
         kind: predicted_move        # predicted_move | rsi | pattern | model_behind
         threshold_pct: 2.0          # |predicted close / last close - 1| * 100 at or above this fires
-        severity: warning           # info | warning | critical (default warning)
+        severity: warning           # info | warning (default warning); critical is the system's
         models: [lstm-close-BTCUSDT-15m]   # optional filter (predicted_move, model_behind)
         symbols: [BTCUSDT]          # optional filter
         intervals: [15m]            # optional filter
@@ -32,7 +32,9 @@ import yaml
 from libs.indicators.catalog import FEATURE_NAMES
 
 KINDS = ("predicted_move", "rsi", "pattern", "model_behind")
-SEVERITIES = ("info", "warning", "critical")
+# Market alerts never page: "critical" is reserved for the system alerts of the Prometheus rules,
+# which Alertmanager's routing sends to the pager (docs/alerts.md).
+SEVERITIES = ("info", "warning")
 _COMMON = {"name", "kind", "severity", "symbols", "intervals", "cooldown_candles", "description"}
 _PARAMS = {
     "predicted_move": {"threshold_pct", "models", "horizon"},
@@ -120,7 +122,9 @@ def parse_rules(doc: Any, source: str = "rules") -> list[Rule]:
         if unknown:
             problems.append(f"{where}: unknown key(s) {', '.join(unknown)} for kind {kind}")
         severity = r.get("severity", "warning")
-        if severity not in SEVERITIES:
+        if severity == "critical":
+            problems.append(f"{where}: severity critical is for system alerts (they page); market alerts are info or warning")
+        elif severity not in SEVERITIES:
             problems.append(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
         cooldown = r.get("cooldown_candles", 0)
         if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:

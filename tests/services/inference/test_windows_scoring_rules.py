@@ -131,7 +131,7 @@ RULES = {
     "rules": [
         {"name": "rsi", "kind": "rsi", "above": 70, "below": 30, "severity": "info"},
         {"name": "move", "kind": "predicted_move", "threshold_pct": 1.0, "cooldown_candles": 2},
-        {"name": "behind", "kind": "model_behind", "ratio": 1.0, "min_samples": 2, "severity": "critical"},
+        {"name": "behind", "kind": "model_behind", "ratio": 1.0, "min_samples": 2, "severity": "warning"},
         {"name": "engulfing", "kind": "pattern", "features": ["cdl_engulfing"], "symbols": ["BTCUSDT"]},
     ]
 }
@@ -146,18 +146,20 @@ def test_a_rules_file_with_mistakes_names_each_one(tmp_path):
         "  - {name: c, kind: pattern, features: [rsi_14]}\n"
         "  - {name: d, kind: telepathy}\n"
         "  - {name: e, kind: rsi, above: 20, below: 80, colour: red}\n"
+        "  - {name: f, kind: rsi, above: 70, severity: critical}\n"
     )
     with pytest.raises(RulesError) as err:
         load_rules(bad)
     assert err.value.problems == [
         "rules[0] (a): needs above, below or both",
         "rules[1] (a): the name is used twice",
-        "rules[1] (a): severity must be one of info, warning, critical, got 'loud'",
+        "rules[1] (a): severity must be one of info, warning, got 'loud'",
         "rules[1] (a): threshold_pct must be a number > 0",
         "rules[2] (c): ['rsi_14'] are not candlestick pattern features (cdl_*)",
         "rules[3] (d): kind must be one of predicted_move, rsi, pattern, model_behind, got 'telepathy'",
         "rules[4] (e): unknown key(s) colour for kind rsi",
         "rules[4] (e): below (80.0) must be less than above (20.0)",
+        "rules[5] (f): severity critical is for system alerts (they page); market alerts are info or warning",
     ]
     (tmp_path / "broken.yaml").write_text("rules: [ {name: x\n")
     with pytest.raises(RulesError, match="not valid YAML at line"):
@@ -185,7 +187,7 @@ def test_predicted_move_alerts_respect_their_cooldown_and_model_behind_fires_on_
     assert eng.on_forecast("m", "ETHUSDT", "15m", 3 * M15, M15, 100.0, 103.0)[0].status == "firing"
     assert eng.on_score("m", "ETHUSDT", "15m", M15, M15, 1, n=1, mae_ratio=3.0) == []  # too few scores
     (b,) = eng.on_score("m", "ETHUSDT", "15m", 2 * M15, M15, 1, n=2, mae_ratio=1.5)
-    assert b.status == "firing" and b.severity == "critical"
+    assert b.status == "firing" and b.severity == "warning"
     # A pattern rule limited to BTCUSDT says nothing for ETHUSDT.
     assert eng.on_features("ETHUSDT", "15m", 0, M15, {"cdl_engulfing": 100.0}) == []
     (p,) = eng.on_features("BTCUSDT", "15m", 0, M15, {"cdl_engulfing": -100.0})
