@@ -440,13 +440,29 @@ class BatchProcessor:
                 return claimed
             theirs = [r["message_id"] for r in rows if _s(r["consumer"]) != self.consumer]
             if theirs:
-                await self.client.xclaim(
+                got = await self.client.xclaim(
                     self.sub.key, self.service, self.consumer, min_idle_time=min_idle_ms, message_ids=theirs, justid=True
                 )
-                claimed += len(theirs)
+                claimed += len(got)
+                if len(got) < len(theirs):
+                    await self._count_trimmed_on_claim(set(map(_s, theirs)) - set(map(_s, got)))
             if len(rows) < READ_BATCH:
                 return claimed
             start = "(" + _s(rows[-1]["message_id"])
+
+    async def _count_trimmed_on_claim(self, missing: set[str]) -> None:
+        """Redis 7 drops a pending entry the stream no longer holds from the group when XCLAIM
+        names it, and returns nothing for it (6.2 hands it over, and ``process`` counts it). Of the
+        ids a claim did not return, those the stream no longer holds were trimmed; the others were
+        taken or acknowledged by another consumer in between."""
+        ids = sorted(missing, key=entry_id_key)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.xrange(self.sub.key, min=i, max=i, count=1)
+            found = await pipe.execute()
+        trimmed = [i for i, rows in zip(ids, found) if not rows]
+        if trimmed:
+            self._trimmed(trimmed)
 
     async def drain_own_pending(self) -> int:
         """Handle every entry pending on this consumer, oldest first. Returns how many were read."""
