@@ -53,7 +53,12 @@ def test_run_serves_health_ready_and_metrics_and_stops_cleanly(tmp_path: Path):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
         assert status == 200, "never became ready"
-        assert json.loads(body)["checks"] == {"broker": True, "bus": True, "model": True}
+        # the bus and the persistence model, and each supervised worker: the persistence model's
+        # batcher and the three outboxes (predictions, scores, alerts)
+        assert json.loads(body)["checks"] == {
+            "broker": True, "bus": True, "model": True, "batcher:persistence": True,
+            "outbox:predictions": True, "outbox:scores": True, "outbox:alerts": True,
+        }
         assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         code, metrics = _get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200 and b"klinebus_inference_dead_letters_total" in metrics
