@@ -315,14 +315,8 @@ class InferenceService:
             if last is None or doc.get("model") == "persistence":
                 continue
             try:
-                targets = doc.get("target_open_times") or [doc["target_open_time"]]
-                path = doc.get("path") or [doc["predicted"].get("close")]
-                horizons = doc.get("horizons") or [doc["horizon"]]
-                steps = [(h, t, p) for h, t, p in zip(horizons, targets, path) if t > last and p is not None]
-                if steps:
-                    engine.scorer.add_forecast(doc["model"], doc["model_version"], doc["symbol"], doc["interval"],
-                                               doc["open_time"], doc["last_close"], steps)
-            except (KeyError, TypeError, AttributeError):
+                engine.restore_pending(doc, last)
+            except (KeyError, TypeError, AttributeError, ValueError):
                 continue
         async for _, doc in history.scan_back(client, topics.ALERTS, "+", s.restore_scan_entries):
             try:

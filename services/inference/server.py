@@ -16,6 +16,7 @@ first forecast after a restart comes from the same window an uninterrupted run h
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
@@ -26,7 +27,7 @@ from libs.common.klines import interval_ms, now_ms
 from libs.common.telemetry import ServiceMetrics
 from services.inference.alert_rules import AlertEngine, Firing, Rule
 from services.inference.batching import Job, MicroBatcher, Outbox, connection_trouble
-from services.inference.model_runner import OnnxModel
+from services.inference.model_runner import OnnxModel, Step
 from services.inference.package import ModelSpec
 from services.inference.routing import Router
 from services.inference.scoring import LiveScorer, Score
@@ -334,6 +335,37 @@ class Inference:
                       "computes them from %d; no forecast (klinebus_inference_feature_origin_mismatches_total)",
                       spec.label, ev.symbol, ev.interval, ",".join(spec.cumulative), want, have)
         return False
+
+    def restore_pending(self, doc: dict[str, Any], last: int) -> None:
+        """A forecast read back from ``predictions.v1`` after a restart whose targets after ``last``
+        have not closed yet: waits for them again, with its 80 % interval (from its ``quantiles``) and
+        persistence's (from the package, when the same version serves). A range model's forecasts
+        are not restored: persistence's range is not on the event."""
+        if doc.get("target", "price") != "price":
+            return
+        targets = doc.get("target_open_times") or [doc["target_open_time"]]
+        path = doc.get("path") or [doc["predicted"].get("close")]
+        horizons = doc.get("horizons") or [doc["horizon"]]
+        bands = doc.get("quantiles") or {}
+        served = self.router.get(doc["model"])
+        iv = served.spec.intervals if served is not None and served.spec.version == doc["model_version"] else None
+        lc = float(doc["last_close"])
+        triples, steps = [], []
+        for h, t, p in zip(horizons, targets, path):
+            if t <= last or p is None:
+                continue
+            band = bands.get(f"close@{h}") or {}
+            lo = band[min(band, key=float)] if band else None
+            hi = band[max(band, key=float)] if band else None
+            blo = bhi = None
+            if iv is not None and iv.baseline is not None and f"close@{h}" in iv.columns:
+                qb = iv.baseline[iv.columns.index(f"close@{h}")]
+                blo, bhi = lc * math.exp(min(qb)), lc * math.exp(max(qb))
+            triples.append((h, t, p))
+            steps.append(Step("close", h, float(p), lc, lo, hi, blo, bhi))
+        if triples:
+            self.scorer.add_forecast(doc["model"], doc["model_version"], doc["symbol"], doc["interval"],
+                                     doc["open_time"], lc, triples, steps)
 
     def rebuild(self, per_key: dict[tuple[str, str], list[FeaturesEvent]], floors: dict[str, int]) -> int:
         """Windows from stored events (per stream, oldest first): a stream whose stored events are

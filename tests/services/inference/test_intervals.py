@@ -276,3 +276,21 @@ def test_the_scorer_judges_bands_by_hand_and_skips_realised_vol_over_a_gap():
     # A missing candle between forecast and target: no realised vol, no score (never a wrong one).
     s.add_forecast("m", "1", "X", "15m", 2 * m, 99.0, [(2, 4 * m, 0.01)], [Step("rvol2", 2, 0.01, 0.02)])
     assert s.add_truth("X", "15m", 4 * m, 99.5) == []
+
+
+async def test_a_forecast_read_back_after_a_restart_keeps_its_interval_and_persistences(trained, tmp_path):
+    eng = engine(Sink())
+    spec = load_package(str(trained["lstm"]), None, tmp_path)
+    eng.install(await asyncio.to_thread(load_model, spec))
+    qp = json.loads((trained["lstm"] / "klinebus.json").read_text())["config"]["intervals"]["persistence_log_residual_quantiles"]
+    m = 900_000
+    doc = dict(symbol="BTCUSDT", interval="15m", open_time=0, model=spec.name, model_version=spec.version,
+               target_open_time=m, horizon=1, horizons=[1, 2], target_open_times=[m, 2 * m], path=[100.5, 101.0],
+               predicted={"close": 100.5}, last_close=100.0, target="price",
+               quantiles={"close@1": {"0.1": 99.0, "0.5": 100.4, "0.9": 102.0}, "close@2": {"0.1": 98.0, "0.5": 101.0, "0.9": 103.0}})
+    eng.restore_pending(doc, last=m)  # close@1 already closed before the restart: only close@2 waits
+    assert eng.scorer.pending == 1
+    (s,) = eng.scorer.add_truth("BTCUSDT", "15m", 2 * m, 103.5)
+    assert (s.horizon, s.lower, s.upper, s.covered) == (2, 98.0, 103.0, False)
+    assert s.baseline_lower == pytest.approx(100.0 * math.exp(qp[1][0]), rel=1e-12)
+    assert s.baseline_upper == pytest.approx(100.0 * math.exp(qp[1][2]), rel=1e-12)
