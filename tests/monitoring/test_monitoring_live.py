@@ -58,6 +58,9 @@ def _env(service: str, port: int, redis_url: str, data_dir: Path, sim, am_url: s
         "KLINEBUS_REDIS_URL": redis_url, "KLINEBUS_HTTP_PORT": str(port), "KLINEBUS_HTTP_HOST": "127.0.0.1",
         "KLINEBUS_DATA_DIR": str(data_dir), "KLINEBUS_CONSUMER_NAME": f"{service}-0", "KLINEBUS_LOG_LEVEL": "WARNING",
         "KLINEBUS_SYMBOLS": ",".join(SYMBOLS), "KLINEBUS_INTERVALS": "1m",
+        # one artefact root for the charts that write there and every reader (alerts, vlm): each
+        # service has its own data dir, and readers refuse charts outside their root
+        "KLINEBUS_ARTIFACT_URL": str(data_dir.parent / "artefacts"),
     })
     env.update({
         "ingest": {"KLINEBUS_BINANCE_WS_URL": sim.ws_url, "KLINEBUS_BINANCE_REST_URL": sim.rest_url,
@@ -66,7 +69,7 @@ def _env(service: str, port: int, redis_url: str, data_dir: Path, sim, am_url: s
         "vlm": {"KLINEBUS_BACKEND": "remote", "KLINEBUS_REMOTE_URL": f"http://127.0.0.1:{free_port()}"},
         "alerts": {"KLINEBUS_ALERTMANAGER_URLS": am_url, "KLINEBUS_RESEND_S": "2", "KLINEBUS_WATCH_EVERY_S": "0.5",
                    "KLINEBUS_DISCORD_WEBHOOK_URL": discord_url},
-        # the charts' store is a folder the alerts process can read too (on Kubernetes: object storage)
+        # the charts' store is the shared artefact root above (on Kubernetes: object storage)
         "charts": {"KLINEBUS_CADENCE_S": "2", "KLINEBUS_WINDOW": "30", "KLINEBUS_RENDER_WORKERS": "0",
                    "KLINEBUS_WIDTH_PX": "400", "KLINEBUS_HEIGHT_PX": "300"},
     }.get(service, {}))
