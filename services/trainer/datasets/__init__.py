@@ -16,16 +16,35 @@ in ``PLUGINS`` below; nothing else in the trainer changes::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from services.trainer.jobs import JobResult
 
 MANIFEST_FILE = "manifest.json"
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A dataset is written into a hidden sibling folder and renamed into place whole, so a reader
+    never sees half a dataset and a failure leaves nothing behind."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 # Modules that register kinds when imported. Add yours here (one line).
 PLUGINS: tuple[str, ...] = (

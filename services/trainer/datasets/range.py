@@ -13,8 +13,6 @@ window and targets inside its slice. Folder layout as the sequence kinds': ``man
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 
 import numpy as np
 
@@ -28,6 +26,7 @@ from services.trainer.datasets import (
     register_kind,
     split_fractions,
     split_masks,
+    staged_folder,
     time_cuts,
 )
 from services.trainer.range_model import HAR_LAGS
@@ -66,9 +65,7 @@ def build(spec: BuildSpec) -> dict:
     if len(all_times) < sum(MIN_SAMPLES.values()):
         raise DatasetError(f"too little history: {len(all_times)} samples for lookback {lookback} + horizon {n_vol}")
     cuts = time_cuts(all_times, fractions)
-    tmp = spec.out.parent / f".{spec.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(spec.out) as tmp:
         counts = {k: 0 for k in SLICES}
         spans: dict[str, list[tuple[int, int]]] = {k: [] for k in SLICES}
         meta = []
@@ -101,12 +98,6 @@ def build(spec: BuildSpec) -> dict:
             code_version=code_version(),
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if spec.out.exists():
-            spec.out.rmdir()
-        tmp.rename(spec.out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -29,8 +29,6 @@ Folder layout::
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from services.trainer.datasets import (
     register_kind,
     split_fractions,
     split_masks,
+    staged_folder,
     time_cuts,
 )
 from services.trainer.sources import SourceError, load_series
@@ -185,9 +184,7 @@ def build(spec: BuildSpec) -> dict:
         )
     cuts = time_cuts(all_times, fractions)
 
-    tmp = spec.out.parent / f".{spec.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(spec.out) as tmp:
         split_anchor_times: dict[str, list[np.ndarray]] = {k: [] for k in SPLITS}
         split_spans: dict[str, list[tuple[int, int]]] = {k: [] for k in SPLITS}
         series_meta = []
@@ -259,12 +256,6 @@ def build(spec: BuildSpec) -> dict:
             code_version=code_version(),
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if spec.out.exists():
-            spec.out.rmdir()
-        tmp.rename(spec.out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
