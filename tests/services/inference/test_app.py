@@ -6,10 +6,8 @@ market alerts."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from prometheus_client import REGISTRY
 
 from libs.common import topics
 from libs.common.contracts import DeadLetter, ScoreEvent
@@ -17,30 +15,12 @@ from services.inference import app
 from services.inference.settings import InferenceSettings
 from services.inference.scoring import direction_hit
 from tests.services.inference.models import CONTROL_KEYS, feature_events, publish, window_of
+from tests.services.inference.harness import metric, poll, runtime
 from tests.streams import add_events, read_topic, wait_for_events
 
 FEATURES = ("close", "sma_20")
 FIRST = 21  # skeleton-v1 is warm from candle 19; a window of 3 is full at 21
 M15 = 900_000
-
-
-def runtime(url: str, tmp_path, **kw):
-    kw.setdefault("control_keys", CONTROL_KEYS)
-    settings = InferenceSettings(data_dir=tmp_path, redis_url=url, consumer_name="t", model_dir=str(tmp_path / "reg"),
-                                 max_wait_ms=1, **kw)
-    return app.create(settings, url)
-
-
-def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(f"klinebus_inference_{name}", labels) or 0.0
-
-
-async def poll(cond, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def forecasts(url: str, model: str) -> list[dict]:

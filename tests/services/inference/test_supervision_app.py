@@ -5,42 +5,19 @@ unpublishable forecast is dead-lettered instead of blocking every forecast behin
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import aiohttp
 import orjson
 import redis.exceptions as rex
-from prometheus_client import REGISTRY
 
 from libs.common import topics
 from libs.common.bus.guard import OncePerCandle
 from libs.common.contracts import DeadLetter
-from services.inference import app
 from services.inference import model_runner
-from services.inference.settings import InferenceSettings
 from tests.services.inference.models import feature_events, publish
+from tests.services.inference.harness import metric, poll, runtime
 from tests.streams import add_events, read_topic
 
 FIRST = 21  # skeleton-v1 is warm from candle 19; a window of 3 is full at 21
-
-
-def runtime(url: str, tmp_path):
-    settings = InferenceSettings(data_dir=tmp_path, redis_url=url, consumer_name="t", model_dir=str(tmp_path / "reg"),
-                                 max_wait_ms=1)
-    return app.create(settings, url)
-
-
-def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(f"klinebus_inference_{name}", labels) or 0.0
-
-
-async def poll(cond, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def letters(url: str, source: str) -> list[DeadLetter]:
