@@ -46,8 +46,8 @@ class RedisPort:
     async def load_checkpoint(self) -> checkpoint.Checkpoint | None:
         return await checkpoint.load(self.client)
 
-    async def save_checkpoint(self, snapshot: bytes, entry_id: str) -> None:
-        await checkpoint.save(self.client, snapshot, entry_id)
+    async def save_checkpoint(self, saved: checkpoint.Checkpoint) -> None:
+        await checkpoint.save(self.client, saved)
 
     async def record_waiting(self, keys: dict[Key, str]) -> None:
         await checkpoint.record_waiting(self.client, keys)

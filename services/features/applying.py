@@ -7,6 +7,12 @@ state come out non-finite is put back as it was and its candles are applied agai
 time, so only the candle that would poison it is rejected and its batch-mates (of its own key
 and of every other) are published. Anything raised on the way puts every touched key back, so a
 retry of the batch finds the state as it was, not a batch of duplicates.
+
+Every event carries its key's ``feature_origin``: the open time of the first candle folded into
+the key's state (``origins``, kept by the caller beside the engine, whose snapshot cannot hold
+it). A key without state starts it at its first applied candle; under ``gap_policy="reset"`` a
+candle after a gap starts it again. Cumulative indicators (OBV, VPT) are offset by everything
+folded before, so inference compares this with the origin a model was trained from.
 """
 
 from __future__ import annotations
@@ -35,10 +41,17 @@ class Applied:
         return [e for e in self.fresh if e is not None]
 
 
-def apply(engine: StreamingEngine, events: list[KlineEvent], computed_at: int) -> Applied:
+Origins = dict[tuple[str, str], "int | None"]
+
+
+def apply(engine: StreamingEngine, events: list[KlineEvent], computed_at: int, origins: Origins) -> Applied:
+    """``origins``: per key with state, its first folded candle (None: unknown); updated here."""
     n = len(events)
     if not n:
         return Applied([])
+    touched = {(e.symbol, e.interval) for e in events}
+    saved_origins = {k: origins[k] for k in touched if k in origins}
+    stateless = {k for k in touched if engine.last_open_time(k) is None}
     # One conversion for the batch (float64 holds ms timestamps exactly up to 2**53).
     cols = np.array([(e.open_time, e.open, e.high, e.low, e.close, e.volume) for e in events], dtype=np.float64).T
     rejected = bounds.beyond(events, cols)
@@ -58,9 +71,12 @@ def apply(engine: StreamingEngine, events: list[KlineEvent], computed_at: int) -
                     i = j if keep is None else int(keep[j])
                     e = events[i]
                     rejected[i] = f"{e.symbol} {e.interval} open_time={e.open_time}: {reason}"
-        return _outcome(engine, events, result, keep, rejected, computed_at)
+        return _outcome(engine, events, result, keep, rejected, computed_at, origins, stateless)
     except BaseException:
         engine.restore_rows(saved)
+        for k in touched:
+            origins.pop(k, None)
+        origins.update(saved_origins)
         raise
 
 
@@ -100,7 +116,7 @@ def _apply_one(engine: StreamingEngine, result: UpdateBatch, rows: np.ndarray, c
 
 
 def _outcome(engine: StreamingEngine, events: list[KlineEvent], result: UpdateBatch, keep: np.ndarray | None,
-             rejected: dict[int, str], computed_at: int) -> Applied:
+             rejected: dict[int, str], computed_at: int, origins: Origins, stateless: set) -> Applied:
     n = len(events)
     out = Applied([None] * n)
     names = result.names
@@ -108,6 +124,7 @@ def _outcome(engine: StreamingEngine, events: list[KlineEvent], result: UpdateBa
     rows = result.values.tolist()  # one conversion, not one per event
     gap_ms = result.gap_ms.tolist()
     feature_set_id = engine.feature_set.id
+    restarts_on_gap = engine.gap_policy == "reset"  # the kernel zeroes the state at a gap
     index = range(n) if keep is None else keep.tolist()
     for j, i in enumerate(index):
         st = status[j]
@@ -122,10 +139,16 @@ def _outcome(engine: StreamingEngine, events: list[KlineEvent], result: UpdateBa
             continue
         if gap_ms[j]:
             out.gaps.append((e, gap_ms[j]))
+        key = (e.symbol, e.interval)
+        if key in stateless or (restarts_on_gap and gap_ms[j]):
+            stateless.discard(key)
+            origins[key] = e.open_time
+        elif key not in origins:  # state the engine got past ``origins``: where it started is not known
+            origins[key] = None
         values = dict(zip(names, rows[j])) if st == ST_OK else {}
         out.fresh[i] = FeaturesEvent.prepared(
             e.symbol, e.interval, e.open_time, e.close, feature_set_id, values, st == ST_OK, e.ingested_at,
-            computed_at,
+            computed_at, origins[key],
         )
     out.rejected = [(events[i], rejected[i]) for i in sorted(rejected)]
     return out

@@ -13,6 +13,7 @@ never stopped, whatever order pending and acknowledged entries sit in.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, AsyncIterator
 
@@ -38,11 +39,17 @@ async def load(client: aioredis.Redis) -> Checkpoint | None:
     data: dict[bytes, Any] = await client.hgetall(_key())
     if not data or b"snapshot" not in data:
         return None
-    return Checkpoint(data[b"snapshot"], data[b"entry_id"].decode())
+    # A checkpoint written before origins were recorded has no "origins" field: None, unknown.
+    origins = None
+    if b"origins" in data:
+        origins = {tuple(field.split("|", 1)): t for field, t in json.loads(data[b"origins"]).items()}
+    return Checkpoint(data[b"snapshot"], data[b"entry_id"].decode(), origins)
 
 
-async def save(client: aioredis.Redis, snapshot: bytes, entry_id: str) -> None:
-    await client.hset(_key(), mapping={"snapshot": snapshot, "entry_id": entry_id})
+async def save(client: aioredis.Redis, saved: Checkpoint) -> None:
+    # One HSET: the snapshot, its position and its origins are never seen apart.
+    origins = json.dumps({f"{s}|{i}": t for (s, i), t in (saved.origins or {}).items()})
+    await client.hset(_key(), mapping={"snapshot": saved.snapshot, "entry_id": saved.entry_id, "origins": origins})
 
 
 def _waiting_key() -> str:

@@ -173,7 +173,7 @@ class FeaturesComponent:
             await self.write_checkpoint()
 
     async def write_checkpoint(self) -> None:
-        await self.port.save_checkpoint(*self.state.snapshot())
+        await self.port.save_checkpoint(self.state.snapshot())
         self._since_checkpoint = 0
         self._checkpointed_at = time.monotonic()
 

@@ -18,6 +18,9 @@ id_key = entry_id_key
 class Checkpoint:
     snapshot: bytes
     entry_id: str  # last klines.v1 entry folded into the snapshot
+    # Per key with state, the open time of the first candle folded into it (``feature_origin``).
+    # None: written by a build that did not record origins; its keys' origins are unknown.
+    origins: dict[tuple[str, str], int | None] | None = None
 
 
 def before_oldest_waiting(entry_id: str, waiting_first_ids) -> str:

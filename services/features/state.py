@@ -13,6 +13,14 @@ restore drops whatever the snapshot holds of a waiting key, and the replay warms
 history and publishes its candles again, through the once-per-candle guard, which keeps the
 ones published before. So a stop or a failure at any step of a release publishes every held
 candle exactly once.
+
+Feature origin: per key with state, the open time of the first candle folded into it (the first
+history candle of its warm-up, or its first live candle when it warms up live; under the reset
+gap policy, the candle after a gap). Every features.v1 event carries it, because cumulative
+indicators (OBV, VPT) depend on it and inference refuses a window of an origin a model was not
+trained from. It lives beside the engine (whose snapshot format is not ours) and travels in the
+checkpoint; one written before origins were recorded restores its keys with an unknown origin
+(None is published) until their state is rebuilt.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ class FeaturesState:
         self.cold: set[Key] = set()
         self.warms_up = warms_up  # False: no history source, every key warms up live
         self.last_entry = "0-0"  # the last klines.v1 entry folded into the state
+        # Every key with state, and only those: the open time of its first folded candle (None: unknown).
+        self.origins: dict[Key, int | None] = {}
 
     # --- candles -------------------------------------------------------------------------
 
@@ -62,7 +72,7 @@ class FeaturesState:
 
     def apply(self, events: list[KlineEvent], computed_at: int) -> Applied:
         """Apply candles in order; see ``applying``."""
-        return applying.apply(self.engine, events, computed_at)
+        return applying.apply(self.engine, events, computed_at, self.origins)
 
     def first_candles(self, events: Iterable[KlineEvent]) -> dict[Key, int]:
         """Keys of ``events`` that want their history read before they are applied, with the
@@ -82,11 +92,18 @@ class FeaturesState:
         if not len(cols[0]) or self.engine.last_open_time(key) is not None:
             return 0
         try:
-            return self.engine.warmup(key, *cols)
+            fed = self.engine.warmup(key, *cols)
         except Exception:
-            self.engine.reset(key)
+            self.reset(key)
             self.cold.add(key)
             raise
+        # The key had no state, so the engine folded every history candle from the first.
+        self.origins[key] = int(cols[0][0])
+        return fed
+
+    def reset(self, key: Key) -> None:
+        self.engine.reset(key)
+        self.origins.pop(key, None)
 
     def warmed(self, key: Key) -> None:
         """The key's warm-up is over; with no history at all, it warms up live."""
@@ -111,14 +128,15 @@ class FeaturesState:
     def checkpoint_entry(self) -> str:
         return position.before_oldest_waiting(self.last_entry, self.waiting.oldest_ids())
 
-    def snapshot(self) -> tuple[bytes, str]:
-        return self.engine.snapshot(), self.checkpoint_entry()
+    def snapshot(self) -> position.Checkpoint:
+        return position.Checkpoint(self.engine.snapshot(), self.checkpoint_entry(), dict(self.origins))
 
     def forget(self) -> None:
         """Drop everything of the last ownership (a standby taking over: whatever it held is stale)."""
         self.waiting.clear()
         for key in self.engine.keys():
             self.engine.reset(key)
+        self.origins.clear()
         self.last_entry = "0-0"
 
     def restore(self, saved: position.Checkpoint | None, waiting: Mapping[Key, str]) -> None:
@@ -131,8 +149,21 @@ class FeaturesState:
                 self.last_entry = saved.entry_id
             except SnapshotMismatch as exc:
                 log.warning("discarding indicator checkpoint (%s); rebuilding from history", exc)
+            else:
+                self._restore_origins(saved.origins)
         for key in waiting:  # see the module docstring
-            self.engine.reset(key)
+            self.reset(key)
         # The checkpoint never passes them; this also holds for one written by an older build.
         self.last_entry = position.before_oldest_waiting(self.last_entry, waiting.values())
 
+
+    def _restore_origins(self, saved: Mapping[Key, int | None] | None) -> None:
+        keys = [k for k in self.engine.keys() if self.engine.last_open_time(k) is not None]
+        self.origins = {k: (saved or {}).get(k) for k in keys}
+        unknown = sum(1 for v in self.origins.values() if v is None)
+        if unknown:
+            # Once per restore, not per event: these keys publish feature_origin null until their
+            # state is rebuilt (a gap under the reset policy, a checkpoint that cannot be used).
+            log.warning("the indicator checkpoint records no feature origin for %d of %d keys (written before "
+                        "origins were recorded): their features.v1 events carry feature_origin null, and "
+                        "inference serves models with cumulative features unchecked for them", unknown, len(keys))

@@ -71,8 +71,8 @@ class MemoryPort:
     async def load_checkpoint(self):
         return self.saved
 
-    async def save_checkpoint(self, snapshot, entry_id) -> None:
-        self.saved = Checkpoint(snapshot, entry_id)
+    async def save_checkpoint(self, saved) -> None:
+        self.saved = saved
 
     async def record_waiting(self, keys) -> None:
         self.waiting.update(keys)

@@ -173,11 +173,11 @@ def test_a_restore_drops_what_the_snapshot_holds_of_a_waiting_key():
     state.handled("12-0")
     state.warm(("NEWUSDT", "15m"), history_cols(new[:20]))
     state.release([("NEWUSDT", "15m")], NOW)  # applied; the publish never happens (a kill)
-    snapshot, entry = state.snapshot()
-    assert entry == "10-18446744073709551615"
+    saved = state.snapshot()
+    assert saved.entry_id == "10-18446744073709551615"
 
     restarted = FeaturesState("skeleton-v1", "continue", warms_up=True)
-    restarted.restore(Checkpoint(snapshot, entry), {("NEWUSDT", "15m"): "11-0"})
+    restarted.restore(saved, {("NEWUSDT", "15m"): "11-0"})
     assert restarted.engine.last_open_time(("NEWUSDT", "15m")) is None
     assert restarted.engine.last_open_time(("OLDUSDT", "15m")) == old[4].open_time
     assert restarted.first_candles([new[20], new[21]]) == {("NEWUSDT", "15m"): new[20].open_time}
