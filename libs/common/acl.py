@@ -55,6 +55,7 @@ GROUP = ("+xreadgroup", "+xack", "+xclaim", "+xautoclaim", "+xpending", "+xgroup
          "+xgroup|createconsumer", "+xgroup|delconsumer")
 STRING_STATE = ("+get", "+set", "+pexpire", "+pttl", "+del", "+exists", "+watch")
 APPEND = ("+xadd", "+xtrim", "+hget", "+hset", "+hgetall", "+hmget")
+MEMBERSHIP = ("+zadd", "+zrem", "+zrange", "+zremrangebyscore")
 STATE = ("+@read", "+@write", "+@keyspace", "+@hash", "+@set", "+@string", "+@list", "+@sortedset",
          "+watch", *SCRIPTS, "-@dangerous", "-@admin", "-@pubsub")
 
@@ -80,27 +81,44 @@ def _glob_escape(key: str) -> str:
     return "".join(out)
 
 
+def _streams(topic: str) -> list[str]:
+    """Globs of a topic's stream on every partition: partition 0 is the topic's own key; the
+    others, ``{topic#N}``, exist only for the partitioned topics. One glob covers any partition
+    count, so changing the count needs no new ACL."""
+    out = [_glob_escape(topics.stream_key(topic))]
+    if topic in topics.PARTITIONED:
+        out.append(_glob_escape(f"{topics.KEY_PREFIX}:{{{topic}#") + "[1-9]*}")
+    return out
+
+
+def _keys(topic: str, what: str = "") -> list[str]:
+    """The stream globs (``what`` empty) or those of one companion key, on every partition."""
+    return [k + (f":{_glob_escape(what)}" if what else "") for k in _streams(topic)]
+
+
 def rules(access: topics.Access) -> list[str]:
     """The ACL rules (after ``on``/password) of one service's user."""
     s = access.service
     out = ["resetchannels", "resetkeys", "-@all", *CONNECTION]
+    # The deployment's partition count: read at start, recorded by the first service to start.
+    out.append(_selector([_glob_escape(topics.partitions_key())], ("+get", "+set", "+exists")))
     # Every topic stream, read-only; every dedupe hash, read-only.
     out.append(_selector([f"{topics.KEY_PREFIX}:{{*}}"], STREAM_READ))
     out.append(_selector([f"{topics.KEY_PREFIX}:{{*}}:{LAST_OPEN_TIME}"], ("+hget", "+hgetall", "+hmget", "+exists", "+type")))
     for t in access.produces:
-        stream = _glob_escape(topics.stream_key(t))
-        last = _glob_escape(topics.stream_companion_key(t, LAST_OPEN_TIME))
-        out.append(_selector([stream, last], (*APPEND, *STREAM_READ, *SCRIPTS)))
+        out.append(_selector([*_keys(t), *_keys(t, LAST_OPEN_TIME)], (*APPEND, *STREAM_READ, *SCRIPTS)))
     for t in access.consumes:
-        stream = _glob_escape(topics.stream_key(t))
-        companions = [_glob_escape(topics.stream_companion_key(t, f"{what}:{s}")) for what in ("acked", "owner")]
-        out.append(_selector([stream, *companions], (*GROUP, *STREAM_READ, *SCRIPTS)))
+        companions = [k for what in ("acked", "owner") for k in _keys(t, f"{what}:{s}")]
+        out.append(_selector([*_keys(t), *companions], (*GROUP, *STREAM_READ, *SCRIPTS)))
         out.append(_selector(companions, (*STRING_STATE, *SCRIPTS)))
     if access.consumes:
-        lease = _glob_escape(f"{topics.KEY_PREFIX}:owner:{s}")
-        out.append(_selector([lease], (*STRING_STATE, *SCRIPTS)))
+        # The owner leases (partition 0's is the service's lease of old) and the membership the
+        # replicas balance partitions by.
+        owner = _glob_escape(f"{topics.KEY_PREFIX}:owner:{s}")
+        members = _glob_escape(f"{topics.KEY_PREFIX}:members:{s}")
+        out.append(_selector([owner, owner + "#[1-9]*", members], (*STRING_STATE, *MEMBERSHIP, *SCRIPTS)))
     if access.state:
-        keys = [_glob_escape(topics.stream_companion_key(t, "")) + g for t, g in access.state]
+        keys = [f"{k}:{g}" for t, g in access.state for k in _streams(t)]
         out.append(_selector(keys, STATE))
     return out
 

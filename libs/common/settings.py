@@ -86,6 +86,15 @@ class ServiceSettings(BaseSettings):
         description="Ordered groups (candle topics) have one owner replica, by a Redis lease of this length "
         "renewed at a third of it; a standby replica takes over within about this long of the owner's death.",
     )
+    partitions: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Partitions of the keyed topics (klines.v1, features.v1): each is one stream with its own "
+        "ordered-group lease, balanced over the replicas of features and inference. One value for the whole "
+        "deployment, recorded in Redis at the first start; a service started with another value refuses to start "
+        "(docs/bus.md#changing-the-partition-count). 1: one stream per topic, one owner and hot standbys.",
+    )
     stale_consumer_ms: int = Field(
         3_600_000,
         gt=0,

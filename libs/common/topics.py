@@ -7,6 +7,8 @@ old and new consumers can run side by side.
 
 from __future__ import annotations
 
+import zlib
+
 KLINES = "klines.v1"
 """Closed candles, one event per (symbol, interval, open_time)."""
 KLINES_LIVE = "klines-live.v1"
@@ -49,22 +51,63 @@ ALL_TOPICS: tuple[str, ...] = (
 
 KEY_PREFIX = "klinebus"
 
+PARTITIONED: frozenset[str] = frozenset({KLINES, FEATURES})
+"""The keyed topics that may be split into partitions (``KLINEBUS_PARTITIONS``). Every other topic
+is one stream whatever the partition count (docs/bus.md#partitions)."""
 
-def stream_key(topic: str) -> str:
-    """The Redis key of a topic's stream.
+
+def partition_of(symbol: str, interval: str, partitions: int) -> int:
+    """The partition of a (symbol, interval) among ``partitions``: CRC-32 of ``symbol:interval``,
+    so any process in any language maps a key to the same partition."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(f"{symbol}:{interval}".encode()) % partitions
+
+
+def stream_key(topic: str, partition: int = 0) -> str:
+    """The Redis key of a topic's stream (of one of its partitions).
 
     The topic sits in a hash tag so each topic's stream and its companion keys
     (``stream_companion_key``) land in one Redis Cluster slot, while different
-    topics spread over the cluster.
+    topics spread over the cluster. Partition 0 is the topic's own key, so one partition is the
+    unpartitioned layout; partition i > 0 has its own hash tag (``{klines.v1#i}``) so the
+    partitions of one topic spread over the cluster's shards too.
     """
     if topic not in ALL_TOPICS:
         raise ValueError(f"unknown topic {topic!r}; known: {', '.join(ALL_TOPICS)}")
+    if partition:
+        if topic not in PARTITIONED:
+            raise ValueError(f"{topic} is not partitioned (partitioned: {', '.join(sorted(PARTITIONED))})")
+        if partition < 0:
+            raise ValueError(f"partition must be >= 0, got {partition}")
+        return f"{KEY_PREFIX}:{{{topic}#{partition}}}"
     return f"{KEY_PREFIX}:{{{topic}}}"
 
 
-def stream_companion_key(topic: str, what: str) -> str:
-    """A key kept beside a topic's stream in the same cluster slot (dedupe sets, offsets)."""
-    return f"{stream_key(topic)}:{what}"
+def stream_keys(topic: str, partitions: int) -> list[str]:
+    """Every stream of ``topic`` under ``partitions`` (one for an unpartitioned topic)."""
+    if topic not in PARTITIONED:
+        return [stream_key(topic)]
+    return [stream_key(topic, p) for p in range(max(1, partitions))]
+
+
+def partitions_of(topic: str, partitions: int) -> range:
+    """The partition numbers ``topic`` has under ``partitions`` (``range(1)`` when unpartitioned)."""
+    return range(max(1, partitions)) if topic in PARTITIONED else range(1)
+
+
+def stream_companion_key(topic: str, what: str, partition: int = 0) -> str:
+    """A key kept beside a topic's stream (one partition's) in the same cluster slot (dedupe sets,
+    offsets, fences, a partition's checkpoints)."""
+    return f"{stream_key(topic, partition)}:{what}"
+
+
+PARTITIONS_KEY_TOPIC = KLINES
+"""The recorded partition count lives beside klines.v1: ``stream_companion_key(KLINES, "partitions")``."""
+
+
+def partitions_key() -> str:
+    return stream_companion_key(PARTITIONS_KEY_TOPIC, "partitions")
 
 
 # --- who may do what (the ACL file is generated from this: libs/common/acl.py) -------------------

@@ -87,7 +87,7 @@ def create(settings: FeaturesSettings, url: str) -> ServiceRuntime:
         await component.start()
 
     @bus.on_owner
-    async def restore_state() -> None:
+    async def restore_state(partition: int) -> None:
         """Runs when this replica becomes the owner (at start, or a standby taking over)."""
         await component.become_owner()
 

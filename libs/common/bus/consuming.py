@@ -53,6 +53,7 @@ class Subscription:
     ordered: bool
     max_records: int = READ_BATCH
     description: str = ""
+    broadcast: bool = False  # every replica reads every entry (XREAD, no group): ``Bus.broadcast``
     decoder: Decoder = field(init=False)
 
     def __post_init__(self) -> None:
@@ -146,12 +147,15 @@ class BatchProcessor:
         dead_letters: DeadLetters,
         metrics: ServiceMetrics,
         bus_metrics: BusMetrics,
+        partition: int = 0,
     ) -> None:
         self.service, self.consumer, self.sub, self.client = service, consumer, sub, client
+        self.partition = partition
+        self.key = topics.stream_key(sub.topic, partition)
         self.dead_letters = dead_letters
         self.metrics = metrics
         self.bus_metrics = bus_metrics
-        self.acker = Acker(client, sub.topic, service)
+        self.acker = Acker(client, sub.topic, service, partition)
         self.stall = Stall(f"{service}:{sub.topic}", lambda reason: bus_metrics.stalled.labels(service, sub.topic, reason))
         self.token = ""  # the lease token of an ordered owner; '' for competing groups
         self.fence: Callable[[], bool] = lambda: True  # False: our lease may be gone, stop
@@ -161,7 +165,7 @@ class BatchProcessor:
         # This client is the subscription's own: only its reads go through this parser.
         client.set_response_callback("XREADGROUP", entries_of_reply)
         self._read_script = client.register_script(_FENCED_READ)
-        self._fence_key = lease_key(sub.topic, service)
+        self._fence_key = lease_key(sub.topic, service, partition)
         self._seen = "0-0"  # the highest entry id a read returned to this consumer
         self._unsure = False  # a read of new entries whose reply never came (see ``read``)
         self._cluster = not isinstance(client, aioredis.Redis)
@@ -291,7 +295,7 @@ class BatchProcessor:
         """The group vanished under us: recreate it where this service last acknowledged."""
         while True:
             try:
-                at = await ensure_group(self.client, self.sub.topic, self.service)
+                at = await ensure_group(self.client, self.sub.topic, self.service, self.partition)
                 break
             except asyncio.CancelledError:
                 raise
@@ -357,7 +361,7 @@ class BatchProcessor:
         entries, last = await self.redis("reading", lambda: self._read_once(start, None, self._owner_read))
         if entries or not block or start != ">":
             return entries
-        await self.redis("waiting for entries", lambda: self.client.xread({self.sub.key: last}, count=1, block=block))
+        await self.redis("waiting for entries", lambda: self.client.xread({self.key: last}, count=1, block=block))
         self._check_running()
         return (await self.redis("reading", lambda: self._read_once(start, None, self._owner_read)))[0]
 
@@ -389,7 +393,7 @@ class BatchProcessor:
 
     async def _plain_read(self, start: str, block: int | None) -> list:
         return await self.client.xreadgroup(
-            self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records, block=block
+            self.service, self.consumer, {self.key: start}, count=self.sub.max_records, block=block
         )
 
     def _check_running(self) -> None:
@@ -404,7 +408,7 @@ class BatchProcessor:
         holds another owner's token."""
         if self._cluster:
             reply = await self._read_script(
-                keys=[self.sub.key, self._fence_key], args=[self.token, self.service, self.consumer,
+                keys=[self.key, self._fence_key], args=[self.token, self.service, self.consumer,
                                                             self.sub.max_records, start])
             if reply == -1:
                 raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
@@ -421,11 +425,11 @@ class BatchProcessor:
             if _s(await pipe.get(self._fence_key)) != self.token:
                 raise LeaseLost(f"{self.service}: {self.sub.topic}'s group has another owner")
             pipe.multi()
-            pipe.xreadgroup(self.service, self.consumer, {self.sub.key: start}, count=self.sub.max_records)
+            pipe.xreadgroup(self.service, self.consumer, {self.key: start}, count=self.sub.max_records)
             (entries,) = await pipe.execute()
         if entries:
             return entries, ""
-        groups = await self.client.xinfo_groups(self.sub.key)
+        groups = await self.client.xinfo_groups(self.key)
         return [], next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == self.service), "0-0")
 
     async def claim_pending(self, min_idle_ms: int) -> int:
@@ -434,14 +438,14 @@ class BatchProcessor:
         claimed, start = 0, "-"
         while True:
             rows = await self.client.xpending_range(
-                self.sub.key, self.service, min=start, max="+", count=READ_BATCH, idle=min_idle_ms or None
+                self.key, self.service, min=start, max="+", count=READ_BATCH, idle=min_idle_ms or None
             )
             if not rows:
                 return claimed
             theirs = [r["message_id"] for r in rows if _s(r["consumer"]) != self.consumer]
             if theirs:
                 got = await self.client.xclaim(
-                    self.sub.key, self.service, self.consumer, min_idle_time=min_idle_ms, message_ids=theirs, justid=True
+                    self.key, self.service, self.consumer, min_idle_time=min_idle_ms, message_ids=theirs, justid=True
                 )
                 claimed += len(got)
                 if len(got) < len(theirs):
@@ -458,7 +462,7 @@ class BatchProcessor:
         ids = sorted(missing, key=entry_id_key)
         async with self.client.pipeline(transaction=False) as pipe:
             for i in ids:
-                pipe.xrange(self.sub.key, min=i, max=i, count=1)
+                pipe.xrange(self.key, min=i, max=i, count=1)
             found = await pipe.execute()
         trimmed = [i for i, rows in zip(ids, found) if not rows]
         if trimmed:

@@ -19,6 +19,7 @@ from faststream.redis import RedisBroker, StreamSub
 from faststream.redis.annotations import RedisBatchStreamMessage, RedisStreamMessage
 
 from libs.common import topics
+from libs.common.bus.balance import PartitionBalancer
 from libs.common.bus.competing import CompetingConsumer
 from libs.common.bus.consuming import (
     BATCH,
@@ -34,8 +35,9 @@ from libs.common.bus.consuming import (
 )
 from libs.common.bus.deadletters import DeadLetters
 from libs.common.bus.failures import INFRASTRUCTURE, Stall, classify
-from libs.common.bus.framing import MAX_EVENT_BYTES, PlainJSONFormat, is_cluster_url, plain_url, redis_client
-from libs.common.bus.groups import OwnerLease, ensure_group, remove_stale_consumers
+from libs.common.bus.broadcast import BroadcastConsumer
+from libs.common.bus.framing import DATA_FIELD, MAX_EVENT_BYTES, PlainJSONFormat, is_cluster_url, plain_url, redis_client
+from libs.common.bus.groups import OwnerLease, check_partitions, ensure_group, remove_stale_consumers
 from libs.common.bus.guard import OncePerCandle
 from libs.common.bus.monitor import BusMetrics, GroupSampler
 from libs.common.bus.ordered import OrderedOwner
@@ -45,7 +47,7 @@ from libs.common.telemetry import ServiceMetrics
 log = logging.getLogger("klinebus.bus")
 
 Handler = Callable[..., Awaitable[Any]]
-Hook = Callable[[], Awaitable[Any]]
+Hook = Callable[[int], Awaitable[Any]]
 
 OWNER_LEASE_MS = 5_000
 MONITOR_INTERVAL_S = 15.0
@@ -70,8 +72,12 @@ class Bus:
         stale_consumer_ms: int = STALE_CONSUMER_MS,
         monitor_interval_s: float = MONITOR_INTERVAL_S,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        partitions: int = 1,
     ) -> None:
+        if not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"partitions must be an integer >= 1, got {partitions!r}")
         self.service = service
+        self.partitions = partitions
         self.url = url
         self.consumer = consumer
         self.stream_maxlen = stream_maxlen
@@ -87,12 +93,13 @@ class Bus:
         self.bus_metrics = BusMetrics(self.metrics.registry)
         self.subscriptions: list[Subscription] = []
         self._on_owner: list[Hook] = []
+        self._on_release: list[Hook] = []
         self.broker = self._make_broker()
         self._publishers: dict[str, Any] = {}
         self.publisher(topics.DEAD_LETTERS, DeadLetter)
         self._client = redis_client(url, timeouts=True)  # guards, dead letters, admin (connects lazily)
         self.dead_letters = DeadLetters(service, self._client, dead_letter_maxlen, self.metrics)
-        self._consumers: list[OrderedOwner | CompetingConsumer] = []
+        self._consumers: list[OrderedOwner | PartitionBalancer | CompetingConsumer | BroadcastConsumer] = []
         self._clients: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
@@ -114,7 +121,21 @@ class Bus:
             stream_retention_ms=getattr(settings, "stream_retention_ms", 0),
             stale_consumer_ms=getattr(settings, "stale_consumer_ms", STALE_CONSUMER_MS),
             max_event_bytes=getattr(settings, "max_event_bytes", MAX_EVENT_BYTES),
+            partitions=getattr(settings, "partitions", 1),
         )
+
+    def partition_of(self, symbol: str, interval: str) -> int:
+        """The partition of a (symbol, interval) in this deployment (``topics.partition_of``)."""
+        return topics.partition_of(symbol, interval, self.partitions)
+
+    def owned_partitions(self) -> frozenset[int]:
+        """The partitions this replica owns now (empty: a standby, or no ordered subscription)."""
+        for c in self._consumers:
+            if isinstance(c, PartitionBalancer):
+                return c.owned()
+            if isinstance(c, OrderedOwner):
+                return frozenset({0}) if c.owner else frozenset()
+        return frozenset()
 
     def _make_broker(self) -> RedisBroker:
         # faststream logs every message it handles at INFO: only warnings from it.
@@ -221,10 +242,35 @@ class Bus:
         sub(fn)
 
     def on_owner(self, fn: Hook) -> Hook:
-        """Runs each time this replica becomes the owner of its ordered groups, before it
-        consumes (restore state here: a standby's state is stale by the time it takes over)."""
+        """``fn(partition)`` runs each time this replica takes a partition (with one partition: becomes the
+        owner of its ordered groups), before any entry of it is handled (restore that partition's
+        state here: a standby's state is stale by the time it takes over)."""
         self._on_owner.append(fn)
         return fn
+
+    def on_release(self, fn: Hook) -> Hook:
+        """``fn(partition)`` runs when this replica gives a partition up cleanly (a rebalance, a stop),
+        after its last batch was acknowledged and before its lease is released (write that
+        partition's checkpoint here; drop its keys' state). Not called when the lease was lost:
+        that partition's state is stale and the next ``on_owner`` restores it anyway."""
+        self._on_release.append(fn)
+        return fn
+
+    def broadcast(
+        self, topic: str, model: type[Event], *, description: str = "", max_records: int = READ_BATCH
+    ) -> Callable[[Handler], Handler]:
+        """Every replica sees every entry (no consumer group): ``handler(event, entry_id)``, read
+        with XREAD from the stream's end at start, the position kept in memory (for state every
+        replica must hold: inference's models.v1). A failing entry is retried with back-off as
+        any other, then dead-lettered (once per replica)."""
+
+        def decorate(handler: Handler) -> Handler:
+            self.subscriptions.append(
+                Subscription(topic, model, handler, EVENT, False, max_records, description, broadcast=True))
+            self._document(topic, model, handler.__name__, description, max_records)
+            return handler
+
+        return decorate
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -233,31 +279,45 @@ class Bus:
         acknowledged, or at the stream's start, so a service deployed after its producer still
         sees every retained event."""
         for sub in self.subscriptions:
-            await ensure_group(self._client, sub.topic, self.service)
+            if sub.broadcast:
+                continue
+            for p in topics.partitions_of(sub.topic, self.partitions):
+                await ensure_group(self._client, sub.topic, self.service, p)
+
+    def _partitioned(self) -> bool:
+        """Whether this bus touches a partitioned topic (then the recorded count must match)."""
+        used = {s.topic for s in self.subscriptions} | set(self._publishers)
+        return bool(used & topics.PARTITIONED)
+
+    async def check_partitions(self) -> None:
+        """Record the partition count if none is, or refuse to start on a different one."""
+        if self._partitioned():
+            await check_partitions(self._client, self.partitions)
 
     async def start(self) -> None:
         """Create groups, start the publishers and one consumer task per subscription. Returns
         once every ordered consumer owns its group and has handled what was left pending, or
         waits as a standby. Redis down or refusing writes at start is waited out (one line, the
         stalled gauge), not a crash loop."""
+        await self._waiting_out("checking the partition count", self.check_partitions)
         await self._waiting_out("creating consumer groups", self.ensure_groups)
-        ordered: list[BatchProcessor] = []
+        ordered: dict[int, list[BatchProcessor]] = {}
         for sub in self.subscriptions:
             sub.decoder.max_bytes = self.max_event_bytes  # an oversized entry is refused unparsed
-            client = redis_client(self.url, timeouts=True)  # its own: a blocking read holds a connection
-            self._clients.append(client)
-            proc = BatchProcessor(self.service, self.consumer, sub, client, self.dead_letters, self.metrics,
-                                  self.bus_metrics)
-            proc.stopping = self._stopping
-            if sub.ordered:
-                ordered.append(proc)
-            else:
-                self._consumers.append(CompetingConsumer(proc, self.reclaim_idle_ms))
+            for p in topics.partitions_of(sub.topic, self.partitions):
+                client = redis_client(self.url, timeouts=True)  # its own: a blocking read holds a connection
+                self._clients.append(client)
+                proc = BatchProcessor(self.service, self.consumer, sub, client, self.dead_letters, self.metrics,
+                                      self.bus_metrics, partition=p)
+                proc.stopping = self._stopping
+                if sub.broadcast:
+                    self._consumers.append(BroadcastConsumer(proc))
+                elif sub.ordered:
+                    ordered.setdefault(p, []).append(proc)
+                else:
+                    self._consumers.append(CompetingConsumer(proc, self.reclaim_idle_ms))
         if ordered:
-            topics_ = [p.sub.topic for p in ordered]
-            lease = OwnerLease(self._client, self.service, topics_, self.consumer, self.owner_lease_ms)
-            gauges = [self.bus_metrics.owner.labels(self.service, t) for t in topics_]
-            self._consumers.insert(0, OrderedOwner(self.service, ordered, lease, self._on_owner, gauges))
+            self._consumers.insert(0, self._ordered_owner(ordered))
         await self._waiting_out("connecting the publishers", self._start_publishers)
         self.running = True
         for consumer in self._consumers:
@@ -265,6 +325,24 @@ class Bus:
         if self.subscriptions:
             self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.service}:bus-monitor"))
         await self._settled()
+
+    def _ordered_owner(self, ordered: dict[int, list[BatchProcessor]]) -> OrderedOwner | PartitionBalancer:
+        """One lease per partition; the service's unpartitioned ordered subscriptions go with
+        partition 0. With one partition (or none of the ordered topics partitioned): the one
+        owner and hot standbys of old."""
+        all_topics = [p.sub.topic for p in ordered[0]]
+        gauges = {t: self.bus_metrics.owner.labels(self.service, t) for t in all_topics}
+
+        def unit(p: int, procs: list[BatchProcessor]) -> OrderedOwner:
+            topics_ = [proc.sub.topic for proc in procs]
+            lease = OwnerLease(self._client, self.service, topics_, self.consumer, self.owner_lease_ms, partition=p)
+            return OrderedOwner(self.service, procs, lease, self._on_owner, [gauges[t] for t in topics_],
+                                partition=p, on_release=self._on_release)
+
+        if len(ordered) == 1:
+            return unit(0, ordered[0])
+        units = [unit(p, ordered[p]) for p in sorted(ordered)]
+        return PartitionBalancer(self.service, self.consumer, self._client, units, self.owner_lease_ms)
 
     async def _start_publishers(self) -> None:
         """``broker.start`` without the subscriptions: those faststream knows are for the AsyncAPI
@@ -288,7 +366,7 @@ class Bus:
 
     async def _settled(self) -> None:
         for consumer, task in zip(self._consumers, self._tasks):
-            if not isinstance(consumer, OrderedOwner):
+            if not isinstance(consumer, (OrderedOwner, PartitionBalancer)):
                 continue
             settled = asyncio.ensure_future(consumer.settled.wait())
             await asyncio.wait([settled, task], return_when=asyncio.FIRST_COMPLETED)
@@ -316,16 +394,19 @@ class Bus:
                 up.set(0)
 
     async def _monitor(self) -> None:
-        owner = next((c for c in self._consumers if isinstance(c, OrderedOwner)), None)
-        samplers = [(GroupSampler(self.bus_metrics, sub.topic, self.service), sub.ordered) for sub in self.subscriptions]
+        samplers = [(GroupSampler(self.bus_metrics, sub.topic, self.service, self.partitions), sub.ordered)
+                    for sub in self.subscriptions if not sub.broadcast]
         stopping = self._stopping
         while not stopping.is_set():
             for sampler, is_ordered in samplers:
                 try:
                     await sampler.sample(self._client)
-                    if not is_ordered or (owner is not None and owner.owner):
+                    owned = self.owned_partitions()
+                    for p in topics.partitions_of(sampler.topic, self.partitions):
+                        if is_ordered and p not in owned:
+                            continue  # a partition's consumers are its owner's to clean up
                         removed = await remove_stale_consumers(
-                            self._client, sampler.topic, self.service, self.consumer, self.stale_consumer_ms
+                            self._client, sampler.topic, self.service, self.consumer, self.stale_consumer_ms, p
                         )
                         if removed:
                             self.bus_metrics.stale_removed.labels(sampler.topic, self.service).inc(len(removed))
@@ -345,7 +426,13 @@ class Bus:
         return self.alive()
 
     def owns_all(self) -> bool:
-        return all(c.owner for c in self._consumers if isinstance(c, OrderedOwner))
+        """Owns every partition of its ordered groups (one partition: is the owner)."""
+        for c in self._consumers:
+            if isinstance(c, PartitionBalancer):
+                return len(c.owned()) == len(c.units)
+            if isinstance(c, OrderedOwner):
+                return c.owner
+        return True
 
     async def stop(self) -> None:
         self.running = False
@@ -366,7 +453,7 @@ class Bus:
         self._tasks.clear()
         self._stopping = asyncio.Event()
         for consumer in self._consumers:
-            if isinstance(consumer, OrderedOwner):
+            if isinstance(consumer, (OrderedOwner, PartitionBalancer)):
                 await consumer.release()
         self._consumers.clear()
         # Stopping the documentation-only subscriptions is a no-op (they never started); stop
@@ -393,10 +480,18 @@ class Bus:
         return self._publishers[topic]
 
     async def publish(self, event: Event) -> None:
+        """Append ``event`` to its topic; an event of a partitioned topic goes to its key's partition."""
         pub = self._publishers.get(event.topic)
         if pub is None:
             raise KeyError(f"{self.service} has no publisher for {event.topic}; declare it with Bus.publisher")
-        await pub.publish(event.model_dump(mode="json"))
+        p = self.partition_of(event.symbol, event.interval) if event.topic in topics.PARTITIONED else 0  # type: ignore[attr-defined]
+        if p:
+            # faststream's publisher is bound to partition 0's stream; the entry is the same one
+            # field of JSON (framing.PlainJSONFormat).
+            await self._client.xadd(topics.stream_key(event.topic, p), {DATA_FIELD: event.to_json()},
+                                    maxlen=self.stream_maxlen, approximate=True)
+        else:
+            await pub.publish(event.model_dump(mode="json"))
         self.metrics.events_out.labels(event.topic).inc()
 
     def once_per_candle(self, topic: str, client: Any) -> OncePerCandle:
@@ -404,7 +499,8 @@ class Bus:
         The topic must also be declared with ``publisher`` so it appears in the AsyncAPI document."""
         if topic not in self._publishers:
             raise KeyError(f"{self.service} has no publisher for {topic}; declare it with Bus.publisher")
-        return OncePerCandle(client, topic, self.stream_maxlen, self.metrics, retention_ms=self.stream_retention_ms)
+        return OncePerCandle(client, topic, self.stream_maxlen, self.metrics, retention_ms=self.stream_retention_ms,
+                             partitions=self.partitions)
 
     async def dead_letter(self, source: str, raw: Any, reason: str) -> None:
         """Write a dead letter now (raises if Redis refuses it)."""

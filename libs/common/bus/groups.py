@@ -82,12 +82,12 @@ return 0
 """
 
 
-def position_key(topic: str, group: str) -> str:
-    return topics.stream_companion_key(topic, f"acked:{group}")
+def position_key(topic: str, group: str, partition: int = 0) -> str:
+    return topics.stream_companion_key(topic, f"acked:{group}", partition)
 
 
-def lease_key(topic: str, group: str) -> str:
-    return topics.stream_companion_key(topic, f"owner:{group}")
+def lease_key(topic: str, group: str, partition: int = 0) -> str:
+    return topics.stream_companion_key(topic, f"owner:{group}", partition)
 
 
 def _s(v) -> str:
@@ -101,9 +101,9 @@ class LeaseLost(Exception):
 class Acker:
     """XACK plus the recorded position, in one Lua step, fenced by a lease token when given."""
 
-    def __init__(self, client: aioredis.Redis, topic: str, group: str) -> None:
-        self.stream = topics.stream_key(topic)
-        self.keys = [self.stream, position_key(topic, group), lease_key(topic, group)]
+    def __init__(self, client: aioredis.Redis, topic: str, group: str, partition: int = 0) -> None:
+        self.stream = topics.stream_key(topic, partition)
+        self.keys = [self.stream, position_key(topic, group, partition), lease_key(topic, group, partition)]
         self.group = group
         self._script = client.register_script(_ACK)
 
@@ -114,23 +114,23 @@ class Acker:
         return int(n)
 
 
-async def recorded_position(client: aioredis.Redis, topic: str, group: str) -> str | None:
-    raw = await client.get(position_key(topic, group))
+async def recorded_position(client: aioredis.Redis, topic: str, group: str, partition: int = 0) -> str | None:
+    raw = await client.get(position_key(topic, group, partition))
     return _s(raw) if raw is not None else None
 
 
-async def ensure_group(client: aioredis.Redis, topic: str, group: str) -> str | None:
+async def ensure_group(client: aioredis.Redis, topic: str, group: str, partition: int = 0) -> str | None:
     """Create ``group`` on ``topic`` if it does not exist: at the position this service last
     acknowledged, or at the start of the stream when it never acknowledged anything. Returns the
     id it was created at, or None when it already existed."""
-    key = topics.stream_key(topic)
+    key = topics.stream_key(topic, partition)
     # A read first: XGROUP CREATE is refused under OOM even when the group exists.
     if await client.exists(key) and any(_s(g["name"]) == group for g in await client.xinfo_groups(key)):
         return None
-    position = await recorded_position(client, topic, group)
+    position = await recorded_position(client, topic, group, partition)
     start = position or "0"
     try:
-        await client.xgroup_create(topics.stream_key(topic), group, id=start, mkstream=True)
+        await client.xgroup_create(key, group, id=start, mkstream=True)
     except aioredis.ResponseError as exc:
         if "BUSYGROUP" in str(exc):
             return None
@@ -155,8 +155,30 @@ return 1
 """
 
 
-def service_lease_key(group: str) -> str:
-    return f"{topics.KEY_PREFIX}:owner:{group}"
+class PartitionCountMismatch(RuntimeError):
+    """The deployment's streams are split into another number of partitions than this service's."""
+
+
+async def check_partitions(client: aioredis.Redis, partitions: int) -> int:
+    """Record ``partitions`` if no count is recorded; raise ``PartitionCountMismatch`` (one line)
+    when another one is: a key's events would go to two partitions, and its order with them."""
+    key = topics.partitions_key()
+    await client.set(key, partitions, nx=True)  # SET NX GET would need Redis 7
+    raw = await client.get(key)
+    recorded = int(_s(raw)) if raw is not None else partitions
+    if recorded != partitions:
+        raise PartitionCountMismatch(
+            f"KLINEBUS_PARTITIONS={partitions} but this deployment's streams are split into {recorded} partitions "
+            f"(recorded in {key}); start with KLINEBUS_PARTITIONS={recorded}, or change the count as "
+            "docs/bus.md#changing-the-partition-count says"
+        )
+    return recorded
+
+
+def service_lease_key(group: str, partition: int = 0) -> str:
+    """Partition 0's lease is the service's lease of old (one partition: nothing changes)."""
+    suffix = f"#{partition}" if partition else ""
+    return f"{topics.KEY_PREFIX}:owner:{group}{suffix}"
 
 
 class OwnerLease:
@@ -165,10 +187,12 @@ class OwnerLease:
     slot) holding the same token, which the acknowledgement script checks. A replica whose lease
     was taken can no longer acknowledge: the new owner overwrote the fence keys first thing."""
 
-    def __init__(self, client: aioredis.Redis, group: str, topics_: list[str], consumer: str, ttl_ms: int) -> None:
+    def __init__(self, client: aioredis.Redis, group: str, topics_: list[str], consumer: str, ttl_ms: int,
+                 partition: int = 0) -> None:
         self.client = client
-        self.key = service_lease_key(group)
-        self.fences = [lease_key(t, group) for t in topics_]
+        self.partition = partition
+        self.key = service_lease_key(group, partition)
+        self.fences = [lease_key(t, group, partition if t in topics.PARTITIONED else 0) for t in topics_]
         self.consumer = consumer
         self.ttl_ms = ttl_ms
         self.token: str | None = None
@@ -221,11 +245,12 @@ class OwnerLease:
         return _s(raw).rsplit(":", 1)[0] if raw is not None else None
 
 
-async def remove_stale_consumers(client: aioredis.Redis, topic: str, group: str, me: str, idle_ms: int) -> list[str]:
+async def remove_stale_consumers(client: aioredis.Redis, topic: str, group: str, me: str, idle_ms: int,
+                                 partition: int = 0) -> list[str]:
     """``XGROUP DELCONSUMER`` every other consumer idle longer than ``idle_ms`` with nothing
     pending (what a dead consumer held is claimed first: by the ordered owner at takeover, by a
     competing replica's reclaimer). Returns the names removed."""
-    key = topics.stream_key(topic)
+    key = topics.stream_key(topic, partition)
     removed = []
     for c in await client.xinfo_consumers(key, group):
         name = _s(c["name"])

@@ -78,9 +78,12 @@ class OncePerCandle:
         metrics: ServiceMetrics | None = None,
         *,
         retention_ms: int = 0,
+        partitions: int = 1,
     ) -> None:
         self.client = client
         self.topic = topic
+        # An unpartitioned topic is one stream whatever the deployment's count.
+        self.partitions = partitions if topic in topics.PARTITIONED else 1
         self.maxlen = maxlen
         self.retention_ms = retention_ms
         self.metrics = metrics
@@ -88,7 +91,13 @@ class OncePerCandle:
         self._unsent: list[tuple[Any, tuple[str, ...]]] = []  # tried in a call that failed
         self.stream = topics.stream_key(topic)
         self.last_key = topics.stream_companion_key(topic, LAST_OPEN_TIME)
+        # Per partition: (stream, last-open-time hash), both in the partition's slot.
+        self._keys = [[topics.stream_key(topic, p), topics.stream_companion_key(topic, LAST_OPEN_TIME, p)]
+                      for p in range(self.partitions)]
         self._script_many = client.register_script(_PUBLISH_ONCE_MANY)
+
+    def partition_of(self, event: Any) -> int:
+        return topics.partition_of(event.symbol, event.interval, self.partitions)
 
     def _minid(self) -> str:
         if self.retention_ms <= 0:
@@ -106,7 +115,7 @@ class OncePerCandle:
 
     async def _append(self, field: str, event: Any) -> tuple[bool, int]:
         reply = await self._script_many(
-            keys=[self.stream, self.last_key],
+            keys=self._keys[self.partition_of(event)] if self.partitions > 1 else self._keys[0],
             args=[self.maxlen, DATA_FIELD, self._minid(), field, event.open_time, event.to_json()],
         )
         return _replies([event], reply)[0]
@@ -126,12 +135,37 @@ class OncePerCandle:
         order, one ``(appended, last_open_time)`` per event."""
         if not events:
             return []
+        if self.partitions > 1:
+            return await self._publish_partitioned(events, key_more)
         args: list[Any] = [self.maxlen, DATA_FIELD, self._minid()]
         for e in events:
             args += (candle_field(e.symbol, e.interval, *key_more), e.open_time, e.to_json())
-        out = _replies(events, await self._script_many(keys=[self.stream, self.last_key], args=args))
+        out = _replies(events, await self._script_many(keys=self._keys[0], args=args))
         self._count(sum(a for a, _ in out), len(out))
         return out
+
+    async def _publish_partitioned(self, events: Sequence[Any], key_more: tuple[str, ...]) -> list[tuple[bool, int]]:
+        # One script call per partition touched (a script's keys must share a cluster slot); each
+        # key lives in one partition, so its events keep their order.
+        by_partition: dict[int, list[int]] = {}
+        for i, e in enumerate(events):
+            by_partition.setdefault(self.partition_of(e), []).append(i)
+        minid = self._minid()
+        out: list[tuple[bool, int] | None] = [None] * len(events)
+        appended = 0
+        for p, idx in by_partition.items():
+            part = [events[i] for i in idx]
+            args: list[Any] = [self.maxlen, DATA_FIELD, minid]
+            for e in part:
+                args += (candle_field(e.symbol, e.interval, *key_more), e.open_time, e.to_json())
+            replies = _replies(part, await self._script_many(keys=self._keys[p], args=args))
+            for i, r in zip(idx, replies):
+                out[i] = r
+            # Counted per call: a later partition's failure must not un-count appends already made.
+            n = sum(a for a, _ in replies)
+            appended += n
+            self._count(n, len(replies))
+        return out  # type: ignore[return-value]
 
     async def publish_all(self, events: Sequence[Any], *key_more: str) -> int:
         """For consumers that retry a batch after a failed publish: publish whatever an earlier
@@ -156,9 +190,13 @@ class OncePerCandle:
             self.metrics.duplicates.labels(self.topic).inc(total - appended)
 
     async def last_open_times(self) -> dict[tuple[str, str], int]:
-        raw = await self.client.hgetall(self.last_key)
-        out = {}
+        out: dict[tuple[str, str], int] = {}
+        for _, last_key in self._keys:
+            self._merge_last(await self.client.hgetall(last_key), out)
+        return out
+
+    @staticmethod
+    def _merge_last(raw: dict, out: dict[tuple[str, str], int]) -> None:
         for f, v in raw.items():
             symbol, interval = (f.decode() if isinstance(f, bytes) else f).split("|")[:2]
             out[(symbol, interval)] = max(int(v), out.get((symbol, interval), 0))
-        return out

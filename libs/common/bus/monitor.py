@@ -66,20 +66,41 @@ def _s(v) -> str:
 
 
 class GroupSampler:
-    """Samples one (topic, group) and sets the gauges; counts trims it can prove."""
+    """Samples one (topic, group) over the topic's partitions and sets the gauges: lag and
+    pending summed, the oldest pending age the oldest of any partition (no partition label, so
+    the dashboards and alert rules read a partitioned group as before); counts trims it can prove."""
 
-    def __init__(self, metrics: BusMetrics, topic: str, group: str) -> None:
+    def __init__(self, metrics: BusMetrics, topic: str, group: str, partitions: int = 1) -> None:
         self.metrics, self.topic, self.group = metrics, topic, group
-        self.key = topics.stream_key(topic)
-        self._trimmed_seen = 0  # Redis 7: the (entries-added - read - length) we already counted
-        self._warned_behind: str | None = None
+        self.keys = topics.stream_keys(topic, partitions)
+        self.key = self.keys[0]
+        self._trimmed_seen: dict[str, int] = {}  # Redis 7, per stream: (entries-added - read - length) counted
+        self._warned_behind: dict[str, str] = {}
 
     async def sample(self, client: aioredis.Redis) -> dict:
-        groups = {_s(g["name"]): g for g in await client.xinfo_groups(self.key)}
+        total: dict = {}
+        for key in self.keys:
+            one = await self._sample(client, key)
+            if not one:
+                continue
+            if not total:
+                total = dict(one)
+                continue
+            for k in ("lag", "pending", "length"):
+                total[k] += one[k]
+            total["oldest_pending_s"] = max(total["oldest_pending_s"], one["oldest_pending_s"])
+        if total:
+            self.metrics.lag.labels(self.topic, self.group).set(total["lag"])
+            self.metrics.pending.labels(self.topic, self.group).set(total["pending"])
+            self.metrics.oldest_pending.labels(self.topic, self.group).set(total["oldest_pending_s"])
+        return total
+
+    async def _sample(self, client: aioredis.Redis, key: str) -> dict:
+        groups = {_s(g["name"]): g for g in await client.xinfo_groups(key)}
         g = groups.get(self.group)
         if g is None:
             return {}
-        info = await client.xinfo_stream(self.key)
+        info = await client.xinfo_stream(key)
         length = int(info["length"])
         last_delivered = _s(g["last-delivered-id"])
         first = info.get("first-entry")
@@ -87,38 +108,36 @@ class GroupSampler:
         if g.get("lag") is not None:  # Redis 7+
             lag = int(g["lag"])
         else:
-            more = await client.xrange(self.key, min="(" + last_delivered, count=LAG_SCAN_CAP + 1)
+            more = await client.xrange(key, min="(" + last_delivered, count=LAG_SCAN_CAP + 1)
             lag = len(more) if len(more) <= LAG_SCAN_CAP else length
         pending = int(g["pending"])
         oldest = 0.0
         if pending:
-            summary = await client.xpending(self.key, self.group)
+            summary = await client.xpending(key, self.group)
             low = summary.get("min")
             if low:
                 oldest = max(0.0, time.time() - id_key(low)[0] / 1000)
-        self.metrics.lag.labels(self.topic, self.group).set(lag)
-        self.metrics.pending.labels(self.topic, self.group).set(pending)
-        self.metrics.oldest_pending.labels(self.topic, self.group).set(oldest)
-        self._trims(info, g, length, last_delivered, first_id)
+        self._trims(key, info, g, length, last_delivered, first_id)
         return {"lag": lag, "pending": pending, "oldest_pending_s": oldest, "length": length}
 
-    def _trims(self, info, g, length: int, last_delivered: str, first_id: str | None) -> None:
+    def _trims(self, key: str, info, g, length: int, last_delivered: str, first_id: str | None) -> None:
         added, read = info.get("entries-added"), g.get("entries-read")
         if added is not None and read is not None:  # Redis 7+: exact
             never_read = int(added) - int(read) - int(g.get("lag") or 0)
-            if never_read > self._trimmed_seen:
-                delta = never_read - self._trimmed_seen
+            seen = self._trimmed_seen.get(key, 0)
+            if never_read > seen:
+                delta = never_read - seen
                 self.metrics.trimmed.labels(self.topic, self.group).inc(delta)
                 log.error("%s on %s: %d entries were trimmed before the group read them (up to %s)",
                           self.group, self.topic, delta, _s(info.get("first-entry", ["?"])[0]))
-            self._trimmed_seen = max(self._trimmed_seen, never_read)
+            self._trimmed_seen[key] = max(seen, never_read)
             return
         # Redis 6.2 cannot count them: the group's position behind the stream's first entry is the
         # sign (the entries between were trimmed unless there were none). One line per episode;
         # the exact count is added when the consumer meets them (pending entries without data).
         if first_id is not None and id_key(last_delivered) < id_key(first_id) and last_delivered != "0-0":
-            if self._warned_behind != first_id:
+            if self._warned_behind.get(key) != first_id:
                 log.error("%s on %s: the group last read %s but the stream now starts at %s: entries in "
                           "between were trimmed before it read them (raise stream_maxlen / retention)",
                           self.group, self.topic, last_delivered, first_id)
-                self._warned_behind = first_id
+                self._warned_behind[key] = first_id

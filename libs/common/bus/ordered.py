@@ -26,49 +26,99 @@ from libs.common.bus.groups import LeaseLost, OwnerLease
 
 log = logging.getLogger("klinebus.bus")
 
-Hook = Callable[[], Awaitable[Any]]
+Hook = Callable[[int], Awaitable[Any]]
+
+
+class Released(Exception):
+    """This replica gives its partition up (a rebalance): the loops end after the batch in hand."""
 
 
 class OrderedOwner:
-    """The service's ordered consumers under one ownership lease."""
+    """The service's ordered consumers of one partition under one ownership lease (with one
+    partition: all of them, the layout of old). ``run`` takes the lease whenever it is free (one
+    partition, hot standbys); ``own_once`` runs one ownership the balancer (``balance``) took."""
 
     def __init__(self, service: str, procs: list[BatchProcessor], lease: OwnerLease, on_owner: list[Hook],
-                 gauges: list[Any]) -> None:
+                 gauges: list[Any], *, partition: int = 0, on_release: list[Hook] | None = None) -> None:
         self.service = service
         self.procs = procs
         self.lease = lease
         self.on_owner = on_owner
+        self.on_release = on_release if on_release is not None else []
         self.gauges = gauges
+        self.partition = partition
+        self.giving_up = asyncio.Event()
         self.owner = False
         self.recovered = asyncio.Event()  # set once this replica owns the groups and has recovered
         self.settled = asyncio.Event()  # set once it has recovered, or knows it is a standby
         for proc in procs:
             proc.fence = self.lease.held
         self._stall = Stall(f"{service}:lease")
-        self.name = f"{service}:ordered"
+        self.name = f"{service}:ordered" + (f"#{partition}" if partition else "")
         self.topics = [p.sub.topic for p in procs]
 
     async def run(self) -> None:
         while True:
             await self._acquire()
-            owning = asyncio.Event()
-            owning.set()
-            renew = asyncio.create_task(self._renew_loop(owning), name=f"{self.name}:lease")
             try:
-                await self._own()
+                await self.own_once()
             except LeaseLost as exc:
                 log.error("%s: lost ownership (%s); back to standby", self.name, exc)
-            finally:
-                # The loop also stops by itself: redis-py 8.1 sometimes loses a cancellation that
-                # lands inside a command (tests/integration/test_faults.py, replicas stuttering),
-                # and a renewal loop that outlives its owner keeps the lease forever, so no
-                # replica consumes.
-                owning.clear()
-                renew.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await renew
-                self._set_owner(False)
-                self.recovered.clear()
+
+    async def own_once(self) -> None:
+        """One ownership, the lease already taken: hooks, recovery, live loops, until the lease is
+        lost (LeaseLost), the bus stops (Stopped) or the balancer asks for the partition back
+        (Released). A clean end (Stopped, Released) runs the ``on_release`` hooks while the lease
+        is still ours; a Released partition's lease is released here (a stopping bus releases
+        every lease itself, after every loop ended)."""
+        owning = asyncio.Event()
+        owning.set()
+        renew = asyncio.create_task(self._renew_loop(owning), name=f"{self.name}:lease")
+        released = False
+        try:
+            await self._own()
+        except (Stopped, Released):
+            await self._released()
+            released = True
+            raise
+        finally:
+            # The loop also stops by itself: redis-py 8.1 sometimes loses a cancellation that
+            # lands inside a command (tests/integration/test_faults.py, replicas stuttering),
+            # and a renewal loop that outlives its owner keeps the lease forever, so no
+            # replica consumes.
+            owning.clear()
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await renew
+            if released and self.giving_up.is_set() and not self._stopping():
+                # Only after the renewal loop ended: a renewal racing the release could not
+                # resurrect it (the token check), but would log a lost lease.
+                with contextlib.suppress(Exception):
+                    await self.lease.release()
+                log.info("%s: %s gave partition %d up", self.name, self.lease.consumer, self.partition)
+            self._set_owner(False)
+            self.recovered.clear()
+            self.giving_up.clear()
+
+    def _stopping(self) -> bool:
+        return self.procs[0].stopping is not None and self.procs[0].stopping.is_set()
+
+    async def _released(self) -> None:
+        """``on_release`` hooks, while the lease is still ours (after it, the state they write
+        could be behind a new owner's)."""
+        for hook in self.on_release:
+            while self.lease.held():
+                try:
+                    await hook(self.partition)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a failing release hook must not keep the partition
+                    if classify(exc) != INFRASTRUCTURE:
+                        log.exception("%s: %s failed for partition %d; giving it up anyway", self.name,
+                                      getattr(hook, "__name__", "an on_release hook"), self.partition)
+                        break
+                    await self._stall.wait(exc, f"running {getattr(hook, '__name__', 'an on_release hook')}")
 
     async def _acquire(self) -> None:
         announced = False
@@ -93,6 +143,10 @@ class OrderedOwner:
                 await self._stall.wait(exc, "taking the ownership lease")
                 continue
             await asyncio.sleep(self.lease.ttl_ms / 3000)
+        self.took()
+
+    def took(self) -> None:
+        """The lease was just taken: the reads and acknowledgements carry its token from now on."""
         for proc in self.procs:
             proc.token = self.lease.token or ""
         self._set_owner(True)
@@ -116,7 +170,7 @@ class OrderedOwner:
         for hook in self.on_owner:  # must be idempotent: re-run whole after an infrastructure failure
             while True:
                 try:
-                    await hook()
+                    await hook(self.partition)
                     self._stall.clear()
                     break
                 except (asyncio.CancelledError, LeaseLost):
@@ -131,14 +185,21 @@ class OrderedOwner:
             await self.recover(proc)
         self.recovered.set()
         self.settled.set()
-        loops = [asyncio.create_task(self._live(proc), name=f"{self.service}:{proc.sub.topic}") for proc in self.procs]
+        suffix = f"#{self.partition}" if self.partition else ""
+        loops = [asyncio.create_task(self._live(proc), name=f"{self.service}:{proc.sub.topic}{suffix}")
+                 for proc in self.procs]
         for task in loops:
             # Whatever a loop ends with is collected, even one that ends after we stopped listening
             # (its read is not cancelled, see consuming.Stopped): else the loop's LeaseLost is
             # printed at shutdown as "Task exception was never retrieved".
             task.add_done_callback(_collect)
         try:
-            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            done, running = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            if running and any(not t.cancelled() and isinstance(t.exception(), Released) for t in done):
+                # A partition given up: every loop finishes and acknowledges its batch in hand and
+                # ends at its next check (within one read), so the next owner re-handles nothing.
+                more, _ = await asyncio.wait(running)
+                done |= more
             for task in done:
                 task.result()  # LeaseLost, Stopped, or a consumer's death
         finally:
@@ -152,6 +213,8 @@ class OrderedOwner:
         async def lease_held() -> None:
             if not self.lease.held():
                 raise LeaseLost("the lease expired or was taken")
+            if self.giving_up.is_set():
+                raise Released(f"partition {self.partition} goes to another replica")
 
         await lease_held()
         # A blocked read outlives a pause of this process on the server's side: entries arriving
@@ -169,9 +232,11 @@ class OrderedOwner:
         return n
 
     def _set_owner(self, owner: bool) -> None:
+        # A gauge counts this replica's partitions of its topic (one partition: 1 or 0, as before).
+        if owner != self.owner:
+            for gauge in self.gauges:
+                gauge.inc() if owner else gauge.dec()
         self.owner = owner
-        for gauge in self.gauges:
-            gauge.set(1 if owner else 0)
 
     async def release(self) -> None:
         with contextlib.suppress(Exception):
