@@ -23,6 +23,11 @@ real-time rate of in-progress updates in between. Per burst size it prints:
 
     .venv/bin/python bench/bench_e2e.py [--symbols 100,1000,4000] [--every 5] [--warmup 3] [--bursts 4]
         [--updates N] [--set KLINEBUS_FEATURE_SET=skeleton-v1 ...] [--profile DIR]
+        [--replicas 1,2] [--partitions 1,4]
+
+``--replicas`` (features and inference replicas each) and ``--partitions`` (``KLINEBUS_PARTITIONS``
+for every service) run every size under each combination; CPU is then reported per service (its
+replicas summed) and per replica, which is what docs/capacity.md's plan divides by.
 
 Every service runs with its default settings, except where the harness must point it
 (Redis URL, data folder, simulator URLs, the symbol list, the 1m interval) and one:
@@ -67,10 +72,11 @@ GOALS = {1000: 0.25, 4000: 1.0}
 HARNESS_ENV = {"KLINEBUS_INITIAL_BACKFILL_CANDLES": "0"}
 
 
-def start(service: str, url: str, folder: Path, env: dict[str, str]) -> subprocess.Popen:
+def start(service: str, url: str, folder: Path, env: dict[str, str], consumer: str = "") -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     full = {
-        **os.environ, "KLINEBUS_REDIS_URL": url, "KLINEBUS_DATA_DIR": str(folder), "KLINEBUS_CONSUMER_NAME": service,
+        **os.environ, "KLINEBUS_REDIS_URL": url, "KLINEBUS_DATA_DIR": str(folder),
+        "KLINEBUS_CONSUMER_NAME": consumer or service,
         "KLINEBUS_HTTP_PORT": "0", "KLINEBUS_HTTP_HOST": "127.0.0.1", **env,
     }
     log = open(folder / "run.log", "wb")  # noqa: SIM115 - the child holds it
@@ -116,29 +122,37 @@ class CpuSampler(threading.Thread):
         return self.samples[i][1]
 
 
-def read_all(r: redis.Redis, topic: str) -> list[tuple[int, dict]]:
-    out, start = [], "-"
-    while True:
-        rows = r.xrange(topics.stream_key(topic), min=start, count=10_000)
-        out += [(int(eid.split(b"-")[0]), orjson.loads(f[DATA_FIELD.encode()])) for eid, f in rows]
-        if len(rows) < 10_000:
-            return out
-        start = b"(" + rows[-1][0]
+def read_all(r: redis.Redis, topic: str, partitions: int) -> list[tuple[int, dict]]:
+    out = []
+    for key in topics.stream_keys(topic, partitions):
+        start = "-"
+        while True:
+            rows = r.xrange(key, min=start, count=10_000)
+            out += [(int(eid.split(b"-")[0]), orjson.loads(f[DATA_FIELD.encode()])) for eid, f in rows]
+            if len(rows) < 10_000:
+                break
+            start = b"(" + rows[-1][0]
+    return out
 
 
-def drained(r: redis.Redis) -> bool:
-    """Every consumer group on the three topics has been handed every entry and acknowledged it."""
+def drained(r: redis.Redis, partitions: int) -> bool:
+    """Every consumer group on the three topics' streams has been handed every entry and
+    acknowledged it."""
     for topic in TOPICS:
-        key = topics.stream_key(topic)
-        try:
-            groups = r.xinfo_groups(key)
-        except redis.ResponseError:
-            continue
-        last = r.xinfo_stream(key)["last-generated-id"]
-        for g in groups:
-            if g["pending"] or g["last-delivered-id"] != last:
-                return False
+        for key in topics.stream_keys(topic, partitions):
+            try:
+                groups = r.xinfo_groups(key)
+            except redis.ResponseError:
+                continue
+            last = r.xinfo_stream(key)["last-generated-id"]
+            for g in groups:
+                if g["pending"] or g["last-delivered-id"] != last:
+                    return False
     return True
+
+
+def xlen(r: redis.Redis, topic: str, partitions: int) -> int:
+    return sum(r.xlen(k) for k in topics.stream_keys(topic, partitions))
 
 
 def wait_until(cond, timeout: float, what: str, procs: dict[str, subprocess.Popen], fail: bool = True) -> bool:
@@ -192,9 +206,9 @@ def spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
+def run_size(n: int, args, tmp: Path, overrides: dict[str, str], replicas: int = 1, partitions: int = 1) -> dict:
     candles = args.warmup + args.bursts
-    folder = tmp / f"n{n}"
+    folder = tmp / f"n{n}-r{replicas}-p{partitions}"
     # Binance: a kline update per stream every 2 s, so every/2 per candle keeps its real-time rate
     updates = max(0, round(args.every / 2)) if args.updates < 0 else args.updates
     with EmbeddedRedis(folder / "redis", persistent=False) as server:
@@ -213,9 +227,12 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 raise RuntimeError(f"the simulator did not start; see {folder / 'simulator.log'}")
             open_times = hello["open_times"]
             env = {"KLINEBUS_BINANCE_WS_URL": hello["ws_url"], "KLINEBUS_BINANCE_REST_URL": hello["rest_url"],
-                   "KLINEBUS_SYMBOLS": ",".join(hello["symbols"]), "KLINEBUS_INTERVALS": "1m", **HARNESS_ENV, **overrides}
+                   "KLINEBUS_SYMBOLS": ",".join(hello["symbols"]), "KLINEBUS_INTERVALS": "1m",
+                   "KLINEBUS_PARTITIONS": str(partitions), **HARNESS_ENV, **overrides}
             for svc in ("features", "inference", "ingest"):
-                procs[svc] = start(svc, url, folder / svc, env)
+                for i in range(replicas if svc != "ingest" else 1):
+                    name = f"{svc}-{i + 1}" if svc != "ingest" else svc
+                    procs[name] = start(svc, url, folder / name, env, consumer=name)
             # consumers first, so the first candle is read live as every later one
             wait_until(lambda: all(any(g["name"] == svc.encode() for g in _groups(r, topic))
                                    for svc, topic in (("features", topics.KLINES), ("inference", topics.FEATURES))),
@@ -231,9 +248,10 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                 # the measured bursts start after the warm-up candles (ingest subscribes first: a few seconds)
                 def profile_later() -> None:
                     time.sleep(max(0.0, args.warmup * args.every))
-                    for svc in SERVICES:
-                        spies.append(spy(procs[svc].pid, Path(args.profile) / f"{svc}-{n}.txt",
-                                         (args.bursts + 1) * args.every + 5))
+                    for name in procs:
+                        if name != "simulator":
+                            spies.append(spy(procs[name].pid, Path(args.profile) / f"{name}-{n}.txt",
+                                             (args.bursts + 1) * args.every + 5))
                 threading.Thread(target=profile_later, daemon=True).start()
             line = sim.stdout.readline()
             if not line:
@@ -243,9 +261,9 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
             models: set[str] = set()
 
             def complete() -> bool:
-                if r.xlen(topics.stream_key(topics.PREDICTIONS)) < n * candles:
+                if xlen(r, topics.PREDICTIONS, partitions) < n * candles:
                     return False
-                return drained(r)
+                return drained(r, partitions)
             wait_until(complete, 120, "drained pipeline", procs, fail=False)
             drained_at = time.time()
             sampler.stopped.set()
@@ -257,8 +275,11 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
             w0 = closes[measured[0]][0] - args.every / 2
             w1 = w0 + args.bursts * args.every
             c0, c1 = sampler.at(w0), sampler.at(w1)
-            cpu = {k: (c1[k] - c0[k]) / args.bursts for k in pids}
-            got = {t: read_all(r, t) for t in TOPICS}
+            per_process = {k: (c1[k] - c0[k]) / args.bursts for k in pids}
+            # per service: its replicas summed (the simulator and redis are one process each)
+            cpu = {k: sum(v for name, v in per_process.items() if name.split("-")[0] == k) for k in PROCS}
+            rss = {k: max(v for name, v in rss.items() if name.split("-")[0] == k) for k in PROCS}
+            got = {t: read_all(r, t, partitions) for t in TOPICS}
             floor = redis_floor(r, got, open_times[-1])
         finally:
             if sim.poll() is None:
@@ -280,7 +301,10 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str]) -> dict:
                     done["stats"])
     res["drain_s"] = drained_at - closes[open_times[-1]][1]
     res["floor"] = floor
-    res["log_lines"] = {svc: sum(1 for _ in open(folder / svc / "run.log", "rb")) for svc in SERVICES}
+    res["log_lines"] = {name: sum(1 for _ in open(folder / name / "run.log", "rb")) for name in procs
+                        if name != "simulator"}
+    res["replicas"], res["partitions"] = replicas, partitions
+    res["per_process"] = per_process
     return res
 
 
@@ -346,10 +370,15 @@ def _groups(r: redis.Redis, topic: str) -> list[dict]:
 
 
 def print_header() -> None:
-    print(f"{'symbols':>7} | {'lost kl/ft/pr':>13} {'dbl kl/ft/pr':>12} | {'close->kl ms':>12} {'kl->ft ms':>12} "
+    print(f"{'symbols':>7} {'r/p':>5} | {'lost kl/ft/pr':>13} {'dbl kl/ft/pr':>12} | {'close->kl ms':>12} {'kl->ft ms':>12} "
           f"{'ft->pr ms':>12} | {'close->last pred s':>18} {'goal':>6} | {'x floor':>7} | {'sim send ms':>11} {'last sent->kl ms':>16} {'first burst s':>13}")
-    print(f"{'':>7} | {'':>13} {'':>12} | {'p50/p99':>12} {'p50/p99':>12} {'p50/p99':>12} | {'p50 / max':>18} "
+    print(f"{'':>7} {'':>5} | {'':>13} {'':>12} | {'p50/p99':>12} {'p50/p99':>12} {'p50/p99':>12} | {'p50 / max':>18} "
           f"{'':>6} {'(p50)':>7} | {'p50':>11} {'p50':>16} {'(new keys)':>13}")
+
+
+def label(res: dict) -> str:
+    """replicas/partitions of the run"""
+    return f"{res['replicas']}/{res['partitions']}"
 
 
 def print_row(res: dict) -> None:
@@ -359,7 +388,7 @@ def print_row(res: dict) -> None:
     lat = " ".join(f"{pct(st[k], 50):>5.0f}/{pct(st[k], 99):<6.0f}" for k in ("close->kl", "kl->ft", "ft->pr"))
     goal = f"<={GOALS[res['n']]:g}" if res["n"] in GOALS else "-"
     comp = res["completion"]
-    print(f"{res['n']:>7} | {lost:>13} {dbl:>12} | {lat} | {pct(comp, 50):>8.3f} / {max(comp, default=math.nan):<7.3f} "
+    print(f"{res['n']:>7} {label(res):>5} | {lost:>13} {dbl:>12} | {lat} | {pct(comp, 50):>8.3f} / {max(comp, default=math.nan):<7.3f} "
           f"{goal:>6} {pct(comp, 50) / res['floor']:>6.1f}x | {1000 * pct(res['send_span'], 50):>11.0f} {1000 * pct(res['after_send'], 50):>16.0f} "
           f"{res['first']:>13.3f}", flush=True)
 
@@ -374,7 +403,10 @@ def main() -> None:
                     help="in-progress updates per candle and stream (default: Binance's one per 2 s of real time)")
     ap.add_argument("--set", action="append", default=[], metavar="KLINEBUS_X=V", help="a setting for every service")
     ap.add_argument("--profile", default="", help="folder for py-spy profiles (collapsed stacks) of the measured bursts")
+    ap.add_argument("--replicas", default="1", help="features and inference replicas each (a list: every one is run)")
+    ap.add_argument("--partitions", default="1", help="KLINEBUS_PARTITIONS for every service (a list)")
     args = ap.parse_args()
+    combos = [(int(r), int(p)) for r in args.replicas.split(",") for p in args.partitions.split(",")]
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -386,22 +418,25 @@ def main() -> None:
     print_header()
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in args.symbols.split(",")):
-            res = run_size(n, args, Path(tmp), overrides)
-            results.append(res)
-            print_row(res)
+            for replicas, partitions in combos:
+                res = run_size(n, args, Path(tmp), overrides, replicas, partitions)
+                results.append(res)
+                print_row(res)
     print("goals (issue 9, reference only): close -> last prediction <= 0.25 s at 1,000 symbols, <= 1 s at 4,000; "
           "nothing lost or doubled at any size")
     print("x floor: close -> last prediction over the Redis floor measured in the same run (redis-py appending the "
           "burst's own klines, features and predictions in three pipelined calls: " + ", ".join(
               f"{r['n']}: {1000 * r['floor']:.0f} ms" for r in results) + ")")
-    print(f"\n{'symbols':>7} | CPU s per burst: " + " ".join(f"{k:>9}" for k in PROCS) + " | peak RSS MiB: "
-          + " ".join(f"{k:>9}" for k in PROCS))
+    print(f"\n{'symbols':>7} {'r/p':>5} | CPU s per burst: " + " ".join(f"{k:>9}" for k in PROCS)
+          + " | peak RSS MiB: " + " ".join(f"{k:>9}" for k in PROCS) + " | CPU ms per candle per replica")
     for res in results:
-        print(f"{res['n']:>7} | {'':>17}" + " ".join(f"{res['cpu'][k]:>9.2f}" for k in PROCS) + f" | {'':>13}"
-              + " ".join(f"{res['rss'][k]:>9.0f}" for k in PROCS))
+        per_candle = ", ".join(f"{k} {1000 * v / res['n']:.3f}" for k, v in sorted(res["per_process"].items())
+                               if k.startswith(("features", "inference")))
+        print(f"{res['n']:>7} {label(res):>5} | {'':>17}" + " ".join(f"{res['cpu'][k]:>9.2f}" for k in PROCS)
+              + f" | {'':>13}" + " ".join(f"{res['rss'][k]:>9.0f}" for k in PROCS) + f" | {per_candle}")
     for res in results:
         sim = res["sim"]
-        print(f"{res['n']:>7} symbols: simulator sent {sim['messages_sent']:,} messages over "
+        print(f"{res['n']:>7} symbols, {res['replicas']} replicas, {res['partitions']} partitions: simulator sent {sim['messages_sent']:,} messages over "
               f"{sim['connections_opened']} connections, {sim['rest_requests']} REST klines requests; every group drained and "
               f"acknowledged {res['drain_s']:.1f} s after the last close; run {res['wall']:.0f} s; first burst, slowest "
               + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items())

@@ -40,19 +40,23 @@ MINUTE_S = 60.0
 
 
 class TimedSimulator(ExchangeSimulator):
-    """Records when each candle's closing messages began and finished going out."""
+    """Records when each candle's closing messages began and finished going out (around the
+    websocket front's broadcast, which every replayed message goes through)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.closes: dict[int, list[float]] = {}
+        send = self.websocket.broadcast
 
-    async def _broadcast(self, event: TapeEvent) -> None:
-        if not event.closed:
-            await super()._broadcast(event)
-            return
-        t = self.closes.setdefault(event.kline.open_time, [time.time(), 0.0])
-        await super()._broadcast(event)
-        t[1] = time.time()
+        async def timed(event: TapeEvent) -> None:
+            if not event.closed:
+                await send(event)
+                return
+            t = self.closes.setdefault(event.kline.open_time, [time.time(), 0.0])
+            await send(event)
+            t[1] = time.time()
+
+        self.websocket.broadcast = timed  # type: ignore[method-assign]
 
 
 def subscribed(sim: ExchangeSimulator) -> int:

@@ -14,10 +14,20 @@ from libs.common import topics
 from libs.common.bus import DATA_FIELD, redis_client
 
 
-async def read_topic(url: str, topic: str) -> list[dict[str, Any]]:
+async def recorded_partitions(client: Any) -> int:
+    """The deployment's partition count as recorded in Redis (1 when none is recorded)."""
+    raw = await client.get(topics.partitions_key())
+    return int(raw) if raw is not None else 1
+
+
+async def read_topic(url: str, topic: str, partitions: int | None = None) -> list[dict[str, Any]]:
+    """Every event of ``topic``: each partition's stream in turn (so each key's events keep
+    their order; keys of different partitions are not ordered among themselves). ``partitions``
+    defaults to the count recorded in Redis."""
     client = redis_client(url)  # a RedisCluster for redis+cluster:// URLs
     try:
-        entries = await client.xrange(topics.stream_key(topic))
+        count = partitions if partitions is not None else await recorded_partitions(client)
+        entries = [e for key in topics.stream_keys(topic, count) for e in await client.xrange(key)]
     finally:
         await client.aclose()
     return [orjson.loads(fields[DATA_FIELD.encode()]) for _, fields in entries]

@@ -21,6 +21,7 @@ archive (its read path) every candle once with the candle's values.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -66,6 +67,15 @@ def shipped(symbols: tuple[str, ...], n: int) -> dict[str, list[Kline]]:
     for symbol in symbols:
         (path,) = SHIPPED.glob(f"{symbol}-{INTERVAL}-*.csv.gz")
         out[symbol] = read_kline_csv(path)[:n]
+    return out
+
+
+def also_as(candles: dict[str, list[Kline]], names: dict[str, str]) -> dict[str, list[Kline]]:
+    """``candles`` plus the same real candles under other symbol names (``{new: shipped}``): more
+    keys than the three shipped 1m symbols, so that every partition has some."""
+    out = dict(candles)
+    for new, old in names.items():
+        out[new] = [dataclasses.replace(k, symbol=new) for k in candles[old]]
     return out
 
 
@@ -171,8 +181,10 @@ class Producer:
     """An ingest stand-in: publishes the candles in time order, a few per step, through the
     once-per-candle guard; what Redis refuses is retried until it is taken."""
 
-    def __init__(self, url: str, candles: dict[str, list[Kline]], per_step: int, step_s: float) -> None:
+    def __init__(self, url: str, candles: dict[str, list[Kline]], per_step: int, step_s: float,
+                 partitions: int = 1) -> None:
         self.url = url
+        self.partitions = partitions
         rows = [k for ks in candles.values() for k in ks]
         rows.sort(key=lambda k: (k.open_time, k.symbol))
         self.rows = rows
@@ -184,7 +196,7 @@ class Producer:
 
     async def run(self) -> None:
         client = aioredis.Redis.from_url(self.url, socket_timeout=5)
-        guard = OncePerCandle(client, topics.KLINES, 200_000)
+        guard = OncePerCandle(client, topics.KLINES, 200_000, partitions=self.partitions)
         try:
             while self.published < len(self.rows):
                 batch = [KlineEvent.from_kline(k, "ws") for k in self.rows[self.published : self.published + self.per_step]]
@@ -248,21 +260,34 @@ async def now(value) -> bool:
     return bool(value)
 
 
-async def drained(client, topic: str, group: str) -> bool:
-    """``group`` was handed the stream's last entry and acknowledged everything."""
-    key = topics.stream_key(topic)
-    last = await client.xrevrange(key, count=1)
-    if not last:
-        return False
-    for g in await client.xinfo_groups(key):
-        if g["name"].decode() == group:
-            return g["pending"] == 0 and g["last-delivered-id"] == last[0][0]
-    return False
+async def drained(client, topic: str, group: str, partitions: int = 1) -> bool:
+    """``group`` was handed each partition's last entry and acknowledged everything (a partition
+    that is still empty has nothing to hand out)."""
+    for key in topics.stream_keys(topic, partitions):
+        last = await client.xrevrange(key, count=1)
+        if not last:
+            if partitions == 1:
+                return False
+            continue
+        groups = {g["name"].decode(): g for g in await client.xinfo_groups(key)}
+        g = groups.get(group)
+        if g is None or g["pending"] != 0 or g["last-delivered-id"] != last[0][0]:
+            return False
+    return True
 
 
 async def group_started(client, topic: str, group: str) -> bool:
     key = topics.stream_key(topic)
     return await client.exists(key) and any(g["name"].decode() == group for g in await client.xinfo_groups(key))
+
+
+async def partition_holders(client, group: str, partitions: int) -> dict[int, str | None]:
+    """Who holds each partition's lease of ``group`` now (None: free)."""
+    out: dict[int, str | None] = {}
+    for p in range(partitions):
+        raw = await client.get(service_lease_key(group, p))
+        out[p] = raw.decode().rsplit(":", 1)[0] if raw is not None else None
+    return out
 
 
 async def pending_of(client, topic: str, group: str, consumer: str) -> int:
@@ -290,22 +315,38 @@ class Pipeline:
     archivers, on one redis-server."""
 
     def __init__(self, server: EmbeddedRedis, folder: Path, *, ingest: SimFeed | None, features: int = 1,
-                 inference: bool = True, archivers: int = 0, reclaim_idle_ms: int = RECLAIM_IDLE_MS) -> None:
+                 inference: bool | int = True, archivers: int = 0, reclaim_idle_ms: int = RECLAIM_IDLE_MS,
+                 partitions: int = 1) -> None:
         self.server, self.folder = server, folder
+        self.partitions = partitions
         url = server.url
+        # Every process of a deployment runs with the same partition count (a different one is
+        # refused at start); 1 is the default, so it is only set when not.
+        self.common_env = {"KLINEBUS_PARTITIONS": str(partitions)} if partitions != 1 else {}
         self.features_env = {"KLINEBUS_FEATURE_SET": FEATURE_SET, "KLINEBUS_WARMUP_SOURCE": "none",
-                             "KLINEBUS_CHECKPOINT_EVERY_S": "0.5"}
+                             "KLINEBUS_CHECKPOINT_EVERY_S": "0.5", **self.common_env}
         self.features = [Service("features", url, folder, f"features-{i + 1}", **self.features_env)
                          for i in range(features)]
-        self.inference = Service("inference", url, folder, "inference-1") if inference else None
+        self.inferences = [Service("inference", url, folder, f"inference-{i + 1}", **self.common_env)
+                           for i in range(int(inference))]
         self.archive_root = folder / "archive"
         self.archivers = [
             Service("archive", url, folder, f"archive-{i + 1}", KLINEBUS_ARCHIVE_URL=str(self.archive_root),
-                    KLINEBUS_RECLAIM_IDLE_MS=str(reclaim_idle_ms))
+                    KLINEBUS_RECLAIM_IDLE_MS=str(reclaim_idle_ms), **self.common_env)
             for i in range(archivers)
         ]
-        self.ingest = Service("ingest", url, folder, "ingest-1", **ingest.ingest_env()) if ingest else None
+        self.ingest = (Service("ingest", url, folder, "ingest-1", **ingest.ingest_env(), **self.common_env)
+                       if ingest else None)
         self.replicas = features
+        self.started: dict[str, int] = {"features": features, "inference": int(inference)}
+
+    @property
+    def inference(self) -> Service | None:
+        """The first inference replica (the only one unless a scenario adds more)."""
+        return self.inferences[0] if self.inferences else None
+
+    def replicas_of(self, service: str) -> list[Service]:
+        return self.features if service == "features" else self.inferences
 
     def groups(self) -> list[tuple[str, str]]:
         """(topic, group) of every consumer group in the pipeline."""
@@ -316,7 +357,7 @@ class Pipeline:
 
     @property
     def services(self) -> list[Service]:
-        return [*self.features, *([self.inference] if self.inference else []), *self.archivers,
+        return [*self.features, *self.inferences, *self.archivers,
                 *([self.ingest] if self.ingest else [])]
 
     async def client(self):
@@ -329,8 +370,34 @@ class Pipeline:
         try:
             for topic, group in self.groups():
                 await wait_until(lambda: group_started(c, topic, group), START_TIMEOUT_S, f"{group} started", self.services)
-            for svc in self.features:
-                await self.settled(svc)
+            if self.partitions > 1:
+                for service in ("features", "inference"):
+                    if self.replicas_of(service):
+                        await self.balanced(service)
+            else:
+                for svc in self.features:
+                    await self.settled(svc)
+        finally:
+            await c.aclose()
+
+    async def balanced(self, service: str) -> dict[int, str]:
+        """Every partition of ``service``'s group is held by one of its live, running replicas,
+        and their counts differ by at most one: the holders, per partition."""
+        c = await self.client()
+        holders: dict[int, str | None] = {}
+        try:
+            async def even() -> bool:
+                holders.update(await partition_holders(c, service, self.partitions))
+                live = {s.consumer for s in self.replicas_of(service) if s.alive() and not s.paused}
+                if any(h not in live for h in holders.values()):
+                    return False
+                counts = Counter(holders.values())
+                held = [counts.get(name, 0) for name in live]
+                return max(held) - min(held) <= 1
+
+            await wait_until(even, EFFECT_TIMEOUT_S, f"{service}'s {self.partitions} partitions balanced over its "
+                             f"live replicas", self.services)
+            return dict(holders)  # type: ignore[arg-type]
         finally:
             await c.aclose()
 
@@ -381,15 +448,18 @@ class Pipeline:
         async def all_drained() -> bool:
             # Inference acknowledges a batch once its windows are queued for the models and
             # publishes the forecasts after: predictions.v1 is counted too (one model: persistence).
-            return (await c.xlen(topics.stream_key(topics.KLINES)) >= expected
-                    and (not self.features or await c.xlen(topics.stream_key(topics.FEATURES)) >= expected)
-                    and (not self.inference or await c.xlen(topics.stream_key(topics.PREDICTIONS)) >= expected)
-                    and all([await drained(c, t, g) for t, g in self.groups()]))
+            return (await self.length(c, topics.KLINES) >= expected
+                    and (not self.features or await self.length(c, topics.FEATURES) >= expected)
+                    and (not self.inference or await self.length(c, topics.PREDICTIONS) >= expected)
+                    and all([await drained(c, t, g, self.partitions) for t, g in self.groups()]))
 
         try:
             await wait_until(all_drained, DRAIN_TIMEOUT_S, "drained and acknowledged", self.services)
         finally:
             await c.aclose()
+
+    async def length(self, c, topic: str) -> int:
+        return sum([await c.xlen(k) for k in topics.stream_keys(topic, self.partitions)])
 
     def stop(self) -> None:
         for svc in self.services:
@@ -426,6 +496,31 @@ class Faults:
         self.kills[svc.service] += 1
         self.injected[f"kill {svc.service}"] += 1
         svc.start()
+
+    async def add_replica(self, service: str) -> Service:
+        """One more replica of ``service``: it takes its share of the partitions from the others
+        (they give theirs up after the batch in hand), and the partitions end balanced."""
+        replicas = self.p.replicas_of(service)
+        self.p.started[service] += 1
+        env = self.p.features_env if service == "features" else self.p.common_env
+        svc = Service(service, self.redis.url, self.p.folder, f"{service}-{self.p.started[service]}", **env)
+        replicas.append(svc)
+        svc.start()
+        self.injected[f"{service} replica added"] += 1
+        await self.p.balanced(service)
+        return svc
+
+    async def kill_replica(self, service: str) -> None:
+        """SIGKILL a replica of ``service`` holding partitions, for good: its partitions move to the
+        others once its leases expire (about one lease time)."""
+        holders = await self.p.balanced(service)
+        victim = next(s for s in self.p.replicas_of(service) if s.consumer in holders.values())
+        victim.kill()
+        self.p.replicas_of(service).remove(victim)
+        self.kills[service] += 1
+        self.injected[f"{service} replica killed for good"] += 1
+        moved = await self.p.balanced(service)
+        assert victim.consumer not in moved.values(), moved
 
     async def kill_features_owner(self) -> None:
         await self.sigkill_and_restart(await self.p.features_owner())
@@ -702,8 +797,8 @@ def verify(url: str, candles: dict[str, list[Kline]], klines: list[dict] | None,
 
 
 async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *, feed: str = "producer",
-                       speed: float = 600.0, features: int = 1, inference: bool = True, archivers: int = 0,
-                       reclaim_idle_ms: int = RECLAIM_IDLE_MS, step_s: float = 0.02) -> dict:
+                       speed: float = 600.0, features: int = 1, inference: bool | int = True, archivers: int = 0,
+                       reclaim_idle_ms: int = RECLAIM_IDLE_MS, step_s: float = 0.02, partitions: int = 1) -> dict:
     """Start the pipeline, feed the candles while ``plan(faults, pipeline, feed)`` injects faults,
     wait until everything is drained and acknowledged, check the outputs; the figures."""
     total = sum(len(ks) for ks in candles.values())
@@ -713,11 +808,12 @@ async def run_scenario(tmp_path: Path, candles: dict[str, list[Kline]], plan, *,
         if sim is not None:
             await sim.sim.start(replay=False)
         pipeline = Pipeline(server, tmp_path, ingest=sim, features=features, inference=inference,
-                            archivers=archivers, reclaim_idle_ms=reclaim_idle_ms)
+                            archivers=archivers, reclaim_idle_ms=reclaim_idle_ms, partitions=partitions)
         faults = Faults(pipeline)
         try:
             await pipeline.start()
-            source = sim if sim is not None else Producer(url, candles, per_step=len(candles), step_s=step_s)
+            source = sim if sim is not None else Producer(url, candles, per_step=len(candles), step_s=step_s,
+                                                          partitions=partitions)
             feeding = asyncio.create_task(source.run())
             try:
                 await plan(faults, pipeline, source)

@@ -4,11 +4,13 @@ companion keys (once-per-candle guard, indicator checkpoint) in that stream's sl
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from libs.common import topics
-from libs.common.bus import LAST_OPEN_TIME, redis_client
+from libs.common.bus import DATA_FIELD, LAST_OPEN_TIME, redis_client
+from klinebus.pipeline import start_runtimes, stop_runtimes
 # The single-server skeleton tests, run here unchanged against the cluster (imported under
 # names pytest does not collect twice).
 from tests.integration.test_skeleton import (
@@ -75,3 +77,51 @@ async def test_every_replayed_candle_yields_one_features_event_and_one_predictio
 async def test_a_restarted_features_service_neither_drops_nor_doubles_on_a_cluster(cluster_url, tmp_path):
     """Checkpoint restore and pending recovery work through a cluster client as on one server."""
     await restarted_features_neither_drops_nor_doubles(cluster_url, tmp_path)
+
+
+CLUSTER_PARTITIONS = 6  # enough hash tags for klines.v1's and features.v1's to cover 3 shards
+
+
+async def test_the_partitions_of_one_topic_land_on_different_primaries_and_carry_the_pipeline(cluster_url, tmp_path):
+    """The skeleton (ingest -> features -> inference) with klines.v1 and features.v1 split into
+    partitions on the cluster: every candle once and in order per key, each partition's stream on
+    the primary that owns its slot, and one topic's partitions spread over every primary."""
+    from tests.integration.test_skeleton import SERVICES, ingest_overrides, shipped
+    from tests.streams import open_times_by_stream, replaying, wait_for_events
+
+    candles = shipped()
+    expected = {key: [k.open_time for k in ks] for key, ks in candles.items()}
+    total = sum(len(v) for v in expected.values())
+    async with replaying(candles, speed=3000) as sim:
+        overrides = {name: dict(settings, partitions=CLUSTER_PARTITIONS)
+                     for name, settings in {**{s: {} for s in SERVICES}, **ingest_overrides(sim)}.items()}
+        runtimes = await start_runtimes(SERVICES, cluster_url, tmp_path, overrides, http=False)
+        try:
+            await sim.begin_when_connected()
+            klines = await wait_for_events(cluster_url, topics.KLINES, total)
+            features = await wait_for_events(cluster_url, topics.FEATURES, total)
+            predictions = await wait_for_events(cluster_url, topics.PREDICTIONS, total)
+        finally:
+            await stop_runtimes(runtimes)
+    assert open_times_by_stream(klines) == expected
+    assert open_times_by_stream(features) == expected
+    assert open_times_by_stream(predictions) == expected
+
+    client = redis_client(cluster_url)
+    try:
+        primaries = {n.name for n in client.get_primaries()}
+        assert len(primaries) == 3
+        for topic in (topics.KLINES, topics.FEATURES):
+            keys = topics.stream_keys(topic, CLUSTER_PARTITIONS)
+            assert len({await _slot(client, k) for k in keys}) == len(keys)  # a slot per partition
+            assert {client.get_node_from_key(k).name for k in keys} == primaries, topic
+            # Each partition's stream, on the primary owning its slot, holds only keys that map to it.
+            for p, key in enumerate(keys):
+                node = client.get_node_from_key(key)
+                rows = await client.xrange(key)
+                if rows:
+                    assert await client.execute_command("EXISTS", key, target_nodes=node) == 1
+                events = [orjson.loads(f[DATA_FIELD.encode()]) for _, f in rows]
+                assert {topics.partition_of(e["symbol"], e["interval"], CLUSTER_PARTITIONS) for e in events} <= {p}
+    finally:
+        await client.aclose()

@@ -28,7 +28,8 @@ import random
 import pytest
 
 from libs.common import topics
-from tests.integration.fault_harness import at, report, run_scenario, shipped
+from libs.common.topics import partition_of
+from tests.integration.fault_harness import INTERVAL, also_as, at, report, run_scenario, shipped
 
 SLOW_ROUNDS = 3  # faults of each kind in the slow variant
 pytestmark = pytest.mark.timeout(900)
@@ -140,3 +141,37 @@ async def test_a_deleted_archive_group_keeps_what_a_dead_archiver_held(tmp_path)
                                  inference=False, archivers=2, reclaim_idle_ms=60_000, step_s=0.1)
     print(report("archive group deleted", figures))
     assert figures["lost"] == 0 and figures["doubled"] == 0
+
+
+PARTITIONS = 4
+
+
+async def replicas_plan(faults, p, source) -> None:
+    """Replicas added and killed for good mid-stream, on both ordered services, while candles of
+    every partition keep arriving; each change ends with the partitions balanced again."""
+    await at(source, 0.15, p.services)
+    await faults.add_replica("features")  # 3 features replicas: 2/1/1
+    await at(source, 0.3, p.services)
+    await faults.kill_replica("features")  # its partitions move within about a lease time
+    await at(source, 0.45, p.services)
+    await faults.add_replica("inference")
+    await at(source, 0.6, p.services)
+    await faults.kill_replica("inference")
+    await at(source, 0.75, p.services)
+    await faults.sigkill_and_restart(p.features[0])  # killed and back: it rejoins and takes its share
+    await p.balanced("features")
+
+
+@pytest.mark.slow  # ~1 min: six processes, replicas joining and dying
+async def test_replicas_added_and_killed_over_partitions_lose_double_and_reorder_nothing(tmp_path):
+    candles = also_as(shipped(("BTCUSDT", "ETHUSDT", "SOLUSDT"), 200),
+                      {"BTCUSDC": "BTCUSDT", "ETHUSDC": "ETHUSDT", "SOLUSDC": "SOLUSDT"})
+    # the premise: every partition has keys to move
+    assert {partition_of(s, INTERVAL, PARTITIONS) for s in candles} == set(range(PARTITIONS))
+    figures = await run_scenario(tmp_path, candles, replicas_plan, features=2, inference=2, partitions=PARTITIONS,
+                                 step_s=0.05)
+    print(report(f"replicas over {PARTITIONS} partitions", figures))
+    # verify() also asserted each key's events in open-time order on every topic
+    assert figures["lost"] == 0 and figures["doubled"] == 0
+    assert figures["faults injected"]["features replica killed for good"] == 1
+    assert figures["faults injected"]["inference replica added"] == 1
