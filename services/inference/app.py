@@ -7,21 +7,25 @@ Three layers, each knowing only the one below:
   one supervised outbox per topic, live scores, alert rules): no Redis, unit-tested alone; it
   reaches the bus only through a ``server.Port``.
 * ``InferenceService``, the component: its lifecycle is the service's (``start``: load the
-  registry's models; ``take_over``: each time this replica becomes the owner, rebuild state
-  from the streams; ``on_features``: one batch; ``stop``: drain). It reads the streams' history
+  registry's models; ``take_over(partition)``: each time this replica takes a partition of
+  features.v1, rebuild that partition's streams' state from the topics; ``on_features``: one
+  batch; ``release(partition)``: a partition given to another replica, its streams' forecasts
+  published, then their state dropped; ``stop``: drain). It reads the streams' history
   (models.v1, features.v1, scores.v1, ...) to restore state, and holds the ``BusPort``.
-  Losing ownership needs no step: a standby's windows go stale and ``take_over`` rebuilds
-  every stale stream before consuming again.
+  Losing a partition's lease (no ``release``) needs no step: ``take_over`` drops whatever the
+  replica still holds of that partition before rebuilding it.
 * ``create``: the faststream-shaped edge; it declares the topics and routes each handler to
-  the component.
+  the component. features.v1 is consumed per owned partition; models.v1 by every replica
+  (``bus.broadcast``: each one serves every model); charts.v1 with partition 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from libs.common import topics
 from libs.common.bus import classify, redis_client
@@ -100,9 +104,15 @@ class InferenceService:
                                    artefacts=ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics))
         self.ready = False
         self.models_upto = "0-0"
-        self.scores_restored = False
+        self.owned: set[int] = set()  # partitions whose state this replica holds (restored, not released)
+        self.restoring: set[int] = set()
+        # Model swaps, partition take-overs and releases one at a time: each reads or drops windows.
         self._lock = asyncio.Lock()
         runtime.health.set("model", lambda: self.ready)
+        # Not ready while a partition it took is being restored: its events wait meanwhile.
+        runtime.health.set("partitions", lambda: not self.restoring)
+        self._streams = metrics.gauge("partition_streams", "Streams (symbol, interval) held per owned partition of "
+                                      "features.v1", ["partition"])
         self._watch_workers()
 
     def _watch_workers(self) -> None:
@@ -121,22 +131,62 @@ class InferenceService:
         self.engine.start()
         self.ready = True
 
-    async def take_over(self) -> None:
-        """Each time this replica becomes the owner (at start; a standby taking over), before it
-        consumes: models announced meanwhile, then windows from what the group was handed, with
-        forecasts for candles a model had not published. Runs once per ordered group (features.v1,
-        models.v1); the second run finds the windows current and keeps them."""
+    def _belongs(self, partition: int) -> Callable[[tuple[str, str]], bool]:
+        of = self.bus.partition_of
+        return lambda key: of(key[0], key[1]) == partition
+
+    async def take_over(self, partition: int) -> None:
+        """Each time this replica takes ``partition`` of features.v1 (at start; a rebalance; a dead
+        replica's partition), before it consumes it: models announced meanwhile, then that
+        partition's streams from the topics: rolling scores, alert states, windows from what the
+        group was handed (with forecasts for candles a model had not published), forecasts still
+        waiting for their target. Whatever the replica still held of the partition (a lease lost
+        earlier, so never released) is dropped first. Idempotent: the bus runs it again whole
+        after an infrastructure failure."""
+        belongs = self._belongs(partition)
         async with self._lock:
-            await self._sync_models()
-            upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service)
-            if upper is not None:
+            self.restoring.add(partition)
+            try:
+                await self._sync_models()
+                # Forecasts of an earlier ownership still in flight must not land in the state rebuilt here.
+                await self.engine.settle(belongs, self.settings.drain_timeout_s)
+                self.backfill.forget(belongs)
+                self.engine.forget(belongs)
+                await self._restore_scores(belongs)
+                await self._restore_alerts(belongs)
                 floors = await history.last_published(self.client, topics.PREDICTIONS)
-                per_key = await self._read_windows(upper, floors)
-                rebuilt = self.engine.rebuild(per_key, floors)
-                log.info("windows rebuilt for %d of %d streams from features.v1", rebuilt, len(per_key))
-            if not self.scores_restored:
-                await self._restore_scores()
-                self.scores_restored = True
+                upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service, partition)
+                if upper is not None:
+                    per_key = await self._read_windows(upper, floors, partition)
+                    self.engine.rebuild(per_key, floors)
+                    log.info("partition %d: windows rebuilt for %d streams from features.v1", partition, len(per_key))
+                await self._restore_pending(belongs, floors)
+                self.owned.add(partition)
+                self._streams.labels(str(partition)).set_function(
+                    lambda: sum(1 for k in self.engine.windows.keys() if belongs(k)))
+            finally:
+                self.restoring.discard(partition)
+
+    async def release(self, partition: int) -> None:
+        """``partition`` goes to another replica (its last batch acknowledged, the lease still
+        ours): the forecasts, scores and alerts owed for its streams are published first, so the
+        next owner finds them on the streams and makes none of them again; then the streams'
+        state is dropped."""
+        belongs = self._belongs(partition)
+        timeout = self.settings.drain_timeout_s
+        async with self._lock:
+            self.owned.discard(partition)
+            with contextlib.suppress(KeyError):
+                self._streams.remove(str(partition))
+            await self.backfill.settle(belongs, timeout)
+            if not await self.engine.settle(belongs, timeout):
+                log.warning("partition %d released with %d forecasts/events unpublished after %.0fs; its next owner "
+                            "makes them", partition, self.engine.owed(belongs), timeout)
+            self.backfill.forget(belongs)
+            if not self.bus.running:
+                return  # stopping: the state goes with the process, and /metrics keeps the last scores till then
+            dropped = self.engine.forget(belongs)
+            log.info("partition %d released: %d streams dropped", partition, len(dropped))
 
     async def on_features(self, events: list[FeaturesEvent]) -> int:
         """One batch: hands windows to the models' micro-batchers and returns (a batch of closes
@@ -145,6 +195,7 @@ class InferenceService:
         return sum(not self.engine.on_features(ev) for ev in events if not self.backfill.take(ev))
 
     async def on_model(self, event: ModelPublished, entry_id: str) -> None:
+        """An announcement on models.v1, seen by every replica: verified, loaded, then swapped in."""
         if not await self.control.admit(topics.MODELS, event):
             return  # unsigned or forged: dead-lettered, counted
         if history.id_key(entry_id) <= history.id_key(self.models_upto):
@@ -173,7 +224,8 @@ class InferenceService:
             log.error("%s", reason)
             await self.bus.dead_letter(topics.MODELS, event.to_json(), reason)
             return
-        await self._serve(model)
+        async with self._lock:
+            await self._serve(model)
 
     async def on_chart(self, event: ChartEvent) -> None:
         await self.charts.on_chart(event)
@@ -192,12 +244,16 @@ class InferenceService:
         return await asyncio.to_thread(load_model, spec, self.settings.session_threads)
 
     async def _serve(self, model: ServedModel) -> None:
+        """Swap ``model`` in (callers hold ``_lock``, or run before consuming)."""
         engine = self.engine
         if engine.needs_capacity(model.spec.lookback) and self.ready:
-            # A longer lookback than any served so far: put older rows in front of what the windows hold.
-            upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service)
-            if upper is not None:
-                for key, evs in (await self._read_windows(upper)).items():
+            # A longer lookback than any served so far: put older rows in front of what the windows
+            # of the partitions held here have.
+            for partition in sorted(self.owned):
+                upper = await history.taken_upper_bound(self.client, topics.FEATURES, self.bus.service, partition)
+                if upper is None:
+                    continue
+                for key, evs in (await self._read_windows(upper, None, partition)).items():
                     engine.windows.refill(key, [(e.open_time, e.close, e.feature_set, e.values) for e in evs])
         old = engine.install(model)
         self._watch_workers()
@@ -256,18 +312,20 @@ class InferenceService:
 
     # --- state from the streams ------------------------------------------------------------------
 
-    async def _read_windows(self, upper: str, floors: dict[str, int] | None = None) -> dict[tuple[str, str], list[FeaturesEvent]]:
-        """The last events of every stream on features.v1 up to ``upper``, oldest first: the
-        window, plus room for candles left unpublished; with ``floors`` (the once-per-candle
-        guard), back to a full window before the oldest candle a model serving the stream has not
-        answered, however many a crash left unanswered."""
+    async def _read_windows(self, upper: str, floors: dict[str, int] | None,
+                            partition: int) -> dict[tuple[str, str], list[FeaturesEvent]]:
+        """The last events of every stream on features.v1's ``partition`` up to ``upper``, oldest
+        first: the window, plus room for candles left unpublished; with ``floors`` (the
+        once-per-candle guard), back to a full window before the oldest candle a model serving the
+        stream has not answered, however many a crash left unanswered."""
         engine = self.engine
         cap = engine.windows.capacity
         need = cap + 64
         per_key: dict[tuple[str, str], list[FeaturesEvent]] = {}
         done: set[tuple[str, str]] = set()
         lowest: dict[tuple[str, str], int | None] = {}
-        async for _, doc in history.scan_back(self.client, topics.FEATURES, upper, self.settings.restore_scan_entries):
+        async for _, doc in history.scan_back(self.client, topics.FEATURES, upper, self.settings.restore_scan_entries,
+                                              partition):
             key = (doc.get("symbol"), doc.get("interval"))
             if key in done:
                 continue
@@ -290,14 +348,17 @@ class InferenceService:
             done.add(key)  # type: ignore[arg-type]
         return {k: v[::-1] for k, v in per_key.items()}
 
-    async def _restore_scores(self) -> None:
-        engine, client, s = self.engine, self.client, self.settings
+    async def _restore_scores(self, belongs: Callable[[tuple[str, str]], bool]) -> None:
+        """The rolling scores of the selected streams, from scores.v1 (one stream for every partition)."""
+        engine, s = self.engine, self.settings
         n = s.score_window
         kept: dict[tuple, list[dict]] = {}
-        async for _, doc in history.scan_back(client, topics.SCORES, "+", s.restore_scan_entries):
+        async for _, doc in history.scan_back(self.client, topics.SCORES, "+", s.restore_scan_entries):
             try:
                 key = (doc["model"], doc["symbol"], doc["interval"], int(doc["horizon"]))
             except (KeyError, TypeError, ValueError):
+                continue
+            if not belongs((key[1], key[2])):
                 continue
             if len(kept.setdefault(key, [])) < n:
                 kept[key].append(doc)
@@ -307,23 +368,57 @@ class InferenceService:
                 if d.get("covered") is not None and d.get("band_width") is not None:
                     iv = (bool(d["covered"]), float(d["band_width"]), d.get("baseline_covered"), d.get("baseline_band_width"))
                 engine.scorer.restore(key, d["abs_error"], d["baseline_abs_error"], d.get("direction_hit"), iv)
-        # Forecasts still waiting for their target candle: all within the newest few candles' forecasts.
-        horizon = max((max(m.spec.horizons) for m in engine.router.models()), default=1)
-        bound = (len(engine.windows.keys()) or 1) * len(engine.router.models()) * (horizon + 2)
-        async for _, doc in history.scan_back(client, topics.PREDICTIONS, "+", bound):
-            last = engine.windows.last_open_time((doc.get("symbol"), doc.get("interval")))
-            if last is None or doc.get("model") == "persistence":
-                continue
-            try:
-                engine.restore_pending(doc, last)
-            except (KeyError, TypeError, AttributeError, ValueError):
-                continue
-        async for _, doc in history.scan_back(client, topics.ALERTS, "+", s.restore_scan_entries):
+
+    async def _restore_alerts(self, belongs: Callable[[tuple[str, str]], bool]) -> None:
+        """The newest alert of each subject of the selected streams, from alerts.v1: an active one is
+        not fired twice, and the state an earlier ownership left is overwritten."""
+        seen: set[tuple[str, str, str, str]] = set()
+        async for _, doc in history.scan_back(self.client, topics.ALERTS, "+", self.settings.restore_scan_entries):
             try:
                 subject = doc["labels"]["subject"]
-                engine.alerts.restore_once(doc["rule"], doc["symbol"], doc["interval"], subject, doc["status"],
-                                           doc["open_time"])
+                who = (doc["rule"], doc["symbol"], doc["interval"], subject)
+                if who in seen or not belongs((doc["symbol"], doc["interval"])):
+                    continue
+                seen.add(who)
+                self.engine.alerts.restore(*who, doc["status"], doc["open_time"])
             except (KeyError, TypeError):
+                continue
+
+    async def _restore_pending(self, belongs: Callable[[tuple[str, str]], bool], floors: dict[str, int]) -> None:
+        """Forecasts of the selected streams still waiting for their target candle, from
+        predictions.v1 (one stream for every partition). Only those published before ``floors``
+        was read: a forecast the rebuild made is already waiting. Per (stream, model) the stream
+        holds forecasts in candle order, so the scan of one ends at its first forecast whose every
+        target has closed."""
+        engine = self.engine
+        last: dict[tuple[str, str, str], int] = {}
+        for key in engine.windows.keys():
+            held = engine.windows.last_open_time(key)
+            if held is None or not belongs(key):
+                continue
+            for m in engine.router.route(*key):
+                # A model that never published for the stream has nothing waiting (and would keep
+                # the scan going to its limit).
+                if m.spec.kind != "persistence" and f"{key[0]}|{key[1]}|{m.spec.name}" in floors:
+                    last[(key[0], key[1], m.spec.name)] = held
+        if not last:
+            return
+        async for _, doc in history.scan_back(self.client, topics.PREDICTIONS, "+", self.settings.restore_scan_entries):
+            who = (doc.get("symbol"), doc.get("interval"), doc.get("model"))
+            held = last.get(who)  # type: ignore[arg-type]
+            if held is None:
+                continue
+            try:
+                floor = floors.get(f"{who[0]}|{who[1]}|{who[2]}")
+                if floor is None or int(doc["open_time"]) > floor:
+                    continue
+                if max(doc.get("target_open_times") or [doc["target_open_time"]]) <= held:
+                    del last[who]  # type: ignore[arg-type]
+                    if not last:
+                        return
+                    continue
+                engine.restore_pending(doc, held)
+            except (KeyError, TypeError, AttributeError, ValueError):
                 continue
 
 
@@ -344,14 +439,19 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
             log.error("alert rules %s: %s", settings.alert_rules, problem)
         raise SettingsError(f"invalid setting KLINEBUS_ALERT_RULES: {exc}") from None
     service = InferenceService(runtime, settings, rules)
+    runtime.inference = service  # type: ignore[attr-defined]  # for tests and the demo
 
     @runtime.on_startup
     async def load_models() -> None:
         await service.start()
 
     @bus.on_owner
-    async def take_over() -> None:
-        await service.take_over()
+    async def take_over(partition: int) -> None:
+        await service.take_over(partition)
+
+    @bus.on_release
+    async def release(partition: int) -> None:
+        await service.release(partition)
 
     @bus.ordered_batch(topics.FEATURES, FeaturesEvent,
                        description="Forecast with every model serving the candle's (symbol, interval); score earlier forecasts.")
@@ -362,8 +462,9 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         if repeated:
             metrics.duplicates.labels(topics.FEATURES).inc(repeated)
 
-    @bus.ordered(topics.MODELS, ModelPublished,
-                 description="Verify, load and warm an announced model package, then swap it in between two candles.")
+    @bus.broadcast(topics.MODELS, ModelPublished,
+                   description="Every replica: verify, load and warm an announced model package, then swap it in "
+                   "between two candles.")
     async def on_model(event: ModelPublished, entry_id: str) -> None:
         metrics.events_in.labels(topics.MODELS).inc()
         await service.on_model(event, entry_id)

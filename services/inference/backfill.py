@@ -18,6 +18,9 @@ After a restart the windows come back from features.v1 first; a stream still sho
 models' lookback is filled the same way at its first live candle (archive rows go in front of
 the rows it holds, ``Windows.refill``).
 
+A stream whose partition goes to another replica is forgotten here too (``forget``), after its
+buffered events reached the engine (``settle``): taken again later, it may be filled again.
+
 Domain code: no bus. ``Backfill`` is given the engine and an archive root.
 """
 
@@ -27,7 +30,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from libs.common.archive import is_permanent, read_archive
 from libs.common.contracts import FeaturesEvent
@@ -138,6 +141,23 @@ class Backfill:
                      key[0], key[1], len(rows), rows[-1][0])
         for ev in p.live:
             self.engine.on_features(ev)
+
+    async def settle(self, belongs: Callable[[Key], bool], timeout: float) -> bool:
+        """Let the reads of the selected streams finish, so the events they hold reach the engine."""
+        tasks = [p.task for k, p in self.pending.items() if belongs(k) and p.task is not None]
+        if not tasks:
+            return True
+        _, rest = await asyncio.wait(tasks, timeout=timeout)
+        return not rest
+
+    def forget(self, belongs: Callable[[Key], bool]) -> None:
+        """Drop the selected streams: reads still running are cancelled with the events they hold
+        (the partition's next owner reads those events back from features.v1)."""
+        for key in [k for k in self.pending if belongs(k)]:
+            p = self.pending.pop(key)
+            if p.task is not None:
+                p.task.cancel()
+        self.tried = {k for k in self.tried if not belongs(k)}
 
     async def drain(self, timeout: float) -> bool:
         """Let reads in flight finish (their streams' buffered events then reach the engine)."""

@@ -1,7 +1,8 @@
 """Reading topics backwards at start: what the service rebuilds its state from after a restart.
 
 Windows come back from ``features.v1`` (only entries this service's group had already taken,
-so nothing is counted twice when the rest is delivered), rolling scores from ``scores.v1``,
+so nothing is counted twice when the rest is delivered; one partition's stream at a time, the
+partition a replica takes), rolling scores from ``scores.v1``,
 forecasts still waiting for their target from ``predictions.v1``, active alerts from
 ``alerts.v1``, and which version of each model is current from ``models.v1``.
 """
@@ -20,11 +21,13 @@ from libs.common.bus.framing import entry_id_key as id_key
 PAGE = 1000
 
 
-async def scan_back(client: Any, topic: str, upper: str = "+", limit: int = 0) -> AsyncIterator[tuple[str, dict]]:
+async def scan_back(client: Any, topic: str, upper: str = "+", limit: int = 0,
+                    partition: int = 0) -> AsyncIterator[tuple[str, dict]]:
     """``(entry_id, event dict)`` newest first, from ``upper`` (inclusive) down, at most ``limit``
-    entries (0: to the stream's start). Entries that are not JSON objects are skipped: they were
+    entries (0: to the stream's start), of the topic's stream ``partition`` (an unpartitioned
+    topic has partition 0 only). Entries that are not JSON objects are skipped: they were
     dead-lettered when first consumed."""
-    key = topics.stream_key(topic)
+    key = topics.stream_key(topic, partition)
     field = DATA_FIELD.encode()
     seen = 0
     while True:
@@ -50,10 +53,11 @@ async def scan_back(client: Any, topic: str, upper: str = "+", limit: int = 0) -
         upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
 
-async def taken_upper_bound(client: Any, topic: str, group: str) -> str | None:
-    """The newest entry of ``topic`` that ``group`` took and will not be handed again: below its
-    oldest pending entry and at most its last delivered one. None when it took nothing yet."""
-    key = topics.stream_key(topic)
+async def taken_upper_bound(client: Any, topic: str, group: str, partition: int = 0) -> str | None:
+    """The newest entry of ``topic``'s stream ``partition`` that ``group`` took and will not be
+    handed again: below its oldest pending entry and at most its last delivered one. None when it
+    took nothing yet."""
+    key = topics.stream_key(topic, partition)
     try:
         groups = await client.xinfo_groups(key)
     except Exception:  # noqa: BLE001 - no stream yet

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 ScoreKey = tuple[str, str, str, int]  # model, symbol, interval, horizon
 
@@ -246,6 +246,19 @@ class LiveScorer:
         (a gap in the candles); returns how many."""
         stale = [k for k in self._pending if k[0] == symbol and k[1] == interval and k[2] < before]
         return sum(len(self._pending.pop(k)) for k in stale)
+
+    def forget(self, belongs: Callable[[tuple[str, str]], bool]) -> list[ScoreKey]:
+        """Drop everything held of the streams ``belongs((symbol, interval))`` selects (a partition
+        another replica owns now: its scores there go on without this one). Returns the rolling
+        keys dropped."""
+        dropped = [k for k in self.rolling if belongs((k[1], k[2]))]
+        for k in dropped:
+            del self.rolling[k]
+        for s in [s for s in self._truth if belongs(s)]:
+            del self._truth[s]
+        for k in [k for k in self._pending if belongs((k[0], k[1]))]:
+            del self._pending[k]
+        return dropped
 
     def restore(self, key: ScoreKey, err: float, base: float, hit: bool | None,
                 interval: IntervalItem | None = None) -> None:

@@ -11,13 +11,20 @@ Restart: ``replay`` feeds earlier features events through the same path with pub
 limited to the candles a model had not published yet (the once-per-candle guard's record),
 so a crash between acknowledging a candle and publishing its forecast loses nothing, and the
 first forecast after a restart comes from the same window an uninterrupted run had.
+
+Partitions: a replica holds state only for the streams of the partitions it owns. ``settle``
+waits until nothing is owed for a set of streams (forecasts queued or in a session, events
+queued in an outbox), ``forget`` drops those streams' windows, scores and metric series; the app
+calls both when a partition goes to another replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
@@ -31,7 +38,7 @@ from services.inference.model_runner import OnnxModel, Step
 from services.inference.package import ModelSpec
 from services.inference.routing import Router
 from services.inference.scoring import LiveScorer, Score
-from services.inference.windows import MISMATCH, Request, Windows
+from services.inference.windows import MISMATCH, Key, Request, Windows
 
 ORIGIN_MISMATCH = "feature_origin_mismatch"  # skipped reason: features computed from another first candle
 
@@ -39,6 +46,7 @@ log = logging.getLogger("klinebus.inference")
 
 Publish = Callable[..., Awaitable[Any]]
 DeadLetter = Callable[[str, Any, str], Awaitable[None]]
+Belongs = Callable[[Key], bool]
 
 
 class Port(Protocol):
@@ -172,9 +180,15 @@ class Inference:
         self.alerts = AlertEngine(rules)
         self.port = port
         self.batchers: dict[str, MicroBatcher] = {}
+        # Per stream: forecasts submitted and events put in an outbox, not yet answered/published.
+        # A partition handed to another replica waits for its streams' count to reach 0 (``settle``).
+        self._owed: Counter[Key] = Counter()
         self.out_predictions = self._outbox("predictions", topics.PREDICTIONS, self._published)
-        self.out_scores = self._outbox("scores", topics.SCORES, port.publish_scores)
-        self.out_alerts = self._outbox("alerts", topics.ALERTS, port.publish_alerts)
+        self.out_scores = self._outbox("scores", topics.SCORES, self._paying(port.publish_scores))
+        self.out_alerts = self._outbox("alerts", topics.ALERTS, self._paying(port.publish_alerts))
+        # Score gauge series per stream, removed when the stream goes to another replica (else two
+        # replicas export one series, the gone one frozen).
+        self._series: dict[Key, set[tuple[str, ...]]] = {}
         self._mismatch_logged: set[tuple[str, str]] = set()
         self._origin_logged: set[tuple] = set()
         # During replay: per "symbol|interval|model", publish only candles after this open time.
@@ -187,6 +201,7 @@ class Inference:
         async def give_up(event: Any, reason: str) -> None:
             self.m.given_up.labels(f"outbox:{name}").inc()
             await self.port.dead_letter(topic, event.model_dump(mode="json"), f"unpublishable after every try: {reason}")
+            self._paid((event.symbol, event.interval))
 
         out = Outbox(f"outbox:{name}", publish, give_up=give_up, transient=self.port.transient,
                      on_restart=self._restarted)
@@ -197,6 +212,7 @@ class Inference:
         async def give_up(job: Job, reason: str) -> None:
             self.m.given_up.labels(f"batcher:{name}").inc()
             await self.port.dead_letter(topics.FEATURES, _job_doc(job), f"forecast failed every try: {reason}")
+            self._paid((job.symbol, job.interval))
 
         b = MicroBatcher(f"batcher:{name}", self._on_result, self.config.max_batch, self.config.max_wait_ms / 1000.0,
                          on_session=self._on_session, give_up=give_up, transient=self.port.transient,
@@ -244,6 +260,58 @@ class Inference:
         now = now_ms()
         for e in events:  # measured once the forecast is on the stream
             self.m.close_to_publish.labels(e.model).observe(max(0.0, (now - e.open_time - interval_ms(e.interval)) / 1000.0))
+            self._paid((e.symbol, e.interval))
+
+    def _paying(self, publish: Publish) -> Publish:
+        async def publish_and_pay(events: Sequence[Any], *key: str) -> Any:
+            got = await publish(events, *key)
+            for e in events:
+                self._paid((e.symbol, e.interval))
+            return got
+
+        return publish_and_pay
+
+    def _paid(self, key: Key) -> None:
+        n = self._owed[key] - 1
+        if n > 0:
+            self._owed[key] = n
+        else:
+            self._owed.pop(key, None)
+
+    def owed(self, belongs: Belongs) -> int:
+        return sum(n for k, n in self._owed.items() if belongs(k))
+
+    async def settle(self, belongs: Belongs, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until every forecast of the selected streams was answered
+        and every event of theirs was published; True when none is owed."""
+        deadline = time.monotonic() + timeout
+        while self.owed(belongs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return not self.owed(belongs)
+
+    def forget(self, belongs: Belongs) -> list[Key]:
+        """Drop the selected streams' windows, live scores and score series (a partition another
+        replica owns now). Returns the streams whose windows were dropped."""
+        keys = [k for k in self.windows.keys() if belongs(k)]
+        for k in keys:
+            self.windows.drop(k)
+        self.scorer.forget(belongs)
+        for stream in [s for s in self._series if belongs(s)]:
+            for labels in self._series.pop(stream):
+                for gauge in self._gauges_of(labels):
+                    try:
+                        gauge.remove(*labels)
+                    except KeyError:
+                        pass  # never set for this series
+        return keys
+
+    def _gauges_of(self, labels: tuple[str, ...]) -> list[Any]:
+        m = self.m
+        if len(labels) == 3:
+            return [m.behind]
+        if len(labels) == 4:
+            return [m.score_mae, m.score_base, m.score_ratio, m.score_hits, m.score_n]
+        return [m.score_coverage, m.score_width, m.score_base_coverage, m.score_base_width]
 
     # --- models -------------------------------------------------------------------------------
 
@@ -300,6 +368,7 @@ class Inference:
                 Job(model, ev.symbol, ev.interval, ev.open_time, window, last_close,
                     {"kline_ingested_at": ev.kline_ingested_at, "interval_ms": iv_ms})
             )
+            self._owed[key] += 1
         return True
 
     def _mismatch(self, spec: ModelSpec, ev: FeaturesEvent) -> None:
@@ -408,8 +477,9 @@ class Inference:
             # May raise (Redis refusing the write): the batcher keeps this job in hand and tries again.
             reason = f"model {spec.label} failed on {job.symbol} {job.interval} {job.open_time}: {type(res).__name__}: {res}"
             await self.port.dead_letter(topics.FEATURES, _job_doc(job), reason)
-            return
-        self._publish_forecast(job, spec, res)
+        else:
+            self._publish_forecast(job, spec, res)
+        self._paid((job.symbol, job.interval))
 
     def _publish_forecast(self, job: Job, spec: ModelSpec, fc: Any) -> None:
         iv_ms = job.meta["interval_ms"]
@@ -429,6 +499,7 @@ class Inference:
             target=getattr(fc, "target", "price"), quantiles=getattr(fc, "quantiles", None),
         )
         self.out_predictions.put(event, spec.name)
+        self._owed[(job.symbol, job.interval)] += 1
         self.m.predictions.labels(spec.name).inc()
         self.m.last_prediction.labels(spec.name).set(now / 1000.0)
         rich = getattr(fc, "steps", None)
@@ -453,6 +524,9 @@ class Inference:
 
     def _emit_score(self, s: Score) -> None:
         labels = (s.model, s.symbol, s.interval, str(s.horizon))
+        series = self._series.setdefault((s.symbol, s.interval), set())
+        series.add(labels)
+        series.add((s.model, s.symbol, s.interval))
         self.m.score_mae.labels(*labels).set(s.mae)
         self.m.score_base.labels(*labels).set(s.baseline_mae)
         if s.mae_ratio is not None:
@@ -462,6 +536,7 @@ class Inference:
         self.m.score_n.labels(*labels).set(s.n)
         if s.covered is not None:
             tl = (*labels, s.target)
+            series.add(tl)
             self.m.interval_scores.labels(s.model, s.target, "inside" if s.covered else "outside").inc()
             if s.coverage is not None:
                 self.m.score_coverage.labels(*tl).set(s.coverage)
@@ -487,6 +562,7 @@ class Inference:
             ),
             s.model, f"h{s.horizon}",
         )
+        self._owed[(s.symbol, s.interval)] += 1
         iv_ms = interval_ms(s.interval)
         for f in self.alerts.on_score(s.model, s.symbol, s.interval, s.target_open_time, iv_ms, s.horizon, s.n, s.mae_ratio):
             self._emit_alert(f)
@@ -506,6 +582,7 @@ class Inference:
             ),
             f.rule.name, subject,
         )
+        self._owed[(f.symbol, f.interval)] += 1
 
 
 def _job_doc(job: Job) -> dict[str, Any]:

@@ -69,16 +69,25 @@ async def test_an_unsigned_announcement_in_history_is_not_served_at_start(redis_
     name = "ctl-history"
     publish(tmp_path / "reg", tmp_path, name, seed=1)
     v2 = publish(tmp_path / "reg", tmp_path, name, seed=2, promoted=False)
-    await add_events(redis_url, [v2.announcement(promoted=True, signed=False)])
-    rt = runtime(redis_url, tmp_path)
-    await rt.start(http=False)
+    first = runtime(redis_url, tmp_path)
+    await first.start(http=False)
     try:
-        dead = await letters(redis_url, 1)  # met by the consumer: dead-lettered
+        await add_events(redis_url, [v2.announcement(promoted=True, signed=False)])
+        dead = await letters(redis_url, 1)  # met by the running replica's models.v1 reader: dead-lettered
         await poll(serving("1", name))
     finally:
-        await rt.stop()
+        await first.stop()
     assert dead[0].reason.startswith("unsigned: ")
-    assert metric("model_info", model=name, version="2", kind="lstm-close") == 0.0
+    # A replica started later reads it in models.v1's history: not served there either. It is not
+    # dead-lettered again (models.v1 is read from its end at start, the history only to sync).
+    second = runtime(redis_url, tmp_path)
+    await second.start(http=False)
+    try:
+        await poll(serving("1", name))
+        assert metric("model_info", model=name, version="2", kind="lstm-close") == 0.0
+    finally:
+        await second.stop()
+    assert len(await read_topic(redis_url, topics.DEAD_LETTERS)) == 1
 
 
 async def test_without_a_key_every_announcement_is_refused_and_the_start_says_so(redis_url, tmp_path, caplog):
