@@ -133,9 +133,36 @@ def dataset_case(args) -> None:
         wall = statistics.median(r[1] for r in e2e[name])
         cpu = statistics.median(r[2] for r in e2e[name])
         print(f"    {name:<7} {n} images  {n / wall:7.1f} charts/s wall  {n / cpu:7.1f} charts per CPU-s")
+    steady_pool(args, preset, full)
     n, wall, cpu = build(args.workers, pool_module.renderer_for)
     print(f"  build_dataset, whole file, pool of {args.workers} workers (direct, worker start-up included): "
           f"{n / wall:.1f} charts/s wall, {n / cpu:.1f} charts per CPU-s (parent + workers), "
+          f"{n / wall / min(args.workers, os.cpu_count() or 1):.1f} charts/s wall per core")
+
+
+def workers_cpu(pool: RenderPool) -> float:
+    """CPU seconds the pool's live worker processes have used (Linux /proc)."""
+    total = 0.0
+    for pid in list(pool._pool._processes):  # ProcessPoolExecutor's pid -> process map
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def steady_pool(args, preset, full) -> None:
+    """Prepared workers (as in a long dataset build), every window of the file to PNG files."""
+    first = preset.window + warmup_for(preset)
+    with RenderPool(args.workers) as pool, tempfile.TemporaryDirectory() as out:
+        for f in [pool.submit(full.slice(first - preset.window, first), preset) for _ in range(args.workers * 4)]:
+            f.result()
+        jobs = [(full.slice(e - preset.window, e), preset, f"{out}/{e}.png") for e in range(first, len(full) + 1)]
+        t, c, k = time.perf_counter(), time.process_time(), workers_cpu(pool)
+        n = sum(1 for _ in pool.render_files(jobs))
+        wall = time.perf_counter() - t
+        cpu = time.process_time() - c + workers_cpu(pool) - k
+    print(f"  pool of {args.workers} prepared workers (direct), {n} windows to files: {n / wall:.1f} charts/s wall, "
+          f"{n / cpu:.1f} charts per CPU-s (parent + workers), "
           f"{n / wall / min(args.workers, os.cpu_count() or 1):.1f} charts/s wall per core")
 
 
