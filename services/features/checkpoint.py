@@ -31,12 +31,13 @@ log = logging.getLogger("klinebus.features.checkpoint")
 REPLAY_BATCH = 1000
 
 
-def _key() -> str:
-    return topics.stream_companion_key(topics.FEATURES, "engine-state")
+def _key(partition: int = 0) -> str:
+    # In the partition's slot; partition 0's is the unpartitioned key, so P=1 upgrades in place.
+    return topics.stream_companion_key(topics.FEATURES, "engine-state", partition)
 
 
-async def load(client: aioredis.Redis) -> Checkpoint | None:
-    data: dict[bytes, Any] = await client.hgetall(_key())
+async def load(client: aioredis.Redis, partition: int = 0) -> Checkpoint | None:
+    data: dict[bytes, Any] = await client.hgetall(_key(partition))
     if not data or b"snapshot" not in data:
         return None
     # A checkpoint written before origins were recorded has no "origins" field: None, unknown.
@@ -46,24 +47,24 @@ async def load(client: aioredis.Redis) -> Checkpoint | None:
     return Checkpoint(data[b"snapshot"], data[b"entry_id"].decode(), origins)
 
 
-async def save(client: aioredis.Redis, saved: Checkpoint) -> None:
+async def save(client: aioredis.Redis, saved: Checkpoint, partition: int = 0) -> None:
     # One HSET: the snapshot, its position and its origins are never seen apart.
     origins = json.dumps({f"{s}|{i}": t for (s, i), t in (saved.origins or {}).items()})
-    await client.hset(_key(), mapping={"snapshot": saved.snapshot, "entry_id": saved.entry_id, "origins": origins})
+    await client.hset(_key(partition), mapping={"snapshot": saved.snapshot, "entry_id": saved.entry_id, "origins": origins})
 
 
-def _waiting_key() -> str:
-    return topics.stream_companion_key(topics.FEATURES, "warming")
+def _waiting_key(partition: int = 0) -> str:
+    return topics.stream_companion_key(topics.FEATURES, "warming", partition)
 
 
-async def record_waiting(client: aioredis.Redis, keys: dict[tuple[str, str], str]) -> None:
+async def record_waiting(client: aioredis.Redis, keys: dict[tuple[str, str], str], partition: int = 0) -> None:
     """Keys whose candles wait for their warm-up, with the first waiting entry id. Their entries
     are acknowledged while they wait; a restart replays and publishes them (``load_waiting``)."""
-    await client.hset(_waiting_key(), mapping={f"{s}|{i}": entry for (s, i), entry in keys.items()})
+    await client.hset(_waiting_key(partition), mapping={f"{s}|{i}": entry for (s, i), entry in keys.items()})
 
 
-async def load_waiting(client: aioredis.Redis) -> dict[tuple[str, str], str]:
-    raw = await client.hgetall(_waiting_key())
+async def load_waiting(client: aioredis.Redis, partition: int = 0) -> dict[tuple[str, str], str]:
+    raw = await client.hgetall(_waiting_key(partition))
     out = {}
     for field, entry in raw.items():
         symbol, interval = field.decode().split("|")
@@ -71,13 +72,13 @@ async def load_waiting(client: aioredis.Redis) -> dict[tuple[str, str], str]:
     return out
 
 
-async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]]) -> None:
+async def release_waiting(client: aioredis.Redis, keys: list[tuple[str, str]], partition: int = 0) -> None:
     if keys:
-        await client.hdel(_waiting_key(), *(f"{s}|{i}" for s, i in keys))
+        await client.hdel(_waiting_key(partition), *(f"{s}|{i}" for s, i in keys))
 
 
 async def entries_after(
-    client: aioredis.Redis, group: str, after_id: str, chunk: int = REPLAY_BATCH
+    client: aioredis.Redis, group: str, after_id: str, chunk: int = REPLAY_BATCH, partition: int = 0
 ) -> AsyncIterator[list[tuple[str, KlineEvent, bool]]]:
     """``klines.v1`` entries after ``after_id`` that ``group`` was handed (up to its last
     delivered id), in stream order, in chunks of ``(entry_id, event, pending)``.
@@ -86,11 +87,11 @@ async def entries_after(
     entry is not assumed to be newer than every acknowledged one (one left pending out of order
     by a failed XACK, or by an older build, still comes in its place). Entries that do not
     decode were dead-lettered when first delivered and are skipped."""
-    stream = topics.stream_key(topics.KLINES)
+    stream = topics.stream_key(topics.KLINES, partition)
     groups = {g["name"].decode(): g for g in await client.xinfo_groups(stream)} if await client.exists(stream) else {}
     # The group may be gone (deleted, a failover without it): the position the service last
     # acknowledged, kept beside the stream, still says how far its published events go.
-    bounds = [p for p in (await recorded_position(client, topics.KLINES, group),) if p]
+    bounds = [p for p in (await recorded_position(client, topics.KLINES, group, partition),) if p]
     if group in groups:
         bounds.append(groups[group]["last-delivered-id"].decode())
     if not bounds:

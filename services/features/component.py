@@ -9,7 +9,11 @@ Lifecycle, each step called by the bus edge (``app``):
 * ``on_batch``: one ordered batch of klines.v1;
 * ``run_releases``: the background loop that releases the keys whose warm-up is over;
 * ``lose_ownership``: drop what the last ownership held (a standby taking over, a stop);
+* ``release``: the partition is given up cleanly (a rebalance): its checkpoint, then its state dropped;
 * ``stop``: the final checkpoint.
+
+One component per partition of klines.v1 (``app``): each has its own state, checkpoint and
+waiting records in that partition's slot, and is owned, restored and released on its own.
 
 One writer of the state at a time (a batch, a release or a restore): ``_lock``.
 """
@@ -46,7 +50,7 @@ WARMUP_RETRY_S = 0.5
 
 class FeaturesComponent:
     def __init__(self, state: FeaturesState, port: FeaturesPort, metrics: ServiceMetrics, *,
-                 checkpoint_every_s: float) -> None:
+                 checkpoint_every_s: float, family: list["FeaturesComponent"] | None = None) -> None:
         self.state = state
         self.port = port
         self.metrics = metrics
@@ -65,11 +69,13 @@ class FeaturesComponent:
                                                ["interval"])
         self._warmup_failures = metrics.counter("warmup_failures_total",
                                                 "Keys whose history could not be used to warm up", ["interval"])
-        # Read at scrape time: the engine already knows its keys.
+        # Read at scrape time, summed over the service's partitions (one gauge, one function).
+        family = family if family is not None else []
+        family.append(self)
         metrics.gauge("keys", "(symbol, interval) streams with indicator state").set_function(
-            lambda: len(state.engine.keys()))
+            lambda: sum(len(c.state.origins) for c in family))
         metrics.gauge("keys_warming", "(symbol, interval) streams whose candles wait for their warm-up").set_function(
-            lambda: len(state.waiting))
+            lambda: sum(len(c.state.waiting) for c in family))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -162,6 +168,15 @@ class FeaturesComponent:
                 self.state.released(keys)
                 for key in keys:
                     self._warming.pop(key, None)
+
+    async def release(self) -> None:
+        """The partition is given up cleanly, after its last batch was acknowledged: a checkpoint
+        the next owner starts from, then nothing of it is kept (it is that owner's now)."""
+        async with self._lock:
+            if self.restored and not self._in_flight:
+                await self.write_checkpoint()
+            self.lose_ownership()
+            self.state.forget()
 
     async def stop(self) -> None:
         was_owner = self.restored

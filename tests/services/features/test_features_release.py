@@ -78,10 +78,10 @@ def inject(monkeypatch, step_name: str, step: Step, live_times: set[int]) -> Non
     else:
         real_release = checkpoint.release_waiting
 
-        async def release_waiting(client, keys):
+        async def release_waiting(client, keys, *partition):
             if step.armed and keys:
                 await step.hit()
-            return await real_release(client, keys)
+            return await real_release(client, keys, *partition)
 
         monkeypatch.setattr(checkpoint, "release_waiting", release_waiting)
 

@@ -1,0 +1,111 @@
+"""Partitioned klines.v1 (issue 23): each partition's indicator state, checkpoint and waiting
+records are its own, so a partition moves from one features replica to another mid-stream and
+features.v1 still holds exactly one event per candle, with the values (and feature origin) of a
+computation that never stopped. Expected values come from the batch kernels over the candle file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from klinebus.pipeline import build_runtime
+from libs.common import topics
+from libs.common.bus import DATA_FIELD, redis_client
+from libs.common.contracts import KlineEvent
+from libs.common.klines import read_kline_csv
+from libs.indicators.batch import compute_batch
+from libs.indicators.feature_sets import get_feature_set
+from tests.candles import BTC_15M
+from tests.streams import wait_for_events
+
+SET = "skeleton-v1"
+P = 2
+SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT")  # two keys in each of the 2 partitions
+BEFORE, AFTER = 40, 40  # candles per key before and after the move
+DEADLINE_S = 60.0
+
+
+def klines(symbol: str):
+    return [replace(k, symbol=symbol) for k in read_kline_csv(BTC_15M, "BTCUSDT", "15m")[: BEFORE + AFTER]]
+
+
+async def add_routed(url: str, events: list[KlineEvent]) -> None:
+    """XADD each candle to its key's partition of klines.v1, as ingest publishes."""
+    client = redis_client(url)
+    try:
+        for e in events:
+            key = topics.stream_key(topics.KLINES, topics.partition_of(e.symbol, e.interval, P))
+            await client.xadd(key, {DATA_FIELD: e.to_json()})
+    finally:
+        await client.aclose()
+
+
+async def until(cond, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {DEADLINE_S:.0f}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def restored(runtime) -> bool:
+    return runtime.health._checks["state_restored"]()
+
+
+async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_per_candle(redis_url, tmp_path):
+    assert {topics.partition_of(s, "15m", P) for s in SYMBOLS} == {0, 1}
+    series = {s: klines(s) for s in SYMBOLS}
+    kw = dict(feature_set=SET, warmup_source="none", partitions=P)
+    a = build_runtime("features", redis_url, tmp_path / "a", consumer="a", **kw)
+    b = build_runtime("features", redis_url, tmp_path / "b", consumer="b", **kw)
+    await a.start(http=False)
+    try:
+        await until(lambda: a.bus.owned_partitions() == {0, 1} and restored(a), "a owns both partitions")
+        await add_routed(redis_url, [KlineEvent.from_kline(series[s][i]) for i in range(BEFORE) for s in SYMBOLS])
+        await wait_for_events(redis_url, topics.FEATURES, BEFORE * len(SYMBOLS), settle=0)
+        await b.start(http=False)
+        try:
+            await until(lambda: len(b.bus.owned_partitions()) == 1 and len(a.bus.owned_partitions()) == 1
+                        and restored(a) and restored(b), "one partition moved to b")
+            moved = set(b.bus.owned_partitions())
+            (m,) = moved
+            client = redis_client(redis_url)
+            try:  # a handed the partition over with a checkpoint at its last candle, b restored from it
+                last = (await client.xrevrange(topics.stream_key(topics.KLINES, m), count=1))[0][0]
+                saved = await client.hget(topics.stream_companion_key(topics.FEATURES, "engine-state", m), "entry_id")
+            finally:
+                await client.aclose()
+            assert saved == last
+            await add_routed(redis_url, [KlineEvent.from_kline(series[s][i])
+                                         for i in range(BEFORE, BEFORE + AFTER) for s in SYMBOLS])
+            got = await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER) * len(SYMBOLS))
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+    assert moved and moved != {0, 1}
+    names = get_feature_set(SET).features
+    for s in SYMBOLS:
+        mine = [e for e in got if e["symbol"] == s]
+        ks = series[s]
+        assert [e["open_time"] for e in mine] == [k.open_time for k in ks], s  # one per candle, in order
+        assert {e["feature_origin"] for e in mine} == {ks[0].open_time}
+        cols = [np.array([getattr(k, f) for k in ks]) for f in ("open", "high", "low", "close", "volume")]
+        ref = compute_batch(*cols, names=list(names))
+        for i, e in enumerate(mine):
+            if not e["warm"]:
+                continue
+            for name in names:
+                assert e["values"][name] == pytest.approx(ref[name][i], rel=1e-9, abs=1e-9), (s, i, name)
+        assert sum(e["warm"] for e in mine) == BEFORE + AFTER - (get_feature_set(SET).warmup_candles - 1)
+    # Each partition's checkpoint sits in its own slot (the moved one was written on release).
+    client = redis_client(redis_url)
+    try:
+        for p in range(P):
+            assert await client.exists(topics.stream_companion_key(topics.FEATURES, "engine-state", p))
+    finally:
+        await client.aclose()
