@@ -1,4 +1,4 @@
-"""Features benchmark: batch vs TA-Lib, streaming vs talipp, measured in one run.
+"""Features benchmark: batch vs TA-Lib, streaming vs talipp and the unfused kernels, measured in one run.
 
     .venv/bin/python bench/bench_features.py [--candles 1000000] [--keys 1000]
 
@@ -58,43 +58,81 @@ def talib_same_indicators(o, h, l, c, v) -> None:  # noqa: E741
 
 
 def best(fn, repeat: int) -> float:
-    fn()  # warm (numba compile / caches)
-    times = []
+    return interleaved({"x": fn}, repeat)["x"]
+
+
+def interleaved(cases: dict, repeat: int) -> dict[str, float]:
+    """Best time of each case, the cases taking turns in every round (others share the cores)."""
+    for fn in cases.values():
+        fn()  # warm (numba compile / caches)
+    times: dict[str, float] = {name: float("inf") for name in cases}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times
+
+
+def one_thread(fn):
+    def run():
+        saved = batch.PARALLEL_MIN_CANDLES
+        batch.PARALLEL_MIN_CANDLES = 1 << 62
+        try:
+            fn()
+        finally:
+            batch.PARALLEL_MIN_CANDLES = saved
+    return run
+
+
+def unfused(ohlcv, buf, groups=kernels.G_ALL):
+    """The path before the fused loops: ``kernels.step`` per candle over one state row, one thread."""
+    kernels.run_series(kernels.new_state(1), 0, *ohlcv, buf, True, groups)
 
 
 def bench_batch(d: dict[str, np.ndarray], repeat: int) -> None:
     ohlcv = [d[c] for c in ("open", "high", "low", "close", "volume")]
     n = len(d["close"])
     buf = kernels.new_output(n)
-    ours = best(lambda: compute_matrix(*ohlcv), repeat)
-    reused = best(lambda: compute_matrix(*ohlcv, out=buf), repeat)
-    subset = best(lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS), repeat)
-    subset_reused = best(lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS, out=buf), repeat)
-    saved = batch.PARALLEL_MIN_CANDLES
-    batch.PARALLEL_MIN_CANDLES = n + 1
-    one = best(lambda: compute_matrix(*ohlcv, out=buf), repeat)
-    batch.PARALLEL_MIN_CANDLES = saved
-    ref = best(lambda: talib_same_indicators(*ohlcv), repeat)
-    # the floor no kernel can beat: allocating and writing the (n, 49) float64 output once
-    floor = best(lambda: kernels.new_output(n).fill(0.0), repeat)
-    rows = [
-        (f"all {kernels.N_FEATURES} features, fresh output matrix", ours),
-        (f"all {kernels.N_FEATURES} features, caller's out= buffer", reused),
-        (f"all {kernels.N_FEATURES} features, out= buffer, one thread", one),
-        ("the 35 TA-Lib outputs (names=), fresh matrix", subset),
-        ("the 35 TA-Lib outputs (names=), out= buffer", subset_reused),
-        ("TA-Lib 0.8, the same 35 outputs (29 calls)", ref),
-        (f"memory floor: allocate + write {n:,}x{kernels.N_FEATURES}", floor),
+    buf.fill(0.0)
+    ours35 = lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS)  # noqa: E731
+    cases = {
+        "ref": lambda: talib_same_indicators(*ohlcv),
+        "35 fresh": ours35,
+        "35 fresh 1t": one_thread(ours35),
+        "35 out=": lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS, out=buf),
+        "35 out= 1t": one_thread(lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS, out=buf)),
+        "all fresh": lambda: compute_matrix(*ohlcv),
+        "all out=": lambda: compute_matrix(*ohlcv, out=buf),
+        "all out= 1t": one_thread(lambda: compute_matrix(*ohlcv, out=buf)),
+        "unfused out= 1t": lambda: unfused(ohlcv, buf),
+        # the floor no kernel can beat: allocating and writing the output once
+        "floor 35": lambda: np.empty((35, n)).fill(0.0),
+        "floor 49": lambda: np.empty((n, kernels.N_FEATURES)).fill(0.0),
+    }
+    t = interleaved(cases, repeat)
+    ref = t["ref"]
+    labels = [
+        ("ref", "TA-Lib 0.8, the same 35 outputs (29 calls, one thread)"),
+        ("35 fresh", "the 35 TA-Lib outputs (names=), fresh, 2 threads"),
+        ("35 fresh 1t", "the 35 TA-Lib outputs (names=), fresh, 1 thread"),
+        ("35 out=", "the 35 (names=), caller's out= buffer, 2 threads"),
+        ("35 out= 1t", "the 35 (names=), caller's out= buffer, 1 thread"),
+        ("all fresh", f"all {kernels.N_FEATURES} (compute_matrix), fresh, 2 threads"),
+        ("all out=", f"all {kernels.N_FEATURES}, out= buffer, 2 threads"),
+        ("all out= 1t", f"all {kernels.N_FEATURES}, out= buffer, 1 thread"),
+        ("unfused out= 1t", f"all {kernels.N_FEATURES}, out=, 1 thread, unfused step (before)"),
+        ("floor 35", f"memory floor: allocate + write 35x{n:,}"),
+        ("floor 49", f"memory floor: allocate + write {n:,}x{kernels.N_FEATURES}"),
     ]
-    print(f"batch   {n:,} candles (validation included)")
-    for label, secs in rows:
-        ratio = f"{secs / ref:5.2f}x TA-Lib" if secs is not ref and secs is not floor else ""
-        print(f"batch   {label:<48s} {secs * 1e3:8.1f} ms  {ratio}")
+    print(f"batch   {n:,} candles (validation included), best of {repeat} interleaved rounds")
+    for key, label in labels:
+        secs = t[key]
+        threads = 1 if ("1t" in key or key == "ref") else 2
+        ratio = "" if key == "ref" else f"{secs / ref:5.2f}x TA-Lib"
+        per_core = f"  {secs * threads / ref:5.2f}x TA-Lib per core" if threads == 2 else ""
+        print(f"batch   {label:<58s} {secs * 1e3:8.1f} ms  {ratio}{per_core}")
+    print(f"batch   fused/unfused (all {kernels.N_FEATURES}, out=, 1 thread): {t['all out= 1t'] / t['unfused out= 1t']:.2f}x")
 
 
 def bench_streaming(d: dict[str, np.ndarray], n_keys: int, use_keys: bool) -> float:

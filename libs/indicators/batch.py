@@ -1,8 +1,9 @@
 """Batch (training) API: every feature over a whole history, NaN during each feature's warm-up.
 
-It runs the same ``kernels.step`` the streaming engine runs, over one state row
-(only the indicator groups the asked features need; long inputs split the groups
-over two threads, bit-identical to one).
+The first ``fused.WARM`` candles run the same ``kernels.step`` the streaming engine runs; the rest
+run ``fused``'s per-group loops, the same arithmetic with the state in registers (bit-identical,
+tests/libs/indicators/test_fused.py). Only the indicator groups the asked features need run;
+long inputs split the groups over two threads, bit-identical to one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from libs.indicators import kernels
+from libs.indicators import fused, kernels
 from libs.indicators.catalog import FEATURE_INDEX, resolve
 from libs.indicators.validation import as_columns, validate_ohlcv, validate_open_times
 
@@ -47,29 +48,35 @@ def run_history(
     record: bool,
     groups: int = kernels.G_ALL,
 ) -> None:
-    """``kernels.run_series`` over one state row, the groups split over two threads for long inputs.
+    """``kernels.run_series`` over state row k (record: ``out`` is (candles, features)), fused.
 
-    Every group touches only its own slice of the state row, so the lanes run on
-    private copies of it and their slices are merged back: bit-identical to one
-    ``run_series`` call with all groups.
+    record=False (no output) runs ``kernels.run_series`` itself.
     """
-    lanes = [lane & groups for lane in LANES if lane & groups]
-    pool = _lanes_pool()
-    if len(lanes) < 2 or pool is None or cols[0].shape[0] < PARALLEL_MIN_CANDLES:
+    if not record:
         kernels.run_series(st, k, *cols, out, record, groups)
         return
-    private = [st[k : k + 1].copy() for _ in lanes]
-    scratch = [out if record else kernels.new_output(1) for _ in lanes]
-    futures = [
-        pool.submit(kernels.run_series, row, 0, *cols, buf, record, lane)
-        for row, buf, lane in zip(private, scratch, lanes)
-    ]
-    for f in futures:
-        f.result()
-    st[k] = private[0][0]
-    for row, lane in zip(private[1:], lanes[1:]):
-        sl = kernels.state_slots(lane)
-        st[k, sl] = row[0, sl]
+    run_fused(st[k], cols, out.T, groups)
+
+
+def run_fused(
+    row: np.ndarray, cols: tuple[np.ndarray, ...], dest: np.ndarray, groups: int, want: np.ndarray = fused.ALL
+) -> None:
+    """The history ``cols`` through state ``row`` (1-D), values into ``dest[feature, candle]``.
+
+    ``kernels.step`` for the first ``fused.WARM`` candles, then the fused loops of the groups,
+    split over two threads for long inputs: the groups read and write disjoint slices of the
+    state row and disjoint rows of ``dest``, so the threads share both (no copies).
+    """
+    start = fused.prefix(row, *cols, dest, groups, want)
+    lanes = [lane & groups for lane in LANES if lane & groups]
+    pool = _lanes_pool()
+    if len(lanes) < 2 or pool is None or cols[0].shape[0] - start < PARALLEL_MIN_CANDLES:
+        fused.run_groups(row, start, *cols, dest, groups, want)
+    else:
+        futures = [pool.submit(fused.run_groups, row, start, *cols, dest, lane, want) for lane in lanes]
+        for f in futures:
+            f.result()
+    fused.finish(row, start, *cols)
 
 
 def compute_matrix(
@@ -91,7 +98,10 @@ def compute_matrix(
     Raises ``InvalidCandles`` for impossible candles, and for non-increasing
     ``open_time`` (or, with ``interval_ms`` and not ``allow_gaps``, a gap).
     """
-    return _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, kernels.G_ALL, out)
+    if out is None:
+        out = kernels.new_output(len(close))
+    _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, kernels.G_ALL, out)
+    return out
 
 
 def _matrix(
@@ -105,8 +115,11 @@ def _matrix(
     allow_gaps: bool,
     groups: int,
     out: np.ndarray | None = None,
+    want: np.ndarray = fused.ALL,
 ) -> np.ndarray:
-    """The feature matrix with only the columns of ``groups`` computed (the others are undefined)."""
+    """The features indexed [feature, candle] with only the rows of ``groups`` computed (the others are
+    undefined): ``out.T`` when ``out`` (candles, features) is given, else a fresh (features, candles)
+    array, whose rows are contiguous and whose untouched rows cost no memory (never written)."""
     o, h, l, c, v = as_columns(open, high, low, close, volume)  # noqa: E741
     validate_ohlcv(o, h, l, c, v)
     if open_time is not None:
@@ -114,11 +127,19 @@ def _matrix(
             raise ValueError(f"open_time has {len(open_time)} rows, prices {o.shape[0]}")
         validate_open_times(open_time, interval_ms, allow_gaps)
     if out is None:
-        out = kernels.new_output(o.shape[0])
+        dest = np.empty((kernels.N_FEATURES, o.shape[0]), dtype=np.float64)
     else:
         _check_out(out, o.shape[0])
-    run_history(kernels.new_state(1), 0, (o, h, l, c, v), out, True, groups)
-    return out
+        dest = out.T
+    run_fused(kernels.new_state(1)[0], (o, h, l, c, v), dest, groups, want)
+    return dest
+
+
+def _want(names: Sequence[str]) -> np.ndarray:
+    """The asked columns (the state row is thrown away after, so unasked ones may be skipped)."""
+    want = np.zeros(kernels.N_FEATURES, dtype=np.bool_)
+    want[[FEATURE_INDEX[n] for n in names]] = True
+    return want
 
 
 def _check_out(out: np.ndarray, n: int) -> None:
@@ -145,14 +166,14 @@ def compute_batch(
 ) -> dict[str, np.ndarray]:
     """``{feature name: float64 array}`` (None: every feature), NaN during warm-up.
 
-    Arrays are column views of one matrix (strided); ``np.ascontiguousarray`` one if needed.
-    ``out``: that matrix, as for ``compute_matrix`` (columns of features not asked may be
-    left as they were or overwritten).
+    Arrays are rows of one (features, candles) array, each contiguous; with ``out`` (a
+    (candles, features) matrix, as for ``compute_matrix``; columns of features not asked may be
+    left as they were or overwritten) they are column views of it (strided).
     """
     selected = resolve(names)
     groups = kernels.groups_for([FEATURE_INDEX[n] for n in selected])
-    out = _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, groups, out)
-    return {name: out[:, FEATURE_INDEX[name]] for name in selected}
+    dest = _matrix(open, high, low, close, volume, open_time, interval_ms, allow_gaps, groups, out, _want(selected))
+    return {name: dest[FEATURE_INDEX[name]] for name in selected}
 
 
 def compute_frame(
@@ -175,8 +196,9 @@ def compute_frame(
     selected = resolve(names)
     ot = candles["open_time"].to_numpy(np.int64) if "open_time" in candles.columns else None
     groups = kernels.groups_for([FEATURE_INDEX[n] for n in selected])
-    out = _matrix(*(candles[col].to_numpy(np.float64) for col in OHLCV), ot, interval_ms, allow_gaps, groups)
-    frame = pd.DataFrame(out[:, [FEATURE_INDEX[n] for n in selected]], columns=list(selected))
+    dest = _matrix(*(candles[col].to_numpy(np.float64) for col in OHLCV), ot, interval_ms, allow_gaps, groups, None,
+                   _want(selected))
+    frame = pd.DataFrame(dest[[FEATURE_INDEX[n] for n in selected]].T, columns=list(selected))
     if ot is not None:
         frame.insert(0, "open_time", ot)
     return frame
