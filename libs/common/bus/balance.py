@@ -155,6 +155,7 @@ class PartitionBalancer:
         if self.consumer not in members:
             members.append(self.consumer)
         holders = await self._holders()
+        self._reap()  # a partition given up while we read counts as given up
         held: dict[str, int] = {}
         for h in holders:
             if h is not None:
@@ -212,6 +213,7 @@ class PartitionBalancer:
         unit = self.units[p]
         if not await unit.lease.try_acquire():
             return False
+        unit.giving_up.clear()
         unit.took()
         self._tasks[p] = task = asyncio.create_task(unit.own_once(), name=f"{self.name}#{p}")
         task.add_done_callback(lambda _t: self.changed.set())

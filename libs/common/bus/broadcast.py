@@ -28,11 +28,17 @@ class BroadcastConsumer:
     async def _no_ack(self, ids: list[str]) -> None:
         return None
 
-    async def run(self) -> None:
+    async def prepare(self) -> None:
+        """Fix the stream's current end before ``Bus.start`` returns: an entry appended once it has
+        returned is seen."""
         proc = self.proc
-        # The stream's current end, fixed once: an entry appended while we start is still seen.
         last = await proc.redis("finding the stream's end", lambda: proc.client.xrevrange(proc.key, count=1))
         self.position = _s(last[0][0]) if last else "0-0"
+
+    async def run(self) -> None:
+        proc = self.proc
+        if self.position == "$":
+            await self.prepare()
         while True:
             proc._check_running()
             reply = await proc.redis(

@@ -319,6 +319,9 @@ class Bus:
         if ordered:
             self._consumers.insert(0, self._ordered_owner(ordered))
         await self._waiting_out("connecting the publishers", self._start_publishers)
+        for consumer in self._consumers:
+            if isinstance(consumer, BroadcastConsumer):
+                await self._waiting_out("finding where to broadcast from", consumer.prepare)
         self.running = True
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(self._supervise(consumer), name=consumer.name))

@@ -122,8 +122,12 @@ class GroupSampler:
 
     def _trims(self, key: str, info, g, length: int, last_delivered: str, first_id: str | None) -> None:
         added, read = info.get("entries-added"), g.get("entries-read")
+        if added is not None and read is not None and g.get("lag") is None:
+            # Redis 7 cannot tell the lag just now (it says nil, e.g. while entries were deleted
+            # between the group's position and the end): nothing is proven trimmed this round.
+            return
         if added is not None and read is not None:  # Redis 7+: exact
-            never_read = int(added) - int(read) - int(g.get("lag") or 0)
+            never_read = int(added) - int(read) - int(g["lag"])
             seen = self._trimmed_seen.get(key, 0)
             if never_read > seen:
                 delta = never_read - seen
