@@ -361,3 +361,53 @@ async def test_acl_users_work_on_a_redis_cluster(redis_cluster_url):
         for node in admin.get_nodes():  # the cluster is the session's: leave it as found
             await admin.execute_command("ACL", "DELUSER", *map(acl.user_name, topics.ACCESS), target_nodes=node)
         await admin.aclose()
+
+
+@needs_redis7
+async def test_partition_keys_are_covered_for_the_services_that_use_them(acl_redis):
+    """With P=4, features as its ACL user: consumes every partition of klines.v1 (fenced reads,
+    acks, leases, membership), publishes features.v1 to every partition through the guard, writes
+    its per-partition state; ingest publishes to every partition of klines.v1; features may not
+    append to another partition's klines.v1."""
+    from tests.libs.common.test_bus_partitions import SYMBOLS, kline
+
+    parts = 4
+    ingest = Bus("ingest", acl_redis.url("ingest"), consumer="i", partitions=parts,
+                 metrics=ServiceMetrics("ingest", _registry()))
+    ingest.publisher(topics.KLINES, EVENT_TYPES[topics.KLINES])
+    await ingest.start()
+    features = Bus("features", acl_redis.url("features"), consumer="f", partitions=parts, owner_lease_ms=900,
+                   metrics=ServiceMetrics("features", _registry()))
+    features.publisher(topics.FEATURES, EVENT_TYPES[topics.FEATURES])
+    client = aioredis.Redis.from_url(acl_redis.url("features"))
+    got: list[Any] = []
+
+    @features.ordered_batch(topics.KLINES, EVENT_TYPES[topics.KLINES])
+    async def handle(events, ids) -> None:
+        got.extend(events)
+
+    @features.on_owner
+    async def restore(partition: int) -> None:
+        await client.hset(topics.stream_companion_key(topics.FEATURES, "engine-state", partition), "x", "1")
+
+    admin = aioredis.Redis.from_url(acl_redis.admin_url)
+    try:
+        await ingest.once_per_candle(topics.KLINES, admin).publish_many([kline(s, 0) for s in SYMBOLS])
+        guard_client = aioredis.Redis.from_url(acl_redis.url("ingest"))
+        await ingest.once_per_candle(topics.KLINES, guard_client).publish_many([kline(s, 1) for s in SYMBOLS])
+        await guard_client.aclose()
+        await features.start()
+        assert features.owned_partitions() == frozenset(range(parts))
+        deadline = time.monotonic() + DEADLINE_S
+        while len(got) < 2 * len(SYMBOLS):
+            assert time.monotonic() < deadline and features.fatal is None, features.fatal
+            await asyncio.sleep(0.02)
+        for p in range(1, parts):
+            assert await admin.hget(topics.stream_companion_key(topics.FEATURES, "engine-state", p), "x") == b"1"
+            with pytest.raises(rex.NoPermissionError):
+                await client.xadd(topics.stream_key(topics.KLINES, p), {"__data__": "{}"})
+    finally:
+        await features.stop()
+        await ingest.stop()
+        await client.aclose()
+        await admin.aclose()
