@@ -1,17 +1,24 @@
 """Inference benchmark: N symbols closing together, answered by the seed-002 BiLSTM package beside
-persistence, measured in one run.
+persistence, measured in one run; float graph vs the package's int8 fast variant; and the chart
+classifier batched vs one chart at a time.
 
-    .venv/bin/python bench/bench_inference.py [--symbols 1000] [--bursts 5]
+    .venv/bin/python bench/bench_inference.py [--symbols 1000] [--bursts 5] [--epochs 3] [--charts 64]
 
-The package is trained for one step by the trainer's code on shipped candles (seed shapes: 60 x 13,
-BiLSTM 128-64-32); its speed does not depend on how well it was trained. Prints:
+The package is trained by the trainer's code on shipped candles (seed shapes: 60 x 13, BiLSTM
+128-64-32) for ``--epochs`` epochs, so its forecasts mean something for the accuracy block; the
+trainer exports the int8 variant beside the float graph (services/trainer/export.py). Prints:
 
-* session: one onnxruntime call for the whole burst vs torch eager on the same batch (the same
-  architecture), and both per window at batch 1;
+* session: float vs int8 on the same 1,000 windows, one and two intra-op threads, in micro-batches
+  of 64 (serving's default) and as one call, interleaved repetitions, ratios; torch eager for scale;
+* accuracy: on held-out real candles (the package's test slice, and everything after its training
+  range), the next close's MAE of float, int8 and persistence, and how far int8 is from float;
 * engine: close -> forecast handed to publishing, per candle, for a burst of N candles through
-  the micro-batcher (p50, p99, max, and the whole burst);
+  the micro-batcher (p50, p99, max, and the whole burst), float and int8 runs alternated;
 * service: the real service on an embedded Redis: N features events XADDed at once -> each
-  forecast on predictions.v1 (from the entries' times), including the bus edge.
+  forecast on predictions.v1 (from the entries' times), including the bus edge, float then int8;
+* charts: the default chart classifier (small ViT + MiniLM, trained one step on rendered charts of
+  the shipped candles): ``--charts`` charts through ``ChartModel.predict_many`` (one session call)
+  vs ``predict`` one at a time, and through the ``ChartBatcher``, interleaved, ratio.
 
 Absolute times and ratios, no thresholds.
 """
@@ -37,12 +44,34 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def train_package(root: Path):
+def train_package(root: Path, epochs: int = 1):
     from services.trainer.datasets import BuildSpec, build_dataset
     from services.trainer.jobs import TrainOptions, run_training
 
     build_dataset(BuildSpec(kind="bilstm-ohlc", inputs=[str(BTC_15M)], out=root / "ds"))
-    return run_training(root / "ds", TrainOptions(registry=str(root / "reg"), epochs=1, max_batches=1, device="cpu")).published
+    one_step = epochs <= 0  # one batch: enough for speed, not for accuracy
+    return run_training(root / "ds", TrainOptions(registry=str(root / "reg"), epochs=1 if one_step else epochs, device="cpu",
+                                                  max_batches=1 if one_step else None, patience=max(epochs, 1) + 1)).published
+
+
+def float_only(spec):
+    """The same package's serving spec without its fast variant: OnnxModel then runs model.onnx."""
+    meta = spec.meta.model_copy(update={"config": {k: v for k, v in spec.meta.config.items() if k != "fast_model"}})
+    return type(spec)(**{**spec.__dict__, "meta": meta})
+
+
+def timed_interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each callable, the callables run in turn ``reps`` times (after one warm call
+    each), so load from other work on the machine falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def features_rows(n_rows: int):
@@ -57,42 +86,73 @@ def features_rows(n_rows: int):
     return fs, frame.iloc[:n_rows]
 
 
-def bench_session(published, n: int) -> None:
+def bench_session(published, n: int, reps: int = 5) -> None:
     import onnxruntime as ort
     import torch
 
+    from libs.common.model_package import FAST_MODEL_FILE, MODEL_FILE
+    from services.inference.model_runner import session_options
     from services.trainer.models import build_core
 
     meta = published.meta
     fs, frame = features_rows(meta.lookback + n)
     feats = frame[list(meta.features)].to_numpy(np.float64)
     windows = np.stack([feats[i:i + meta.lookback] for i in range(n)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(Path(published.uri) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     name = meta.inputs[0].name
+    folder = Path(published.uri)
+    sess = {(v, t): ort.InferenceSession(str(folder / f), session_options(t), providers=["CPUExecutionProvider"])
+            for v, f in (("float", MODEL_FILE), ("int8", FAST_MODEL_FILE)) for t in (1, 2)}
+
+    def chunks(s, size):
+        return lambda: [s.run(None, {name: windows[i:i + size]}) for i in range(0, n, size)]
+
+    fns = {(v, t, size): chunks(s, size) for (v, t), s in sess.items() for size in (64, n)}
     torch.set_num_threads(1)
     core = build_core("bilstm-ohlc", len(meta.features), 1, 4).eval()
     x32 = torch.from_numpy(windows.astype(np.float32))
-
-    def timed(fn, reps):
-        fn()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps
-
-    ort_batch = timed(lambda: sess.run(None, {name: windows}), 3)
     with torch.no_grad():
-        torch_batch = timed(lambda: core(x32), 3)
-        torch_one = timed(lambda: core(x32[:1]), 50)
-    ort_one = timed(lambda: sess.run(None, {name: windows[:1]}), 50)
-    print(f"session, one thread, batch of {n} windows [{n}, {meta.lookback}, {len(meta.features)}]:")
-    print(f"  onnxruntime {ort_batch * 1e3:8.1f} ms   torch eager {torch_batch * 1e3:8.1f} ms   "
-          f"torch/onnxruntime {torch_batch / ort_batch:5.2f}x")
-    print(f"  batch 1: onnxruntime {ort_one * 1e3:.2f} ms, torch eager {torch_one * 1e3:.2f} ms; "
-          f"a burst of {n} one at a time would take {ort_one * n * 1e3:.0f} ms in onnxruntime "
-          f"({ort_one * n / ort_batch:.1f}x the batched call)")
+        got = timed_interleaved({**fns, "torch": lambda: core(x32)}, reps)
+    print(f"session, batch of {n} windows [{n}, {meta.lookback}, {len(meta.features)}], median of {reps} interleaved runs "
+          f"(torch eager, one thread, whole batch: {got['torch'] * 1e3:.1f} ms):")
+    for t in (1, 2):
+        for size in (64, n):
+            f, q = got[("float", t, size)], got[("int8", t, size)]
+            print(f"  {t} thread(s), calls of {size:4d}: float {f * 1e3:7.1f} ms   int8 {q * 1e3:7.1f} ms   "
+                  f"int8/float {q / f:.2f}x ({f / q:.2f}x faster)")
+    base = got[("float", 1, 64)]
+    print(f"  int8 with 2 threads, calls of 64 vs float with 1 thread: {got[('int8', 2, 64)] / base:.2f}x")
+
+
+def bench_accuracy(published) -> None:
+    """The accuracy cost of the int8 variant on held-out real candles: the next close's MAE."""
+    import onnxruntime as ort
+
+    from libs.common.model_package import FAST_MODEL_FILE, MODEL_FILE
+
+    meta = published.meta
+    _, frame = features_rows(10**9)
+    feats = frame[list(meta.features)].to_numpy(np.float64)
+    t = frame["open_time"].to_numpy()
+    c, L = meta.features.index("close"), meta.lookback
+    out = meta.targets.index("close")
+    folder = Path(published.uri)
+    run = {v: ort.InferenceSession(str(folder / f), providers=["CPUExecutionProvider"])
+           for v, f in (("float", MODEL_FILE), ("int8", FAST_MODEL_FILE))}
+    check = meta.evaluation.get("export_check", {})
+    print(f"accuracy of the int8 variant ({meta.name}, trained {meta.config['fit']['epochs_run']} epoch(s); the trainer's "
+          f"check on {int(check.get('samples', 0))} test windows: mean |int8-float| {check.get('fast_mean_diff_vs_move', float('nan')):.2%} "
+          f"of the forecast's move, bound {check.get('fast_bound_mean_vs_move', float('nan')):.0%}):")
+    for label, start in (("test slice", meta.ranges.test.start), ("after the training range", meta.ranges.validation.start)):
+        ends = [e for e in range(L - 1, len(feats) - 1) if t[e - L + 1] >= start]
+        w = np.stack([feats[e - L + 1:e + 1] for e in ends])
+        last, actual = w[:, -1, c], feats[[e + 1 for e in ends], c]
+        f, q = (run[v].run(None, {meta.inputs[0].name: w})[0][:, 0, out] for v in ("float", "int8"))
+        mae = {k: float(np.mean(np.abs(v - actual))) for k, v in (("float", f), ("int8", q), ("persistence", last))}
+        d = np.abs(q - f)
+        print(f"  {label} ({len(w)} windows, BTCUSDT 15m): next-close MAE float {mae['float']:.3f}  int8 {mae['int8']:.3f}  "
+              f"persistence {mae['persistence']:.3f}  (int8 - float {mae['int8'] - mae['float']:+.4f}, "
+              f"{(mae['int8'] - mae['float']) / mae['float']:+.3%}); |int8 - float| mean {d.mean():.4f} max {d.max():.4f} "
+              f"= {d.mean() / np.mean(np.abs(f - last)):.2%} of the float forecast's mean move")
 
 
 def burst_events(meta, symbols: list[str], candle: int):
@@ -108,7 +168,23 @@ def burst_events(meta, symbols: list[str], candle: int):
     return out
 
 
-async def bench_engine(published, n: int, bursts: int) -> None:
+async def bench_engine(published, n: int, bursts: int, rounds: int = 2) -> None:
+    """Float and int8 engines alternated ``rounds`` times, ``bursts`` bursts each."""
+    res: dict[str, tuple[list, list]] = {"float": ([], []), "int8": ([], [])}
+    for _ in range(rounds):
+        for variant in ("float", "int8"):
+            lat, whole = await engine_run(published, n, bursts, variant)
+            res[variant][0].extend(lat)
+            res[variant][1].extend(whole)
+    print(f"engine, {n} symbols closing together, {rounds} x {bursts} bursts per variant, alternated "
+          f"(close handed over -> forecast to publish):")
+    for variant, (lat, whole) in res.items():
+        print(f"  {variant:5s}: per candle p50 {pct(lat, 50) * 1e3:.1f} ms  p99 {pct(lat, 99) * 1e3:.1f} ms  "
+              f"max {max(lat) * 1e3:.1f} ms; whole burst p50 {pct(whole, 50) * 1e3:.1f} ms")
+    print(f"  int8/float whole burst p50 {pct(res['int8'][1], 50) / pct(res['float'][1], 50):.2f}x")
+
+
+async def engine_run(published, n: int, bursts: int, variant: str):
     from prometheus_client import CollectorRegistry
 
     from libs.common import model_package as mp
@@ -132,8 +208,12 @@ async def bench_engine(published, n: int, bursts: int) -> None:
                     Callables(sink, nothing, nothing, nothing))
     spec = spec_from_package(mp.verify_package(published.uri), published.uri)
     spec = type(spec)(**{**spec.__dict__, "pairs": None})  # serve every benchmark symbol
+    if variant == "float":
+        spec = float_only(spec)
     eng.needs_capacity(meta.lookback)
-    eng.install(load_model(spec))
+    model = load_model(spec)
+    assert model.runner.variant == ("fast" if variant == "int8" else "float"), model.runner.variant
+    eng.install(model)
     eng.start()
     _, frame = features_rows(meta.lookback + 200)
     cols = [c for c in frame.columns if c != "open_time"]
@@ -154,12 +234,12 @@ async def bench_engine(published, n: int, bursts: int) -> None:
         whole.append(max(done.values()) - t0)
         lat += [t - t0 for t in done.values()]
     await eng.stop()
-    print(f"engine, {n} symbols closing together, {bursts} bursts (close handed over -> forecast to publish):")
-    print(f"  per candle p50 {pct(lat, 50) * 1e3:.1f} ms  p99 {pct(lat, 99) * 1e3:.1f} ms  max {max(lat) * 1e3:.1f} ms; "
-          f"whole burst p50 {pct(whole, 50) * 1e3:.1f} ms")
+    return lat, whole
 
 
-async def bench_service(published, registry: Path, n: int, bursts: int, threads: int = 1, max_batch: int = 64) -> None:
+async def bench_service(published, registry: Path, n: int, bursts: int, threads: int = 1, max_batch: int = 64,
+                        variant: str = "int8") -> float:
+    from libs.common import model_package as mp
     from libs.common import topics
     from libs.common.bus import DATA_FIELD, redis_client
     from libs.common.redis_server import EmbeddedRedis
@@ -174,10 +254,15 @@ async def bench_service(published, registry: Path, n: int, bursts: int, threads:
 
     pkg = Path(published.uri)
     wide = registry / "bench-unified" / "1"
+    shutil.rmtree(registry / "bench-unified", ignore_errors=True)
     shutil.copytree(pkg, wide)
     doc = json.loads((wide / "klinebus.json").read_text())
     doc.update(name="bench-unified", serves=[{"symbol": s, "interval": "15m"} for s in symbols], promoted=True)
+    if variant == "float":  # the same package without its fast variant: the service runs model.onnx
+        doc["config"].pop("fast_model", None)
+        (wide / mp.FAST_MODEL_FILE).unlink()
     (wide / "klinebus.json").write_text(json.dumps(doc))
+    mp.write_manifest(wide)
     with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data) / "redis", persistent=False) as server:
         url = server.url
         settings = InferenceSettings(data_dir=Path(data), redis_url=url, consumer_name="bench", model_dir=str(registry),
@@ -216,32 +301,109 @@ async def bench_service(published, registry: Path, n: int, bursts: int, threads:
         finally:
             await client.aclose()
             await rt.stop()
-    print(f"service on an embedded Redis ({threads} session thread(s), max_batch {max_batch}), {n} symbols closing together, {bursts} bursts "
-          f"(XADD of the features -> the forecast's entry on predictions.v1, bus edge included):")
+    print(f"service on an embedded Redis, {variant} ({threads} session thread(s), max_batch {max_batch}), {n} symbols closing "
+          f"together, {bursts} bursts (XADD of the features -> the forecast's entry on predictions.v1, bus edge included):")
     print(f"  per candle p50 {pct(lat, 50):.0f} ms  p99 {pct(lat, 99):.0f} ms  max {max(lat):.0f} ms; "
           f"whole burst p50 {pct(whole, 50):.0f} ms")
+    return pct(whole, 50)
+
+
+def train_chart_classifier(root: Path):
+    """The default chart classifier (small ViT + the packaged MiniLM), trained one step on charts
+    rendered from the shipped BTCUSDT 15m candles by the trainer's code; and the charts."""
+    from libs.charting import presets
+    from libs.charting.indicators import window_from_frame
+    from libs.charting.pool import RenderPool
+    from services.trainer.classifier.dataset import load_index
+    from services.trainer.classifier.pipeline import ClassifierOptions, train_chart_classifier as train
+    from services.trainer.classifier.render import make_renderer
+    from services.trainer.datasets import BuildSpec, build_dataset
+
+    window = 10
+    ds = root / "charts-ds"
+    build_dataset(BuildSpec(
+        kind="chart-classifier", inputs=[str(BTC_15M)], out=ds, symbols=["BTCUSDT"], intervals=["15m"],
+        start=1_682_899_200_000, lookback=window, train_fraction=0.5, validation_fraction=0.25,
+        extra={"renderer": make_renderer(window, presets, window_from_frame, RenderPool), "workers": 0},
+    ))
+    result = train(ds, ClassifierOptions(registry=str(root / "charts-reg"), epochs=1, batch_size=8, seed=0, max_batches=1,
+                                         device="cpu"))
+    return ds, result.package, load_index(ds)
+
+
+async def bench_charts(root: Path, n: int, reps: int = 3) -> None:
+    from services.inference.batching import ChartBatcher, Job
+    from services.inference.chart_models import load_chart_package
+    from services.inference.charts import load_chart_model
+
+    t = time.perf_counter()
+    ds, pkg, index = train_chart_classifier(root)
+    model = load_chart_model(load_chart_package(pkg.uri, None, root), 1)
+    import pandas as pd
+
+    candles = pd.read_csv(BTC_15M).set_index("open_time")
+    rows = [index.iloc[i % len(index)] for i in range(n)]
+    charts = [((ds / r["image_path"]).read_bytes(),
+               tuple(float(candles.loc[int(r["open_time"]), k]) for k in ("open", "high", "low", "close", "volume")),
+               str(r["image_path"])) for r in rows]
+    print(f"chart classifier {pkg.meta.name}@{pkg.version} (small ViT + MiniLM, {model.spec.image_size} px, "
+          f"{model.spec.max_tokens} tokens; rendered, trained and exported in {time.perf_counter() - t:.0f} s), "
+          f"{n} charts, one intra-op thread, median of {reps} interleaved runs:")
+    batcher = ChartBatcher("bench", max_batch=32)
+
+    def jobs():
+        return [Job(model=model, symbol="BTCUSDT", interval="15m", open_time=i, window=png, last_close=c[3],
+                    meta={"candle": c, "where": w}) for i, (png, c, w) in enumerate(charts)]
+
+    loop_times: dict[str, list[float]] = {"batcher": []}
+    got = timed_interleaved({"one": lambda: [model.predict(*c) for c in charts],
+                             "batch": lambda: model.predict_many(charts)}, reps)
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        await batcher.answer(jobs())
+        loop_times["batcher"].append(time.perf_counter() - t0)
+    await batcher.stop()
+    b = float(np.median(loop_times["batcher"][1:]))
+    one, many = got["one"], got["batch"]
+    same = all(abs(a.next_close - o.next_close) <= 1e-6 * abs(o.next_close) for a, o in
+               zip(model.predict_many(charts[:8]), [model.predict(*c) for c in charts[:8]]))
+    print(f"  one at a time {one * 1e3:7.1f} ms ({one / n * 1e3:.1f} ms/chart)   predict_many (one call) {many * 1e3:7.1f} ms   "
+          f"batched/one-by-one {many / one:.2f}x ({one / many:.2f}x faster)")
+    print(f"  ChartBatcher (calls of 32, its own thread) {b * 1e3:7.1f} ms ({b / one:.2f}x one-by-one); "
+          f"batched answers equal the one-by-one ones: {same}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--symbols", type=int, default=1000)
     ap.add_argument("--bursts", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs of the BiLSTM (0: one batch, as before)")
+    ap.add_argument("--charts", type=int, default=64, help="charts for the chart-classifier block (0: skip it)")
     ap.add_argument("--skip-service", action="store_true")
     ap.add_argument("--only-service", action="store_true")
+    ap.add_argument("--variants", default="float,int8", help="service runs, in order (float, int8)")
     ap.add_argument("--threads", type=int, default=1, help="KLINEBUS_SESSION_THREADS for the service run")
     ap.add_argument("--max-batch", type=int, default=64, help="KLINEBUS_MAX_BATCH for the service run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        published = train_package(root)
-        print(f"package {published.meta.name}@{published.version} trained and exported by the trainer's code "
-              f"in {time.perf_counter() - t:.0f} s")
+        published = train_package(root, args.epochs)
+        fast = published.meta.config.get("fast_model")
+        print(f"package {published.meta.name}@{published.version} trained ({published.meta.config['fit']['epochs_run']} "
+              f"epoch(s)) and exported by the trainer's code in {time.perf_counter() - t:.0f} s; fast variant: "
+              f"{fast['file'] if fast else 'none'}")
         if not args.only_service:
             bench_session(published, args.symbols)
+            bench_accuracy(published)
             asyncio.run(bench_engine(published, args.symbols, args.bursts))
         if not args.skip_service:
-            asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts, args.threads, args.max_batch))
+            whole = {v: asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts, args.threads,
+                                                  args.max_batch, v)) for v in args.variants.split(",")}
+            if len(whole) == 2:
+                print(f"  service whole burst p50 int8/float {whole['int8'] / whole['float']:.2f}x")
+        if args.charts and not args.only_service:
+            asyncio.run(bench_charts(root, args.charts))
 
 
 if __name__ == "__main__":

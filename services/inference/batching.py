@@ -7,6 +7,9 @@ order the jobs came. Each model has its own queue, task and thread, so a slow mo
 delays itself. It works the same whether the bus delivers events one at a time or in
 batches: batching happens here, across events, not per delivery.
 
+``ChartBatcher``: the same for a chart classifier (``charts.v1``): chart jobs gathered into one
+``ChartModel.predict_many`` call, each caller awaiting its own answers (``answer``).
+
 ``Outbox``: one per output topic. Events are published in the order they were put, in
 pipelined batches of one key, so what the workers produced reaches the stream in order.
 
@@ -56,6 +59,7 @@ OnSession = Callable[[Sequence[Job]], None]
 Transient = Callable[[BaseException], bool]
 GiveUp = Callable[[Any, str], Awaitable[None]]
 OnRestart = Callable[[str, BaseException], None]
+RunBatch = Callable[[Sequence[Job]], list[Any]]  # a group of one model's jobs -> a result or error per job
 
 
 def connection_trouble(exc: BaseException) -> bool:
@@ -208,9 +212,11 @@ class MicroBatcher(_QueueWorker):
         transient: Transient | None = None,
         max_tries: int = MAX_TRIES,
         on_restart: OnRestart | None = None,
+        run: RunBatch | None = None,
     ) -> None:
         self.name = name
         self.on_result = on_result
+        self.run_batch = run or _predict  # one session call for a group of jobs of one model
         self.on_session = on_session
         self.give_up = give_up
         self.max_batch = max_batch
@@ -254,7 +260,7 @@ class MicroBatcher(_QueueWorker):
             while end < len(batch) and batch[end].model is batch[start].model:
                 end += 1
             group = batch[start:end]
-            results = await loop.run_in_executor(self._executor, _predict, group)
+            results = await loop.run_in_executor(self._executor, self.run_batch, group)
             if self.on_session is not None:
                 self.on_session(group)
             answered += [_InHand(_Answered(j, r)) for j, r in zip(group, results)]
@@ -291,6 +297,60 @@ def _predict(jobs: Sequence[Job]) -> list[Any]:
         j.meta["session_s"] = elapsed
         j.meta["batch"] = len(jobs)
     return list(out)
+
+
+def predict_charts(jobs: Sequence[Job]) -> list[Any]:
+    """Runs in the model's thread: chart jobs (``window`` the PNG bytes, ``meta["candle"]`` the
+    chart's last candle, ``meta["where"]`` its uri) through one ``ChartModel.predict_many`` call;
+    per job its ``ChartForecast`` or its error."""
+    model = jobs[0].model
+    t0 = time.perf_counter()
+    try:
+        out = model.predict_many([(j.window, j.meta["candle"], j.meta.get("where", "chart")) for j in jobs])
+    except Exception as exc:  # noqa: BLE001 - reported per job by the caller
+        return [exc] * len(jobs)
+    elapsed = time.perf_counter() - t0
+    for j in jobs:
+        j.meta["session_s"] = elapsed
+        j.meta["batch"] = len(jobs)
+    return list(out)
+
+
+class ChartBatcher(MicroBatcher):
+    """The micro-batcher for one chart classifier name: ``await answer(jobs)`` submits chart jobs
+    (see ``predict_charts``) and returns, in their order, each one's ``ChartForecast`` or error.
+    Jobs from every caller that arrive within ``max_wait_s`` (up to ``max_batch``) share one
+    session call in the model's own thread, so concurrent deliveries batch together and a big
+    delivery is cut into bounded calls."""
+
+    def __init__(self, name: str, max_batch: int = 32, max_wait_s: float = 0.002, *,
+                 on_session: OnSession | None = None, on_restart: OnRestart | None = None) -> None:
+        super().__init__(name, self._resolve, max_batch, max_wait_s, on_session=on_session, on_restart=on_restart,
+                         run=predict_charts)
+        self._waiting: set[asyncio.Future] = set()
+
+    @staticmethod
+    async def _resolve(job: Job, result: Any) -> None:
+        future = job.meta.pop("future", None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    async def answer(self, jobs: Sequence[Job]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            job.meta["future"] = future = loop.create_future()
+            futures.append(future)
+            self._waiting.add(future)
+            future.add_done_callback(self._waiting.discard)
+            self.submit(job)
+        self.start()
+        return list(await asyncio.gather(*futures))
+
+    async def stop(self) -> None:
+        await super().stop()
+        for future in list(self._waiting):  # a caller waiting on a stopped batcher is cancelled, not left hanging
+            future.cancel()
 
 
 @dataclass

@@ -10,6 +10,10 @@ into a price. Everything comes from the package; the text and image rules are
 
 Pure domain: no bus. Package problems are ``PackageError`` (one line); a chart that cannot be fed
 is ``ChartImageError``.
+
+``ChartModel.predict_many`` answers many charts with one session call (images stacked, texts
+padded to the graph's token axis together); ``services.inference.batching.ChartBatcher`` gathers
+charts into such calls, as the ``MicroBatcher`` does windows for the forecasters.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,6 +36,7 @@ CHART_KIND = "chart-classifier"
 INPUTS = ("image", "input_ids", "attention_mask")
 OUTPUTS = ("probabilities", "next_close_scaled")
 DEFAULT_CLASSES = ("bearish", "neutral", "bullish")  # the trainer's labels 0/1/2
+Candle = tuple[float, float, float, float, float]  # open, high, low, close, volume
 
 
 class NotAChartClassifier(PackageError):
@@ -173,26 +178,67 @@ class ChartModel:
         except (ValueError, RuntimeError) as exc:
             raise PackageError(f"{self.spec.label}: warm-up: {_line(exc)}") from None
 
-    def predict(self, png: bytes, candle: tuple[float, float, float, float, float], where: str = "chart") -> ChartForecast:
+    def predict(self, png: bytes, candle: Candle, where: str = "chart") -> ChartForecast:
         """``candle``: the chart's last candle (open, high, low, close, volume)."""
         return self.run(load_chart(png, self.spec.image_size, where), candle)
 
-    def run(self, image: np.ndarray, candle: tuple[float, float, float, float, float]) -> ChartForecast:
+    def run(self, image: np.ndarray, candle: Candle) -> ChartForecast:
+        (answer,) = self.run_many(image[None], [candle])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def predict_many(self, charts: Sequence[tuple[bytes, Candle, str]]) -> list[ChartForecast | Exception]:
+        """Many charts ``(png, candle, where)`` in one session call: per chart, in order, its forecast
+        or its error (``ChartImageError`` for a chart that cannot be fed, which leaves the others in
+        the batch; a session that fails is that error for every chart of the call)."""
+        out: list[ChartForecast | Exception | None] = [None] * len(charts)
+        images, candles, at = [], [], []
+        for i, (png, candle, where) in enumerate(charts):
+            try:
+                images.append(load_chart(png, self.spec.image_size, where))
+            except ChartImageError as exc:
+                out[i] = exc
+                continue
+            candles.append(candle)
+            at.append(i)
+        if at:
+            try:
+                answers: list[ChartForecast | Exception] = self.run_many(np.stack(images), candles)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, reported per chart
+                answers = [exc] * len(at)
+            for i, a in zip(at, answers):
+                out[i] = a
+        return out  # type: ignore[return-value]
+
+    def run_many(self, images: np.ndarray, candles: Sequence[Candle]) -> list[ChartForecast | Exception]:
+        """``images`` uint8 [n, N, N, 3] and each one's last candle -> one session call: the images
+        stacked, the texts tokenised and padded to the graph's ``max_tokens`` together. A row that
+        answers non-finite numbers is a ``ValueError`` for that chart alone."""
         spec = self.spec
-        text = candle_text(*candle, spec=spec.text)
-        tok = tokenize(self.tokenizer, [text], spec.max_tokens)
-        probs, scaled = self.session.run(list(OUTPUTS), {"image": image[None], **tok})
-        p = np.asarray(probs, dtype=np.float64).reshape(-1)
-        y = float(np.asarray(scaled, dtype=np.float64).reshape(-1)[0])
-        if p.shape != (3,) or not np.isfinite(p).all() or not math.isfinite(y):
-            raise ValueError(f"{spec.label} answered probabilities {p.tolist()} and next close {y}: not 3 finite numbers and one")
-        close = candle[3]
-        return ChartForecast(
-            probabilities={c: float(v) for c, v in zip(spec.classes, p)},
-            predicted_class=spec.classes[int(np.argmax(p))],
-            next_close=close * (1.0 + y * spec.scale),
-            text=text,
-        )
+        n = len(candles)
+        texts = [candle_text(*c, spec=spec.text) for c in candles]
+        tok = tokenize(self.tokenizer, texts, spec.max_tokens)
+        probs, scaled = self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(images, dtype=np.uint8), **tok})
+        p = np.asarray(probs, dtype=np.float64)
+        y = np.asarray(scaled, dtype=np.float64).reshape(-1)
+        if p.size != 3 * n or y.shape != (n,):
+            raise ValueError(f"{spec.label} answered probabilities of shape {list(p.shape)} and next closes of shape "
+                             f"{list(np.shape(scaled))} for {n} chart(s): not [n, 3] and [n]")
+        p = p.reshape(n, 3)
+        out: list[ChartForecast | Exception] = []
+        for row, yi, candle, text in zip(p, y, candles, texts):
+            if not np.isfinite(row).all() or not math.isfinite(yi):
+                out.append(ValueError(f"{spec.label} answered probabilities {row.tolist()} and next close {yi}: "
+                                      "not 3 finite numbers and one"))
+                continue
+            out.append(ChartForecast(
+                probabilities={c: float(v) for c, v in zip(spec.classes, row)},
+                predicted_class=spec.classes[int(np.argmax(row))],
+                next_close=candle[3] * (1.0 + float(yi) * spec.scale),
+                text=text,
+            ))
+        return out
 
 
 def _line(exc: BaseException) -> str:

@@ -9,6 +9,8 @@ stream there, so the read is short), the package writes its text and tokenises i
 next close. A chart that cannot be fed (unreadable, corrupt, another size, another window, its
 candle not on klines.v1) is one log line, a dead letter and
 ``klinebus_inference_chart_errors_total{model,reason}``; the next chart is served as usual.
+``on_chart`` answers one chart (one session call per model); ``on_charts`` a delivery of charts
+(``bus.ordered_batch``) with one session call per model for all of them (``ChartBatcher``).
 A package that cannot serve (missing tokenizer, wrong inputs) is refused like any other package.
 """
 
@@ -24,7 +26,9 @@ from libs.common.contracts import ChartEvent, ModelPublished, PredictionEvent
 from libs.common.klines import interval_ms, now_ms
 from libs.common.model_package import PackageError
 from libs.common.stream_history import recent_candles
+from services.inference.batching import ChartBatcher, Job
 from services.inference.chart_models import (
+    ChartForecast,
     ChartImageError,
     ChartModel,
     ChartSpec,
@@ -53,13 +57,15 @@ def load_chart_model(spec: ChartSpec, threads: int) -> ChartModel:
 class ChartServing:
     def __init__(self, engine: Any, client: Any, publish: Callable[..., Awaitable[Any]],
                  dead_letter: Callable[[str, Any, str], Awaitable[None]], metrics: Any, threads: int = 1,
-                 artefacts: ArtefactRoot | None = None) -> None:
+                 artefacts: ArtefactRoot | None = None, max_batch: int = 32) -> None:
         self.engine, self.client, self.publish, self.dead_letter = engine, client, publish, dead_letter
         if artefacts is None:
             raise ValueError("ChartServing needs the artefact root charts are read from")
         self.artefacts = artefacts
         self.threads = threads
+        self.max_batch = max_batch  # charts per session call in on_charts
         self.models: dict[str, ChartModel] = {}
+        self.batchers: dict[str, ChartBatcher] = {}
         self.errors = metrics.counter("chart_errors_total", "Charts a chart classifier could not answer, by reason",
                                       ["model", "reason"])
 
@@ -135,57 +141,105 @@ class ChartServing:
         log.error("%s", line)
         await self.dead_letter(topics.CHARTS, event.to_json(), line)
 
-    async def on_chart(self, event: ChartEvent) -> None:
+    async def _prepare(self, event: ChartEvent) -> tuple[list[ChartModel], bytes, Any] | None:
+        """The models that answer this chart, its PNG and its last candle; None when no model
+        answers it (none serves it, or it was refused: logged, counted, dead-lettered)."""
         models = [m for m in self.models.values()
                   if m.spec.serves(event.symbol, event.interval) and (not m.spec.preset or m.spec.preset == event.preset)]
         if not models:
-            return
+            return None
         wrong = [m for m in models if m.spec.meta is not None and event.window != m.spec.meta.lookback]
         if wrong:
             await self._refuse(event, wrong, WRONG_WINDOW,
                                f"it shows {event.window} candles, the model reads {wrong[0].spec.meta.lookback}")
             models = [m for m in models if m not in wrong]
             if not models:
-                return
+                return None
         try:
             png = await asyncio.to_thread(self.artefacts.read_png, event.uri)
         except ArtefactRefused as exc:  # missing or expired: unreadable; anything else: refused before use
             why = UNREADABLE if exc.kind == "unreadable" else REFUSED_URI
             await self._refuse(event, models, why, f"cannot read it ({exc.kind}: {exc.reason})")
-            return
+            return None
         candles = await recent_candles(self.client, event.symbol, event.interval, 1, event.open_time + 1)
         if not candles or candles[-1].open_time != event.open_time:
             await self._refuse(event, models, NO_CANDLE, f"its last candle ({event.open_time}) is not on klines.v1")
+            return None
+        return models, png, candles[-1]
+
+    async def on_chart(self, event: ChartEvent) -> None:
+        prepared = await self._prepare(event)
+        if prepared is None:
             return
-        k = candles[-1]
+        models, png, k = prepared
         candle = (k.open, k.high, k.low, k.close, k.volume)
-        iv = interval_ms(event.interval)
         for m in models:
-            spec = m.spec
             try:
                 fc = await asyncio.to_thread(m.predict, png, candle, event.uri)
-            except ChartImageError as exc:
-                await self._refuse(event, [m], BAD_IMAGE, str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a failing session: that chart is dead-lettered, serving goes on
-                self.engine.m.model_errors.labels(spec.name).inc()
-                await self._refuse(event, [m], MODEL_FAILED, f"{type(exc).__name__}: {_line(exc)}")
-                continue
-            now = now_ms()
-            pred = PredictionEvent(
-                symbol=event.symbol, interval=event.interval, open_time=event.open_time, model=spec.name,
-                model_version=spec.version, target_open_time=event.open_time + iv, horizon=1,
-                # "class": the index of the most likely class, in the order of ``probabilities``.
-                predicted={"close": fc.next_close, "class": float(spec.classes.index(fc.predicted_class))}, last_close=k.close, probabilities=fc.probabilities,
-                close_to_publish_ms=max(0, now - event.open_time - iv), role="primary" if spec.promoted else "shadow",
-            )
-            await self.publish([pred], spec.name)
-            self.engine.m.predictions.labels(spec.name).inc()
-            self.engine.m.last_prediction.labels(spec.name).set(now / 1000.0)
-            # Scored like every forecast when its target candle closes on features.v1.
-            for s in self.engine.scorer.add_forecast(spec.name, spec.version, event.symbol, event.interval,
-                                                     event.open_time, k.close, [(1, event.open_time + iv, fc.next_close)]):
-                self.engine._emit_score(s)
+            except Exception as exc:  # noqa: BLE001 - handled by _answered (bad image, failing session)
+                fc = exc
+            await self._answered(event, m, k, fc)
+
+    async def on_charts(self, events: list[ChartEvent]) -> None:
+        """A delivery of charts in stream order (``bus.ordered_batch``): the same forecasts, refusals
+        and publishing order as ``on_chart`` for each, with one session call per model for all of
+        them (each model's ``ChartBatcher``: its own thread, at most ``max_batch`` charts a call).
+        Idempotent per chart, as the bus asks: forecasts go through the once-per-candle publisher."""
+        ready = []
+        for event in events:
+            prepared = await self._prepare(event)
+            if prepared is not None:
+                ready.append((event, *prepared))
+        jobs: dict[str, list[Job]] = {}
+        for n, (event, models, png, k) in enumerate(ready):
+            for m in models:
+                jobs.setdefault(m.spec.name, []).append(Job(
+                    model=m, symbol=event.symbol, interval=event.interval, open_time=event.open_time, window=png,
+                    last_close=k.close, meta={"candle": (k.open, k.high, k.low, k.close, k.volume), "where": event.uri,
+                                              "n": n}))
+        names = list(jobs)
+        results = await asyncio.gather(*(self._batcher(name).answer(jobs[name]) for name in names))
+        answers = {(job.meta["n"], name): r for name in names for job, r in zip(jobs[name], results[names.index(name)])}
+        for n, (event, models, _, k) in enumerate(ready):
+            for m in models:
+                await self._answered(event, m, k, answers[(n, m.spec.name)])
+
+    def _batcher(self, name: str) -> ChartBatcher:
+        if name not in self.batchers:
+            self.batchers[name] = ChartBatcher(f"chart:{name}", max_batch=self.max_batch)
+        return self.batchers[name]
+
+    async def stop(self) -> None:
+        """Stop the chart batchers (their threads); a caller still waiting is cancelled."""
+        for b in list(self.batchers.values()):
+            await b.stop()
+        self.batchers.clear()
+
+    async def _answered(self, event: ChartEvent, m: ChartModel, k: Any, fc: ChartForecast | BaseException) -> None:
+        spec = m.spec
+        if isinstance(fc, ChartImageError):
+            await self._refuse(event, [m], BAD_IMAGE, str(fc))
+            return
+        if isinstance(fc, BaseException):  # a failing session: that chart is dead-lettered, serving goes on
+            self.engine.m.model_errors.labels(spec.name).inc()
+            await self._refuse(event, [m], MODEL_FAILED, f"{type(fc).__name__}: {_line(fc)}")
+            return
+        iv = interval_ms(event.interval)
+        now = now_ms()
+        pred = PredictionEvent(
+            symbol=event.symbol, interval=event.interval, open_time=event.open_time, model=spec.name,
+            model_version=spec.version, target_open_time=event.open_time + iv, horizon=1,
+            # "class": the index of the most likely class, in the order of ``probabilities``.
+            predicted={"close": fc.next_close, "class": float(spec.classes.index(fc.predicted_class))}, last_close=k.close, probabilities=fc.probabilities,
+            close_to_publish_ms=max(0, now - event.open_time - iv), role="primary" if spec.promoted else "shadow",
+        )
+        await self.publish([pred], spec.name)
+        self.engine.m.predictions.labels(spec.name).inc()
+        self.engine.m.last_prediction.labels(spec.name).set(now / 1000.0)
+        # Scored like every forecast when its target candle closes on features.v1.
+        for s in self.engine.scorer.add_forecast(spec.name, spec.version, event.symbol, event.interval,
+                                                 event.open_time, k.close, [(1, event.open_time + iv, fc.next_close)]):
+            self.engine._emit_score(s)
 
 
 def _line(exc: BaseException) -> str:

@@ -5,6 +5,12 @@ the package's order), applies the package's scaler, runs the session once for th
 batch and turns each output row into a ``Forecast`` (prices in the market's units). The
 session is checked against the manifest when it loads and warmed with one batch, so a model
 that loads is a model that answers.
+
+Fast path: a package whose trainer left an int8 serving variant (``model.int8.onnx``, named with
+its sha256 in ``config.fast_model``, verified with the package, checked by the trainer against the
+float graph on real windows) is served from that file unless ``variant="float"`` is asked for;
+``OnnxModel.variant`` says which file runs. The seed BiLSTM answers a 1,000-window burst ~1.8x
+faster with it (bench/bench_inference.py, docs/inference.md "Fast path").
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from libs.common.model_package import FAST_MODEL_FILE
 from services.inference.package import LEVELS, LOG_RETURN, PROBS, Intervals, ModelSpec, Output, PackageError
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -61,7 +68,13 @@ class Forecast:
         return self.path[0] if self.path else None
 
 
-def _session(path: Path, threads: int):
+FAST, FLOAT, AUTO = "fast", "float", "auto"
+
+
+def session_options(threads: int):
+    """The serving session's options: ``threads`` intra-op threads, one inter-op thread, sequential
+    execution, every graph optimisation; with more than one thread the pool's workers sleep
+    instead of spinning between calls, so an idle model leaves its cores to the event loop and Redis."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -69,19 +82,43 @@ def _session(path: Path, threads: int):
     # cores, and each model runs in its own worker thread, so models still run side by side.
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def model_file(spec: ModelSpec, variant: str = AUTO) -> tuple[Path, str]:
+    """``(file, variant)`` to serve: the package's fast variant when it names one (``auto``, ``fast``),
+    else ``model.onnx``; ``fast`` on a package without one is a ``PackageError``."""
+    if variant not in (AUTO, FAST, FLOAT):
+        raise ValueError(f"variant must be {AUTO!r}, {FAST!r} or {FLOAT!r}, got {variant!r}")
+    fast = (spec.meta.config.get("fast_model") if spec.meta is not None else None) or None
+    if variant != FLOAT and isinstance(fast, dict) and fast.get("file") == FAST_MODEL_FILE:
+        return spec.path.with_name(FAST_MODEL_FILE), FAST
+    if variant == FAST:
+        raise PackageError(f"{spec.label}: the package has no fast variant ({FAST_MODEL_FILE})")
+    return spec.path, FLOAT
 
 
 class OnnxModel:
-    def __init__(self, spec: ModelSpec, threads: int = 1) -> None:
+    def __init__(self, spec: ModelSpec, threads: int = 1, variant: str = AUTO) -> None:
         if spec.path is None:
             raise PackageError(f"{spec.label}: no model file")
         self.spec = spec
         self.dtype = DTYPES[spec.input_dtype]
+        path, self.variant = model_file(spec, variant)
         try:
-            self.session = _session(spec.path, threads)
+            self.session = _session(path, threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise PackageError(f"{spec.label}: onnxruntime cannot load {spec.path.name}: {_line(exc)}") from None
+            raise PackageError(f"{spec.label}: onnxruntime cannot load {path.name}: {_line(exc)}") from None
         self._check_signature()
         if spec.scaler is not None:
             self._offset = np.asarray(spec.scaler.center, dtype=np.float64)

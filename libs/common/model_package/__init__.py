@@ -31,6 +31,7 @@ from libs.common.model_package.hub import HubPublisher, UploadPlan
 from libs.common.model_package.registry import PublishedPackage, Registry
 from libs.common.model_package.schema import (
     CARD_FILE,
+    FAST_MODEL_FILE,
     HF_SCHEME,
     MANIFEST_FILE,
     META_FILE,
@@ -49,7 +50,7 @@ from libs.common.model_package.schema import (
 )
 
 __all__ = [
-    "CARD_FILE", "HF_SCHEME", "IGNORED", "MANIFEST_FILE", "MANIFEST_FORMAT", "META_FILE", "MODEL_FILE",
+    "CARD_FILE", "FAST_MODEL_FILE", "HF_SCHEME", "IGNORED", "MANIFEST_FILE", "MANIFEST_FORMAT", "META_FILE", "MODEL_FILE",
     "PACKAGE_FORMAT", "STAGING_PREFIX", "TOKENIZER_DIR", "HubPublisher", "ModelPackage", "PackageError",
     "PublishedPackage", "Ranges", "Registry", "Scaler", "Served", "Sources", "TensorSpec", "TimeRange",
     "UploadPlan", "check_relative", "code_version", "fetch_package", "inside", "package_digest", "parse_meta",

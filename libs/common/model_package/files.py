@@ -27,6 +27,7 @@ import fsspec
 from libs.common.model_package.schema import (
     _SHA256,
     CARD_FILE,
+    FAST_MODEL_FILE,
     MANIFEST_FILE,
     META_FILE,
     MODEL_FILE,
@@ -189,11 +190,21 @@ def write_package(
     tokenizer_dir: str | Path | None = None,
 ) -> ModelPackage:
     """Write a package into a new local ``directory``; fills in ``sha256``; writes the manifest last;
-    returns the final metadata (``package_digest(directory)`` is what to announce)."""
+    returns the final metadata (``package_digest(directory)`` is what to announce).
+
+    A fast serving variant the exporter left beside ``onnx_file`` (``FAST_MODEL_FILE``, kept by its
+    check against the float graph) goes in too, named with its sha256 in ``config.fast_model``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=False)
     shutil.copyfile(onnx_file, directory / MODEL_FILE)
-    meta = meta.model_copy(update={"sha256": sha256_file(directory / MODEL_FILE)})
+    update: dict[str, Any] = {"sha256": sha256_file(directory / MODEL_FILE)}
+    fast = Path(onnx_file).with_name(FAST_MODEL_FILE)
+    if fast.is_file() and Path(onnx_file).name != FAST_MODEL_FILE:
+        shutil.copyfile(fast, directory / FAST_MODEL_FILE)
+        update["config"] = {**meta.config, "fast_model": {
+            "file": FAST_MODEL_FILE, "sha256": sha256_file(directory / FAST_MODEL_FILE),
+            "method": "onnxruntime dynamic int8 quantisation of the recurrent weights (per channel)"}}
+    meta = meta.model_copy(update=update)
     ModelPackage.model_validate(meta.model_dump())  # the copy bypasses validation
     (directory / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
     (directory / CARD_FILE).write_text(card)
@@ -261,21 +272,35 @@ def verify_package(
     if meta.sha256 != files[MODEL_FILE]["sha256"]:
         raise PackageError(f"{directory}: {MODEL_FILE} sha256 {files[MODEL_FILE]['sha256'][:12]}… differs from "
                            f"{META_FILE}'s {meta.sha256[:12]}…")
-    model_path = f"{base}/{MODEL_FILE}"
+    graphs = [MODEL_FILE]
+    fast = meta.config.get("fast_model")
+    if fast is not None or FAST_MODEL_FILE in files:
+        # The fast variant is served instead of model.onnx: klinebus.json names it with its hash,
+        # and it is checked like model.onnx.
+        if not isinstance(fast, dict) or fast.get("file") != FAST_MODEL_FILE or FAST_MODEL_FILE not in files \
+                or fast.get("sha256") != files[FAST_MODEL_FILE]["sha256"]:
+            raise PackageError(f"{directory}: {FAST_MODEL_FILE} and {META_FILE}'s config.fast_model do not match "
+                               f"(both or neither, with the manifest's sha256)")
+        graphs.append(FAST_MODEL_FILE)
     if check_graph and fs is None:
         try:
             import onnx
         except ImportError:
             return meta
-        try:
-            graph = onnx.load(model_path, load_external_data=False).graph
-        except Exception as e:  # a truncated or foreign file
-            raise PackageError(f"{directory}: {MODEL_FILE} is not a readable ONNX model ({type(e).__name__})") from None
-        initializers = {i.name for i in graph.initializer}
-        ins = [i.name for i in graph.input if i.name not in initializers]
-        outs = [o.name for o in graph.output]
-        if ins != [t.name for t in meta.inputs] or outs != [t.name for t in meta.outputs]:
-            raise PackageError(f"{directory}: graph inputs {ins} / outputs {outs} differ from {META_FILE}'s")
-        if any(i.HasField("data_location") and i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
-            raise PackageError(f"{directory}: {MODEL_FILE} keeps weights outside the file")
+        for name in graphs:
+            _check_graph(onnx, directory, base, name, meta)
     return meta
+
+
+def _check_graph(onnx: Any, directory: str | Path, base: str, name: str, meta: ModelPackage) -> None:
+    try:
+        graph = onnx.load(f"{base}/{name}", load_external_data=False).graph
+    except Exception as e:  # a truncated or foreign file
+        raise PackageError(f"{directory}: {name} is not a readable ONNX model ({type(e).__name__})") from None
+    initializers = {i.name for i in graph.initializer}
+    ins = [i.name for i in graph.input if i.name not in initializers]
+    outs = [o.name for o in graph.output]
+    if ins != [t.name for t in meta.inputs] or outs != [t.name for t in meta.outputs]:
+        raise PackageError(f"{directory}: {name} graph inputs {ins} / outputs {outs} differ from {META_FILE}'s")
+    if any(i.HasField("data_location") and i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
+        raise PackageError(f"{directory}: {name} keeps weights outside the file")

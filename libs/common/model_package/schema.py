@@ -4,6 +4,9 @@ Layout (../shared/DESIGN.md, "Model packages"; format 2 adds the manifest)::
 
     <registry>/<model-name>/<version>/
       model.onnx               one self-contained ONNX file (weights inside), dynamic batch
+      model.int8.onnx          optional: a faster serving variant of model.onnx (int8 recurrent weights),
+                               checked against it on real windows by the trainer; named with its sha256
+                               in ``config.fast_model``, hashed by the manifest like every file
       klinebus.json            ``ModelPackage`` below: what serving needs and what the model is
       README.md                model card (Hugging Face format: YAML front matter, then the numbers)
       tokenizer/               only for models that read text
@@ -22,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PACKAGE_FORMAT = 2  # 2: klinebus.manifest.json hashes every file; 1 (only model.onnx hashed) is refused
 MODEL_FILE = "model.onnx"
+FAST_MODEL_FILE = "model.int8.onnx"  # optional serving variant (services/trainer/export.py writes it)
 META_FILE = "klinebus.json"
 CARD_FILE = "README.md"
 TOKENIZER_DIR = "tokenizer"
