@@ -70,6 +70,40 @@ def _cmd_acl(args: argparse.Namespace) -> None:
         sys.stdout.write(acl.acl_file(passwords, os.environ.get(acl.password_env("admin")) or None))
 
 
+def _cmd_partitions(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from libs.common.bus import redis_client
+    from libs.common.bus.groups import partitions_status, set_partitions
+    from libs.common.settings import ServiceSettings, load_settings
+
+    url = args.redis_url or load_settings(ServiceSettings).redis_url
+    if not url or url == "embedded":
+        raise SystemExit("klinebus partitions: give --redis-url or KLINEBUS_REDIS_URL (a running Redis)")
+
+    async def run() -> None:
+        client = redis_client(url)
+        try:
+            if args.action == "set":
+                if args.count is None:
+                    raise SystemExit("klinebus partitions set: give the new count")
+                try:
+                    before = await set_partitions(client, args.count)
+                except ValueError as exc:
+                    raise SystemExit(f"klinebus partitions: {exc}") from None
+                print(f"partitions: {before if before is not None else 'none recorded'} -> {args.count}; start every "
+                      f"service with KLINEBUS_PARTITIONS={args.count}")
+                return
+            recorded, rows = await partitions_status(client)
+            print(f"partitions: {recorded if recorded is not None else 'none recorded (1 until a service starts)'}")
+            for key, group, lag, pending in rows:
+                print(f"  {key}  {group}: lag {lag if lag >= 0 else '?'}, pending {pending}")
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="klinebus", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("file", "commands"), default="file",
                    help="file: an aclfile (default); commands: ACL SETUSER lines for redis-cli")
     p.set_defaults(func=_cmd_acl)
+
+    p = sub.add_parser(
+        "partitions",
+        help="show the recorded partition count (and each group's lag), or set a new one",
+        description="set N is refused unless every group of every partitioned topic has lag 0 and nothing "
+        "pending (docs/bus.md#changing-the-partition-count).",
+    )
+    p.add_argument("action", nargs="?", choices=("show", "set"), default="show")
+    p.add_argument("count", nargs="?", type=int)
+    p.add_argument("--redis-url", default=None, help="default: KLINEBUS_REDIS_URL")
+    p.set_defaults(func=_cmd_partitions)
 
     for service in SERVICES:
         try:

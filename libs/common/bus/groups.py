@@ -260,3 +260,36 @@ async def remove_stale_consumers(client: aioredis.Redis, topic: str, group: str,
     if removed:
         log.info("%s on %s: removed stale consumers %s", group, topic, ", ".join(removed))
     return removed
+
+
+async def partitions_status(client: aioredis.Redis) -> tuple[int | None, list[tuple[str, str, int, int]]]:
+    """The recorded partition count, and ``(stream, group, lag, pending)`` for every group on every
+    stream of every partitioned topic under it (lag None from Redis 7 is reported as -1: unknown)."""
+    raw = await client.get(topics.partitions_key())
+    recorded = int(_s(raw)) if raw is not None else None
+    rows = []
+    for topic in sorted(topics.PARTITIONED):
+        for key in topics.stream_keys(topic, recorded or 1):
+            if not await client.exists(key):
+                continue
+            for g in await client.xinfo_groups(key):
+                lag = g.get("lag")
+                rows.append((key, _s(g["name"]), -1 if lag is None else int(lag), int(g["pending"])))
+    return recorded, rows
+
+
+async def set_partitions(client: aioredis.Redis, partitions: int) -> int | None:
+    """Record a new partition count, refused (ValueError, one line) unless every group of every
+    partitioned topic has consumed everything (lag 0) and holds nothing pending: a key's events
+    then sit on one partition only, all handled, and the new count routes what comes next.
+    Returns the count recorded before."""
+    if partitions < 1:
+        raise ValueError(f"the partition count must be >= 1, got {partitions}")
+    recorded, rows = await partitions_status(client)
+    busy = [f"{group} on {key}: lag {lag}, pending {pending}" for key, group, lag, pending in rows
+            if lag != 0 or pending != 0]
+    if busy:
+        raise ValueError("refused: not every group has drained its partitions (stop the producers and wait): "
+                         + "; ".join(busy))
+    await client.set(topics.partitions_key(), partitions)
+    return recorded

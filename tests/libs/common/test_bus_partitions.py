@@ -378,3 +378,32 @@ async def test_a_clean_stop_leaves_the_membership(redis_url, client):
     await bus.stop()
     assert await client.zrange(members_key("features"), 0, -1) == []
     assert all([await client.get(f"klinebus:owner:features{'#' + str(p) if p else ''}") is None for p in range(P)])
+
+
+async def test_the_partition_count_changes_only_when_every_group_has_drained(redis_url, client):
+    from libs.common.bus.groups import partitions_status, set_partitions
+
+    producer = Bus("ingest", redis_url, consumer="i", partitions=P)
+    producer.publisher(topics.KLINES, KlineEvent)
+    await producer.start()
+    await producer.once_per_candle(topics.KLINES, client).publish_many([kline(s, 0) for s in SYMBOLS])
+    for p in range(P):
+        await ensure_group(client, topics.KLINES, "features", p)
+    recorded, rows = await partitions_status(client)
+    assert recorded == P and {r[1] for r in rows} == {"features"} and sum(r[2] for r in rows) == len(SYMBOLS)
+    with pytest.raises(ValueError, match="lag"):
+        await set_partitions(client, 2)
+    assert await client.get(topics.partitions_key()) == b"4"
+    got: list = []
+    bus = Bus("features", redis_url, consumer="a", owner_lease_ms=LEASE_MS, partitions=P)
+
+    @bus.ordered(topics.KLINES, KlineEvent)
+    async def handle(event, entry_id) -> None:
+        got.append(event)
+
+    await bus.start()
+    await until(lambda: len(got) == len(SYMBOLS), what="drained")
+    await bus.stop()
+    await producer.stop()
+    assert await set_partitions(client, 2) == P
+    assert await client.get(topics.partitions_key()) == b"2"
