@@ -109,3 +109,25 @@ async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_
             assert await client.exists(topics.stream_companion_key(topics.FEATURES, "engine-state", p))
     finally:
         await client.aclose()
+
+
+
+async def test_a_stream_warm_up_reads_the_history_of_its_keys_partition(redis_url, tmp_path):
+    """The history source itself: through the service, a group created after these candles replays
+    them into the state before any warm-up, so it would not show which stream history came from."""
+    from services.features import history
+    from services.features.settings import FeaturesSettings
+
+    ks = {s: klines(s)[:40] for s in ("AAAUSDT", "BBBUSDT")}  # partition 1 and partition 0
+    assert [topics.partition_of(s, "15m", P) for s in ks] == [1, 0]
+    await add_routed(redis_url, [KlineEvent.from_kline(k) for i in range(40) for k in (ks["AAAUSDT"][i], ks["BBBUSDT"][i])])
+    settings = FeaturesSettings(data_dir=tmp_path, redis_url=redis_url, warmup_source="stream", partitions=P)
+    client = redis_client(redis_url)
+    try:
+        read = history.source(settings, client)
+        for s, candles in ks.items():
+            cols = await read(s, "15m", candles[30].open_time)
+            assert cols[0].tolist() == [k.open_time for k in candles[:30]], s
+            assert cols[4].tolist() == [k.close for k in candles[:30]], s
+    finally:
+        await client.aclose()
