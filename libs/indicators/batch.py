@@ -28,6 +28,9 @@ LANES = (
     kernels.G_AVERAGES | kernels.G_OSCILLATORS | kernels.G_PATTERNS,
     kernels.G_BANDS | kernels.G_RANGES | kernels.G_FLOWS,
 )
+# hv_20 (a log and two 20-wide passes per candle) makes the bands group cost about as much as all
+# the others together: with it, bands gets a lane of its own.
+LANES_WITH_HV = (kernels.G_ALL & ~kernels.G_BANDS, kernels.G_BANDS)
 # Below this many candles a second thread costs more than it saves.
 PARALLEL_MIN_CANDLES = 20_000
 _pool: ThreadPoolExecutor | None = None
@@ -68,7 +71,8 @@ def run_fused(
     state row and disjoint rows of ``dest``, so the threads share both (no copies).
     """
     start = fused.prefix(row, *cols, dest, groups, want)
-    lanes = [lane & groups for lane in LANES if lane & groups]
+    split = LANES_WITH_HV if want[kernels.F_HV] else LANES
+    lanes = [lane & groups for lane in split if lane & groups]
     pool = _lanes_pool()
     if len(lanes) < 2 or pool is None or cols[0].shape[0] - start < PARALLEL_MIN_CANDLES:
         fused.run_groups(row, start, *cols, dest, groups, want)

@@ -146,6 +146,10 @@ def oscillators(st, start, h, l, c, out):  # noqa: E741
     pc = st[PC]
     g14, l14 = st[RSI14], st[RSI14 + 1]
     g21, l21 = st[RSI21], st[RSI21 + 1]
+    hh = 0.0
+    ll = 0.0
+    hh_at = -1
+    ll_at = -1
     for i in range(start, n):
         x = c[i]
         d = x - pc
@@ -153,15 +157,45 @@ def oscillators(st, start, h, l, c, out):  # noqa: E741
         out[F_RSI14, i] = r
         g21, l21, r = _wilder_rsi(g21, l21, 21, d)
         out[F_RSI21, i] = r
-        st[RH14 + t % 14] = h[i]
-        st[RL14 + t % 14] = l[i]
-        hh = st[RH14]
-        ll = st[RL14]
-        for j in range(1, 14):
-            if st[RH14 + j] > hh:
-                hh = st[RH14 + j]
-            if st[RL14 + j] < ll:
-                ll = st[RL14 + j]
+        hi = h[i]
+        lw = l[i]
+        st[RH14 + t % 14] = hi
+        st[RL14 + t % 14] = lw
+        if i < 13:  # the window reaches into an earlier call: scan the rings, as kernels does
+            hh = st[RH14]
+            ll = st[RL14]
+            for j in range(1, 14):
+                if st[RH14 + j] > hh:
+                    hh = st[RH14 + j]
+                if st[RL14 + j] < ll:
+                    ll = st[RL14 + j]
+            hh_at = -1
+            ll_at = -1
+        else:
+            # The window is h[i-13..i]: keep its max (min) and where it is, rescanning only when
+            # it slides out. A max is one of the numbers, whatever the order: the same double.
+            if hi >= hh or hh_at < i - 13:
+                if hi >= hh and hh_at >= i - 13:
+                    hh = hi
+                    hh_at = i
+                else:
+                    hh = hi
+                    hh_at = i
+                    for j in range(i - 13, i):
+                        if h[j] > hh:
+                            hh = h[j]
+                            hh_at = j
+            if lw <= ll or ll_at < i - 13:
+                if lw <= ll and ll_at >= i - 13:
+                    ll = lw
+                    ll_at = i
+                else:
+                    ll = lw
+                    ll_at = i
+                    for j in range(i - 13, i):
+                        if l[j] < ll:
+                            ll = l[j]
+                            ll_at = j
         diff = (hh - ll) / 100.0
         fk = (x - ll) / diff if diff != 0.0 else 0.0
         s3 = (t - 13) % 3

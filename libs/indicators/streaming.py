@@ -61,7 +61,12 @@ _SNAPSHOT_FORMAT = 1
 
 
 # Two threads when a call carries enough rows to pay for them (the kernels release the GIL).
+# Off by default: bench/bench_features.py measured the two-lane path at 1.2-2.6x the time of one
+# thread for 256..16,000 keys per call on the 2-core machine (lanes interleave by state row, so
+# both threads write the same cache lines of status/gap/out; and the features service's event
+# loop and Redis want the second core). PARALLEL_ROWS = True turns it back on.
 LANES = 2
+PARALLEL_ROWS = False
 PARALLEL_MIN_ROWS = 256
 _pool: ThreadPoolExecutor | None = None
 
@@ -278,7 +283,7 @@ class StreamingEngine:
             self.feature_set.lookback, self.gap_policy == "reset", self._groups,
         )
         pool = _lanes_pool()
-        if pool is None or n < PARALLEL_MIN_ROWS:
+        if pool is None or n < PARALLEL_MIN_ROWS or not PARALLEL_ROWS:
             kernels.update_rows(*args, 0, 1)
         else:  # keys split by state row parity: each key's rows stay in order in one thread
             futures = [pool.submit(kernels.update_rows, *args, lane, LANES) for lane in range(LANES)]

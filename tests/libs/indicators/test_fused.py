@@ -77,3 +77,15 @@ def _frame(candles):
     import pandas as pd
 
     return pd.DataFrame({k: getattr(candles, k) for k in ("open_time", "open", "high", "low", "close", "volume")})
+
+
+def test_two_thread_fused_history_leaves_the_same_state(real, monkeypatch):
+    """The lanes share one state row (disjoint slices): its end state is the unfused one."""
+    monkeypatch.setattr(batch, "PARALLEL_MIN_CANDLES", 0)
+    assert batch._lanes_pool() is not None, "this check needs two CPUs"
+    want_out, want_state = unfused(real)
+    st = kernels.new_state(1)
+    out = kernels.new_output(len(real.close))
+    batch.run_history(st, 0, real.ohlcv, out, True)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(st[0], want_state)

@@ -42,6 +42,7 @@ def test_asking_for_some_features_gives_the_same_values(btc):
 def test_threaded_many_key_updates_equal_batch(btc, eth_gaps, monkeypatch):
     """Rows split over two threads by key; a key's repeated rows in one call still apply in order."""
     monkeypatch.setattr(streaming, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(streaming, "PARALLEL_ROWS", True)
     engine = StreamingEngine("all-v1")
     per_key = {("BTCUSDT", "15m"): btc, ("ETHUSDT", "1h"): eth_gaps, ("BTCUSDT", "1h"): btc}
     keys = list(per_key)
