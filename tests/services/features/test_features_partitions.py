@@ -1,7 +1,7 @@
 """Partitioned klines.v1 (issue 23): each partition's indicator state, checkpoint and waiting
-records are its own, so a partition moves from one features replica to another mid-stream and
-features.v1 still holds exactly one event per candle, with the values (and feature origin) of a
-computation that never stopped. Expected values come from the batch kernels over the candle file."""
+records are its own, so a partition moves from one features replica to another mid-stream (and
+back), and features.v1 still holds exactly one event per candle, with the values (and feature
+origin) of a computation that never stopped. Expected values come from the batch kernels over the candle file."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from tests.streams import wait_for_events
 SET = "skeleton-v1"
 P = 2
 SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT")  # two keys in each of the 2 partitions
-BEFORE, AFTER = 40, 40  # candles per key before and after the move
+BEFORE, AFTER, BACK = 40, 30, 10  # candles per key before the move, after it, after the move back
 DEADLINE_S = 60.0
 
 
 def klines(symbol: str):
-    return [replace(k, symbol=symbol) for k in read_kline_csv(BTC_15M, "BTCUSDT", "15m")[: BEFORE + AFTER]]
+    return [replace(k, symbol=symbol) for k in read_kline_csv(BTC_15M, "BTCUSDT", "15m")[: BEFORE + AFTER + BACK]]
 
 
 async def add_routed(url: str, events: list[KlineEvent]) -> None:
@@ -82,9 +82,13 @@ async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_
             assert saved == last
             await add_routed(redis_url, [KlineEvent.from_kline(series[s][i])
                                          for i in range(BEFORE, BEFORE + AFTER) for s in SYMBOLS])
-            got = await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER) * len(SYMBOLS))
+            await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER) * len(SYMBOLS), settle=0)
         finally:
-            await b.stop()
+            await b.stop()  # gives its partition up cleanly: it moves back to a
+        await until(lambda: a.bus.owned_partitions() == {0, 1} and restored(a), "the partition moved back to a")
+        await add_routed(redis_url, [KlineEvent.from_kline(series[s][i])
+                                     for i in range(BEFORE + AFTER, BEFORE + AFTER + BACK) for s in SYMBOLS])
+        got = await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER + BACK) * len(SYMBOLS))
     finally:
         await a.stop()
     assert moved and moved != {0, 1}
@@ -101,7 +105,7 @@ async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_
                 continue
             for name in names:
                 assert e["values"][name] == pytest.approx(ref[name][i], rel=1e-9, abs=1e-9), (s, i, name)
-        assert sum(e["warm"] for e in mine) == BEFORE + AFTER - (get_feature_set(SET).warmup_candles - 1)
+        assert sum(e["warm"] for e in mine) == len(ks) - (get_feature_set(SET).warmup_candles - 1)
     # Each partition's checkpoint sits in its own slot (the moved one was written on release).
     client = redis_client(redis_url)
     try:
