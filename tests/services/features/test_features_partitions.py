@@ -24,7 +24,7 @@ from tests.streams import wait_for_events
 
 SET = "skeleton-v1"
 P = 2
-SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT")  # two keys in each of the 2 partitions
+SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT")  # keys in every partition, with 2 or 4
 BEFORE, AFTER, BACK = 40, 30, 10  # candles per key before the move, after it, after the move back
 DEADLINE_S = 60.0
 
@@ -33,12 +33,12 @@ def klines(symbol: str):
     return [replace(k, symbol=symbol) for k in read_kline_csv(BTC_15M, "BTCUSDT", "15m")[: BEFORE + AFTER + BACK]]
 
 
-async def add_routed(url: str, events: list[KlineEvent]) -> None:
+async def add_routed(url: str, events: list[KlineEvent], partitions: int = P) -> None:
     """XADD each candle to its key's partition of klines.v1, as ingest publishes."""
     client = redis_client(url)
     try:
         for e in events:
-            key = topics.stream_key(topics.KLINES, topics.partition_of(e.symbol, e.interval, P))
+            key = topics.stream_key(topics.KLINES, topics.partition_of(e.symbol, e.interval, partitions))
             await client.xadd(key, {DATA_FIELD: e.to_json()})
     finally:
         await client.aclose()
@@ -56,42 +56,48 @@ def restored(runtime) -> bool:
     return runtime.health._checks["state_restored"]()
 
 
-async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_per_candle(redis_url, tmp_path):
-    assert {topics.partition_of(s, "15m", P) for s in SYMBOLS} == {0, 1}
+@pytest.mark.parametrize("partitions", [2, 4])
+async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_per_candle(redis_url, tmp_path, partitions):
+    every = set(range(partitions))
+    assert {topics.partition_of(s, "15m", partitions) for s in SYMBOLS} == every  # each partition has keys
     series = {s: klines(s) for s in SYMBOLS}
-    kw = dict(feature_set=SET, warmup_source="none", partitions=P)
+    kw = dict(feature_set=SET, warmup_source="none", partitions=partitions)
     a = build_runtime("features", redis_url, tmp_path / "a", consumer="a", **kw)
     b = build_runtime("features", redis_url, tmp_path / "b", consumer="b", **kw)
+
+    async def add(lo: int, hi: int) -> None:
+        await add_routed(redis_url, [KlineEvent.from_kline(series[s][i]) for i in range(lo, hi) for s in SYMBOLS],
+                         partitions)
+
     await a.start(http=False)
     try:
-        await until(lambda: a.bus.owned_partitions() == {0, 1} and restored(a), "a owns both partitions")
-        await add_routed(redis_url, [KlineEvent.from_kline(series[s][i]) for i in range(BEFORE) for s in SYMBOLS])
+        await until(lambda: a.bus.owned_partitions() == every and restored(a), "a owns every partition")
+        await add(0, BEFORE)
         await wait_for_events(redis_url, topics.FEATURES, BEFORE * len(SYMBOLS), settle=0)
         await b.start(http=False)
         try:
-            await until(lambda: len(b.bus.owned_partitions()) == 1 and len(a.bus.owned_partitions()) == 1
-                        and restored(a) and restored(b), "one partition moved to b")
+            half = partitions // 2
+            await until(lambda: len(b.bus.owned_partitions()) == half and len(a.bus.owned_partitions()) == half
+                        and restored(a) and restored(b), "half the partitions moved to b")
             moved = set(b.bus.owned_partitions())
-            (m,) = moved
             client = redis_client(redis_url)
-            try:  # a handed the partition over with a checkpoint at its last candle, b restored from it
-                last = (await client.xrevrange(topics.stream_key(topics.KLINES, m), count=1))[0][0]
-                saved = await client.hget(topics.stream_companion_key(topics.FEATURES, "engine-state", m), "entry_id")
+            try:  # a handed each over with a checkpoint at its last candle, b restored from it
+                for m in moved:
+                    last = (await client.xrevrange(topics.stream_key(topics.KLINES, m), count=1))[0][0]
+                    saved = await client.hget(topics.stream_companion_key(topics.FEATURES, "engine-state", m),
+                                              "entry_id")
+                    assert saved == last, m
             finally:
                 await client.aclose()
-            assert saved == last
-            await add_routed(redis_url, [KlineEvent.from_kline(series[s][i])
-                                         for i in range(BEFORE, BEFORE + AFTER) for s in SYMBOLS])
+            await add(BEFORE, BEFORE + AFTER)
             await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER) * len(SYMBOLS), settle=0)
         finally:
-            await b.stop()  # gives its partition up cleanly: it moves back to a
-        await until(lambda: a.bus.owned_partitions() == {0, 1} and restored(a), "the partition moved back to a")
-        await add_routed(redis_url, [KlineEvent.from_kline(series[s][i])
-                                     for i in range(BEFORE + AFTER, BEFORE + AFTER + BACK) for s in SYMBOLS])
+            await b.stop()  # gives its partitions up cleanly: they move back to a
+        await until(lambda: a.bus.owned_partitions() == every and restored(a), "the partitions moved back to a")
+        await add(BEFORE + AFTER, BEFORE + AFTER + BACK)
         got = await wait_for_events(redis_url, topics.FEATURES, (BEFORE + AFTER + BACK) * len(SYMBOLS))
     finally:
         await a.stop()
-    assert moved and moved != {0, 1}
     names = get_feature_set(SET).features
     for s in SYMBOLS:
         mine = [e for e in got if e["symbol"] == s]
@@ -106,14 +112,12 @@ async def test_a_partition_moving_to_another_replica_mid_stream_keeps_one_event_
             for name in names:
                 assert e["values"][name] == pytest.approx(ref[name][i], rel=1e-9, abs=1e-9), (s, i, name)
         assert sum(e["warm"] for e in mine) == len(ks) - (get_feature_set(SET).warmup_candles - 1)
-    # Each partition's checkpoint sits in its own slot (the moved one was written on release).
     client = redis_client(redis_url)
-    try:
-        for p in range(P):
+    try:  # each partition's checkpoint sits in its own slot
+        for p in every:
             assert await client.exists(topics.stream_companion_key(topics.FEATURES, "engine-state", p))
     finally:
         await client.aclose()
-
 
 
 async def test_a_stream_warm_up_reads_the_history_of_its_keys_partition(redis_url, tmp_path):

@@ -17,7 +17,6 @@ from libs.common.klines import read_kline_csv
 from libs.indicators.batch import compute_batch
 from libs.indicators.feature_sets import get_feature_set
 from services.features import applying, bounds
-from services.features.position import Checkpoint
 from services.features.state import FeaturesState
 from tests.candles import BTC_15M
 
