@@ -227,8 +227,9 @@ class InferenceService:
         async with self._lock:
             await self._serve(model)
 
-    async def on_chart(self, event: ChartEvent) -> None:
-        await self.charts.on_chart(event)
+    async def on_charts(self, events: list[ChartEvent]) -> None:
+        """A delivery of charts: one session call per chart model for all of them."""
+        await self.charts.on_charts(events)
 
     async def stop(self) -> None:
         s = self.settings
@@ -236,6 +237,7 @@ class InferenceService:
         if not await self.engine.drain(s.drain_timeout_s):
             log.warning("stopped with forecasts still queued; they are made again at the next start")
         await self.engine.stop()
+        await self.charts.stop()  # its batchers' threads end with the service
         await self.client.aclose()
 
     # --- models ---------------------------------------------------------------------------------
@@ -469,12 +471,12 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         metrics.events_in.labels(topics.MODELS).inc()
         await service.on_model(event, entry_id)
 
-    @bus.ordered(topics.CHARTS, ChartEvent,
-                 description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) with class "
-                 "probabilities and the next close.")
-    async def on_chart(event: ChartEvent, entry_id: str) -> None:
-        metrics.events_in.labels(topics.CHARTS).inc()
-        await service.on_chart(event)
+    @bus.ordered_batch(topics.CHARTS, ChartEvent,
+                       description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) "
+                       "with class probabilities and the next close.")
+    async def on_charts(events: list[ChartEvent], entry_ids: list[str]) -> None:
+        metrics.events_in.labels(topics.CHARTS).inc(len(events))
+        await service.on_charts(events)
 
     @runtime.on_shutdown
     async def drain() -> None:
