@@ -37,6 +37,7 @@ from libs.indicators.kernels import (
 )
 
 ALL = np.ones(N_FEATURES, dtype=np.bool_)  # ``want``: every column
+CHUNK = 2048  # candles per chunk: 2048 rows of 49 float64 are 784 KiB, within L2
 WARM = 256  # from this candle on no group has a warm-up branch left (the longest is SMA200's, 200)
 
 
@@ -49,6 +50,14 @@ def _kadd(s, comp, x):
     else:
         comp += (x - tot) + s
     return tot, comp
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _prev3(st, start, x, y, c, at_x, at_y):
+    """The previous candle's x, y and close: from the arrays inside a run, from the state at its start."""
+    if start > 0:
+        return x[start - 1], y[start - 1], c[start - 1]
+    return st[at_x], st[at_y], st[PC]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -67,9 +76,7 @@ def prefix(st, o, h, l, c, v, out, groups, want):  # noqa: E741
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def averages(st, start, c, out):
-    n = c.shape[0]
-    t = int(st[T])
+def averages(st, t, start, end, c, out):
     s10, k10 = st[SMA10], st[SMA10 + 1]
     s20, k20 = st[SMA20], st[SMA20 + 1]
     s50, k50 = st[SMA50], st[SMA50 + 1]
@@ -77,7 +84,7 @@ def averages(st, start, c, out):
     s200, k200 = st[SMA200], st[SMA200 + 1]
     e10, e20, e50, e100, e200 = st[EMA10], st[EMA20], st[EMA50], st[EMA100], st[EMA200]
     fast, slow, sig = st[MACD_FAST], st[MACD_SLOW], st[MACD_SIG]
-    for i in range(start, n):
+    for i in range(start, end):
         x = c[i]
         old200 = st[RING_C + ((t - 200) & 255)]
         st[RING_C + (t & 255)] = x
@@ -140,17 +147,15 @@ def _wilder_rsi(g, ls, n, d):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def oscillators(st, start, h, l, c, out):  # noqa: E741
-    n = c.shape[0]
-    t = int(st[T])
-    pc = st[PC]
+def oscillators(st, t, start, end, h, l, c, out):  # noqa: E741
+    pc = c[start - 1] if start > 0 else st[PC]
     g14, l14 = st[RSI14], st[RSI14 + 1]
     g21, l21 = st[RSI21], st[RSI21 + 1]
     hh = 0.0
     ll = 0.0
     hh_at = -1
     ll_at = -1
-    for i in range(start, n):
+    for i in range(start, end):
         x = c[i]
         d = x - pc
         g14, l14, r = _wilder_rsi(g14, l14, 14, d)
@@ -211,13 +216,11 @@ def oscillators(st, start, h, l, c, out):  # noqa: E741
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def bands(st, start, c, out, want):
-    n = c.shape[0]
+def bands(st, t, start, end, c, out, want):
     w_bbw, w_bbp, w_hv = want[F_BBW], want[F_BBP], want[F_HV]
-    t = int(st[T])
-    pc = st[PC]
+    pc = c[start - 1] if start > 0 else st[PC]
     s, k = st[BB_SUM], st[BB_SUM + 1]
-    for i in range(start, n):
+    for i in range(start, end):
         x = c[i]
         slot = t % 20
         old = st[RC20 + slot]
@@ -245,14 +248,12 @@ def bands(st, start, c, out, want):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def ranges(st, start, h, l, c, out, want):  # noqa: E741
-    n = c.shape[0]
+def ranges(st, t, start, end, h, l, c, out, want):  # noqa: E741
     w_kcu, w_kcl = want[F_KCU], want[F_KCL]
-    t = int(st[T])
-    ph, pl, pc = st[PH], st[PL], st[PC]
+    ph, pl, pc = _prev3(st, start, h, l, c, PH, PL)
     a14, a10, kc = st[ATR14], st[ATR10], st[KC_EMA]
     pdm, mdm, trs, adx = st[ADX_PDM], st[ADX_MDM], st[ADX_TR], st[ADX_ADX]
-    for i in range(start, n):
+    for i in range(start, end):
         hi = h[i]
         lw = l[i]
         x = c[i]
@@ -303,19 +304,18 @@ def ranges(st, start, h, l, c, out, want):  # noqa: E741
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def flows(st, start, o, h, l, c, v, out, want):  # noqa: E741
-    n = c.shape[0]
+def flows(st, t, start, end, o, h, l, c, v, out, want):  # noqa: E741
     w_ohlcv = want[F_OPEN] or want[F_HIGH] or want[F_LOW] or want[F_CLOSE] or want[F_VOLUME]
     w_vpt, w_pch, w_vch, w_cmf = want[F_VPT], want[F_PCH], want[F_VCH], want[F_CMF]
-    t = int(st[T])
-    ph, pl, pc, pv = st[PH], st[PL], st[PC], st[PV]
+    ph, pl, pc = _prev3(st, start, h, l, c, PH, PL)
+    pv = v[start - 1] if start > 0 else st[PV]
     obv, vpt = st[OBV], st[VPT]
     mf, mfk = st[CMF_MFV], st[CMF_MFV + 1]
     vs_, vk = st[CMF_VOL], st[CMF_VOL + 1]
     ps_, pk = st[MFI_POS], st[MFI_POS + 1]
     ns_, nk = st[MFI_NEG], st[MFI_NEG + 1]
     null_run = st[MFI_NULL]
-    for i in range(start, n):
+    for i in range(start, end):
         hi = h[i]
         lw = l[i]
         x = c[i]
@@ -395,12 +395,10 @@ def flows(st, start, o, h, l, c, v, out, want):  # noqa: E741
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def patterns(st, start, o, h, l, c, out):  # noqa: E741
-    n = c.shape[0]
-    t = int(st[T])
-    po, pl, pc = st[PO], st[PL], st[PC]
+def patterns(st, t, start, end, o, h, l, c, out):  # noqa: E741
+    po, pl, pc = _prev3(st, start, o, l, c, PO, PL)
     doji_hl, hs_body, hs_hl, hs_near = st[DOJI_HL], st[HS_BODY], st[HS_HL], st[HS_NEAR]
-    for i in range(start, n):
+    for i in range(start, end):
         op = o[i]
         hi = h[i]
         lw = l[i]
@@ -454,24 +452,29 @@ def patterns(st, start, o, h, l, c, out):  # noqa: E741
 def run_groups(st, start, o, h, l, c, v, out, groups, want):  # noqa: E741
     """The steady-state loops of ``groups`` over candles start.. (the state is past WARM).
 
+    Chunks of CHUNK candles, every group over a chunk before the next, so a (candles, features)
+    output's rows are still in cache when the next group writes its columns of them.
     ``want[feature]``: False skips writing that column, and for hv_20, vpt and cmf_20 computing
     it: their state then goes stale, so pass ``ALL`` unless the state row is thrown away after.
     Leaves ``T`` and the previous candle alone: ``finish`` sets them once every group is done.
     """
-    if start >= c.shape[0]:
-        return
-    if groups & G_AVERAGES:
-        averages(st, start, c, out)
-    if groups & G_OSCILLATORS:
-        oscillators(st, start, h, l, c, out)
-    if groups & G_BANDS:
-        bands(st, start, c, out, want)
-    if groups & G_RANGES:
-        ranges(st, start, h, l, c, out, want)
-    if groups & G_FLOWS:
-        flows(st, start, o, h, l, c, v, out, want)
-    if groups & G_PATTERNS:
-        patterns(st, start, o, h, l, c, out)
+    n = c.shape[0]
+    t0 = int(st[T])
+    for i0 in range(start, n, CHUNK):
+        i1 = min(i0 + CHUNK, n)
+        t = t0 + (i0 - start)
+        if groups & G_AVERAGES:
+            averages(st, t, i0, i1, c, out)
+        if groups & G_OSCILLATORS:
+            oscillators(st, t, i0, i1, h, l, c, out)
+        if groups & G_BANDS:
+            bands(st, t, i0, i1, c, out, want)
+        if groups & G_RANGES:
+            ranges(st, t, i0, i1, h, l, c, out, want)
+        if groups & G_FLOWS:
+            flows(st, t, i0, i1, o, h, l, c, v, out, want)
+        if groups & G_PATTERNS:
+            patterns(st, t, i0, i1, o, h, l, c, out)
 
 
 def finish(st: np.ndarray, start: int, o, h, l, c, v) -> None:  # noqa: E741
