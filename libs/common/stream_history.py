@@ -19,12 +19,14 @@ from libs.common.klines import Kline
 PAGE = 1000  # entries per XREVRANGE: large enough to make round trips rare, small enough to stay short
 
 
-async def recent_candles(client: Any, symbol: str, interval: str, need: int | None, before: int) -> list[Kline]:
+async def recent_candles(client: Any, symbol: str, interval: str, need: int | None, before: int, *,
+                         partitions: int = 1) -> list[Kline]:
     """Up to ``need`` (None: all) candles of ``symbol``/``interval`` that opened before
     ``before``, oldest first, scanning klines.v1 backwards from its newest entry (to its oldest
     at most: the stream is capped by MAXLEN, which bounds the scan). Entries that are not valid
-    candles are skipped: they were dead-lettered when first consumed."""
-    key = topics.stream_key(topics.KLINES)
+    candles are skipped: they were dead-lettered when first consumed. ``partitions``: the
+    deployment's count (``bus.partitions``): the key's own partition of klines.v1 is read."""
+    key = topics.stream_key(topics.KLINES, topics.partition_of(symbol, interval, partitions))
     field = DATA_FIELD.encode()
     found: dict[int, Kline] = {}
     upper = "+"

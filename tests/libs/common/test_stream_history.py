@@ -47,3 +47,25 @@ async def test_all_history_and_invalid_entries(redis_url):
     finally:
         await client.aclose()
     assert got == btc[:25]
+
+
+async def test_a_key_is_read_back_from_its_own_partition(redis_url):
+    from libs.common import topics
+    from libs.common.bus import OncePerCandle
+
+    parts = 4
+    btc = read_kline_csv(DATA, "BTCUSDT", "1m")[:20]
+    others = [replace(k, symbol=s) for s in ("ETHUSDT", "BNBUSDT", "SOLUSDT") for k in btc]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        guard = OncePerCandle(client, topics.KLINES, 1000, partitions=parts)
+        await guard.publish_many([KlineEvent.from_kline(k, "replay") for k in [*btc, *others]])
+        p = topics.partition_of("BTCUSDT", "1m", parts)
+        assert p != 0  # pinned by crc32: the old single-stream read would find nothing
+        got = await stream_history.recent_candles(client, "BTCUSDT", "1m", 5, before=btc[10].open_time,
+                                                  partitions=parts)
+        unpartitioned = await stream_history.recent_candles(client, "BTCUSDT", "1m", 5, before=btc[10].open_time)
+    finally:
+        await client.aclose()
+    assert got == btc[5:10]
+    assert unpartitioned == []
