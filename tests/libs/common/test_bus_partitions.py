@@ -291,7 +291,7 @@ def _record(calls: list, name: str, what: str):
     return hook
 
 
-async def test_a_deposed_owner_s_acknowledgement_and_read_are_refused(redis_url, client):
+async def test_a_deposed_owner_s_acknowledgement_is_refused_per_partition(redis_url, client):
     part = 2
     key = topics.stream_key(topics.KLINES, part)
     await ensure_group(client, topics.KLINES, "features", part)
