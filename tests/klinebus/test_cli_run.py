@@ -53,10 +53,10 @@ def test_run_serves_health_ready_and_metrics_and_stops_cleanly(tmp_path: Path):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
         assert status == 200, "never became ready"
-        # the bus and the persistence model, and each supervised worker: the persistence model's
-        # batcher and the three outboxes (predictions, scores, alerts)
+        # the bus and the persistence model, each supervised worker (the persistence model's
+        # batcher and the three outboxes: predictions, scores, alerts), and no partition still restoring
         assert json.loads(body)["checks"] == {
-            "broker": True, "bus": True, "model": True, "batcher:persistence": True,
+            "broker": True, "bus": True, "model": True, "partitions": True, "batcher:persistence": True,
             "outbox:predictions": True, "outbox:scores": True, "outbox:alerts": True,
         }
         assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
