@@ -89,3 +89,16 @@ def test_two_thread_fused_history_leaves_the_same_state(real, monkeypatch):
     batch.run_history(st, 0, real.ohlcv, out, True)
     np.testing.assert_array_equal(out, want_out)
     np.testing.assert_array_equal(st[0], want_state)
+
+
+def test_two_thread_path_still_checks_its_input(btc, monkeypatch):
+    """A bad candle or open time raises on the two-thread path too."""
+    from libs.indicators.validation import InvalidCandles
+
+    monkeypatch.setattr(batch, "PARALLEL_MIN_CANDLES", 0)
+    o, h, l, c, v = (a.copy() for a in btc.ohlcv)  # noqa: E741
+    h[2000] = l[2000] / 2  # high below low
+    with pytest.raises(InvalidCandles):
+        compute_batch(o, h, l, c, v)
+    with pytest.raises(InvalidCandles):
+        compute_matrix(*btc.ohlcv, open_time=btc.open_time[::-1].copy())
