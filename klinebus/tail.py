@@ -6,6 +6,7 @@ import orjson
 import redis
 
 from libs.common import topics
+from libs.common.bus.framing import entry_id_key
 from libs.common.errors import CliError
 from libs.common.redact import redact, redact_url, register
 
@@ -23,9 +24,14 @@ def tail(topic: str, count: int, redis_url: str | None) -> None:
     client = redis.Redis.from_url(url)
     try:
         try:
-            entries = client.xrevrange(topics.stream_key(topic), count=count)
+            # every partition of a partitioned topic (the count recorded in Redis): the newest
+            # ``count`` over all of them, by entry id (their clocks are the one server's)
+            recorded = client.get(topics.partitions_key())
+            keys = topics.stream_keys(topic, int(recorded) if recorded is not None else 1)
+            entries = [e for key in keys for e in client.xrevrange(key, count=count)]
         except redis.RedisError as exc:
             raise CliError(redact(f"tail {topic} on {redact_url(url)}: {type(exc).__name__}: {exc}")) from None
+        entries = sorted(entries, key=lambda e: entry_id_key(e[0].decode()), reverse=True)[:count]
         for entry_id, fields in reversed(entries):
             raw = fields.get(b"__data__", b"")
             try:

@@ -164,7 +164,8 @@ def create(settings: ChartsSettings, url: str) -> ServiceRuntime:
             while True:
                 symbol, interval, first = await to_backfill.get()
                 try:
-                    older = await recent_candles(client, symbol, interval, need, before=first)
+                    older = await recent_candles(client, symbol, interval, need, before=first,
+                                                 partitions=settings.partitions)
                 except Exception:  # noqa: BLE001 - without history the key still charts, just later
                     backfilled.labels("error").inc()
                     log.exception("reading back %s %s from %s failed", symbol, interval, topics.KLINES)

@@ -8,7 +8,6 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from libs.common import topics
 from libs.common.archive import read_archive
 from libs.common.stream_history import recent_candles
 from services.features.settings import FeaturesSettings
@@ -26,8 +25,7 @@ def source(settings: FeaturesSettings, client) -> History | None:
     if settings.warmup_source == "stream":
 
         async def from_stream(symbol: str, interval: str, before: int) -> tuple:
-            p = topics.partition_of(symbol, interval, settings.partitions)
-            ks = await recent_candles(client if p == 0 else _PartitionStream(client, p), symbol, interval, n, before)
+            ks = await recent_candles(client, symbol, interval, n, before, partitions=settings.partitions)
             return tuple(np.array([getattr(k, c) for k in ks]) for c in COLUMNS)
 
         return from_stream
@@ -40,16 +38,3 @@ def source(settings: FeaturesSettings, client) -> History | None:
 
     return from_archive
 
-
-class _PartitionStream:
-    """A client whose klines.v1 is partition ``p``'s stream, for ``recent_candles``, which reads
-    partition 0's only (a request to give it the partition is filed with the bus engineer; until
-    then this keeps a key of another partition from finding no history and warming up live).
-    ``recent_candles`` only pages with XREVRANGE."""
-
-    def __init__(self, client, partition: int) -> None:
-        self._client, self._key = client, topics.stream_key(topics.KLINES, partition)
-
-    async def xrevrange(self, name, **kw):
-        assert name == topics.stream_key(topics.KLINES), name
-        return await self._client.xrevrange(self._key, **kw)

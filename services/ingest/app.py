@@ -36,6 +36,7 @@ def create(settings: IngestSettings, url: str) -> ServiceRuntime:
     sink = KlineSink(
         redis, settings.stream_maxlen, settings.live_maxlen, metrics=metrics,
         retention_ms=getattr(settings, "stream_retention_ms", 0),  # the bus's time-based retention, where set
+        partitions=runtime.bus.partitions,  # each candle to its key's partition of klines.v1
     )
     engine = IngestEngine(
         settings.symbols,

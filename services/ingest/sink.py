@@ -88,6 +88,7 @@ class KlineSink:
         max_inflight: int = PUBLISH_CONNECTIONS,
         batch: int = PUBLISH_BATCH,
         retention_ms: int = 0,
+        partitions: int = 1,
     ) -> None:
         if max_inflight < 1 or batch < 1:
             raise ValueError(f"need max_inflight >= 1 and batch >= 1, got {max_inflight} and {batch}")
@@ -98,7 +99,7 @@ class KlineSink:
         self.max_inflight = max_inflight
         self.batch = batch
         # retention_ms > 0: klines.v1 also keeps at most that much time (XTRIM MINID ~), beside maxlen
-        self._once = OncePerCandle(redis, topics.KLINES, maxlen, retention_ms=retention_ms)
+        self._once = OncePerCandle(redis, topics.KLINES, maxlen, retention_ms=retention_ms, partitions=partitions)
         self._queue: deque[_Request] = deque()
         self._flushers: set[asyncio.Task] = set()
         self._stalled_since: float | None = None

@@ -67,7 +67,8 @@ class RedisDesk:
         self.s = service
 
     async def frame_of(self, chart: ChartEvent) -> PriceFrame:
-        candles = await recent_candles(self.s.client, chart.symbol, chart.interval, chart.window, before=chart.open_time + 1)
+        candles = await recent_candles(self.s.client, chart.symbol, chart.interval, chart.window, before=chart.open_time + 1,
+                                       partitions=self.s.settings.partitions)
         candles = [k for k in candles if k.open_time >= chart.first_open_time]
         if not candles or candles[-1].open_time != chart.open_time:
             raise ChartUnusable(f"the candles of the chart ({chart.symbol} {chart.interval} up to {chart.open_time}) are not on {topics.KLINES}")
@@ -183,7 +184,8 @@ class VlmService:
                     continue
                 if time.time() * 1000 < p.target_open_time + INTERVAL_MS[p.interval]:
                     continue  # the target candle has not closed yet
-                candles = await recent_candles(client, p.symbol, p.interval, 1, before=p.target_open_time + 1)
+                candles = await recent_candles(client, p.symbol, p.interval, 1, before=p.target_open_time + 1,
+                                               partitions=s.partitions)
                 if candles and candles[-1].open_time == p.target_open_time:
                     if await client.hdel(key, f):  # only the replica that removes it scores it
                         await self._record_score(p, candles[-1].close)

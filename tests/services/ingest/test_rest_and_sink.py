@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 from libs.common import topics
 from libs.common.bus import redis_client
 from services.ingest.rest import RestKlines
@@ -60,6 +62,31 @@ async def test_sink_publishes_a_batch_once_and_in_order(redis_url):
     )
     assert [e["close"] for e in events[4:7]] == [k.close for k in btc[3:6]]
     assert last == {("BTCUSDT", "1m"): btc[2099].open_time, ("ETHUSDT", "1m"): eth[1].open_time}
+
+
+async def test_sink_writes_each_candle_to_its_keys_partition(redis_url):
+    """With klines.v1 split in partitions, each key's candles land in its own partition's
+    stream, in order, once (a re-sent candle refused there too), and nowhere else."""
+    import zlib
+
+    partitions = 4
+    candles = shipped_candles(50, symbols=("BTCUSDT", "ETHUSDT", "SOLUSDT"))
+    redis = redis_client(redis_url)
+    sink = KlineSink(redis, maxlen=1_000_000, live_maxlen=100, partitions=partitions)
+    try:
+        for ks in candles.values():
+            await sink.publish_closed(ks, "rest")
+        again = await sink.publish_closed([ks[-1] for ks in candles.values()], "ws")
+        per_stream = {p: [orjson.loads(f[b"__data__"]) for _, f in await redis.xrange(topics.stream_key(topics.KLINES, p))]
+                      for p in range(partitions)}
+    finally:
+        await redis.aclose()
+    assert [appended for appended, _ in again] == [False, False, False]
+    for (symbol, interval), ks in candles.items():
+        home = zlib.crc32(f"{symbol}:{interval}".encode()) % partitions  # the documented routing, spelled out
+        for p, events in per_stream.items():
+            mine = [e["open_time"] for e in events if e["symbol"] == symbol]
+            assert mine == ([k.open_time for k in ks] if p == home else []), (symbol, p)
 
 
 async def test_sink_waits_out_redis_refusing_writes_and_loses_nothing(redis_url):
