@@ -109,6 +109,7 @@ async def test_the_partitions_of_one_topic_land_on_different_primaries_and_carry
 
     client = redis_client(cluster_url)
     try:
+        await client.initialize()  # the slot map, before asking it which primary owns a key
         primaries = {n.name for n in client.get_primaries()}
         assert len(primaries) == 3
         for topic in (topics.KLINES, topics.FEATURES):
