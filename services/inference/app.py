@@ -101,7 +101,8 @@ class InferenceService:
         )
         self.charts = ChartServing(self.engine, self.client, self.port.predictions.publish_many, self.bus.dead_letter,
                                    metrics, settings.session_threads,
-                                   artefacts=ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics))
+                                   artefacts=ArtefactRoot(settings.artifact_root(), settings.max_chart_bytes, metrics),
+                                   partitions=self.bus.partitions)
         self.ready = False
         self.models_upto = "0-0"
         self.owned: set[int] = set()  # partitions whose state this replica holds (restored, not released)

@@ -57,8 +57,9 @@ def load_chart_model(spec: ChartSpec, threads: int) -> ChartModel:
 class ChartServing:
     def __init__(self, engine: Any, client: Any, publish: Callable[..., Awaitable[Any]],
                  dead_letter: Callable[[str, Any, str], Awaitable[None]], metrics: Any, threads: int = 1,
-                 artefacts: ArtefactRoot | None = None, max_batch: int = 32) -> None:
+                 artefacts: ArtefactRoot | None = None, max_batch: int = 32, partitions: int = 1) -> None:
         self.engine, self.client, self.publish, self.dead_letter = engine, client, publish, dead_letter
+        self.partitions = partitions  # klines.v1's: a chart's candle is on its pair's partition stream
         if artefacts is None:
             raise ValueError("ChartServing needs the artefact root charts are read from")
         self.artefacts = artefacts
@@ -161,7 +162,8 @@ class ChartServing:
             why = UNREADABLE if exc.kind == "unreadable" else REFUSED_URI
             await self._refuse(event, models, why, f"cannot read it ({exc.kind}: {exc.reason})")
             return None
-        candles = await recent_candles(self.client, event.symbol, event.interval, 1, event.open_time + 1)
+        candles = await recent_candles(self.client, event.symbol, event.interval, 1, event.open_time + 1,
+                                       partitions=self.partitions)
         if not candles or candles[-1].open_time != event.open_time:
             await self._refuse(event, models, NO_CANDLE, f"its last candle ({event.open_time}) is not on klines.v1")
             return None

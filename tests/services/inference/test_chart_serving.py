@@ -160,3 +160,44 @@ async def test_a_chart_event_in_a_prediction_out_and_bad_charts_dead_lettered(re
     assert reasons[4].startswith(f"model {pkg.name}@2 refused: ") and "no tokenizer" in reasons[4]
     assert reasons[4].endswith(f"still serving {pkg.name}@{pkg.version}")
     assert metric("chart_errors_total", model=pkg.name, reason="bad_image") == bad_before + 2
+
+
+async def test_with_partitions_a_charts_candle_is_read_from_its_pairs_partition(redis_url, tmp_path, classifier):
+    """P=4: BTCUSDT 15m is in partition 2 (CRC-32 of "BTCUSDT:15m" % 4, computed here), so its
+    candles are on klines.v1's partition-2 stream only; the chart is still answered."""
+    import zlib
+
+    from libs.common.bus import DATA_FIELD, redis_client
+
+    partitions = 4
+    part = zlib.crc32(b"BTCUSDT:15m") % partitions
+    assert part == 2
+    ds, shared, pkg, index = classifier
+    registry = tmp_path / "reg"  # the package alone: the test above leaves a broken version 2 in the shared one
+    shutil.copytree(Path(pkg.uri), registry / pkg.name / pkg.version)
+    rows = index.tail(2).reset_index(drop=True)
+    c = load(BTC_15M)
+    pos = {int(t): i for i, t in enumerate(c.open_time)}
+    client = redis_client(redis_url)
+    try:
+        for _, r in rows.iterrows():
+            await client.xadd(topics.stream_key(topics.KLINES, part), {DATA_FIELD: kline(pos[int(r["open_time"])]).to_json()})
+    finally:
+        await client.aclose()
+    settings = InferenceSettings(data_dir=tmp_path, redis_url=redis_url, consumer_name="t", model_dir=str(registry),
+                                 serve_unpromoted=True, artifact_url=str(ds), control_keys=CONTROL_KEYS,
+                                 partitions=partitions)
+    rt = app.create(settings, redis_url)
+    await rt.start(http=False)
+    try:
+        await add_events(redis_url, [chart(r, str(ds / r["image_path"])) for _, r in rows.iterrows()])
+
+        async def answered() -> bool:
+            return len([e for e in await read_topic(redis_url, topics.PREDICTIONS) if e["model"] == pkg.name]) >= 2
+
+        await poll(answered, 120)
+    finally:
+        await rt.stop()
+    got = [e for e in await read_topic(redis_url, topics.PREDICTIONS) if e["model"] == pkg.name]
+    assert [e["open_time"] for e in got] == [int(r["open_time"]) for _, r in rows.iterrows()]
+    assert await read_topic(redis_url, topics.DEAD_LETTERS) == []
