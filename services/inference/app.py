@@ -243,7 +243,7 @@ class InferenceService:
     # --- models ---------------------------------------------------------------------------------
 
     async def _load(self, spec) -> ServedModel:
-        return await asyncio.to_thread(load_model, spec, self.settings.session_threads)
+        return await asyncio.to_thread(load_model, spec, self.settings.session_threads, self.settings.model_variant)
 
     async def _serve(self, model: ServedModel) -> None:
         """Swap ``model`` in (callers hold ``_lock``, or run before consuming)."""

@@ -103,9 +103,9 @@ class ServedModel:
         return self.runner.predict(windows, last_close)
 
 
-def load_model(spec: ModelSpec, threads: int = 1) -> ServedModel:
+def load_model(spec: ModelSpec, threads: int = 1, variant: str = "auto") -> ServedModel:
     """Open and warm a session (blocking: run it in a thread); ``PackageError`` when it cannot serve."""
-    runner = OnnxModel(spec, threads)
+    runner = OnnxModel(spec, threads, variant)
     runner.warm()
     return ServedModel(spec, runner)
 

@@ -5,6 +5,7 @@ is answered once, in order, with what the package's graph says for the window th
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -93,11 +94,18 @@ async def test_a_trained_package_survives_sigkill_without_loss_or_double(redis_u
             proc.kill()
     assert [e["open_time"] for e in got] == [e.open_time for e in events[first:]]
     assert [e["open_time"] for e in persistence] == [e.open_time for e in events]
-    # The reference: the package's graph run here on windows built here from the events.
-    sess = ort.InferenceSession(str(Path(published.uri) / "model.onnx"), providers=["CPUExecutionProvider"])
+    # The reference: the graph the package says to serve (its int8 variant when the trainer left
+    # one, docs/inference.md), run here on windows built here from the events.
+    config = json.loads((Path(published.uri) / "klinebus.json").read_text())["config"]
+    served = (config.get("fast_model") or {}).get("file", "model.onnx")
+    sess = ort.InferenceSession(str(Path(published.uri) / served), providers=["CPUExecutionProvider"])
     windows = np.stack([[[events[j].values[f] for f in meta.features] for j in range(i - LOOKBACK + 1, i + 1)]
                         for i in range(first, len(events))])
     (want,) = sess.run(None, {meta.inputs[0].name: windows})
+    # The int8 graph quantises each call's activations by that call's own range (dynamic
+    # quantisation), so a forecast moves by ~1e-7 relative with the windows that share its batch;
+    # the float graph is exact to 1e-9.
+    rel = 1e-6 if served != "model.onnx" else 1e-9
     for e, row in zip(got, want[:, 0, :]):
-        assert e["predicted"] == pytest.approx(dict(zip(meta.targets, row.tolist())), rel=1e-9)
+        assert e["predicted"] == pytest.approx(dict(zip(meta.targets, row.tolist())), rel=rel)
         assert e["model_version"] == published.version
