@@ -280,6 +280,13 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str], replicas: int =
             cpu = {k: sum(v for name, v in per_process.items() if name.split("-")[0] == k) for k in PROCS}
             rss = {k: max(v for name, v in rss.items() if name.split("-")[0] == k) for k in PROCS}
             got = {t: read_all(r, t, partitions) for t in TOPICS}
+            # Redis memory per retained entry, per topic (MEMORY USAGE with every node sampled):
+            # what the capacity plan multiplies by the streams' MAXLEN
+            per_entry = {}
+            for t in TOPICS:
+                keys = topics.stream_keys(t, partitions)
+                entries = sum(r.xlen(k) for k in keys)
+                per_entry[t] = sum(r.memory_usage(k, samples=0) or 0 for k in keys) / max(1, entries)
             floor = redis_floor(r, got, open_times[-1])
         finally:
             if sim.poll() is None:
@@ -305,6 +312,7 @@ def run_size(n: int, args, tmp: Path, overrides: dict[str, str], replicas: int =
                         if name != "simulator"}
     res["replicas"], res["partitions"] = replicas, partitions
     res["per_process"] = per_process
+    res["bytes_per_entry"] = per_entry
     return res
 
 
@@ -441,7 +449,8 @@ def main() -> None:
               f"acknowledged {res['drain_s']:.1f} s after the last close; run {res['wall']:.0f} s; first burst, slowest "
               + ", ".join(f"{k} {v:.0f} ms" for k, v in res["first_stages"].items())
               + "; log lines " + ", ".join(f"{k} {v}" for k, v in res["log_lines"].items())
-              + "; bursts (s) " + " ".join(f"{c:.2f}" for c in res["completion"]))
+              + "; bursts (s) " + " ".join(f"{c:.2f}" for c in res["completion"])
+              + "; Redis bytes per entry " + ", ".join(f"{t} {b:.0f}" for t, b in res["bytes_per_entry"].items()))
     print(f"(models on predictions.v1: {', '.join(results[0]['models']) if results else '-'}; CPU over the measured "
           f"bursts, one candle period each, in-progress updates included; the simulator's send of a burst's "
           f"closes is part of close->kl)")
