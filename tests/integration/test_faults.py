@@ -13,6 +13,10 @@ stopped and continued at random around the lease time; an archiver paused past t
 while the other reclaims its entries, then resumed; an archiver killed holding entries another
 replica acknowledged past, with the group deleted before it restarts.
 
+With partitions (``KLINEBUS_PARTITIONS=4``): replicas of features and inference added and
+SIGKILLed for good mid-stream, each change waited out until the partitions are balanced over the
+live replicas again.
+
 After the faults, once every consumer has drained and acknowledged everything: klines.v1,
 features.v1, predictions.v1 and the archive hold exactly one event (row) per closed candle, in
 order, with the candle's values (features: equal to the batch computation); nothing is pending.
