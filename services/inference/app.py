@@ -228,8 +228,9 @@ class InferenceService:
         async with self._lock:
             await self._serve(model)
 
-    async def on_chart(self, event: ChartEvent) -> None:
-        await self.charts.on_chart(event)
+    async def on_charts(self, events: list[ChartEvent]) -> None:
+        """A delivery of charts: one session call per chart model for all of them."""
+        await self.charts.on_charts(events)
 
     async def stop(self) -> None:
         s = self.settings
@@ -471,15 +472,12 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         metrics.events_in.labels(topics.MODELS).inc()
         await service.on_model(event, entry_id)
 
-    # Per chart, not ordered_batch + ChartServing.on_charts yet: on_charts writes a delivery's
-    # prepare-time refusals (wrong window, no candle) before the session-time ones (undecodable
-    # image) of earlier charts, so dead letters leave stream order (test_chart_serving, 1 run in 3).
-    @bus.ordered(topics.CHARTS, ChartEvent,
-                 description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) with class "
-                 "probabilities and the next close.")
-    async def on_chart(event: ChartEvent, entry_id: str) -> None:
-        metrics.events_in.labels(topics.CHARTS).inc()
-        await service.on_chart(event)
+    @bus.ordered_batch(topics.CHARTS, ChartEvent,
+                       description="Answer each chart of a chart classifier's preset (PNG + its last candle's text) "
+                       "with class probabilities and the next close.")
+    async def on_charts(events: list[ChartEvent], entry_ids: list[str]) -> None:
+        metrics.events_in.labels(topics.CHARTS).inc(len(events))
+        await service.on_charts(events)
 
     @runtime.on_shutdown
     async def drain() -> None:

@@ -142,16 +142,18 @@ class ChartServing:
         log.error("%s", line)
         await self.dead_letter(topics.CHARTS, event.to_json(), line)
 
-    async def _prepare(self, event: ChartEvent) -> tuple[list[ChartModel], bytes, Any] | None:
+    async def _prepare(self, event: ChartEvent, refuse: Any = None) -> tuple[list[ChartModel], bytes, Any] | None:
         """The models that answer this chart, its PNG and its last candle; None when no model
-        answers it (none serves it, or it was refused: logged, counted, dead-lettered)."""
+        answers it (none serves it, or it was refused through ``refuse``, ``_refuse`` by default:
+        logged, counted, dead-lettered)."""
+        refuse = refuse or self._refuse
         models = [m for m in self.models.values()
                   if m.spec.serves(event.symbol, event.interval) and (not m.spec.preset or m.spec.preset == event.preset)]
         if not models:
             return None
         wrong = [m for m in models if m.spec.meta is not None and event.window != m.spec.meta.lookback]
         if wrong:
-            await self._refuse(event, wrong, WRONG_WINDOW,
+            await refuse(event, wrong, WRONG_WINDOW,
                                f"it shows {event.window} candles, the model reads {wrong[0].spec.meta.lookback}")
             models = [m for m in models if m not in wrong]
             if not models:
@@ -160,12 +162,12 @@ class ChartServing:
             png = await asyncio.to_thread(self.artefacts.read_png, event.uri)
         except ArtefactRefused as exc:  # missing or expired: unreadable; anything else: refused before use
             why = UNREADABLE if exc.kind == "unreadable" else REFUSED_URI
-            await self._refuse(event, models, why, f"cannot read it ({exc.kind}: {exc.reason})")
+            await refuse(event, models, why, f"cannot read it ({exc.kind}: {exc.reason})")
             return None
         candles = await recent_candles(self.client, event.symbol, event.interval, 1, event.open_time + 1,
                                        partitions=self.partitions)
         if not candles or candles[-1].open_time != event.open_time:
-            await self._refuse(event, models, NO_CANDLE, f"its last candle ({event.open_time}) is not on klines.v1")
+            await refuse(event, models, NO_CANDLE, f"its last candle ({event.open_time}) is not on klines.v1")
             return None
         return models, png, candles[-1]
 
@@ -187,11 +189,17 @@ class ChartServing:
         and publishing order as ``on_chart`` for each, with one session call per model for all of
         them (each model's ``ChartBatcher``: its own thread, at most ``max_batch`` charts a call).
         Idempotent per chart, as the bus asks: forecasts go through the once-per-candle publisher."""
-        ready = []
-        for event in events:
-            prepared = await self._prepare(event)
-            if prepared is not None:
-                ready.append((event, *prepared))
+        # A chart refused while preparing is dead-lettered at its place in the delivery, after the
+        # answers and refusals of the charts before it, as ``on_chart`` one by one would: refusals
+        # are held until the answers are in.
+        held: dict[int, list[tuple]] = {}
+        prepared_all: list[tuple | None] = []
+        for i, event in enumerate(events):
+            async def hold(*args: Any, i: int = i) -> None:
+                held.setdefault(i, []).append(args)
+
+            prepared_all.append(await self._prepare(event, hold))
+        ready = [(event, *prepared) for event, prepared in zip(events, prepared_all) if prepared is not None]
         jobs: dict[str, list[Job]] = {}
         for n, (event, models, png, k) in enumerate(ready):
             for m in models:
@@ -202,9 +210,16 @@ class ChartServing:
         names = list(jobs)
         results = await asyncio.gather(*(self._batcher(name).answer(jobs[name]) for name in names))
         answers = {(job.meta["n"], name): r for name in names for job, r in zip(jobs[name], results[names.index(name)])}
-        for n, (event, models, _, k) in enumerate(ready):
+        n = 0
+        for i, (event, prepared) in enumerate(zip(events, prepared_all)):
+            for args in held.get(i, ()):
+                await self._refuse(*args)
+            if prepared is None:
+                continue
+            models, _, k = prepared
             for m in models:
                 await self._answered(event, m, k, answers[(n, m.spec.name)])
+            n += 1
 
     def _batcher(self, name: str) -> ChartBatcher:
         if name not in self.batchers:

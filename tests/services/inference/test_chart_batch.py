@@ -103,6 +103,11 @@ async def test_on_charts_publishes_what_on_chart_publishes(redis_url, model_and_
     await add_events(redis_url, [kline(pos[int(r["open_time"])]) for _, r in rows.iterrows()])
     events = [chart(r, str(ds / r["image_path"])) for _, r in rows.iterrows()]
     events.insert(2, events[2].model_copy(update={"uri": str(ds / "missing.png")}))  # unreadable: refused alone
+    # A torn PNG earlier in the delivery is refused by the session, after the unreadable one is
+    # refused while preparing: the dead letters must still come out in stream order.
+    torn = ds / "torn-for-order.png"
+    torn.write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    events.insert(1, events[1].model_copy(update={"uri": str(torn)}))
 
     def serving():
         counter = lambda *a, **k: SimpleNamespace(labels=lambda *a: SimpleNamespace(inc=lambda *a: None, set=lambda *a: None))  # noqa: E731
@@ -136,5 +141,6 @@ async def test_on_charts_publishes_what_on_chart_publishes(redis_url, model_and_
         assert a.predicted["close"] == pytest.approx(b.predicted["close"], rel=1e-6)
         assert a.predicted["class"] == b.predicted["class"]
         assert list(a.probabilities.values()) == pytest.approx(list(b.probabilities.values()), abs=1e-5)
-    assert len(many_dead) == len(one_dead) == 1 and "missing.png" in many_dead[0]
+    assert len(one_dead) == 2 and "torn-for-order.png" in one_dead[0] and "missing.png" in one_dead[1]
+    assert many_dead == one_dead
     assert np.isfinite([p.predicted["close"] for p in many_pub]).all()
