@@ -26,16 +26,22 @@ PIPELINE_TOPICS = (topics.KLINES, topics.FEATURES, topics.PREDICTIONS)
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def cluster_url(redis_cluster_url: str) -> str:
-    """The session's cluster with every primary emptied for this test."""
-    client = redis_client(redis_cluster_url)
+async def _flush(url: str) -> None:
+    client = redis_client(url)
     assert isinstance(client, RedisCluster)
     try:
         await client.flushall(target_nodes=RedisCluster.PRIMARIES)
     finally:
         await client.aclose()
-    return redis_cluster_url
+
+
+@pytest.fixture
+async def cluster_url(redis_cluster_url: str):
+    """The session's cluster with every primary emptied for this test, and emptied again after it
+    (the recorded partition count of one test must not refuse the next test's services)."""
+    await _flush(redis_cluster_url)
+    yield redis_cluster_url
+    await _flush(redis_cluster_url)
 
 
 async def _slot(client: RedisCluster, key: str) -> int:
