@@ -10,7 +10,6 @@ from redis.asyncio.cluster import RedisCluster
 
 from libs.common import topics
 from libs.common.bus import DATA_FIELD, LAST_OPEN_TIME, redis_client
-from klinebus.pipeline import start_runtimes, stop_runtimes
 # The single-server skeleton tests, run here unchanged against the cluster (imported under
 # names pytest does not collect twice).
 from tests.integration.test_skeleton import (
@@ -92,23 +91,12 @@ async def test_the_partitions_of_one_topic_land_on_different_primaries_and_carry
     """The skeleton (ingest -> features -> inference) with klines.v1 and features.v1 split into
     partitions on the cluster: every candle once and in order per key, each partition's stream on
     the primary that owns its slot, and one topic's partitions spread over every primary."""
-    from tests.integration.test_skeleton import SERVICES, ingest_overrides, shipped
-    from tests.streams import open_times_by_stream, replaying, wait_for_events
+    from tests.integration.test_skeleton import run_skeleton, shipped
+    from tests.streams import open_times_by_stream
 
     candles = shipped()
     expected = {key: [k.open_time for k in ks] for key, ks in candles.items()}
-    total = sum(len(v) for v in expected.values())
-    async with replaying(candles, speed=3000) as sim:
-        overrides = {name: dict(settings, partitions=CLUSTER_PARTITIONS)
-                     for name, settings in {**{s: {} for s in SERVICES}, **ingest_overrides(sim)}.items()}
-        runtimes = await start_runtimes(SERVICES, cluster_url, tmp_path, overrides, http=False)
-        try:
-            await sim.begin_when_connected()
-            klines = await wait_for_events(cluster_url, topics.KLINES, total)
-            features = await wait_for_events(cluster_url, topics.FEATURES, total)
-            predictions = await wait_for_events(cluster_url, topics.PREDICTIONS, total)
-        finally:
-            await stop_runtimes(runtimes)
+    klines, features, predictions = await run_skeleton(cluster_url, tmp_path, candles, partitions=CLUSTER_PARTITIONS)
     assert open_times_by_stream(klines) == expected
     assert open_times_by_stream(features) == expected
     assert open_times_by_stream(predictions) == expected

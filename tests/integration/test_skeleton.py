@@ -42,19 +42,26 @@ def ingest_overrides(sim) -> dict:
 SERVICES = ("inference", "features", "ingest")
 
 
+async def run_skeleton(url: str, tmp_path, candles: dict, **every_service) -> tuple[list, list, list]:
+    """Replay ``candles`` through ingest -> features -> inference (``every_service``: settings
+    given to each service, e.g. ``partitions``); klines.v1, features.v1 and predictions.v1 once
+    each holds one event per candle."""
+    total = sum(len(v) for v in candles.values())
+    async with replaying(candles, speed=3000) as sim:
+        overrides = {name: {**every_service, **ingest_overrides(sim).get(name, {})} for name in SERVICES}
+        runtimes = await start_runtimes(SERVICES, url, tmp_path, overrides, http=False)
+        try:
+            await sim.begin_when_connected()
+            return (await wait_for_events(url, topics.KLINES, total), await wait_for_events(url, topics.FEATURES, total),
+                    await wait_for_events(url, topics.PREDICTIONS, total))
+        finally:
+            await stop_runtimes(runtimes)
+
+
 async def test_every_replayed_candle_yields_one_features_event_and_one_prediction_in_order(redis_url, tmp_path):
     candles = shipped()
     expected = {key: [k.open_time for k in ks] for key, ks in candles.items()}
-    total = sum(len(v) for v in expected.values())
-    async with replaying(candles, speed=3000) as sim:
-        runtimes = await start_runtimes(SERVICES, redis_url, tmp_path, ingest_overrides(sim), http=False)
-        try:
-            await sim.begin_when_connected()
-            klines = await wait_for_events(redis_url, topics.KLINES, total)
-            features = await wait_for_events(redis_url, topics.FEATURES, total)
-            predictions = await wait_for_events(redis_url, topics.PREDICTIONS, total)
-        finally:
-            await stop_runtimes(runtimes)
+    klines, features, predictions = await run_skeleton(redis_url, tmp_path, candles)
 
     assert open_times_by_stream(klines) == expected
     assert open_times_by_stream(features) == expected
