@@ -223,7 +223,15 @@ class MicroBatcher(_QueueWorker):
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        # The next batch, taken off the queue and answered (a task) while the one in hand is handed
+        # on, so the model's thread is not idle while the loop publishes; ``_taken`` counts its jobs.
+        self._next: asyncio.Task[list[_InHand]] | None = None
+        self._taken = 0
         self._init_worker(transient, max_tries, on_restart)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._hand) + self._taken
 
     def submit(self, job: Job) -> None:
         self._queue.put_nowait(job)
@@ -247,7 +255,26 @@ class MicroBatcher(_QueueWorker):
         return batch
 
     async def _fill(self) -> None:
+        # Pipelined: while the answers put in hand here are handed on (``on_result``, publishing),
+        # the jobs queued behind them are already collected and answered in the model's thread;
+        # they are handed on only after these, so the order is the jobs' order.
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._answer_next())
+        task = self._next
+        try:
+            answered = await task
+        except BaseException:
+            if task.done():  # failed (not this worker cancelled while it runs): its batch is lost, as before
+                self._next, self._taken = None, 0
+            raise
+        self._hand = answered
+        self._next, self._taken = None, 0
+        if not self._queue.empty():
+            self._next = asyncio.ensure_future(self._answer_next())
+
+    async def _answer_next(self) -> list[_InHand]:
         batch = await self._collect()
+        self._taken = len(batch)
         loop = asyncio.get_running_loop()
         # A hot reload swaps the model between two candles: jobs name the version that was
         # current when their candle arrived, so a batch may hold two versions, run apart.
@@ -265,7 +292,7 @@ class MicroBatcher(_QueueWorker):
                 self.on_session(group)
             answered += [_InHand(_Answered(j, r)) for j, r in zip(group, results)]
             start = end
-        self._hand = answered
+        return answered
 
     async def _handle(self, item: _Answered) -> None:
         await self.on_result(item.job, item.result)
@@ -279,6 +306,11 @@ class MicroBatcher(_QueueWorker):
 
     async def stop(self) -> None:
         await super().stop()
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._next
+            self._next, self._taken = None, 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -117,6 +117,12 @@ class Rolling:
         hits = [h for _, _, h in self.items if h is not None]
         return sum(hits) / len(hits) if hits else None
 
+    def stats(self) -> tuple[float, float, float | None, float | None]:
+        """``(mae, baseline mae, ratio, direction accuracy)``: the methods above, each sum taken once
+        (``_score`` used to take the MAEs three times over the window), so the same floats."""
+        mae, bmae = self.mae(), self.baseline_mae()
+        return mae, bmae, (mae / bmae if bmae > 0 else None), self.direction_accuracy()
+
 
 @dataclass
 class _Pending:
@@ -199,9 +205,11 @@ class LiveScorer:
         r = self._roll((p.model, symbol, interval, p.horizon))
         r.add(err, base, hit, (covered, width, bcov, bwidth) if covered is not None and width is not None else None)
         n_iv, cov, mw, bcov_r, bmw = r.interval_stats()
+        mae, bmae, ratio, acc = r.stats()
+        behind = r.n >= self.min_samples and ratio is not None and ratio > self.behind_ratio  # ``_behind``
         return Score(
             p.model, p.version, symbol, interval, p.horizon, p.open_time, target, p.predicted, actual, p.baseline,
-            err, base, hit, r.n, r.mae(), r.baseline_mae(), r.ratio(), r.direction_accuracy(), self._behind(r),
+            err, base, hit, r.n, mae, bmae, ratio, acc, behind,
             p.target, p.lower, p.upper, covered, width, p.baseline_lower, p.baseline_upper, bcov, bwidth,
             n_iv, cov, mw, bcov_r, bmw,
         )
@@ -234,11 +242,15 @@ class LiveScorer:
     def add_truth(self, symbol: str, interval: str, open_time: int, close: float,
                   high: float | None = None, low: float | None = None) -> list[Score]:
         """A closed candle; returns the scores of the forecasts that targeted it."""
-        truth = self._truth.setdefault((symbol, interval), OrderedDict())
+        truth = self._truth.get((symbol, interval))
+        if truth is None:
+            truth = self._truth[(symbol, interval)] = OrderedDict()
         truth[open_time] = (close, high, low)
         while len(truth) > TRUTH_KEEP:
             truth.popitem(last=False)
-        waiting = self._pending.pop((symbol, interval, open_time), [])
+        waiting = self._pending.pop((symbol, interval, open_time), None)
+        if not waiting:
+            return []
         return [s for s in (self._score(symbol, interval, open_time, p) for p in waiting) if s is not None]
 
     def drop_unreachable(self, symbol: str, interval: str, before: int) -> int:

@@ -189,6 +189,9 @@ class Inference:
         # Score gauge series per stream, removed when the stream goes to another replica (else two
         # replicas export one series, the gone one frozen).
         self._series: dict[Key, set[tuple[str, ...]]] = {}
+        # Labelled metric children, looked up once (``labels()`` costs microseconds, paid several
+        # times per forecast and score); a stream's entries go with its series in ``forget``.
+        self._kids: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._mismatch_logged: set[tuple[str, str]] = set()
         self._origin_logged: set[tuple] = set()
         # During replay: per "symbol|interval|model", publish only candles after this open time.
@@ -259,7 +262,7 @@ class Inference:
         await self.port.publish_predictions(events, *key)
         now = now_ms()
         for e in events:  # measured once the forecast is on the stream
-            self.m.close_to_publish.labels(e.model).observe(max(0.0, (now - e.open_time - interval_ms(e.interval)) / 1000.0))
+            self._kid(self.m.close_to_publish, (e.model,)).observe(max(0.0, (now - e.open_time - interval_ms(e.interval)) / 1000.0))
             self._paid((e.symbol, e.interval))
 
     def _paying(self, publish: Publish) -> Publish:
@@ -299,11 +302,20 @@ class Inference:
         for stream in [s for s in self._series if belongs(s)]:
             for labels in self._series.pop(stream):
                 for gauge in self._gauges_of(labels):
+                    self._kids.pop((id(gauge), labels), None)
                     try:
                         gauge.remove(*labels)
                     except KeyError:
                         pass  # never set for this series
         return keys
+
+    def _kid(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, cached."""
+        k = (id(metric), labels)
+        c = self._kids.get(k)
+        if c is None:
+            c = self._kids[k] = metric.labels(*labels)
+        return c
 
     def _gauges_of(self, labels: tuple[str, ...]) -> list[Any]:
         m = self.m
@@ -356,11 +368,11 @@ class Inference:
                 if floor is None or ev.open_time <= floor:
                     continue
             if spec.cumulative and not self._origin_ok(spec, ev):
-                self.m.skipped.labels(spec.name, ORIGIN_MISMATCH).inc()
+                self._kid(self.m.skipped, (spec.name, ORIGIN_MISMATCH)).inc()
                 continue
             window, last_close, reason = self.windows.window(key, model.request)
             if window is None:
-                self.m.skipped.labels(spec.name, reason).inc()
+                self._kid(self.m.skipped, (spec.name, reason)).inc()
                 if reason == MISMATCH:
                     self._mismatch(spec, ev)
                 continue
@@ -500,8 +512,8 @@ class Inference:
         )
         self.out_predictions.put(event, spec.name)
         self._owed[(job.symbol, job.interval)] += 1
-        self.m.predictions.labels(spec.name).inc()
-        self.m.last_prediction.labels(spec.name).set(now / 1000.0)
+        self._kid(self.m.predictions, (spec.name,)).inc()
+        self._kid(self.m.last_prediction, (spec.name,)).set(now / 1000.0)
         rich = getattr(fc, "steps", None)
         if rich and spec.kind != "persistence":
             # Each scored column (close per horizon, or range / rvolN) with persistence and both bands.
@@ -527,25 +539,26 @@ class Inference:
         series = self._series.setdefault((s.symbol, s.interval), set())
         series.add(labels)
         series.add((s.model, s.symbol, s.interval))
-        self.m.score_mae.labels(*labels).set(s.mae)
-        self.m.score_base.labels(*labels).set(s.baseline_mae)
+        m, kid = self.m, self._kid
+        kid(m.score_mae, labels).set(s.mae)
+        kid(m.score_base, labels).set(s.baseline_mae)
         if s.mae_ratio is not None:
-            self.m.score_ratio.labels(*labels).set(s.mae_ratio)
+            kid(m.score_ratio, labels).set(s.mae_ratio)
         if s.direction_accuracy is not None:
-            self.m.score_hits.labels(*labels).set(s.direction_accuracy)
-        self.m.score_n.labels(*labels).set(s.n)
+            kid(m.score_hits, labels).set(s.direction_accuracy)
+        kid(m.score_n, labels).set(s.n)
         if s.covered is not None:
             tl = (*labels, s.target)
             series.add(tl)
-            self.m.interval_scores.labels(s.model, s.target, "inside" if s.covered else "outside").inc()
+            kid(m.interval_scores, (s.model, s.target, "inside" if s.covered else "outside")).inc()
             if s.coverage is not None:
-                self.m.score_coverage.labels(*tl).set(s.coverage)
-                self.m.score_width.labels(*tl).set(s.mean_band_width)
+                kid(m.score_coverage, tl).set(s.coverage)
+                kid(m.score_width, tl).set(s.mean_band_width)
             if s.baseline_coverage is not None:
-                self.m.score_base_coverage.labels(*tl).set(s.baseline_coverage)
-                self.m.score_base_width.labels(*tl).set(s.baseline_mean_band_width)
+                kid(m.score_base_coverage, tl).set(s.baseline_coverage)
+                kid(m.score_base_width, tl).set(s.baseline_mean_band_width)
         if s.horizon == self.scorer_horizon(s.model):
-            self.m.behind.labels(s.model, s.symbol, s.interval).set(1 if s.behind else 0)
+            kid(m.behind, (s.model, s.symbol, s.interval)).set(1 if s.behind else 0)
         self.out_scores.put(
             ScoreEvent(
                 symbol=s.symbol, interval=s.interval, open_time=s.target_open_time, model=s.model,
