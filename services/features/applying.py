@@ -17,14 +17,18 @@ folded before, so inference compares this with the origin a model was trained fr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from libs.common.contracts import FeaturesEvent, KlineEvent, Prepared
 from libs.indicators.kernels import ST_DUPLICATE, ST_INVALID, ST_OK
 from libs.indicators.streaming import StreamingEngine, UpdateBatch
 from services.features import bounds
+
+log = logging.getLogger("klinebus.features")
 
 
 @dataclass
@@ -119,13 +123,14 @@ def _outcome(engine: StreamingEngine, events: list[KlineEvent], result: UpdateBa
              rejected: dict[int, str], computed_at: int, origins: Origins, stateless: set) -> Applied:
     n = len(events)
     out = Applied([None] * n)
-    names = result.names
     status = result.status.tolist()
-    rows = result.values.tolist()  # one conversion, not one per event
     gap_ms = result.gap_ms.tolist()
-    feature_set_id = engine.feature_set.id
     restarts_on_gap = engine.gap_policy == "reset"  # the kernel zeroes the state at a gap
     index = range(n) if keep is None else keep.tolist()
+    writer = _writer(engine.feature_set.id, tuple(result.names))
+    values_json = writer.rows(result.values, result.status) if writer is not None else []
+    fresh = out.fresh
+    check = True
     for j, i in enumerate(index):
         st = status[j]
         if i in rejected:
@@ -145,10 +150,93 @@ def _outcome(engine: StreamingEngine, events: list[KlineEvent], result: UpdateBa
             origins[key] = e.open_time
         elif key not in origins:  # state the engine got past ``origins``: where it started is not known
             origins[key] = None
-        values = dict(zip(names, rows[j])) if st == ST_OK else {}
-        out.fresh[i] = FeaturesEvent.prepared(
-            e.symbol, e.interval, e.open_time, e.close, feature_set_id, values, st == ST_OK, e.ingested_at,
-            computed_at, origins[key],
-        )
+        warm = st == ST_OK
+        if writer is None:
+            values = dict(zip(result.names, result.values[j].tolist())) if warm else {}
+            fresh[i] = FeaturesEvent.prepared(e.symbol, e.interval, e.open_time, e.close, engine.feature_set.id,
+                                              values, warm, e.ingested_at, computed_at, origins[key])
+            continue
+        prepared = writer.event(e, values_json[j], warm, computed_at, origins[key])
+        if check:
+            # The first event of a batch is also written by the contract's own serialiser, and
+            # must come out byte for byte the same; else the template is given up for good.
+            check = False
+            values = dict(zip(result.names, result.values[j].tolist())) if warm else {}
+            expected = FeaturesEvent.prepared(e.symbol, e.interval, e.open_time, e.close, writer.feature_set,
+                                              values, warm, e.ingested_at, computed_at, origins[key])
+            if expected.payload != prepared.payload:
+                log.error("features.v1 template wrote %r where the contract writes %r; writing every event "
+                          "through FeaturesEvent.prepared from now on", prepared.payload[:300], expected.payload[:300])
+                _writers[writer.key] = None
+                writer = None
+                prepared = expected
+        fresh[i] = prepared
     out.rejected = [(events[i], rejected[i]) for i in sorted(rejected)]
     return out
+
+
+class _Writer:
+    """features.v1 payloads of one feature set, written from a template: the bytes
+    ``FeaturesEvent.prepared`` writes (orjson), without a dict of values and an orjson call per
+    event. A batch's warm value rows are serialised by one orjson call over the (rows, names)
+    matrix (orjson writes a float64 of a numpy array exactly as a Python float) and each row's
+    numbers are put between the names by one bytes formatting."""
+
+    def __init__(self, feature_set: str, names: tuple[str, ...]) -> None:
+        self.key = (feature_set, names)
+        self.feature_set = feature_set
+        self.names = names
+        self.width = len(names)
+        pairs = b",".join(orjson.dumps(name).replace(b"%", b"%%") + b":%b" for name in names)
+        self.values_template = b"{" + pairs + b"}"
+        self.head = b'{"schema_version":1,"symbol":'
+        self.middle = b',"feature_set":' + orjson.dumps(feature_set) + b',"values":'
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    def rows(self, values: np.ndarray, status: np.ndarray) -> list[bytes]:
+        """Per row of the batch: its ``values`` object (``{}`` where the row is not warm)."""
+        out = [b"{}"] * len(status)
+        ok = np.flatnonzero(status == ST_OK)
+        if not ok.size:
+            return out
+        if not self.width:
+            for j in ok.tolist():
+                out[j] = b"{}"
+            return out
+        matrix = np.ascontiguousarray(values[ok], dtype=np.float64)
+        whole = orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[..],[..]]"
+        template = self.values_template
+        for j, row in zip(ok.tolist(), whole[2:-2].split(b"],[")):
+            out[j] = template % tuple(row.split(b","))
+        return out
+
+    def event(self, e: KlineEvent, values: bytes, warm: bool, computed_at: int, origin: int | None) -> Prepared:
+        key = (e.symbol, e.interval)
+        identity = self._keys.get(key)
+        if identity is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            identity = self._keys[key] = (self.head + orjson.dumps(e.symbol) + b',"interval":'
+                                          + orjson.dumps(e.interval) + b',"open_time":')
+        ingested, open_time = e.ingested_at, e.open_time
+        payload = b"".join((
+            identity, b"%d" % open_time if type(open_time) is int else orjson.dumps(open_time),
+            b',"close":', orjson.dumps(e.close), self.middle, values,
+            b',"warm":true,"kline_ingested_at":' if warm else b',"warm":false,"kline_ingested_at":',
+            b"%d" % ingested if type(ingested) is int else orjson.dumps(ingested),
+            b',"computed_at":', b"%d" % computed_at if type(computed_at) is int else orjson.dumps(computed_at),
+            b',"feature_origin":', b"%d" % origin if type(origin) is int else orjson.dumps(origin), b"}",
+        ))
+        return Prepared(e.symbol, e.interval, e.open_time, payload)
+
+
+# Per (feature set, names): its writer, or None where the template cannot be used (names that
+# repeat: a dict keeps one of each) or once it wrote other bytes than the contract.
+_writers: dict[tuple[str, tuple[str, ...]], "_Writer | None"] = {}
+
+
+def _writer(feature_set: str, names: tuple[str, ...]) -> "_Writer | None":
+    key = (feature_set, names)
+    if key not in _writers:
+        _writers[key] = _Writer(feature_set, names) if len(set(names)) == len(names) else None
+    return _writers[key]

@@ -28,22 +28,68 @@ LAST_OPEN_TIME = "last-open-time"
 # (appended) or '0' (refused) per event, lasts the stored open_time for each refused one, in order
 # (an appended event's last is its own open_time). Compact because a batch is 1000 events: a
 # reply of 1000 pairs cost more to parse than the appends.
+#
+# A batch holds many candles of few keys: each field's last is read once (HGET) and kept in a
+# table, and the lasts that moved are written once at the end (HSET in chunks) instead of a
+# HGET and a HSET per event (2 of the 3 calls per event, ~40% of the script's time). An XADD
+# that fails (pcall) writes the lasts of everything appended before it, then fails the call,
+# as the per-event HSETs did: what is on the stream always has its last recorded.
 _PUBLISH_ONCE_MANY = """
 local flags = {}
 local lasts = {}
+local known = {}
+local moved = {}
+local order = {}
 local appended = false
+local function record()
+  local args = {}
+  for _, f in ipairs(order) do
+    args[#args + 1] = f
+    args[#args + 1] = moved[f]
+    if #args >= 400 then
+      redis.call('HSET', KEYS[2], unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then
+    redis.call('HSET', KEYS[2], unpack(args))
+  end
+end
 for i = 4, #ARGV, 3 do
-  local last = redis.call('HGET', KEYS[2], ARGV[i])
-  if last and tonumber(last) >= tonumber(ARGV[i + 1]) then
+  local f = ARGV[i]
+  local last = known[f]
+  if last == nil then
+    local raw = redis.call('HGET', KEYS[2], f)
+    last = false
+    if raw then
+      last = tonumber(raw)
+      if last == nil then
+        record()
+        return redis.error_reply('last open time of ' .. f .. ' is not a number: ' .. raw)
+      end
+    end
+    known[f] = last
+  end
+  local t = tonumber(ARGV[i + 1])
+  if last and last >= t then
     flags[#flags + 1] = '0'
-    lasts[#lasts + 1] = tonumber(last)
+    lasts[#lasts + 1] = last
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i + 2])
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i + 2])
+    if type(r) == 'table' and r.err then
+      record()
+      return r
+    end
+    if moved[f] == nil then
+      order[#order + 1] = f
+    end
+    moved[f] = ARGV[i + 1]
+    known[f] = t
     flags[#flags + 1] = '1'
     appended = true
   end
 end
+record()
 if appended and ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end
