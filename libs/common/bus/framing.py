@@ -17,6 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from faststream.redis.parser.message import MessageFormat
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import SchemaValidator
 
 from libs.common.contracts import InvalidEvent
 from libs.common.klines import InvalidKline
@@ -137,6 +138,7 @@ class Decoder:
         self.model = model
         self.max_bytes = max_bytes
         self._many = TypeAdapter(list[model])  # type: ignore[valid-type]
+        self._fast = _kline_fast_path(model)
 
     def _check_size(self, raw: Any) -> None:
         if not isinstance(raw, (bytes, bytearray, memoryview, str)):
@@ -161,6 +163,10 @@ class Decoder:
         """``(events, bad)``: ``events[i]`` is entry i's event, or None where ``bad[i]`` says why.
         A missing payload (``None``: the entry had no ``__data__`` field) is bad input."""
         if raws and all(r is not None and len(r) <= self.max_bytes for r in raws):
+            if self._fast is not None:
+                events = self._fast(raws)
+                if events is not None:
+                    return events, {}
             try:
                 events = self._many.validate_json(b"[" + b",".join(raws) + b"]")  # type: ignore[arg-type]
             except (ValidationError, *BAD_INPUT_ERRORS):
@@ -183,6 +189,78 @@ class Decoder:
                 events.append(None)
                 bad[i] = one_line(exc)
         return events, bad
+
+
+def _kline_fast_path(model: type) -> Any:
+    """For ``KlineEvent`` (klines.v1, the busiest topic): a batch decoded by the model's own
+    pydantic schema without its Python validators (symbol, interval, 64-bit ints, the physical
+    rules: ~60% of a decode), which are then checked here over the whole batch with the same
+    rules. Returns a function giving the events, or None when any entry needs a closer look
+    (then the batch takes the usual path, which finds and words each refusal exactly as
+    before). None (no fast path) for any other model, or when KlineEvent's validators are not
+    exactly the ones re-checked here."""
+    from libs.common.contracts import Event, KlineEvent
+    from libs.common.klines import INTERVAL_MS, validate_kline
+
+    if model is not KlineEvent:
+        return None
+    expected = {"_physical", "_ints_fit_64_bits", "_upper_symbol", "_known_interval"}
+    found: set[str] = set()
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("type") == "function-after":
+                found.add(getattr(node["function"]["function"], "__name__", "?"))
+                return strip(node["schema"])
+            if str(node.get("type", "")).startswith("function-"):
+                found.add("?")
+            return {k: (strip(v) if k in ("schema", "fields", "items_schema") or isinstance(v, dict) and k not in ("metadata", "config", "default") else v)
+                    for k, v in node.items() if k != "ref"}
+        return node
+
+    try:
+        inner = strip(KlineEvent.__pydantic_core_schema__)
+        if found != expected or inner.get("type") != "model" or inner.get("cls") is not KlineEvent:
+            return None
+        validator = SchemaValidator({"type": "list", "items_schema": inner})
+    except Exception:  # noqa: BLE001 - an unexpected schema shape: no fast path
+        return None
+    int_fields = KlineEvent._int_fields
+    if set(int_fields) - {"schema_version", "open_time", "close_time", "trades", "ingested_at"}:
+        return None
+    good_symbols: set[str] = set()
+    lo, hi = -(1 << 63), (1 << 63) - 1
+    assert issubclass(KlineEvent, Event)
+
+    def decode(raws: Sequence[bytes]) -> list[Any] | None:
+        try:
+            events = validator.validate_json(b"[" + b",".join(raws) + b"]")  # type: ignore[arg-type]
+        except (ValidationError, *BAD_INPUT_ERRORS):
+            return None
+        if len(events) != len(raws):
+            return None
+        for e in events:
+            d = e.__dict__
+            sym = d["symbol"]
+            if sym not in good_symbols:
+                if not (sym and sym == sym.upper() and sym.isalnum()):
+                    return None
+                if len(good_symbols) > 100_000:
+                    good_symbols.clear()
+                good_symbols.add(sym)
+            if d["interval"] not in INTERVAL_MS:
+                return None
+            for name in int_fields:
+                v = d[name]
+                if not lo <= v <= hi:
+                    return None
+            try:
+                validate_kline(e)
+            except InvalidKline:
+                return None
+        return events
+
+    return decode
 
 
 def entry_id_key(entry_id: str | bytes) -> tuple[int, int]:
