@@ -314,38 +314,38 @@ class MicroBatcher(_QueueWorker):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _predict(jobs: Sequence[Job]) -> list[Any]:
-    """Runs in the model's thread: one session call for the group, or the error for every job."""
-    model = jobs[0].model
+def _timed(jobs: Sequence[Job], call: Callable[[], Any]) -> list[Any]:
+    """``call()``'s answers, one per job, each job's meta noting the session time and batch size;
+    the error for every job when the call fails (reported per job by the caller: dead letter +
+    metric)."""
     t0 = time.perf_counter()
     try:
-        windows = np.stack([j.window for j in jobs])
-        closes = np.asarray([j.last_close for j in jobs], dtype=np.float64)
-        out = model.predict(windows, closes)
-    except Exception as exc:  # noqa: BLE001 - reported per job by the caller (dead letter + metric)
+        out = call()
+    except Exception as exc:  # noqa: BLE001 - see above
         return [exc] * len(jobs)
     elapsed = time.perf_counter() - t0
     for j in jobs:
         j.meta["session_s"] = elapsed
         j.meta["batch"] = len(jobs)
     return list(out)
+
+
+def _predict(jobs: Sequence[Job]) -> list[Any]:
+    """Runs in the model's thread: one session call for the group, or the error for every job."""
+    def call() -> Any:
+        windows = np.stack([j.window for j in jobs])
+        closes = np.asarray([j.last_close for j in jobs], dtype=np.float64)
+        return jobs[0].model.predict(windows, closes)
+
+    return _timed(jobs, call)
 
 
 def predict_charts(jobs: Sequence[Job]) -> list[Any]:
     """Runs in the model's thread: chart jobs (``window`` the PNG bytes, ``meta["candle"]`` the
     chart's last candle, ``meta["where"]`` its uri) through one ``ChartModel.predict_many`` call;
     per job its ``ChartForecast`` or its error."""
-    model = jobs[0].model
-    t0 = time.perf_counter()
-    try:
-        out = model.predict_many([(j.window, j.meta["candle"], j.meta.get("where", "chart")) for j in jobs])
-    except Exception as exc:  # noqa: BLE001 - reported per job by the caller
-        return [exc] * len(jobs)
-    elapsed = time.perf_counter() - t0
-    for j in jobs:
-        j.meta["session_s"] = elapsed
-        j.meta["batch"] = len(jobs)
-    return list(out)
+    return _timed(jobs, lambda: jobs[0].model.predict_many(
+        [(j.window, j.meta["candle"], j.meta.get("where", "chart")) for j in jobs]))
 
 
 class ChartBatcher(MicroBatcher):
