@@ -15,7 +15,8 @@ trainer exports the int8 variant beside the float graph (services/trainer/export
 * engine: close -> forecast handed to publishing, per candle, for a burst of N candles through
   the micro-batcher (p50, p99, max, and the whole burst), float and int8 runs alternated;
 * service: the real service on an embedded Redis: N features events XADDed at once -> each
-  forecast on predictions.v1 (from the entries' times), including the bus edge, float then int8;
+  forecast on predictions.v1 (from the entries' times), including the bus edge, float then int8
+  with one and two session calls at once (``--calls``), ``--rounds`` times alternated;
 * charts: the default chart classifier (small ViT + MiniLM, trained one step on rendered charts of
   the shipped candles): ``--charts`` charts through ``ChartModel.predict_many`` (one session call)
   vs ``predict`` one at a time, and through the ``ChartBatcher``, interleaved, ratio.
@@ -238,7 +239,7 @@ async def engine_run(published, n: int, bursts: int, variant: str):
 
 
 async def bench_service(published, registry: Path, n: int, bursts: int, threads: int = 1, max_batch: int = 64,
-                        variant: str = "int8") -> float:
+                        variant: str = "int8", calls: int = 2) -> float:
     from libs.common import model_package as mp
     from libs.common import topics
     from libs.common.bus import DATA_FIELD, redis_client
@@ -266,7 +267,8 @@ async def bench_service(published, registry: Path, n: int, bursts: int, threads:
     with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data) / "redis", persistent=False) as server:
         url = server.url
         settings = InferenceSettings(data_dir=Path(data), redis_url=url, consumer_name="bench", model_dir=str(registry),
-                                     log_level="WARNING", session_threads=threads, max_batch=max_batch)
+                                     log_level="WARNING", session_threads=threads, max_batch=max_batch,
+                                     session_calls=calls)
         # Built before the service starts: it shares this event loop, and seconds of event building
         # would starve its lease renewals.
         hist = [burst_events(meta, symbols, i) for i in range(meta.lookback + bursts)]
@@ -301,7 +303,8 @@ async def bench_service(published, registry: Path, n: int, bursts: int, threads:
         finally:
             await client.aclose()
             await rt.stop()
-    print(f"service on an embedded Redis, {variant} ({threads} session thread(s), max_batch {max_batch}), {n} symbols closing "
+    print(f"service on an embedded Redis, {variant} ({calls} session call(s) at once x {threads} thread(s), max_batch "
+          f"{max_batch}), {n} symbols closing "
           f"together, {bursts} bursts (XADD of the features -> the forecast's entry on predictions.v1, bus edge included):")
     print(f"  per candle p50 {pct(lat, 50):.0f} ms  p99 {pct(lat, 99):.0f} ms  max {max(lat):.0f} ms; "
           f"whole burst p50 {pct(whole, 50):.0f} ms")
@@ -384,6 +387,9 @@ def main() -> None:
     ap.add_argument("--variants", default="float,int8", help="service runs, in order (float, int8)")
     ap.add_argument("--threads", type=int, default=1, help="KLINEBUS_SESSION_THREADS for the service run")
     ap.add_argument("--max-batch", type=int, default=64, help="KLINEBUS_MAX_BATCH for the service run")
+    ap.add_argument("--calls", default="1,2", help="KLINEBUS_SESSION_CALLS for the int8 service runs, alternated "
+                    "(float runs use the last)")
+    ap.add_argument("--rounds", type=int, default=1, help="service runs per setting, alternated")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -398,10 +404,20 @@ def main() -> None:
             bench_accuracy(published)
             asyncio.run(bench_engine(published, args.symbols, args.bursts))
         if not args.skip_service:
-            whole = {v: asyncio.run(bench_service(published, root / "reg", args.symbols, args.bursts, args.threads,
-                                                  args.max_batch, v)) for v in args.variants.split(",")}
-            if len(whole) == 2:
-                print(f"  service whole burst p50 int8/float {whole['int8'] / whole['float']:.2f}x")
+            calls = [int(c) for c in args.calls.split(",")]
+            runs = [(v, c) for v in args.variants.split(",") for c in (calls if v == "int8" else calls[-1:])]
+            whole: dict[tuple[str, int], list[float]] = {}
+            for _ in range(args.rounds):
+                for v, c in runs:
+                    whole.setdefault((v, c), []).append(asyncio.run(bench_service(
+                        published, root / "reg", args.symbols, args.bursts, args.threads, args.max_batch, v, c)))
+            p50 = {k: float(np.median(w)) for k, w in whole.items()}
+            print("service whole burst p50 (median over rounds): " + ", ".join(
+                f"{v} x{c} {t:.0f} ms" for (v, c), t in p50.items()))
+            if ("int8", calls[-1]) in p50 and ("float", calls[-1]) in p50:
+                print(f"  int8/float ({calls[-1]} call(s)) {p50[('int8', calls[-1])] / p50[('float', calls[-1])]:.2f}x")
+            if len(calls) == 2 and all(("int8", c) in p50 for c in calls):
+                print(f"  int8 {calls[1]} calls / {calls[0]} call(s) {p50[('int8', calls[1])] / p50[('int8', calls[0])]:.2f}x")
         if args.charts and not args.only_service:
             asyncio.run(bench_charts(root, args.charts))
 

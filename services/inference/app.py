@@ -90,7 +90,7 @@ class InferenceService:
         self.control = ControlGuard(Keyring.parse(settings.control_keys), metrics, self.bus.dead_letter)  # signed models.v1
         self.engine = Inference(
             Config(settings.max_batch, settings.max_wait_ms, settings.session_threads, settings.score_window,
-                   settings.behind_min_samples, settings.behind_ratio, settings.demote_behind),
+                   settings.behind_min_samples, settings.behind_ratio, settings.demote_behind, settings.session_calls),
             metrics, self.port, rules,
         )
         self.backfill = Backfill(

@@ -1,9 +1,9 @@
 """Micro-batching per model and ordered publishing, as plain asyncio (no bus).
 
-``MicroBatcher``: one per served model name. Jobs (one window each) queue up; the worker
-takes the first and whatever else arrives within ``max_wait_s`` (up to ``max_batch``), runs
-the model once for all of them in the model's own thread, and hands each result on in the
-order the jobs came. Each model has its own queue, task and thread, so a slow model only
+``MicroBatcher``: one per served model name. Jobs (one window each) gather into a batch that
+starts in the model's own threads as soon as it holds ``max_batch`` jobs or ``max_wait_s`` after
+its first, so the model runs while the loop is still cutting the rest of a delivery's windows,
+up to ``calls`` batches side by side; each result is handed on in the order the jobs came. Each model has its own queue, task and thread, so a slow model only
 delays itself. It works the same whether the bus delivers events one at a time or in
 batches: batching happens here, across events, not per delivery.
 
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
@@ -195,10 +196,24 @@ class _Answered:
     result: Any
 
 
+@dataclass
+class _Flight:
+    """One session call for a group of one model's jobs, started in the model's thread."""
+
+    jobs: list[Job]
+    future: asyncio.Future
+
+
 class MicroBatcher(_QueueWorker):
     """Batches jobs for one model name; ``on_result(job, forecast_or_error)`` gets each in order,
     ``on_session(jobs)`` is told of each session call (metrics). A job whose ``on_result`` keeps
-    failing is handed to ``give_up(job, reason)`` (a dead letter)."""
+    failing is handed to ``give_up(job, reason)`` (a dead letter).
+
+    A batch starts in the model's threads the moment it is full (in ``submit``, while the caller
+    goes on cutting windows for the rest of a delivery), or ``max_wait_s`` after its first job.
+    Several calls may be in flight at once: up to ``calls`` run side by side, each in its own
+    thread (the model must allow concurrent calls, as an onnxruntime session does), the rest wait
+    their turn; answers are handed on in the order the calls started, which is the jobs' order."""
 
     def __init__(
         self,
@@ -213,6 +228,7 @@ class MicroBatcher(_QueueWorker):
         max_tries: int = MAX_TRIES,
         on_restart: OnRestart | None = None,
         run: RunBatch | None = None,
+        calls: int = 1,
     ) -> None:
         self.name = name
         self.on_result = on_result
@@ -221,78 +237,66 @@ class MicroBatcher(_QueueWorker):
         self.give_up = give_up
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        # The next batch, taken off the queue and answered (a task) while the one in hand is handed
-        # on, so the model's thread is not idle while the loop publishes; ``_taken`` counts its jobs.
-        self._next: asyncio.Task[list[_InHand]] | None = None
-        self._taken = 0
+        self._executor = ThreadPoolExecutor(max_workers=calls, thread_name_prefix=f"model-{name}")
+        self._open: list[Job] = []  # submitted, not started yet
+        self._timer: asyncio.TimerHandle | None = None
+        # Started, in start order; the head is handed on first. A flight is dropped only once its
+        # answers are in hand: a restart awaits the same future again, never runs a session twice.
+        self._flights: deque[_Flight] = deque()
+        self._flying = 0  # jobs in ``_flights``
+        self._landed = asyncio.Event()  # set when a flight starts (the worker may be waiting for one)
         self._init_worker(transient, max_tries, on_restart)
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + len(self._hand) + self._taken
+        return len(self._open) + self._flying + len(self._hand)
 
     def submit(self, job: Job) -> None:
-        self._queue.put_nowait(job)
+        self._open.append(job)
+        if len(self._open) >= self.max_batch:
+            self._launch()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._launch)
 
-    async def _collect(self) -> list[Job]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except asyncio.TimeoutError:
-                break
-        return batch
-
-    async def _fill(self) -> None:
-        # Pipelined: while the answers put in hand here are handed on (``on_result``, publishing),
-        # the jobs queued behind them are already collected and answered in the model's thread;
-        # they are handed on only after these, so the order is the jobs' order.
-        if self._next is None:
-            self._next = asyncio.ensure_future(self._answer_next())
-        task = self._next
-        try:
-            answered = await task
-        except BaseException:
-            if task.done():  # failed (not this worker cancelled while it runs): its batch is lost, as before
-                self._next, self._taken = None, 0
-            raise
-        self._hand = answered
-        self._next, self._taken = None, 0
-        if not self._queue.empty():
-            self._next = asyncio.ensure_future(self._answer_next())
-
-    async def _answer_next(self) -> list[_InHand]:
-        batch = await self._collect()
-        self._taken = len(batch)
+    def _launch(self) -> None:
+        """Start the open jobs' session call(s) in the model's thread: one per run of jobs naming
+        the same model object (a hot reload between two candles gives a batch two versions, run apart)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._open = self._open, []
+        if not batch:
+            return
         loop = asyncio.get_running_loop()
-        # A hot reload swaps the model between two candles: jobs name the version that was
-        # current when their candle arrived, so a batch may hold two versions, run apart.
-        # The whole batch is answered before any result is handed on, and the answers are kept
-        # in hand: a restart resumes handing them on, it never runs a session twice.
-        answered: list[_InHand] = []
         start = 0
         while start < len(batch):
             end = start
             while end < len(batch) and batch[end].model is batch[start].model:
                 end += 1
             group = batch[start:end]
-            results = await loop.run_in_executor(self._executor, self.run_batch, group)
-            if self.on_session is not None:
-                self.on_session(group)
-            answered += [_InHand(_Answered(j, r)) for j, r in zip(group, results)]
+            self._flights.append(_Flight(group, loop.run_in_executor(self._executor, self.run_batch, group)))
+            self._flying += len(group)
             start = end
-        return answered
+        self._landed.set()
+
+    async def _fill(self) -> None:
+        while not self._flights:
+            self._landed.clear()
+            await self._landed.wait()
+        flight = self._flights[0]
+        try:
+            results = await asyncio.shield(flight.future)
+        except asyncio.CancelledError:
+            if not flight.future.cancelled():
+                raise  # this worker is being stopped; the flight stays for a restart
+            results = [RuntimeError("session call cancelled")] * len(flight.jobs)
+        except Exception as exc:  # noqa: BLE001 - the thread itself failed: every job gets the error (dead letters)
+            results = [exc] * len(flight.jobs)
+        self._flights.popleft()
+        self._flying -= len(flight.jobs)
+        if self.on_session is not None:
+            self.on_session(flight.jobs)
+        self._hand = [_InHand(_Answered(j, r)) for j, r in zip(flight.jobs, results)]
 
     async def _handle(self, item: _Answered) -> None:
         await self.on_result(item.job, item.result)
@@ -306,11 +310,13 @@ class MicroBatcher(_QueueWorker):
 
     async def stop(self) -> None:
         await super().stop()
-        if self._next is not None:
-            self._next.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._next
-            self._next, self._taken = None, 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for flight in self._flights:
+            flight.future.cancel()
+        self._flights.clear()
+        self._open, self._flying = [], 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -88,6 +88,7 @@ class Config:
     behind_min_samples: int = 30
     behind_ratio: float = 1.0
     demote_behind: bool = False
+    session_calls: int = 2
 
 
 class ServedModel:
@@ -219,7 +220,7 @@ class Inference:
 
         b = MicroBatcher(f"batcher:{name}", self._on_result, self.config.max_batch, self.config.max_wait_ms / 1000.0,
                          on_session=self._on_session, give_up=give_up, transient=self.port.transient,
-                         on_restart=self._restarted)
+                         on_restart=self._restarted, calls=self.config.session_calls)
         self.m.queue.labels(name).set_function(lambda: b.pending)
         self.m.worker_failing.labels(b.name).set_function(lambda: 0 if b.ok else 1)
         return b
