@@ -465,9 +465,12 @@ def create(settings: InferenceSettings, url: str) -> ServiceRuntime:
         if repeated:
             metrics.duplicates.labels(topics.FEATURES).inc(repeated)
 
+    # From the last announcement the start-up read (``models_upto``): one made while the start-up
+    # loaded models is read, not lost on a replica that owns no partition (whose take-over would
+    # read models.v1 again).
     @bus.broadcast(topics.MODELS, ModelPublished,
                    description="Every replica: verify, load and warm an announced model package, then swap it in "
-                   "between two candles.")
+                   "between two candles.", since=lambda: service.models_upto)
     async def on_model(event: ModelPublished, entry_id: str) -> None:
         metrics.events_in.labels(topics.MODELS).inc()
         await service.on_model(event, entry_id)

@@ -1,8 +1,9 @@
 """Broadcast consumption: every replica reads every entry of a topic (inference's models.v1, which
 each replica must load), with XREAD from the stream's end at start and the position kept in
-memory: no consumer group, nothing acknowledged, nothing pending. Decoding, retries, back-off and
-dead letters are the ordered and competing consumers' (``consuming.BatchProcessor``); a dead
-letter is written by each replica that fails the entry.
+memory: no consumer group, nothing acknowledged, nothing pending. A service whose start-up read
+the topic already (``since``) starts after what it read, so nothing appended meanwhile is missed.
+Decoding, retries, back-off and dead letters are the ordered and competing consumers'
+(``consuming.BatchProcessor``); a dead letter is written by each replica that fails the entry.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ class BroadcastConsumer:
         return None
 
     async def prepare(self) -> None:
-        """Fix the stream's current end before ``Bus.start`` returns: an entry appended once it has
-        returned is seen."""
+        """Fix where reading starts before ``Bus.start`` returns: after the entry the service's
+        start-up reflected (``since``), else at the stream's current end; an entry appended once
+        it has returned is seen."""
         proc = self.proc
+        since = proc.sub.since() if proc.sub.since is not None else None
+        if since is not None:
+            self.position = since
+            return
         last = await proc.redis("finding the stream's end", lambda: proc.client.xrevrange(proc.key, count=1))
         self.position = _s(last[0][0]) if last else "0-0"
 

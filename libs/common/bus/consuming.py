@@ -54,6 +54,7 @@ class Subscription:
     max_records: int = READ_BATCH
     description: str = ""
     broadcast: bool = False  # every replica reads every entry (XREAD, no group): ``Bus.broadcast``
+    since: Callable[[], str | None] | None = None  # a broadcast's first position (``Bus.broadcast``)
     decoder: Decoder = field(init=False)
 
     def __post_init__(self) -> None:

@@ -257,16 +257,22 @@ class Bus:
         return fn
 
     def broadcast(
-        self, topic: str, model: type[Event], *, description: str = "", max_records: int = READ_BATCH
+        self, topic: str, model: type[Event], *, description: str = "", max_records: int = READ_BATCH,
+        since: Callable[[], str | None] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Every replica sees every entry (no consumer group): ``handler(event, entry_id)``, read
         with XREAD from the stream's end at start, the position kept in memory (for state every
         replica must hold: inference's models.v1). A failing entry is retried with back-off as
-        any other, then dead-lettered (once per replica)."""
+        any other, then dead-lettered (once per replica).
+
+        ``since``: asked when the bus starts, after the start-up hooks, for the last entry the
+        service's start-up already reflected (None: the stream's end); reading starts after it,
+        so an entry appended while the start-up ran is not missed."""
 
         def decorate(handler: Handler) -> Handler:
             self.subscriptions.append(
-                Subscription(topic, model, handler, EVENT, False, max_records, description, broadcast=True))
+                Subscription(topic, model, handler, EVENT, False, max_records, description, broadcast=True,
+                             since=since))
             self._document(topic, model, handler.__name__, description, max_records)
             return handler
 

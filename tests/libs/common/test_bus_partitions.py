@@ -370,6 +370,28 @@ async def test_every_replica_sees_every_broadcast_entry_from_its_start(redis_url
             await bus.stop()
 
 
+async def test_a_broadcast_with_since_starts_after_what_the_start_up_read(redis_url, client):
+    """An entry appended after the service's start-up read the topic, before the bus started
+    (inference loading its models meanwhile), is delivered; what the start-up read is not."""
+    seen: list[int] = []
+    key = topics.stream_key(topics.KLINES)
+    read_at_start_up = (await client.xadd(key, {DATA_FIELD: kline("BTCUSDT", 0).to_json()})).decode()
+    await client.xadd(key, {DATA_FIELD: kline("BTCUSDT", 1).to_json()})  # the gap
+    bus = Bus("inference", redis_url, consumer="a")
+
+    @bus.broadcast(topics.KLINES, KlineEvent, since=lambda: read_at_start_up)
+    async def on_entry(event: KlineEvent, entry_id: str) -> None:
+        seen.append(event.open_time // 60_000)
+
+    await bus.start()
+    try:
+        await client.xadd(key, {DATA_FIELD: kline("BTCUSDT", 2).to_json()})
+        await until(lambda: len(seen) >= 2 or bus.fatal, what="the gap's entry and the next")
+        assert bus.fatal is None and seen == [1, 2]
+    finally:
+        await bus.stop()
+
+
 async def test_a_clean_stop_leaves_the_membership(redis_url, client):
     bus = Bus("features", redis_url, consumer="a", owner_lease_ms=LEASE_MS, partitions=P)
     bus.ordered(topics.KLINES, KlineEvent)(_ignore)

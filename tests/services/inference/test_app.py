@@ -272,3 +272,38 @@ async def test_a_standby_replica_takes_over_with_current_windows(redis_url, tmp_
     finally:
         await standby.stop()
     check(events, got, lambda i: built)
+
+
+async def test_a_model_announced_while_a_standby_starts_is_served_by_it(redis_url, tmp_path):
+    """A replica that owns no partition reads models.v1 only at start-up and then through its
+    broadcast: an announcement made between the two (while it loaded its models) is served too,
+    not left until it happens to take a partition over."""
+    v1 = publish(tmp_path / "reg", tmp_path, "gap", seed=1)
+    owner = runtime(redis_url, tmp_path)
+    await owner.start(http=False)
+    standby = app.create(InferenceSettings(data_dir=tmp_path / "b", redis_url=redis_url, consumer_name="standby",
+                                           model_dir=str(tmp_path / "reg"), max_wait_ms=1,
+                                           control_keys=CONTROL_KEYS), redis_url)
+
+    @standby.on_startup
+    async def announce_during_start_up() -> None:  # runs after the service loaded its models, before the bus
+        v2 = publish(tmp_path / "reg", tmp_path, "gap", seed=2)
+        await add_events(redis_url, [v2.announcement()])
+
+    def serving(rt) -> str | None:
+        served = rt.inference.engine.router.get("gap")
+        return served.spec.version if served is not None else None
+
+    try:
+        await standby.start(http=False)
+        assert serving(standby) in (v1.published.version, "2")
+        assert not standby.inference.owned  # the owner holds the partition: no take-over re-reads models.v1
+
+        async def both_on_v2() -> bool:
+            return serving(standby) == "2" and serving(owner) == "2"
+
+        await poll(both_on_v2, timeout=30.0)
+    finally:
+        await standby.stop()
+        await owner.stop()
+
