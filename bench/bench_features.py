@@ -1,6 +1,6 @@
 """Features benchmark: batch vs TA-Lib and the unfused step, streaming vs talipp, measured in one run.
 
-    .venv/bin/python bench/bench_features.py [--candles 1000000] [--keys 1000] [--repeat 3]
+    .venv/bin/python bench/bench_features.py [--candles 1000000] [--keys 1000] [--repeat 3] [--only batch|stream]
 
 Real candles (data/klines: BTCUSDT 1m, the 2,880 shipped rows) tiled to --candles. Every case,
 the references included, takes turns in each of --repeat rounds (others share the cores); prints
@@ -182,9 +182,13 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--talipp-updates", type=int, default=5000)
+    ap.add_argument("--only", choices=("batch", "stream"), help="run only the batch or only the streaming part")
     args = ap.parse_args()
     d = load(args.candles)
-    bench_batch(d, args.repeat)
+    if args.only != "stream":
+        bench_batch(d, args.repeat)
+    if args.only == "batch":
+        return
     best_of: dict[str, float] = {}
     for _ in range(args.repeat):  # interleaved rounds, best of each
         for name, use_keys, threaded in (("keys", True, False), ("slots", False, False), ("two", False, True)):

@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit
 
 from libs.indicators import kernels as K
+from libs.indicators import simd
 from libs.indicators.kernels import (
     ADX_ADX, ADX_MDM, ADX_PDM, ADX_TR, ATR10, ATR14, BB_SUM, CMF_MFV, CMF_VOL, DOJI_HL, EMA10, EMA20, EMA50,
     EMA100, EMA200, F_ADX, F_ATR, F_BBL, F_BBM, F_BBP, F_BBU, F_BBW, F_CLOSE, F_CMF, F_DOJI, F_EMA10,
@@ -218,6 +219,7 @@ def oscillators(st, t, start, end, h, l, c, out):  # noqa: E741
 @njit(cache=True, nogil=True, error_model="numpy")
 def bands(st, t, start, end, c, out, want):
     w_bbw, w_bbp, w_hv = want[F_BBW], want[F_BBP], want[F_HV]
+    n = c.shape[0]
     pc = c[start - 1] if start > 0 else st[PC]
     s, k = st[BB_SUM], st[BB_SUM + 1]
     for i in range(start, end):
@@ -228,7 +230,11 @@ def bands(st, t, start, end, c, out, want):
         s, k = _kadd(s, k, x)
         s, k = _kadd(s, k, -old)
         sma20 = (s + k) / 20
-        dev = 2.0 * math.sqrt(_sq_dev20(st, RC20, sma20) / 20.0)
+        if i >= 40 and i + 20 <= n:
+            sq = simd.sq_dev20_window(c, i, slot, sma20)
+        else:
+            sq = _sq_dev20(st, RC20, sma20)
+        dev = 2.0 * math.sqrt(sq / 20.0)
         up = sma20 + dev
         lo = sma20 - dev
         out[F_BBU, i] = up
