@@ -267,8 +267,7 @@ class OnnxModel:
                 if t == "range":
                     base = float(win[-1, h] - win[-1, lo])
                 else:
-                    r = np.diff(np.log(win[:, c]))[-hz:]
-                    base = float(np.sqrt(np.sum(r**2)))
+                    base = persistence_rvol(win[-(hz + 1):, c])
                 lo_, hi_ = bands[1][names[i]][k] if bands is not None and names[i] in bands[1] else (None, None)
                 blo = bhi = None
                 if bands is not None and bands[2] is not None and names[i] in bands[2]:
@@ -287,6 +286,14 @@ class OnnxModel:
         if not np.isfinite(cols).all():
             raise ModelOutputError(f"{self.spec.label}: output {spec_out.name} holds NaN or infinity")
         return cols
+
+
+def persistence_rvol(closes: np.ndarray) -> float:
+    """Persistence's realised volatility forecast: that of the log returns between ``closes`` (the
+    last N + 1 closes up to the forecast candle). One function for serving and for a forecast
+    restored after a restart, so both give the same double."""
+    r = np.diff(np.log(np.asarray(closes, dtype=np.float64)))
+    return float(np.sqrt(np.sum(r**2)))
 
 
 def _to_prices(spec_out: Output, cols: np.ndarray, last_close: np.ndarray) -> np.ndarray:

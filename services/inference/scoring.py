@@ -253,6 +253,14 @@ class LiveScorer:
             return []
         return [s for s in (self._score(symbol, interval, open_time, p) for p in waiting) if s is not None]
 
+    def held(self, symbol: str, interval: str, open_time: int, n: int,
+             interval_ms: int) -> list[tuple[float, float | None, float | None]] | None:
+        """The ``n`` candles up to ``open_time`` (oldest first, ``(close, high, low)``) when every one
+        is held; None when one is missing (a gap, or older than what is kept)."""
+        truth = self._truth.get((symbol, interval), {})
+        rows = [truth.get(open_time - k * interval_ms) for k in range(n - 1, -1, -1)]
+        return None if any(r is None for r in rows) else rows  # type: ignore[return-value]
+
     def drop_unreachable(self, symbol: str, interval: str, before: int) -> int:
         """Forget forecasts of a stream whose target opened before ``before`` and never closed
         (a gap in the candles); returns how many."""

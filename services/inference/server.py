@@ -28,13 +28,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+import numpy as np
+
 from libs.common import topics
 from libs.common.contracts import AlertEvent, FeaturesEvent, PredictionEvent, ScoreEvent
 from libs.common.klines import interval_ms, now_ms
 from libs.common.telemetry import ServiceMetrics
 from services.inference.alert_rules import AlertEngine, Firing, Rule
 from services.inference.batching import Job, MicroBatcher, Outbox, connection_trouble
-from services.inference.model_runner import OnnxModel, Step
+from services.inference.model_runner import OnnxModel, Step, persistence_rvol
 from services.inference.package import ModelSpec
 from services.inference.routing import Router
 from services.inference.scoring import LiveScorer, Score
@@ -422,7 +424,11 @@ class Inference:
         """A forecast read back from ``predictions.v1`` after a restart whose targets after ``last``
         have not closed yet: waits for them again, with its 80 % interval (from its ``quantiles``) and
         persistence's (from the package, when the same version serves). A range model's forecasts
-        are not restored: persistence's range is not on the event."""
+        are judged beside persistence's range and realised vol, which the event does not carry:
+        they are worked out from the candles the restart read back (``_restore_levels``)."""
+        if doc.get("target", "price") == "range":
+            self._restore_levels(doc, last)
+            return
         if doc.get("target", "price") != "price":
             return
         targets = doc.get("target_open_times") or [doc["target_open_time"]]
@@ -448,6 +454,51 @@ class Inference:
         if triples:
             self.scorer.add_forecast(doc["model"], doc["model_version"], doc["symbol"], doc["interval"],
                                      doc["open_time"], lc, triples, steps)
+
+    def _restore_levels(self, doc: dict[str, Any], last: int) -> None:
+        """``restore_pending`` for a range/volatility forecast (``predicted``: ``range`` for the next
+        candle, ``rvolN`` for the next N): a column whose persistence value cannot be worked out
+        from the candles held (a gap) is not restored, as live scoring skips it."""
+        symbol, interval, t0 = doc["symbol"], doc["interval"], int(doc["open_time"])
+        iv_ms = interval_ms(interval)
+        served = self.router.get(doc["model"])
+        iv = served.spec.intervals if served is not None and served.spec.version == doc["model_version"] else None
+        bands = doc.get("quantiles") or {}
+        triples, steps = [], []
+        for label, predicted in (doc.get("predicted") or {}).items():
+            if label == "range":
+                column, horizon = "range", 1
+            elif label.startswith("rvol") and label[4:].isdigit():
+                column, horizon = "rvol", int(label[4:])
+            else:
+                continue
+            target = t0 + horizon * iv_ms
+            # Persistence, as serving worked it out from the window: the forecast candle's range,
+            # the realised vol of the N returns up to it.
+            rows = self.scorer.held(symbol, interval, t0, 1 if column == "range" else horizon + 1, iv_ms)
+            if target <= last or predicted is None or rows is None:
+                continue
+            if column == "range":
+                if rows[-1][1] is None or rows[-1][2] is None:
+                    continue
+                base = float(rows[-1][1] - rows[-1][2])
+            else:
+                if min(r[0] for r in rows) <= 0:
+                    continue
+                base = persistence_rvol(np.array([r[0] for r in rows]))
+            name = f"{column}@{horizon}"
+            band = bands.get(name) or {}
+            lo = band[min(band, key=float)] if band else None
+            hi = band[max(band, key=float)] if band else None
+            blo = bhi = None
+            if iv is not None and iv.baseline is not None and name in iv.columns:
+                qb = iv.baseline[iv.columns.index(name)]
+                blo, bhi = base * math.exp(min(qb)), base * math.exp(max(qb))
+            triples.append((horizon, target, float(predicted)))
+            steps.append(Step(label, horizon, float(predicted), base, lo, hi, blo, bhi))
+        if triples:
+            self.scorer.add_forecast(doc["model"], doc["model_version"], symbol, interval, t0,
+                                     float(doc["last_close"]), triples, steps)
 
     def rebuild(self, per_key: dict[tuple[str, str], list[FeaturesEvent]], floors: dict[str, int]) -> int:
         """Windows from stored events (per stream, oldest first): a stream whose stored events are

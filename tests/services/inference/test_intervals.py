@@ -285,6 +285,59 @@ def test_the_scorer_judges_bands_by_hand_and_skips_realised_vol_over_a_gap():
     assert s.add_truth("X", "15m", 4 * m, 99.5) == []
 
 
+async def test_a_range_forecast_read_back_after_a_restart_is_scored_as_without_the_restart(trained, tmp_path):
+    """A range-vol forecast waiting for its targets when the service restarts: read back from
+    predictions.v1, with persistence's range and realised vol worked out from the candles the
+    restart replayed, it gets the scores the uninterrupted run gave (range@1 and rvol16)."""
+    spec = load_package(str(trained["range"]), None, tmp_path)
+    events = feature_events(330, feature_set="all-v1")
+    k = 280  # the restart comes after candle k; the forecast made at k waits for k+1 and k+16
+    first_warm = next(i for i, e in enumerate(events) if e.warm)
+
+    async def run(evs) -> tuple[Sink, Inference]:
+        sink = Sink()
+        eng = engine(sink)
+        eng.install(await asyncio.to_thread(load_model, spec))
+        eng.needs_capacity(64)
+        eng.start()
+        for ev in evs:
+            eng.on_features(ev)
+        n = len(evs) - (first_warm + 63)
+        await until(lambda: len(sink.events) == n)
+        await eng.drain(10)
+        return sink, eng
+
+    whole, eng = await run(events)
+    await eng.stop()
+    forecast_at = events[k].open_time
+    want = {s.target: s for s in whole.scores if s.forecast_open_time == forecast_at}
+    assert set(want) == {"range", "rvol16"}
+    doc = next(e for e in whole.events if e.open_time == forecast_at).model_dump(mode="json")
+
+    # The restart: windows and candles rebuilt from features.v1 up to k, no forecast made again.
+    sink = Sink()
+    eng = engine(sink)
+    eng.install(await asyncio.to_thread(load_model, spec))
+    eng.needs_capacity(64)
+    eng.start()
+    try:
+        eng.replay(events[:k + 1], {f"BTCUSDT|15m|{spec.name}": forecast_at})
+        eng.restore_pending(doc, last=forecast_at)
+        assert eng.scorer.pending == 2
+        for ev in events[k + 1:]:
+            eng.on_features(ev)
+        await until(lambda: sum(s.forecast_open_time == forecast_at for s in sink.scores) == 2)
+        await eng.drain(10)
+    finally:
+        await eng.stop()
+    got = {s.target: s for s in sink.scores if s.forecast_open_time == forecast_at}
+    fields = ("open_time", "horizon", "predicted_close", "actual_close", "baseline_close", "lower", "upper",
+              "covered", "baseline_lower", "baseline_upper", "baseline_covered")
+    for target in ("range", "rvol16"):
+        assert [getattr(got[target], f) for f in fields] == [getattr(want[target], f) for f in fields], target
+    assert got["range"].baseline_lower is not None  # the package's persistence band came back too
+
+
 async def test_a_forecast_read_back_after_a_restart_keeps_its_interval_and_persistences(trained, tmp_path):
     eng = engine(Sink())
     spec = load_package(str(trained["lstm"]), None, tmp_path)
