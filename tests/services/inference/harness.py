@@ -29,3 +29,13 @@ async def poll(cond, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def until(cond, timeout: float = 60.0) -> None:
+    """Wait until the plain predicate ``cond()`` holds (``poll`` for an awaitable one)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+

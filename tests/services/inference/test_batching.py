@@ -4,23 +4,15 @@ still handed on in the jobs' order whichever call finishes first."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import numpy as np
 
 from services.inference.batching import Job, MicroBatcher
+from tests.services.inference.harness import until
 
 WAIT_S = 10.0  # generous: only reached when the behaviour under test is missing
 
-
-async def until(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 def job(t: int) -> Job:

@@ -3,9 +3,7 @@ one, and a version swap in the middle of a stream."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,6 +13,7 @@ from services.inference.baseline import ensure_persistence_model, persistence_sp
 from services.inference.package import load_package
 from services.inference.server import Callables, Config, Inference, ServedModel, load_model
 from tests.services.inference.models import feature_events, publish, window_of
+from tests.services.inference.harness import until
 
 SYMBOLS = [f"S{i:03d}USDT" for i in range(40)]
 
@@ -45,13 +44,6 @@ def engine(sink: Sink, **config) -> Inference:
     return Inference(Config(**config), ServiceMetrics("inference", CollectorRegistry()),
                      Callables(sink.publish, sink.publish_scores, sink.publish_alerts, sink.dead_letter))
 
-
-async def until(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def served(built, tmp_path) -> ServedModel:

@@ -21,6 +21,7 @@ from services.inference.package import load_package
 from services.inference.server import Callables, Config, Inference, load_model
 from tests.candles import BTC_15M, load
 from tests.services.inference.models import feature_events, publish
+from tests.services.inference.harness import until
 
 KLINES = str(BTC_15M)
 
@@ -48,14 +49,6 @@ def engine(sink: Sink, registry: CollectorRegistry | None = None) -> Inference:
     return Inference(Config(), ServiceMetrics("inference", registry or CollectorRegistry()),
                      Callables(sink.publish, sink.publish_scores, sink.publish_alerts, sink.dead_letter))
 
-
-async def until(cond, timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ goes through instead of blocking everything behind it."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,14 +15,8 @@ from services.inference.package import load_package
 from services.inference.server import Callables, Config, Inference, load_model
 from tests.services.inference.models import feature_events
 from tests.services.inference.models import publish as publish_package
+from tests.services.inference.harness import until
 
-
-async def until(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 class Refused(ConnectionError):
