@@ -22,25 +22,49 @@ if TYPE_CHECKING:
     import pandas as pd
 
 OHLCV = ("open", "high", "low", "close", "volume")
-# Two lanes of indicator groups with about equal cost (measured by bench/bench_features.py); each
-# lane runs on a private copy of the state row in its own thread (the kernels release the GIL).
-LANES = (
-    kernels.G_AVERAGES | kernels.G_OSCILLATORS | kernels.G_PATTERNS,
-    kernels.G_BANDS | kernels.G_RANGES | kernels.G_FLOWS,
-)
-# hv_20 (a log and two 20-wide passes per candle) makes the bands group cost about as much as all
-# the others together: with it, bands gets a lane of its own.
-LANES_WITH_HV = (kernels.G_ALL & ~kernels.G_BANDS, kernels.G_BANDS)
+# What each indicator group's fused loop costs over 1e6 candles (ms on one core of the bench box,
+# contiguous rows, the 35 TA-Lib outputs; docs/features.md), and what the costly optional
+# columns add: two threads split the asked groups so that both lanes cost about the same.
+GROUP_COST = {
+    kernels.G_AVERAGES: 13.4, kernels.G_OSCILLATORS: 10.2, kernels.G_BANDS: 10.7,
+    kernels.G_RANGES: 12.8, kernels.G_FLOWS: 9.1, kernels.G_PATTERNS: 5.5,
+}
+COLUMN_COST = {
+    kernels.F_HV: 56.0, kernels.F_CMF: 6.0, kernels.F_VPT: 2.0, kernels.F_PCH: 2.0, kernels.F_VCH: 2.0,
+    kernels.F_KCU: 1.5, kernels.F_KCL: 1.5, kernels.F_BBW: 1.0, kernels.F_BBP: 1.0,
+    kernels.F_OPEN: 1.0, kernels.F_HIGH: 1.0, kernels.F_LOW: 1.0, kernels.F_CLOSE: 1.0, kernels.F_VOLUME: 1.0,
+}
 # Below this many candles a second thread costs more than it saves.
 PARALLEL_MIN_CANDLES = 20_000
 _pool: ThreadPoolExecutor | None = None
 
 
 def _lanes_pool() -> ThreadPoolExecutor | None:
+    """One worker thread: the calling thread runs the other lane (the kernels release the GIL)."""
     global _pool
-    if _pool is None and len(os.sched_getaffinity(0)) >= len(LANES):
-        _pool = ThreadPoolExecutor(max_workers=len(LANES), thread_name_prefix="features-lane")
+    if _pool is None and len(os.sched_getaffinity(0)) >= 2:
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-lane")
     return _pool
+
+
+def split_lanes(groups: int, want: np.ndarray) -> tuple[int, int]:
+    """The asked groups as two masks of about equal cost (``GROUP_COST`` + ``COLUMN_COST``), the
+    costlier first (for the calling thread, which starts first). Either may be 0."""
+    cost = {g: c for g, c in GROUP_COST.items() if g & groups}
+    for f, c in COLUMN_COST.items():
+        g = int(kernels.GROUP_OF_COLUMN[f])
+        if g in cost and want[f]:
+            cost[g] += c
+    members = list(cost)
+    total = sum(cost.values())
+    best, best_gap = (groups, 0), total
+    for pick in range(1 << len(members)):
+        a = sum(cost[g] for i, g in enumerate(members) if pick >> i & 1)
+        gap = abs(total - 2 * a)
+        if gap < best_gap:
+            mask = sum(g for i, g in enumerate(members) if pick >> i & 1)
+            best, best_gap = (mask, groups & ~mask) if 2 * a >= total else (groups & ~mask, mask), gap
+    return best
 
 
 def run_history(
@@ -71,15 +95,16 @@ def run_fused(
     state row and disjoint rows of ``dest``, so the threads share both (no copies).
     """
     start = fused.prefix(row, *cols, dest, groups, want)
-    split = LANES_WITH_HV if want[kernels.F_HV] else LANES
-    lanes = [lane & groups for lane in split if lane & groups]
+    mine, other = split_lanes(groups, want)
     pool = _lanes_pool()
-    if len(lanes) < 2 or pool is None or cols[0].shape[0] - start < PARALLEL_MIN_CANDLES:
+    if not other or pool is None or cols[0].shape[0] - start < PARALLEL_MIN_CANDLES:
         fused.run_groups(row, start, *cols, dest, groups, want)
     else:
-        futures = [pool.submit(fused.run_groups, row, start, *cols, dest, lane, want) for lane in lanes]
-        for f in futures:
-            f.result()
+        future = pool.submit(fused.run_groups, row, start, *cols, dest, other, want)
+        try:
+            fused.run_groups(row, start, *cols, dest, mine, want)
+        finally:
+            future.result()
     fused.finish(row, start, *cols)
 
 
@@ -125,7 +150,7 @@ def _matrix(
     undefined): ``out.T`` when ``out`` (candles, features) is given, else a fresh (features, candles)
     array, whose rows are contiguous and whose untouched rows cost no memory (never written)."""
     o, h, l, c, v = as_columns(open, high, low, close, volume)  # noqa: E741
-    validate_ohlcv(o, h, l, c, v)
+    validate_ohlcv(o, h, l, c, v, _lanes_pool() if o.shape[0] >= PARALLEL_MIN_CANDLES else None)
     if open_time is not None:
         if len(open_time) != o.shape[0]:
             raise ValueError(f"open_time has {len(open_time)} rows, prices {o.shape[0]}")

@@ -133,41 +133,30 @@ def averages(st, t, start, end, c, out):
     st[MACD_FAST], st[MACD_SLOW], st[MACD_SIG] = fast, slow, sig
 
 
-@njit(cache=True, inline="always", error_model="numpy")
-def _wilder_rsi(g, ls, n, d):
-    ls *= n - 1
-    g *= n - 1
-    if d < 0:
-        ls -= d
-    else:
-        g += d
-    ls /= n
-    g /= n
-    s = g + ls
-    return g, ls, (100.0 * (g / s) if s != 0.0 else 0.0)
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def oscillators(st, t, start, end, h, l, c, out):  # noqa: E741
     pc = c[start - 1] if start > 0 else st[PC]
     g14, l14 = st[RSI14], st[RSI14 + 1]
     g21, l21 = st[RSI21], st[RSI21 + 1]
-    hh = 0.0
-    ll = 0.0
-    hh_at = -1
-    ll_at = -1
+    # %K and slow %K of the last candles, in locals (kernels keeps them in 3-slot rings): *1 is the
+    # previous candle's, *2 the one before, *3 the one before that (its slot is the next written)
+    fk1, fk2, fk3 = st[RFK + (t - 14) % 3], st[RFK + (t - 15) % 3], st[RFK + (t - 16) % 3]
+    sk1, sk2, sk3 = st[RSK + (t - 14) % 3], st[RSK + (t - 15) % 3], st[RSK + (t - 16) % 3]
     for i in range(start, end):
         x = c[i]
         d = x - pc
-        g14, l14, r = _wilder_rsi(g14, l14, 14, d)
-        out[F_RSI14, i] = r
-        g21, l21, r = _wilder_rsi(g21, l21, 21, d)
-        out[F_RSI21, i] = r
-        hi = h[i]
-        lw = l[i]
-        st[RH14 + t % 14] = hi
-        st[RL14 + t % 14] = lw
-        if i < 13:  # the window reaches into an earlier call: scan the rings, as kernels does
+        # kernels._rsi (Wilder) for 14 and 21, the sign test as selects, the divisions packed:
+        # (loss, gain) / n for both here, gain / (gain + loss) with the stochastic range below
+        neg = d < 0
+        l14, g14, l21, g21 = simd.vdiv(
+            (l14 * (14 - 1) - d if neg else l14 * (14 - 1), g14 * (14 - 1) if neg else g14 * (14 - 1) + d,
+             l21 * (21 - 1) - d if neg else l21 * (21 - 1), g21 * (21 - 1) if neg else g21 * (21 - 1) + d),
+            (14.0, 14.0, 21.0, 21.0))
+        s14 = g14 + l14
+        s21 = g21 + l21
+        if i < 13:  # the window reaches into an earlier call: its ring, as kernels does
+            st[RH14 + t % 14] = h[i]
+            st[RL14 + t % 14] = l[i]
             hh = st[RH14]
             ll = st[RL14]
             for j in range(1, 14):
@@ -175,43 +164,27 @@ def oscillators(st, t, start, end, h, l, c, out):  # noqa: E741
                     hh = st[RH14 + j]
                 if st[RL14 + j] < ll:
                     ll = st[RL14 + j]
-            hh_at = -1
-            ll_at = -1
         else:
-            # The window is h[i-13..i]: keep its max (min) and where it is, rescanning only when
-            # it slides out. A max is one of the numbers, whatever the order: the same double.
-            if hi >= hh or hh_at < i - 13:
-                if hi >= hh and hh_at >= i - 13:
-                    hh = hi
-                    hh_at = i
-                else:
-                    hh = hi
-                    hh_at = i
-                    for j in range(i - 13, i):
-                        if h[j] > hh:
-                            hh = h[j]
-                            hh_at = j
-            if lw <= ll or ll_at < i - 13:
-                if lw <= ll and ll_at >= i - 13:
-                    ll = lw
-                    ll_at = i
-                else:
-                    ll = lw
-                    ll_at = i
-                    for j in range(i - 13, i):
-                        if l[j] < ll:
-                            ll = l[j]
-                            ll_at = j
-        diff = (hh - ll) / 100.0
+            # h[i-13..i] itself, four 4-wide maxima (a max is one of the numbers: the same double)
+            hh = simd.max14(h, i)
+            ll = simd.min14(l, i)
+        r14, r21, diff = simd.vdiv((g14, g21, hh - ll), (s14, s21, 100.0))
+        out[F_RSI14, i] = 100.0 * r14 if s14 != 0.0 else 0.0
+        out[F_RSI21, i] = 100.0 * r21 if s21 != 0.0 else 0.0
         fk = (x - ll) / diff if diff != 0.0 else 0.0
-        s3 = (t - 13) % 3
-        st[RFK + s3] = fk
-        sk = _ring_sum3(st, RFK, s3) / 3.0
-        st[RSK + s3] = sk
+        sk = ((fk2 + fk1) + fk) / 3.0  # kernels._ring_sum3: oldest to newest
         out[F_STK, i] = sk
-        out[F_STD, i] = _ring_sum3(st, RSK, s3) / 3.0
+        out[F_STD, i] = ((sk2 + sk1) + sk) / 3.0
+        fk3, fk2, fk1 = fk2, fk1, fk
+        sk3, sk2, sk1 = sk2, sk1, sk
         pc = x
         t += 1
+    # the rings as kernels leaves them: the last 14 highs/lows, the last 3 %K and slow %K
+    for i in range(max(start, end - 14), end):
+        st[RH14 + (t - (end - i)) % 14] = h[i]
+        st[RL14 + (t - (end - i)) % 14] = l[i]
+    st[RFK + (t - 14) % 3], st[RFK + (t - 15) % 3], st[RFK + (t - 16) % 3] = fk1, fk2, fk3
+    st[RSK + (t - 14) % 3], st[RSK + (t - 15) % 3], st[RSK + (t - 16) % 3] = sk1, sk2, sk3
     st[RSI14], st[RSI14 + 1] = g14, l14
     st[RSI21], st[RSI21 + 1] = g21, l21
 
@@ -321,6 +294,7 @@ def flows(st, t, start, end, o, h, l, c, v, out, want):  # noqa: E741
     ps_, pk = st[MFI_POS], st[MFI_POS + 1]
     ns_, nk = st[MFI_NEG], st[MFI_NEG + 1]
     null_run = st[MFI_NULL]
+    ptp = ((ph + pl) + pc) / 3.0
     for i in range(start, end):
         hi = h[i]
         lw = l[i]
@@ -333,10 +307,8 @@ def flows(st, t, start, end, o, h, l, c, v, out, want):  # noqa: E741
             out[F_CLOSE, i] = x
             out[F_VOLUME, i] = vol
         out[F_HL2, i] = (hi + lw) / 2.0
-        if x > pc:
-            obv += vol
-        elif x < pc:
-            obv -= vol
+        # if x > pc: obv += vol, elif x < pc: obv -= vol; as selects (up or down is a coin toss)
+        obv = obv + vol if x > pc else (obv - vol if x < pc else obv)
         out[F_OBV, i] = obv
         if w_vpt:
             vpt = vpt + (x / pc - 1.0) * vol
@@ -362,8 +334,7 @@ def flows(st, t, start, end, o, h, l, c, v, out, want):  # noqa: E741
             out[F_CMF, i] = (mf + mfk) / vsum if vsum != 0.0 else 0.0
 
         tp = ((hi + lw) + x) / 3.0
-        ptp = ((ph + pl) + pc) / 3.0
-        dtp = tp - ptp
+        dtp = tp - ptp  # ptp: the previous candle's tp, the same expression over the same numbers
         flow = 0.0 if abs(dtp) <= _TA_EPSILON * (abs(tp) + abs(ptp)) else tp * vol
         slot = (t - 1) % 14
         old_pos = st[RPOS + slot]
@@ -387,8 +358,7 @@ def flows(st, t, start, end, o, h, l, c, v, out, want):  # noqa: E741
         tot = p + (ns_ + nk)
         p = 0.0 if p < 0.0 else (tot if p > tot else p)
         out[F_MFI, i] = 100.0 * (p / tot) if tot > 0.0 else 0.0
-        ph = hi
-        pl = lw
+        ptp = tp
         pc = x
         pv = vol
         t += 1

@@ -97,3 +97,39 @@ def sq_dev20_window(typingctx, c, i, s, mean):
         return _hsum(builder, acc)
 
     return sig, codegen
+
+
+def _window_extreme(fn_name):
+    @intrinsic
+    def extreme14(typingctx, a, i):
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float64 and a.layout == "C"
+                and isinstance(i, types.Integer)):
+            return None
+        sig = types.float64(a, i)
+
+        def codegen(context, builder, signature, args):
+            ary, ii = args
+            i64 = ir.IntType(64)
+            ii = builder.sext(ii, i64) if ii.type.width < 64 else ii
+            data = context.make_array(signature.args[0])(context, builder, ary).data
+            base = builder.gep(data, [ii])
+            # a[i-13..i] as four overlapping 4-spans (i-13, i-9, i-5, i-3): an extreme ignores repeats
+            v = [_load4(builder, base, k) for k in (-13, -9, -5, -3)]
+            pick = "ogt" if fn_name == "max" else "olt"
+
+            def ext(x, y):
+                return builder.select(builder.fcmp_ordered(">" if pick == "ogt" else "<", x, y), x, y)
+
+            m = ext(ext(v[0], v[1]), ext(v[2], v[3]))
+            s = [builder.extract_element(m, ir.Constant(_I32, k)) for k in range(4)]
+            return ext(ext(s[0], s[1]), ext(s[2], s[3]))
+
+        return sig, codegen
+
+    return extreme14
+
+
+max14 = _window_extreme("max")
+max14.__doc__ = "max(a[i-13 .. i]) for i >= 13 (no NaN in a): the same double whatever the order."
+min14 = _window_extreme("min")
+min14.__doc__ = "min(a[i-13 .. i]) for i >= 13 (no NaN in a)."

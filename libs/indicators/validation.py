@@ -6,6 +6,8 @@ kernel applies exactly the same rule as batch validation.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 from numba import njit
 
@@ -51,7 +53,7 @@ def candle_problem(o, h, l, c, v):  # noqa: E741
     return OK
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _first_problem(o, h, l, c, v):  # noqa: E741
     for i in range(o.shape[0]):
         p = candle_problem(o[i], h[i], l[i], c[i], v[i])
@@ -78,9 +80,22 @@ def describe(problem: int, where: str, o: float, h: float, l: float, c: float, v
     )
 
 
-def validate_ohlcv(o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray, v: np.ndarray) -> None:  # noqa: E741
-    """Raise ``InvalidCandles`` naming the first impossible candle."""
-    i, p = _first_problem(o, h, l, c, v)
+def validate_ohlcv(o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray, v: np.ndarray,  # noqa: E741
+                   pool: Executor | None = None) -> None:
+    """Raise ``InvalidCandles`` naming the first impossible candle.
+
+    ``pool``: the second half is checked on it while this thread checks the first (the scan
+    releases the GIL); the first problem of the first half, else of the second, is reported.
+    """
+    if pool is None:
+        i, p = _first_problem(o, h, l, c, v)
+    else:
+        m = o.shape[0] // 2
+        later = pool.submit(_first_problem, o[m:], h[m:], l[m:], c[m:], v[m:])
+        i, p = _first_problem(o[:m], h[:m], l[:m], c[:m], v[:m])
+        j, q = later.result()
+        if i < 0 and j >= 0:
+            i, p = j + m, q
     if i >= 0:
         raise InvalidCandles(describe(p, f"candle {i}", o[i], h[i], l[i], c[i], v[i]), index=int(i))
 

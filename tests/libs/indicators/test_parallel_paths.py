@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from libs.indicators import batch, kernels, streaming
 from libs.indicators.batch import compute_batch, compute_matrix
@@ -63,3 +64,26 @@ def test_threaded_many_key_updates_equal_batch(btc, eth_gaps, monkeypatch):
                 np.testing.assert_array_equal(b.values[r], full[k][i])
                 checked += 1
     assert checked == len(keys) * (n - engine.warmup_candles + 1)
+
+
+def test_split_validation_names_the_first_impossible_candle(btc, monkeypatch):
+    """Validation checks the two halves on two threads; the error is still the first bad candle's."""
+    from libs.indicators.validation import InvalidCandles
+
+    monkeypatch.setattr(batch, "PARALLEL_MIN_CANDLES", 0)
+    n = len(btc.close)
+    for bad in ([n - 3], [n // 2], [n // 2 - 1], [5, n - 3], [n // 2 + 1, n - 1]):
+        high = btc.high.copy()
+        high[bad] = -1.0
+        with pytest.raises(InvalidCandles) as err:
+            compute_batch(btc.open, high, btc.low, btc.close, btc.volume, names=["rsi_14"])
+        assert err.value.index == bad[0]
+
+
+def test_lanes_split_the_asked_groups_and_balance_them():
+    want = np.ones(kernels.N_FEATURES, dtype=np.bool_)
+    for groups in (kernels.G_ALL, kernels.G_BANDS | kernels.G_PATTERNS, kernels.G_RANGES):
+        a, b = batch.split_lanes(groups, want)
+        assert a | b == groups and not a & b and a
+    a, b = batch.split_lanes(kernels.G_ALL, want)
+    assert a == kernels.G_ALL & ~kernels.G_BANDS and b == kernels.G_BANDS  # hv_20 makes bands a lane's worth
