@@ -10,6 +10,8 @@ waits on redis-server, which shares the cores):
 * bus.ordered:    ``@bus.ordered`` with an empty per-event handler
 * bus.ordered_batch: ``@bus.ordered_batch`` with an empty batch handler (skipped if absent)
 * features:       the features service (skeleton-v1 and all-v1, warm-up off), publishes included
+* features, P partitions: all-v1 with klines.v1 split in P partitions (``--partitions``), one process
+                  owning them all (its per-partition read loops overlap their Redis round trips)
 
     .venv/bin/python bench/bench_bus.py [--events 100000] [--symbols 100] [--slow-events 20000]
 
@@ -211,6 +213,61 @@ async def features_case(url: str, events: int, feature_set: str, tmp: Path) -> t
     return events / dt, cpu / events * 1e6
 
 
+def prefill_partitioned(url: str, events: int, symbols: int, partitions: int) -> None:
+    """The same candles as ``prefill``, each on its key's partition of klines.v1 (as ingest routes them)."""
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    names = [f"S{i:04d}USDT" for i in range(symbols)]
+    keys = {n: topics.stream_key(topics.KLINES, topics.partition_of(n, "1m", partitions)) for n in names}
+    pipe = r.pipeline(transaction=False)
+    for i in range(events):
+        t = (i // symbols) * MINUTE
+        p = 100.0 + (i % 7)
+        ev = KlineEvent(
+            symbol=names[i % symbols], interval="1m", open_time=t, close_time=t + MINUTE - 1,
+            open=p, high=p + 1, low=p - 1, close=p + 0.5, volume=10.0, ingested_at=1,
+        )
+        pipe.xadd(keys[ev.symbol], {DATA_FIELD: ev.to_json()})
+        if len(pipe) >= 5000:
+            pipe.execute()
+    pipe.execute()
+    r.close()
+
+
+async def features_partitioned_case(url: str, events: int, symbols: int, partitions: int, feature_set: str,
+                                    tmp: Path) -> tuple[float, float]:
+    """One features process owning every partition of a klines.v1 split in ``partitions``: its
+    read loops overlap one partition's Redis round trips with another's indicator work."""
+    from services.features.app import create
+    from services.features.settings import FeaturesSettings
+
+    prefill_partitioned(url, events, symbols, partitions)
+    _compile(feature_set)
+    settings = FeaturesSettings(
+        feature_set=feature_set, warmup_source="none", data_dir=tmp, consumer_name="bench", http_host="127.0.0.1",
+        partitions=partitions,
+    )
+    runtime = create(settings, url)
+    out_keys = topics.stream_keys(topics.FEATURES, partitions)
+    client = aioredis.Redis.from_url(url)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await runtime.start(http=False)
+    settle_heap()
+    try:
+        deadline = time.monotonic() + 600
+        while sum([await client.xlen(k) for k in out_keys]) < events:
+            if time.monotonic() > deadline:
+                raise TimeoutError("features.v1 not complete after 600 s")
+            await asyncio.sleep(0.005)
+    finally:
+        dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        await runtime.stop()
+        await client.aclose()
+    return events / dt, cpu / events * 1e6
+
+
 def _compile(feature_set: str) -> None:
     """Compile (or load) the numba kernels before the clock starts: a one-time cost per process."""
     import numpy as np
@@ -236,6 +293,9 @@ async def main() -> None:
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--symbols", type=int, default=100)
     ap.add_argument("--slow-events", type=int, default=0, help="cap for the bus/features cases (0: --events)")
+    ap.add_argument("--partitions", default="4", help="comma-separated partition counts for the features all-v1 "
+                    "case with klines.v1 split, one process owning every partition ('' to skip)")
+    ap.add_argument("--only-features", action="store_true", help="only the features cases")
     args = ap.parse_args()
     slow = args.slow_events or args.events
     import logging
@@ -249,18 +309,23 @@ async def main() -> None:
         rows: list[tuple[str, float, str]] = []
         raw, cpu_us = await raw_loop(url, args.events, validate=False)
         rows.append(("raw redis-py (XREADGROUP 1000 + XACK/batch)", raw, f"{cpu_us:.1f} us CPU/event"))
-        rate, cpu_us = await raw_loop(url, args.events, validate=True)
-        rows.append(("raw + pydantic validate each", rate, f"{cpu_us:.1f} us CPU/event"))
+        if not args.only_features:
+            rate, cpu_us = await raw_loop(url, args.events, validate=True)
+            rows.append(("raw + pydantic validate each", rate, f"{cpu_us:.1f} us CPU/event"))
         if slow != args.events:
             drained_prefix(url, args.events, args.symbols, slow)
-        rate, cpu_us = await bus_case(url, slow, batch=False)
-        rows.append(("bus.ordered, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
-        if hasattr(Bus, "ordered_batch"):
-            rate, cpu_us = await bus_case(url, slow, batch=True)
-            rows.append(("bus.ordered_batch, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
+        if not args.only_features:
+            rate, cpu_us = await bus_case(url, slow, batch=False)
+            rows.append(("bus.ordered, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
+            if hasattr(Bus, "ordered_batch"):
+                rate, cpu_us = await bus_case(url, slow, batch=True)
+                rows.append(("bus.ordered_batch, empty handler", rate, f"{cpu_us:.1f} us CPU/event"))
         for fs in ("skeleton-v1", "all-v1"):
             rate, cpu_us = await features_case(url, slow, fs, Path(tmp))
             rows.append((f"features service ({fs}), publishes incl.", rate, f"{cpu_us:.1f} us CPU/event"))
+        for p in [int(x) for x in args.partitions.split(",") if x]:  # last: they re-fill the streams
+            rate, cpu_us = await features_partitioned_case(url, slow, args.symbols, p, "all-v1", Path(tmp))
+            rows.append((f"features (all-v1), {p} partitions, one process", rate, f"{cpu_us:.1f} us CPU/event"))
         print(f"\n{'case':<48} {'events/s':>10} {'x raw':>7}")
         for name, rate, note in rows:
             print(f"{name:<48} {rate:>10,.0f} {rate / raw:>7.3f}  {note}")
