@@ -87,6 +87,18 @@ def one_thread(fn):
     return run
 
 
+def new_buffer(fn):
+    """``fn`` with ``batch.REUSE_OUTPUT`` off: every fresh result in a never-touched buffer (page faults)."""
+    def run():
+        saved = batch.REUSE_OUTPUT
+        batch.REUSE_OUTPUT = False
+        try:
+            fn()
+        finally:
+            batch.REUSE_OUTPUT = saved
+    return run
+
+
 def unfused(ohlcv, buf, groups=kernels.G_ALL):
     """The path before the fused loops: ``kernels.step`` per candle over one state row, one thread."""
     kernels.run_series(kernels.new_state(1), 0, *ohlcv, buf, True, groups)
@@ -102,9 +114,12 @@ def bench_batch(d: dict[str, np.ndarray], repeat: int) -> None:
         "ref": lambda: talib_same_indicators(*ohlcv),
         "35 fresh": ours35,
         "35 fresh 1t": one_thread(ours35),
+        "35 new buf": new_buffer(ours35),
+        "35 new buf 1t": one_thread(new_buffer(ours35)),
         "35 out=": lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS, out=buf),
         "35 out= 1t": one_thread(lambda: compute_batch(*ohlcv, names=TALIB_OUTPUTS, out=buf)),
         "all fresh": lambda: compute_matrix(*ohlcv),
+        "all new buf": new_buffer(lambda: compute_matrix(*ohlcv)),
         "all out=": lambda: compute_matrix(*ohlcv, out=buf),
         "all out= 1t": one_thread(lambda: compute_matrix(*ohlcv, out=buf)),
         "unfused out= 1t": lambda: unfused(ohlcv, buf),
@@ -118,19 +133,23 @@ def bench_batch(d: dict[str, np.ndarray], repeat: int) -> None:
         ("ref", "TA-Lib 0.8, the same 35 outputs (29 calls, one thread)"),
         ("35 fresh", "the 35 TA-Lib outputs (names=), fresh, 2 threads"),
         ("35 fresh 1t", "the 35 TA-Lib outputs (names=), fresh, 1 thread"),
+        ("35 new buf", "the 35, fresh, never-touched buffer, 2 threads"),
+        ("35 new buf 1t", "the 35, fresh, never-touched buffer, 1 thread"),
         ("35 out=", "the 35 (names=), caller's out= buffer, 2 threads"),
         ("35 out= 1t", "the 35 (names=), caller's out= buffer, 1 thread"),
         ("all fresh", f"all {kernels.N_FEATURES} (compute_matrix), fresh, 2 threads"),
+        ("all new buf", f"all {kernels.N_FEATURES}, fresh, never-touched buffer, 2 threads"),
         ("all out=", f"all {kernels.N_FEATURES}, out= buffer, 2 threads"),
         ("all out= 1t", f"all {kernels.N_FEATURES}, out= buffer, 1 thread"),
         ("unfused out= 1t", f"all {kernels.N_FEATURES}, out=, 1 thread, unfused step (before)"),
         ("floor 35", f"memory floor: allocate + write 35x{n:,}"),
         ("floor 49", f"memory floor: allocate + write {n:,}x{kernels.N_FEATURES}"),
     ]
-    print(f"batch   {n:,} candles (validation included), best of {repeat} interleaved rounds")
+    print(f"batch   {n:,} candles (validation included), best of {repeat} interleaved rounds; 'fresh': the"
+          f" previous result was dropped, so its buffer is reused (batch.REUSE_OUTPUT), 'never-touched': not")
     for key, label in labels:
         secs = t[key]
-        threads = 1 if ("1t" in key or key == "ref") else 2
+        threads = 1 if ("1t" in key or key == "ref" or key.startswith("floor")) else 2
         ratio = "" if key == "ref" else f"{secs / ref:5.2f}x TA-Lib"
         per_core = f"  {secs * threads / ref:5.2f}x TA-Lib per core" if threads == 2 else ""
         print(f"batch   {label:<58s} {secs * 1e3:8.1f} ms  {ratio}{per_core}")

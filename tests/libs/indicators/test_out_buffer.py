@@ -57,3 +57,27 @@ def test_read_only_buffer_is_refused(btc):
     buf.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         compute_matrix(*btc.ohlcv, out=buf)
+
+
+def test_a_kept_buffer_is_reused_only_once_the_caller_dropped_it(btc, monkeypatch):
+    """Fresh results reuse the previous call's buffer only when no returned array is alive."""
+    from libs.indicators import batch
+
+    monkeypatch.setattr(batch, "OUTPUT_MIN_CANDLES", 0)
+    batch.release_buffers()
+    names = ["rsi_14", "bb_upper", "obv"]
+    first = compute_batch(*btc.ohlcv, names=names)
+    kept = {k: v.copy() for k, v in first.items()}
+    other = compute_batch(*(x[::-1].copy() for x in btc.ohlcv), names=names)  # first still held
+    for k in names:
+        np.testing.assert_array_equal(first[k], kept[k])
+        assert not np.shares_memory(first[k], other[k])
+    kept_id = id(other["rsi_14"].base)  # the buffer kept now (first's is still held)
+    del first, other
+    again = compute_batch(*btc.ohlcv, names=names)
+    assert id(again["rsi_14"].base) == kept_id  # reused
+    for k in names:
+        np.testing.assert_array_equal(again[k], kept[k])
+    matrix = compute_matrix(*btc.ohlcv)
+    assert compute_matrix(*btc.ohlcv) is not matrix
+    batch.release_buffers()
