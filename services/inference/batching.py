@@ -244,7 +244,7 @@ class MicroBatcher(_QueueWorker):
         # answers are in hand: a restart awaits the same future again, never runs a session twice.
         self._flights: deque[_Flight] = deque()
         self._flying = 0  # jobs in ``_flights``
-        self._landed = asyncio.Event()  # set when a flight starts (the worker may be waiting for one)
+        self._launched = asyncio.Event()  # set when a flight starts (the worker may be waiting for one)
         self._init_worker(transient, max_tries, on_restart)
 
     @property
@@ -277,12 +277,12 @@ class MicroBatcher(_QueueWorker):
             self._flights.append(_Flight(group, loop.run_in_executor(self._executor, self.run_batch, group)))
             self._flying += len(group)
             start = end
-        self._landed.set()
+        self._launched.set()
 
     async def _fill(self) -> None:
         while not self._flights:
-            self._landed.clear()
-            await self._landed.wait()
+            self._launched.clear()
+            await self._launched.wait()
         flight = self._flights[0]
         try:
             results = await asyncio.shield(flight.future)
