@@ -87,3 +87,13 @@ def test_lanes_split_the_asked_groups_and_balance_them():
         assert a | b == groups and not a & b and a
     a, b = batch.split_lanes(kernels.G_ALL, want)
     assert a == kernels.G_ALL & ~kernels.G_BANDS and b == kernels.G_BANDS  # hv_20 makes bands a lane's worth
+
+
+def test_lanes_into_shared_rows_keep_each_lanes_columns_together():
+    """Into a (candles, features) matrix: one boundary between the lanes' columns, not eight."""
+    want = np.zeros(kernels.N_FEATURES, dtype=np.bool_)
+    want[[FEATURE_NAMES.index(n) for n in ("sma_10", "rsi_14", "macd", "stoch_k", "bb_upper", "atr_14", "obv",
+                                           "cdl_doji")]] = True
+    a, b = batch.split_lanes(kernels.G_ALL, want, shared_rows=True)
+    owner = [bool(kernels.GROUP_OF_COLUMN[f] & a) for f in np.flatnonzero(want)]
+    assert sum(x != y for x, y in zip(owner, owner[1:])) == 1
