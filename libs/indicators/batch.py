@@ -32,7 +32,7 @@ GROUP_COST = {
     kernels.G_RANGES: 12.8, kernels.G_FLOWS: 9.1, kernels.G_PATTERNS: 5.5,
 }
 COLUMN_COST = {
-    kernels.F_HV: 56.0, kernels.F_CMF: 6.0, kernels.F_VPT: 2.0, kernels.F_PCH: 2.0, kernels.F_VCH: 2.0,
+    kernels.F_HV: 16.0, kernels.F_CMF: 6.0, kernels.F_VPT: 2.0, kernels.F_PCH: 2.0, kernels.F_VCH: 2.0,
     kernels.F_KCU: 1.5, kernels.F_KCL: 1.5, kernels.F_BBW: 1.0, kernels.F_BBP: 1.0,
     kernels.F_OPEN: 1.0, kernels.F_HIGH: 1.0, kernels.F_LOW: 1.0, kernels.F_CLOSE: 1.0, kernels.F_VOLUME: 1.0,
 }

@@ -195,6 +195,19 @@ def bands(st, t, start, end, c, out, want):
     n = c.shape[0]
     pc = c[start - 1] if start > 0 else st[PC]
     s, k = st[BB_SUM], st[BB_SUM + 1]
+    if w_hv:
+        # hv_20's log returns in a line: 20 spare, the ring's 20 oldest to newest, this run's, 20
+        # spare (the window reads of simd.*_window span 20 either side; the spare lanes are loaded,
+        # never selected). The ring is still kept per candle (the state).
+        lr = np.empty(end - start + 60)
+        for j in range(20):
+            lr[20 + j] = st[RLR + (t - 21 + j) % 20]
+        # the logs first, in a loop of their own: a call to log inside the main loop spills and
+        # reloads every live register (all of them are caller-saved)
+        prev = pc
+        for i in range(start, end):
+            lr[40 + (i - start)] = math.log(c[i] / prev)
+            prev = c[i]
     for i in range(start, end):
         x = c[i]
         slot = t % 20
@@ -218,9 +231,10 @@ def bands(st, t, start, end, c, out, want):
         if w_bbp:
             out[F_BBP, i] = (x - lo) / (up - lo) if up != lo else 0.5
         if w_hv:
-            st[RLR + (t - 1) % 20] = math.log(x / pc)
-            mean = _sum20(st, RLR) / 20.0
-            out[F_HV, i] = math.sqrt(_sq_dev20(st, RLR, mean) / 19.0)
+            p = 40 + (i - start)
+            st[RLR + (t - 1) % 20] = lr[p]
+            mean = simd.sum20_window(lr, p, (t - 1) % 20) / 20.0
+            out[F_HV, i] = math.sqrt(simd.sq_dev20_window(lr, p, (t - 1) % 20, mean) / 19.0)
         pc = x
         t += 1
     st[BB_SUM], st[BB_SUM + 1] = s, k

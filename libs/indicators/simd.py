@@ -10,6 +10,7 @@ emitting the packed instruction changes no value: each lane runs exactly the sca
   four accumulators one 4-lane vector, the slots read from the close array itself (a 4-wide load
   from the ring right after the scalar store of its newest slot stalls on store forwarding:
   that version measured 1.25x slower than scalar, this one 0.52x).
+* ``sum20_window(c, i, s)`` = ``kernels._sum20`` of such a ring, the same way (hv_20's mean).
 * ``vdiv((a0, a1, ...), (b0, b1, ...))`` -> ``(a0 / b0, a1 / b1, ...)``, 2 to 8 lanes, one
   packed division.
 """
@@ -94,6 +95,34 @@ def sq_dev20_window(typingctx, c, i, s, mean):
             x = builder.select(builder.icmp_signed("<=", slots, vs), recent, older)
             d = builder.fsub(x, mv)
             acc = builder.fadd(acc, builder.fmul(d, d))
+        return _hsum(builder, acc)
+
+    return sig, codegen
+
+
+@intrinsic
+def sum20_window(typingctx, c, i, s):
+    """``kernels._sum20`` of the 20-slot ring whose slot ``s`` holds ``c[i]``, read from ``c`` as
+    ``sq_dev20_window`` does (same bounds)."""
+    if not (isinstance(c, types.Array) and c.ndim == 1 and c.dtype == types.float64 and c.layout == "C"
+            and isinstance(i, types.Integer) and isinstance(s, types.Integer)):
+        return None
+    sig = types.float64(c, i, s)
+
+    def codegen(context, builder, signature, args):
+        ary, ii, ss = args
+        i64 = ir.IntType(64)
+        ii = builder.sext(ii, i64) if ii.type.width < 64 else ii
+        ss = builder.sext(ss, i64) if ss.type.width < 64 else ss
+        data = context.make_array(signature.args[0])(context, builder, ary).data
+        base = builder.gep(data, [builder.sub(ii, ss)])
+        vs = _pack(builder, [ss] * 4, ir.VectorType(i64, 4))
+        acc = None
+        for k in range(0, 20, 4):
+            slots = ir.Constant(ir.VectorType(i64, 4), [k, k + 1, k + 2, k + 3])
+            x = builder.select(builder.icmp_signed("<=", slots, vs), _load4(builder, base, k),
+                               _load4(builder, base, k - 20))
+            acc = x if acc is None else builder.fadd(acc, x)  # s_j = slot j, then += slot j+4, ...
         return _hsum(builder, acc)
 
     return sig, codegen

@@ -43,3 +43,20 @@ def test_vdiv_equals_scalar_division():
         b[rng.integers(0, 5)] = 0.0  # inf / nan lanes too
         with np.errstate(divide="ignore", invalid="ignore"):
             np.testing.assert_array_equal(_packed_div(a, b), a / b)
+
+
+@njit(cache=False)
+def _sum_window_vs_ring(c):
+    ring = np.empty(20)
+    bad = -1
+    for i in range(c.shape[0]):
+        ring[i % 20] = c[i]
+        if i >= 40 and i + 20 <= c.shape[0]:
+            if simd.sum20_window(c, i, i % 20) != kernels._sum20(ring, 0):
+                bad = i
+    return bad
+
+
+def test_sum20_window_equals_the_ring_sum():
+    rng = np.random.default_rng(11)
+    assert _sum_window_vs_ring(rng.normal(0.0, 1e-3, 5000)) == -1  # log-return-like, mixed signs
