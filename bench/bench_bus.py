@@ -47,10 +47,13 @@ MINUTE = 60_000
 RAW_COUNT = 1000
 
 
-def prefill(url: str, events: int, symbols: int) -> None:
+def prefill(url: str, events: int, symbols: int, partitions: int = 1) -> None:
+    """``events`` candles over ``symbols`` symbols, each on its key's partition of klines.v1 (as
+    ingest routes them; one stream with one partition)."""
     r = redis.Redis.from_url(url)
     r.flushdb()
     names = [f"S{i:04d}USDT" for i in range(symbols)]
+    keys = {n: topics.stream_key(topics.KLINES, topics.partition_of(n, "1m", partitions)) for n in names}
     pipe = r.pipeline(transaction=False)
     for i in range(events):
         t = (i // symbols) * MINUTE
@@ -59,7 +62,7 @@ def prefill(url: str, events: int, symbols: int) -> None:
             symbol=names[i % symbols], interval="1m", open_time=t, close_time=t + MINUTE - 1,
             open=p, high=p + 1, low=p - 1, close=p + 0.5, volume=10.0, ingested_at=1,
         )
-        pipe.xadd(KEY, {DATA_FIELD: ev.to_json()})
+        pipe.xadd(keys[ev.symbol], {DATA_FIELD: ev.to_json()})
         if len(pipe) >= 5000:
             pipe.execute()
     pipe.execute()
@@ -213,27 +216,6 @@ async def features_case(url: str, events: int, feature_set: str, tmp: Path) -> t
     return events / dt, cpu / events * 1e6
 
 
-def prefill_partitioned(url: str, events: int, symbols: int, partitions: int) -> None:
-    """The same candles as ``prefill``, each on its key's partition of klines.v1 (as ingest routes them)."""
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    names = [f"S{i:04d}USDT" for i in range(symbols)]
-    keys = {n: topics.stream_key(topics.KLINES, topics.partition_of(n, "1m", partitions)) for n in names}
-    pipe = r.pipeline(transaction=False)
-    for i in range(events):
-        t = (i // symbols) * MINUTE
-        p = 100.0 + (i % 7)
-        ev = KlineEvent(
-            symbol=names[i % symbols], interval="1m", open_time=t, close_time=t + MINUTE - 1,
-            open=p, high=p + 1, low=p - 1, close=p + 0.5, volume=10.0, ingested_at=1,
-        )
-        pipe.xadd(keys[ev.symbol], {DATA_FIELD: ev.to_json()})
-        if len(pipe) >= 5000:
-            pipe.execute()
-    pipe.execute()
-    r.close()
-
-
 async def features_partitioned_case(url: str, events: int, symbols: int, partitions: int, feature_set: str,
                                     tmp: Path) -> tuple[float, float]:
     """One features process owning every partition of a klines.v1 split in ``partitions``: its
@@ -241,7 +223,7 @@ async def features_partitioned_case(url: str, events: int, symbols: int, partiti
     from services.features.app import create
     from services.features.settings import FeaturesSettings
 
-    prefill_partitioned(url, events, symbols, partitions)
+    prefill(url, events, symbols, partitions)
     _compile(feature_set)
     settings = FeaturesSettings(
         feature_set=feature_set, warmup_source="none", data_dir=tmp, consumer_name="bench", http_host="127.0.0.1",
