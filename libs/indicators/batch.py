@@ -134,25 +134,32 @@ def run_history(
 
 
 def run_fused(
-    row: np.ndarray, cols: tuple[np.ndarray, ...], dest: np.ndarray, groups: int, want: np.ndarray = fused.ALL
+    row: np.ndarray, cols: tuple[np.ndarray, ...], dest: np.ndarray, groups: int, want: np.ndarray = fused.ALL,
+    check: bool = False,
 ) -> None:
     """The history ``cols`` through state ``row`` (1-D), values into ``dest[feature, candle]``.
 
     ``kernels.step`` for the first ``fused.WARM`` candles, then the fused loops of the groups,
     split over two threads for long inputs: the groups read and write disjoint slices of the
     state row and disjoint rows of ``dest``, so the threads share both (no copies).
+    ``check``: raise ``InvalidCandles`` for the first impossible candle, found chunk by chunk as
+    the groups go (the lighter lane checks): ``dest`` may then be partly written.
     """
+    if check:
+        validate_ohlcv(*(x[: fused.WARM] for x in cols))  # what ``prefix`` reads
     start = fused.prefix(row, *cols, dest, groups, want)
     mine, other = split_lanes(groups, want, shared_rows=dest.strides[0] < dest.strides[1])
     pool = _lanes_pool()
     if not other or pool is None or cols[0].shape[0] - start < PARALLEL_MIN_CANDLES:
-        fused.run_groups(row, start, *cols, dest, groups, want)
+        bad = fused.run_groups(row, start, *cols, dest, groups, want, check)
     else:
-        future = pool.submit(fused.run_groups, row, start, *cols, dest, other, want)
+        future = pool.submit(fused.run_groups, row, start, *cols, dest, other, want, check)
         try:
-            fused.run_groups(row, start, *cols, dest, mine, want)
+            fused.run_groups(row, start, *cols, dest, mine, want, False)
         finally:
-            future.result()
+            bad = future.result()
+    if bad >= 0:
+        validate_ohlcv(*(x[bad:] for x in cols), first=bad)
     fused.finish(row, start, *cols)
 
 
@@ -172,8 +179,9 @@ def compute_matrix(
 
     ``out``: a C-contiguous float64 (n_candles, N_FEATURES) matrix to fill and return
     instead of a fresh one (repeated dataset builds skip allocating ~400 MB per 1e6 candles).
-    Raises ``InvalidCandles`` for impossible candles, and for non-increasing
-    ``open_time`` (or, with ``interval_ms`` and not ``allow_gaps``, a gap).
+    Raises ``InvalidCandles`` for impossible candles (found as the groups go, chunk by chunk:
+    ``out`` may then be partly written), and for non-increasing ``open_time`` (or, with
+    ``interval_ms`` and not ``allow_gaps``, a gap; checked before anything is written).
     """
     if out is None:
         out = _fresh((len(close), kernels.N_FEATURES))
@@ -198,7 +206,6 @@ def _matrix(
     undefined): ``out.T`` when ``out`` (candles, features) is given, else a fresh (features, candles)
     array, whose rows are contiguous and whose untouched rows cost no memory (never written)."""
     o, h, l, c, v = as_columns(open, high, low, close, volume)  # noqa: E741
-    validate_ohlcv(o, h, l, c, v, _lanes_pool() if o.shape[0] >= PARALLEL_MIN_CANDLES else None)
     if open_time is not None:
         if len(open_time) != o.shape[0]:
             raise ValueError(f"open_time has {len(open_time)} rows, prices {o.shape[0]}")
@@ -208,7 +215,8 @@ def _matrix(
     else:
         _check_out(out, o.shape[0])
         dest = out.T
-    run_fused(kernels.new_state(1)[0], (o, h, l, c, v), dest, groups, want)
+    # the candles are validated as the groups read them: on InvalidCandles ``out`` may be partly written
+    run_fused(kernels.new_state(1)[0], (o, h, l, c, v), dest, groups, want, check=True)
     return dest
 
 

@@ -6,8 +6,6 @@ kernel applies exactly the same rule as batch validation.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
-
 import numpy as np
 from numba import njit
 
@@ -81,23 +79,11 @@ def describe(problem: int, where: str, o: float, h: float, l: float, c: float, v
 
 
 def validate_ohlcv(o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray, v: np.ndarray,  # noqa: E741
-                   pool: Executor | None = None) -> None:
-    """Raise ``InvalidCandles`` naming the first impossible candle.
-
-    ``pool``: the second half is checked on it while this thread checks the first (the scan
-    releases the GIL); the first problem of the first half, else of the second, is reported.
-    """
-    if pool is None:
-        i, p = _first_problem(o, h, l, c, v)
-    else:
-        m = o.shape[0] // 2
-        later = pool.submit(_first_problem, o[m:], h[m:], l[m:], c[m:], v[m:])
-        i, p = _first_problem(o[:m], h[:m], l[:m], c[:m], v[:m])
-        j, q = later.result()
-        if i < 0 and j >= 0:
-            i, p = j + m, q
+                   first: int = 0) -> None:
+    """Raise ``InvalidCandles`` naming the first impossible candle (``first``: the index of o[0])."""
+    i, p = _first_problem(o, h, l, c, v)
     if i >= 0:
-        raise InvalidCandles(describe(p, f"candle {i}", o[i], h[i], l[i], c[i], v[i]), index=int(i))
+        raise InvalidCandles(describe(p, f"candle {first + i}", o[i], h[i], l[i], c[i], v[i]), index=int(first + i))
 
 
 def validate_open_times(open_time: np.ndarray, interval_ms: int | None = None, allow_gaps: bool = False) -> None:

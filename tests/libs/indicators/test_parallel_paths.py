@@ -66,13 +66,17 @@ def test_threaded_many_key_updates_equal_batch(btc, eth_gaps, monkeypatch):
     assert checked == len(keys) * (n - engine.warmup_candles + 1)
 
 
-def test_split_validation_names_the_first_impossible_candle(btc, monkeypatch):
-    """Validation checks the two halves on two threads; the error is still the first bad candle's."""
+@pytest.mark.parametrize("threshold", [0, 1 << 62])  # two lanes (one of them checks), one thread
+def test_chunked_validation_names_the_first_impossible_candle(btc, monkeypatch, threshold):
+    """Candles are validated chunk by chunk as the groups go; the error is still the first bad candle's."""
+    from libs.indicators import fused
     from libs.indicators.validation import InvalidCandles
 
-    monkeypatch.setattr(batch, "PARALLEL_MIN_CANDLES", 0)
+    monkeypatch.setattr(batch, "PARALLEL_MIN_CANDLES", threshold)
     n = len(btc.close)
-    for bad in ([n - 3], [n // 2], [n // 2 - 1], [5, n - 3], [n // 2 + 1, n - 1]):
+    c = fused.CHUNK
+    for bad in ([n - 3], [n // 2], [n // 2 - 1], [5, n - 3], [n // 2 + 1, n - 1], [fused.WARM - 1, n - 1],
+                [fused.WARM], [fused.WARM + c - 1, fused.WARM + c], [fused.WARM + c]):
         high = btc.high.copy()
         high[bad] = -1.0
         with pytest.raises(InvalidCandles) as err:
