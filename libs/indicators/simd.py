@@ -13,6 +13,8 @@ emitting the packed instruction changes no value: each lane runs exactly the sca
 * ``sum20_window(c, i, s)`` = ``kernels._sum20`` of such a ring, the same way (hv_20's mean).
 * ``vdiv((a0, a1, ...), (b0, b1, ...))`` -> ``(a0 / b0, a1 / b1, ...)``, 2 to 8 lanes, one
   packed division.
+* ``max14(a, i)`` / ``min14(a, i)``: the extreme of a[i-13 .. i] as four overlapping 4-wide
+  vectors (an extreme is one of the numbers: the same double for positive, non-NaN input).
 """
 
 from __future__ import annotations

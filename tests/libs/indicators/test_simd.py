@@ -60,3 +60,22 @@ def _sum_window_vs_ring(c):
 def test_sum20_window_equals_the_ring_sum():
     rng = np.random.default_rng(11)
     assert _sum_window_vs_ring(rng.normal(0.0, 1e-3, 5000)) == -1  # log-return-like, mixed signs
+
+
+@njit(cache=False)
+def _extremes(a):
+    hi = np.empty(a.shape[0])
+    lo = np.empty(a.shape[0])
+    for i in range(13, a.shape[0]):
+        hi[i] = simd.max14(a, i)
+        lo[i] = simd.min14(a, i)
+    return hi, lo
+
+
+def test_window_max_min_equal_numpys():
+    rng = np.random.default_rng(5)
+    a = np.round(np.exp(rng.normal(0.0, 0.01, 3000).cumsum()) * 100.0, 1)  # ties too
+    hi, lo = _extremes(a)
+    win = np.lib.stride_tricks.sliding_window_view(a, 14)
+    np.testing.assert_array_equal(hi[13:], win.max(axis=1))
+    np.testing.assert_array_equal(lo[13:], win.min(axis=1))
