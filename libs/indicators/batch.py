@@ -39,13 +39,16 @@ COLUMN_COST = {
 # Below this many candles a second thread costs more than it saves.
 PARALLEL_MIN_CANDLES = 20_000
 _pool: ThreadPoolExecutor | None = None
-# A fresh result's buffer is kept after the call (the latest of each shape, at most two shapes:
+# Opt-in, for a process that computes many large batches one after another (a backtest loop):
+# a fresh result's buffer is kept after the call (the latest of each shape, at most two shapes:
 # compute_matrix's (candles, features) and compute_batch's (features, candles)) and handed to the
 # next call of that shape once nothing refers to it any more (the caller dropped every returned
 # array): writing a never-touched 1e6-candle buffer costs its page faults (the kernel zeroing
-# ~280 MB for the 35 TA-Lib outputs), ~0.1-0.2x TA-Lib's time. False: always a new buffer,
-# nothing kept. ``release_buffers()`` drops the kept ones (8 * 49 bytes per candle each).
-REUSE_OUTPUT = True
+# ~280 MB for the 35 TA-Lib outputs), ~0.1-0.2x TA-Lib's time. Off by default because the kept
+# buffers stay allocated between calls (8 * 49 bytes per candle each, ~390 MB at 1e6 candles),
+# which a service with a memory limit (inference's archive backfill, the trainer) must not pay
+# unasked; a caller that loops can pass ``out=`` instead. ``release_buffers()`` drops the kept ones.
+REUSE_OUTPUT = False
 OUTPUT_MIN_CANDLES = 100_000  # smaller buffers are cheap to fault in: not kept
 KEEP_SHAPES = 2
 _spare: dict[tuple[int, int], np.ndarray] = {}

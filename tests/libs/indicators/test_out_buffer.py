@@ -64,6 +64,7 @@ def test_a_kept_buffer_is_reused_only_once_the_caller_dropped_it(btc, monkeypatc
     from libs.indicators import batch
 
     monkeypatch.setattr(batch, "OUTPUT_MIN_CANDLES", 0)
+    monkeypatch.setattr(batch, "REUSE_OUTPUT", True)
     batch.release_buffers()
     names = ["rsi_14", "bb_upper", "obv"]
     first = compute_batch(*btc.ohlcv, names=names)
@@ -81,3 +82,16 @@ def test_a_kept_buffer_is_reused_only_once_the_caller_dropped_it(btc, monkeypatc
     matrix = compute_matrix(*btc.ohlcv)
     assert compute_matrix(*btc.ohlcv) is not matrix
     batch.release_buffers()
+
+
+def test_by_default_nothing_is_kept_between_calls(btc, monkeypatch):
+    """A service with a memory limit must not hold a dropped result's buffer (opt-in only)."""
+    from libs.indicators import batch
+
+    monkeypatch.setattr(batch, "OUTPUT_MIN_CANDLES", 0)
+    batch.release_buffers()
+    first = compute_batch(*btc.ohlcv, names=["rsi_14"])
+    matrix = compute_matrix(*btc.ohlcv)
+    del first, matrix
+    assert batch._spare == {}  # with REUSE_OUTPUT on, both shapes' buffers would be kept here
+
