@@ -35,7 +35,7 @@ from libs.indicators.kernels import (
     F_VPT, G_AVERAGES, G_BANDS, G_FLOWS, G_OSCILLATORS, G_PATTERNS, G_RANGES, HS_BODY, HS_HL, HS_NEAR,
     KC_EMA, MACD_FAST, MACD_SIG, MACD_SLOW, MFI_NEG, MFI_NULL, MFI_POS, N_FEATURES, NAN, OBV, PC, PH, PL,
     PO, PV, RBODY, RC20, RFK, RH14, RHL, RING_C, RL14, RLR, RMFV, RNEG, RPOS, RSI14, RSI21, RSK, RVOL,
-    SMA10, SMA20, SMA50, SMA100, SMA200, T, VPT, _TA_EPSILON, _ring_sum3, _sq_dev20, _sum20, _true_range,
+    SMA10, SMA20, SMA50, SMA100, SMA200, T, VPT, _TA_EPSILON, _sq_dev20, _true_range,
 )
 
 ALL = np.ones(N_FEATURES, dtype=np.bool_)  # ``want``: every column
