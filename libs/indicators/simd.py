@@ -66,6 +66,16 @@ def _hsum(builder, acc):
     return builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
 
 
+def _ring_start(context, builder, signature, ary, ii, ss):
+    """For the ring passes: a pointer to c[i - s] (the ring's slot 0 as c[b + 0]) and ``s`` in
+    four lanes (a slot j <= s is read from c[b + j], a later one from c[b + j - 20])."""
+    i64 = ir.IntType(64)
+    ii = builder.sext(ii, i64) if ii.type.width < 64 else ii
+    ss = builder.sext(ss, i64) if ss.type.width < 64 else ss
+    data = context.make_array(signature.args[0])(context, builder, ary).data
+    return builder.gep(data, [builder.sub(ii, ss)]), _pack(builder, [ss] * 4, ir.VectorType(i64, 4))
+
+
 @intrinsic
 def sq_dev20_window(typingctx, c, i, s, mean):
     """``kernels._sq_dev20`` of the 20-slot ring whose slot ``s`` holds ``c[i]``, read from ``c`` itself.
@@ -82,12 +92,8 @@ def sq_dev20_window(typingctx, c, i, s, mean):
 
     def codegen(context, builder, signature, args):
         ary, ii, ss, m = args
+        base, vs = _ring_start(context, builder, signature, ary, ii, ss)
         i64 = ir.IntType(64)
-        ii = builder.sext(ii, i64) if ii.type.width < 64 else ii
-        ss = builder.sext(ss, i64) if ss.type.width < 64 else ss
-        data = context.make_array(signature.args[0])(context, builder, ary).data
-        base = builder.gep(data, [builder.sub(ii, ss)])
-        vs = _pack(builder, [ss] * 4, ir.VectorType(i64, 4))
         mv = _pack(builder, [m] * 4, _V4)
         acc = ir.Constant(_V4, [0.0] * 4)
         for k in range(0, 20, 4):
@@ -113,12 +119,8 @@ def sum20_window(typingctx, c, i, s):
 
     def codegen(context, builder, signature, args):
         ary, ii, ss = args
+        base, vs = _ring_start(context, builder, signature, ary, ii, ss)
         i64 = ir.IntType(64)
-        ii = builder.sext(ii, i64) if ii.type.width < 64 else ii
-        ss = builder.sext(ss, i64) if ss.type.width < 64 else ss
-        data = context.make_array(signature.args[0])(context, builder, ary).data
-        base = builder.gep(data, [builder.sub(ii, ss)])
-        vs = _pack(builder, [ss] * 4, ir.VectorType(i64, 4))
         acc = None
         for k in range(0, 20, 4):
             slots = ir.Constant(ir.VectorType(i64, 4), [k, k + 1, k + 2, k + 3])
