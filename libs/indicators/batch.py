@@ -8,7 +8,6 @@ long inputs split the groups over two threads, bit-identical to one.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from libs.common.cpus import available_cpus
 from libs.indicators import fused, kernels
 from libs.indicators.catalog import FEATURE_INDEX, resolve
 from libs.indicators.validation import as_columns, validate_ohlcv, validate_open_times
@@ -79,7 +79,7 @@ def _fresh(shape: tuple[int, int]) -> np.ndarray:
 def _lanes_pool() -> ThreadPoolExecutor | None:
     """One worker thread: the calling thread runs the other lane (the kernels release the GIL)."""
     global _pool
-    if _pool is None and len(os.sched_getaffinity(0)) >= 2:
+    if _pool is None and available_cpus() >= 2:  # the pod's CPU limit, not the node's cores
         _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-lane")
     return _pool
 

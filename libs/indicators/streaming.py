@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Hashable, Iterator, Literal, Sequence
 import numpy as np
 
 from libs.common.klines import interval_ms as interval_to_ms
+from libs.common.cpus import available_cpus
 from libs.indicators import kernels
 from libs.indicators.catalog import FEATURE_INDEX
 from libs.indicators.feature_sets import DEFAULT_FEATURE_SET, FeatureSet, get_feature_set
@@ -73,7 +73,7 @@ _pool: ThreadPoolExecutor | None = None
 
 def _lanes_pool() -> ThreadPoolExecutor | None:
     global _pool
-    if _pool is None and len(os.sched_getaffinity(0)) >= LANES:
+    if _pool is None and available_cpus() >= LANES:  # the pod's CPU limit, not the node's cores
         _pool = ThreadPoolExecutor(max_workers=LANES, thread_name_prefix="features-keys")
     return _pool
 

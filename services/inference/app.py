@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 from libs.common import topics
 from libs.common.bus import classify, redis_client
 from libs.common.bus.failures import INFRASTRUCTURE
+from libs.common.cpus import available_cpus
 from libs.common.contracts import AlertEvent, ChartEvent, FeaturesEvent, ModelPublished, PredictionEvent, ScoreEvent
 from libs.common.service import ServiceRuntime
 from libs.common.settings import SettingsError
@@ -126,11 +127,24 @@ class InferenceService:
     async def start(self) -> None:
         """Before consuming: persistence plus every servable registry model, then the workers."""
         self.control.warn_unconfigured("inference", [topics.MODELS])  # one line at start when there is no key
+        self._warn_oversubscribed()
         path = ensure_persistence_model(self.model_dir)
         await self._serve(await self._load(persistence_spec(path)))
         await self._sync_models()
         self.engine.start()
         self.ready = True
+
+    def _warn_oversubscribed(self) -> None:
+        """One line at start when a model's session calls x their threads want more cores than
+        this process may use (its cgroup's quota: the pod's CPU limit): they would be throttled,
+        not run side by side."""
+        s = self.settings
+        want, cpus = s.session_calls * s.session_threads, available_cpus()
+        if want > cpus:
+            log.warning("KLINEBUS_SESSION_CALLS=%d x KLINEBUS_SESSION_THREADS=%d wants %d cores per model but this "
+                        "process may use %.1f (CPU limit or affinity); the calls will share them. Set their "
+                        "product to the pod's CPU limit (docs/inference.md, Settings)",
+                        s.session_calls, s.session_threads, want, cpus)
 
     def _belongs(self, partition: int) -> Callable[[tuple[str, str]], bool]:
         of = self.bus.partition_of

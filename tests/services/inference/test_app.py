@@ -307,3 +307,18 @@ async def test_a_model_announced_while_a_standby_starts_is_served_by_it(redis_ur
         await standby.stop()
         await owner.stop()
 
+
+@pytest.mark.parametrize("calls, threads, warned", [(2, 1, False), (2, 2, True), (4, 1, True)])
+async def test_one_line_at_start_when_session_calls_want_more_cores_than_the_pod_has(
+        redis_url, tmp_path, monkeypatch, caplog, calls, threads, warned):
+    monkeypatch.setattr(app, "available_cpus", lambda: 2.0)  # a pod with a 2-CPU limit
+    rt = runtime(redis_url, tmp_path, session_calls=calls, session_threads=threads)
+    with caplog.at_level("WARNING", logger="klinebus.inference"):
+        await rt.start(http=False)
+        await rt.stop()
+    lines = [r.getMessage() for r in caplog.records if "KLINEBUS_SESSION_CALLS" in r.getMessage()]
+    if warned:
+        assert len(lines) == 1 and f"wants {calls * threads} cores" in lines[0] and "may use 2.0" in lines[0]
+    else:
+        assert lines == []
+
