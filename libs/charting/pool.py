@@ -16,6 +16,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Iterable, Iterator
 
+from libs.common.cpus import available_cpus
 from libs.charting.direct import DirectRenderer, UnsupportedChart, supports
 from libs.charting.fast import FastRenderer
 from libs.charting.presets import ChartPreset
@@ -53,10 +54,12 @@ def _render_to_file(w: ChartWindow, preset: ChartPreset, path: str) -> str:
 
 
 class RenderPool:
-    """``submit(window, preset) -> Future[bytes]``; ``workers=0`` renders in this process."""
+    """``submit(window, preset) -> Future[bytes]``; ``workers=0`` renders in this process; ``None``:
+    one per CPU this process may use (its cgroup's quota in a pod, not the node's core count, which
+    would start a render process per node core)."""
 
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.workers = int(available_cpus()) if workers is None else workers
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor | None:

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--out", required=True, type=Path, help="folder for images/ and index.csv")
     p.add_argument("--stride", type=int, default=1, help="candles between consecutive windows")
-    p.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: the CPUs this process may use, its CPU limit in a pod)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
     p.set_defaults(func=run_dataset)
 
