@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from libs.common.cpus import available_cpus
+
+
 class JobInterrupted(RuntimeError):
     """Training was asked to stop (service shutdown) before it finished; nothing may be published."""
 
@@ -43,7 +46,7 @@ class LoopConfig:
     amp: bool | None = None  # None: on for CUDA, off on CPU
     max_batches: int | None = None  # per epoch; for smoke runs and tests
     grad_clip: float | None = 1.0
-    # CPU intra-op threads (None: leave torch's setting). Small recurrent batches gain little from
+    # CPU intra-op threads (None: the CPUs this process may use, its cgroup quota in a pod). Small recurrent batches gain little from
     # more, and on a shared machine OpenMP threads waiting on each other made a 2-thread LSTM step
     # 35x slower than a 1-thread one: the forecasters' jobs ask for 1 (TrainOptions.threads).
     threads: int | None = None
@@ -128,8 +131,10 @@ def fit(
     """Train ``model`` in place; on return it holds the weights of its best validation epoch."""
     seed_everything(config.seed)
     device = pick_device(config.device)
-    if config.threads and device.type == "cpu":
-        torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        # None: one per CPU this process may use (torch's own default counts the node's cores,
+        # far past a pod's CPU limit, where the extra threads only wait on each other)
+        torch.set_num_threads(config.threads or max(1, int(available_cpus())))
     amp = config.amp if config.amp is not None else device.type == "cuda"
     model.to(device)
     loss_fn.to(device)
