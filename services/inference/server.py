@@ -442,13 +442,7 @@ class Inference:
         for h, t, p in zip(horizons, targets, path):
             if t <= last or p is None:
                 continue
-            band = bands.get(f"close@{h}") or {}
-            lo = band[min(band, key=float)] if band else None
-            hi = band[max(band, key=float)] if band else None
-            blo = bhi = None
-            if iv is not None and iv.baseline is not None and f"close@{h}" in iv.columns:
-                qb = iv.baseline[iv.columns.index(f"close@{h}")]
-                blo, bhi = lc * math.exp(min(qb)), lc * math.exp(max(qb))
+            lo, hi, blo, bhi = _restored_bands(bands, iv, f"close@{h}", lc)
             triples.append((h, t, p))
             steps.append(Step("close", h, float(p), lc, lo, hi, blo, bhi))
         if triples:
@@ -486,14 +480,7 @@ class Inference:
                 if min(r[0] for r in rows) <= 0:
                     continue
                 base = persistence_rvol(np.array([r[0] for r in rows]))
-            name = f"{column}@{horizon}"
-            band = bands.get(name) or {}
-            lo = band[min(band, key=float)] if band else None
-            hi = band[max(band, key=float)] if band else None
-            blo = bhi = None
-            if iv is not None and iv.baseline is not None and name in iv.columns:
-                qb = iv.baseline[iv.columns.index(name)]
-                blo, bhi = base * math.exp(min(qb)), base * math.exp(max(qb))
+            lo, hi, blo, bhi = _restored_bands(bands, iv, f"{column}@{horizon}", base)
             triples.append((horizon, target, float(predicted)))
             steps.append(Step(label, horizon, float(predicted), base, lo, hi, blo, bhi))
         if triples:
@@ -648,6 +635,20 @@ class Inference:
             f.rule.name, subject,
         )
         self._owed[(f.symbol, f.interval)] += 1
+
+
+def _restored_bands(bands: dict[str, dict[str, float]], iv: Any, name: str, base: float) -> tuple:
+    """``(lower, upper, persistence lower, persistence upper)`` of column ``name`` for a forecast
+    read back after a restart: its own 80 % band from the event's ``quantiles`` (the outer levels),
+    persistence's from the package's quantiles around ``base`` (None without them, or when
+    another version serves now)."""
+    band = bands.get(name) or {}
+    lo = band[min(band, key=float)] if band else None
+    hi = band[max(band, key=float)] if band else None
+    if iv is None or iv.baseline is None or name not in iv.columns:
+        return lo, hi, None, None
+    qb = iv.baseline[iv.columns.index(name)]
+    return lo, hi, base * math.exp(min(qb)), base * math.exp(max(qb))
 
 
 def _job_doc(job: Job) -> dict[str, Any]:
