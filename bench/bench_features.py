@@ -76,39 +76,25 @@ def interleaved(cases: dict, repeat: int) -> dict[str, float]:
     return times
 
 
-def one_thread(fn):
-    def run():
-        saved = batch.PARALLEL_MIN_CANDLES
-        batch.PARALLEL_MIN_CANDLES = 1 << 62
-        try:
-            fn()
-        finally:
-            batch.PARALLEL_MIN_CANDLES = saved
-    return run
+def _with(name: str, value):
+    """A wrapper running ``fn`` with ``batch.<name>`` set to ``value``, put back after."""
+    def wrap(fn):
+        def run():
+            saved = getattr(batch, name)
+            setattr(batch, name, value)
+            try:
+                fn()
+            finally:
+                setattr(batch, name, saved)
+        return run
+    return wrap
 
 
-def reusing(fn):
-    """``fn`` with ``batch.REUSE_OUTPUT`` on (opt-in): a fresh result reuses the previous call's dropped buffer."""
-    def run():
-        saved = batch.REUSE_OUTPUT
-        batch.REUSE_OUTPUT = True
-        try:
-            fn()
-        finally:
-            batch.REUSE_OUTPUT = saved  # the kept buffer stays for this case's next round
-    return run
-
-
-def new_buffer(fn):
-    """``fn`` with ``batch.REUSE_OUTPUT`` off (the default): every fresh result in a never-touched buffer."""
-    def run():
-        saved = batch.REUSE_OUTPUT
-        batch.REUSE_OUTPUT = False
-        try:
-            fn()
-        finally:
-            batch.REUSE_OUTPUT = saved
-    return run
+one_thread = _with("PARALLEL_MIN_CANDLES", 1 << 62)  # never split: one thread
+# REUSE_OUTPUT on (opt-in): a fresh result reuses the previous call's dropped buffer, which stays
+# kept for this case's next round; off (the default): every fresh result in a never-touched buffer.
+reusing = _with("REUSE_OUTPUT", True)
+new_buffer = _with("REUSE_OUTPUT", False)
 
 
 def unfused(ohlcv, buf, groups=kernels.G_ALL):
